@@ -1,0 +1,300 @@
+//! `harness`: start a stack by hand, mine on it, read its logs, clean up.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use harness::binaries::{find, Program};
+use harness::bitcoind::{ensure_chain_cache, BitcoinRpc, Chain, RPC_USER};
+use harness::stack::{stray_processes, StackSummary, SUMMARY_FILE};
+use harness::{HarnessConfig, Stack};
+use serde_json::json;
+
+/// Run and inspect hashpool-harness stacks (real bitcoind and Redis on a private chain).
+#[derive(Parser, Debug)]
+#[command(name = "harness", version)]
+struct Cli {
+    /// Harness config file (TOML); `HASHPOOL_HARNESS__*` variables override it.
+    #[arg(long, global = true, env = "HASHPOOL_HARNESS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a stack, print its endpoints and keep it running until Ctrl-C.
+    Up {
+        /// Chain: `signet` (private, real difficulty; where miners mine) or `regtest`.
+        #[arg(long, default_value = "signet")]
+        chain: Chain,
+        /// Keep the data directory after Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Mine N blocks on the running `up` stack (to the faucet, or to --address).
+    GenerateBlocks {
+        /// How many blocks.
+        n: u64,
+        /// Address the coinbases pay (default: the harness faucet's).
+        #[arg(long)]
+        address: Option<String>,
+    },
+    /// Print the logs of the running `up` stack, or of a kept stack directory.
+    Logs {
+        /// Only this role (bitcoind, redis).
+        role: Option<String>,
+        /// A stack directory (default: the running `up` stack).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Lines per log file.
+        #[arg(long, short = 'n', default_value_t = 40)]
+        lines: usize,
+    },
+    /// Remove kept stack directories and stop processes left over from earlier runs.
+    Clean {
+        /// Also remove the pre-mined chains (the bitcoind build is kept).
+        #[arg(long)]
+        cache: bool,
+    },
+    /// Pre-mine and cache the chains now (otherwise the first stack of each chain does it).
+    Premine {
+        /// Only this chain (default: both).
+        #[arg(long)]
+        chain: Option<Chain>,
+    },
+    /// Print which program backs each part of a stack.
+    Backends,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = HarnessConfig::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up { chain, keep } => up(&config, chain, keep).await,
+        Command::GenerateBlocks { n, address } => generate(&config, n, address).await,
+        Command::Logs { role, dir, lines } => logs(&config, role, dir, lines),
+        Command::Clean { cache } => clean(&config, cache),
+        Command::Premine { chain } => {
+            let exe = find(Program::Bitcoind, &config.cache_dir)?;
+            let chains = chain
+                .map(|c| vec![c])
+                .unwrap_or_else(|| vec![Chain::Regtest, Chain::Signet]);
+            for chain in chains {
+                let cached = ensure_chain_cache(&exe, chain, &config).await?;
+                println!(
+                    "{chain}: {} blocks cached in {}",
+                    cached.blocks,
+                    cached.dir.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Backends => backends(&config),
+    }
+}
+
+fn up_pointer(config: &HarnessConfig) -> PathBuf {
+    config.run_dir.join("up.json")
+}
+
+async fn up(config: &HarnessConfig, chain: Chain, keep: bool) -> anyhow::Result<()> {
+    if let Ok(summary) = running_up(config) {
+        bail!(
+            "an `up` stack is already running (harness pid {}, {}); stop it with Ctrl-C first",
+            summary.harness_pid,
+            summary.dir.display()
+        );
+    }
+    for (pid, cmd, dir) in stray_processes(&config.run_dir) {
+        eprintln!(
+            "warning: stray process {pid} from an earlier run ({}): {cmd}; `just clean` stops it",
+            dir.display()
+        );
+    }
+    let stack = Stack::builder("up", config)
+        .chain(chain)
+        .redis()
+        .start()
+        .await?;
+    let summary = stack.summary();
+    std::fs::write(up_pointer(config), serde_json::to_vec_pretty(&summary)?)?;
+    println!(
+        "stack `up` on {chain} ready in {} ms ({})",
+        summary.start_ms,
+        summary.dir.display()
+    );
+    for (part, backend) in &summary.backends {
+        println!("  backend {part:<8} {backend}");
+    }
+    for role in &summary.roles {
+        let creds = role
+            .credentials
+            .as_deref()
+            .map(|c| format!("  auth {c}"))
+            .unwrap_or_default();
+        println!(
+            "  {:<9} {}{creds}  pid {}",
+            role.name,
+            role.endpoint,
+            role.pid.unwrap_or(0)
+        );
+    }
+    if let Some(f) = &summary.faucet_address {
+        println!("  faucet    {f}");
+    }
+    println!("Ctrl-C stops the stack; meanwhile: `just generate-blocks N`, `just logs`.");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    eprintln!("stopping stack `up`...");
+    let _ = std::fs::remove_file(up_pointer(config));
+    match stack.shutdown(keep).await? {
+        Some(dir) => eprintln!("stopped; data kept in {}", dir.display()),
+        None => eprintln!("stopped; data removed"),
+    }
+    Ok(())
+}
+
+fn running_up(config: &HarnessConfig) -> anyhow::Result<StackSummary> {
+    let path = up_pointer(config);
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "no running `up` stack ({} missing): start one with `just up`",
+            path.display()
+        )
+    })?;
+    let summary: StackSummary = serde_json::from_slice(&text)?;
+    if !Path::new(&format!("/proc/{}", summary.harness_pid)).exists() {
+        bail!(
+            "the `up` stack's harness (pid {}) is gone: start one with `just up`",
+            summary.harness_pid
+        );
+    }
+    Ok(summary)
+}
+
+async fn generate(config: &HarnessConfig, n: u64, address: Option<String>) -> anyhow::Result<()> {
+    let summary = running_up(config)?;
+    let role = summary
+        .roles
+        .iter()
+        .find(|r| r.name == "bitcoind")
+        .context("the `up` stack runs no bitcoind")?;
+    let password = role
+        .credentials
+        .as_deref()
+        .and_then(|c| c.strip_prefix(&format!("{RPC_USER}:")))
+        .context("no bitcoind credentials in the stack summary")?;
+    let rpc = BitcoinRpc::new(&role.endpoint, RPC_USER, password)?;
+    let address = address
+        .or(summary.faucet_address)
+        .context("no address to mine to")?;
+    let hashes: Vec<String> = rpc
+        .call(
+            "generatetoaddress",
+            &[json!(n), json!(address), json!(1_000_000_000_000u64)],
+        )
+        .await?;
+    let height: u64 = rpc.call("getblockcount", &[]).await?;
+    for h in &hashes {
+        println!("{h}");
+    }
+    println!(
+        "mined {} block(s) to {address}; height {height}",
+        hashes.len()
+    );
+    Ok(())
+}
+
+fn logs(
+    config: &HarnessConfig,
+    role: Option<String>,
+    dir: Option<PathBuf>,
+    lines: usize,
+) -> anyhow::Result<()> {
+    let summary: StackSummary = match dir {
+        Some(dir) => serde_json::from_slice(
+            &std::fs::read(dir.join(SUMMARY_FILE))
+                .with_context(|| format!("{} has no {SUMMARY_FILE}", dir.display()))?,
+        )?,
+        None => running_up(config)?,
+    };
+    let mut shown = 0;
+    for r in summary
+        .roles
+        .iter()
+        .filter(|r| role.as_deref().is_none_or(|want| want == r.name))
+    {
+        for log in &r.logs {
+            println!("==> {} <==", log.display());
+            println!("{}", harness::logs::tail(log, lines));
+            shown += 1;
+        }
+    }
+    if shown == 0 {
+        bail!(
+            "no role {:?} in stack {}",
+            role.unwrap_or_default(),
+            summary.dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn clean(config: &HarnessConfig, cache: bool) -> anyhow::Result<()> {
+    if let Ok(summary) = running_up(config) {
+        bail!(
+            "an `up` stack is running (harness pid {}): stop it with Ctrl-C before cleaning",
+            summary.harness_pid
+        );
+    }
+    for (pid, cmd, _) in stray_processes(&config.run_dir) {
+        println!("stopping stray process {pid}: {cmd}");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if config.run_dir.exists() {
+        std::fs::remove_dir_all(&config.run_dir)
+            .with_context(|| format!("cannot remove {}", config.run_dir.display()))?;
+        println!("removed {}", config.run_dir.display());
+    }
+    if cache {
+        let chains = config.cache_dir.join("chains");
+        if chains.exists() {
+            std::fs::remove_dir_all(&chains)?;
+            println!("removed {}", chains.display());
+        }
+    }
+    Ok(())
+}
+
+fn backends(config: &HarnessConfig) -> anyhow::Result<()> {
+    for program in [Program::Bitcoind, Program::BitcoinCli, Program::RedisServer] {
+        match find(program, &config.cache_dir) {
+            Ok(path) => println!("{:<13} {}", program.file_name(), path.display()),
+            Err(e) => println!("{:<13} MISSING: {e}", program.file_name()),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! hashpool-harness: stands up real bitcoind, Redis and (later) the pool roles as supervised
+//! processes, and gives scenarios typed handles to drive them through their wire interfaces.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use harness::{Chain, HarnessConfig, Stack};
+//! let config = HarnessConfig::load(None)?;
+//! let stack = Stack::builder("demo", &config).chain(Chain::Signet).redis().start().await?;
+//! let bitcoind = stack.bitcoind()?;
+//! let address = stack.faucet()?.address().clone();
+//! bitcoind.generate_to_address(1, &address).await?;
+//! stack.shutdown(false).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod binaries;
+pub mod bitcoind;
+pub mod config;
+pub mod faucet;
+pub mod logs;
+pub mod ports;
+pub mod process;
+pub mod redis;
+pub mod stack;
+pub mod supervisor;
+pub mod wait;
+
+pub use bitcoind::{Bitcoind, Chain};
+pub use config::HarnessConfig;
+pub use faucet::Faucet;
+pub use stack::{Stack, StackBuilder, StackSummary};
+pub use supervisor::{RestartPolicy, Supervised};

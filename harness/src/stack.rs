@@ -1,0 +1,406 @@
+//! A stack: one chain's bitcoind and a Redis, with their own ports and data directory, started
+//! in parallel and stopped together. Several stacks run side by side without sharing anything.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::binaries::{find, Program};
+use crate::bitcoind::{ensure_chain_cache, Bitcoind, BitcoindOptions, Chain, RPC_USER};
+use crate::config::HarnessConfig;
+use crate::faucet::Faucet;
+use crate::ports::{PortAllocator, PortLease};
+use crate::redis::{Redis, RedisOptions};
+
+/// Name of the summary file written into every stack directory.
+pub const SUMMARY_FILE: &str = "stack.json";
+
+/// What a stack should run.
+#[derive(Debug)]
+pub struct StackBuilder<'a> {
+    name: String,
+    config: &'a HarnessConfig,
+    chain: Option<Chain>,
+    redis: bool,
+    bitcoind_args: Vec<String>,
+    keep_on_failure: bool,
+}
+
+/// Endpoints, processes and directories of a running stack (also written as `stack.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StackSummary {
+    /// Stack name.
+    pub name: String,
+    /// Data directory.
+    pub dir: PathBuf,
+    /// The harness process that owns the stack.
+    pub harness_pid: u32,
+    /// The chain, if bitcoind runs.
+    pub chain: Option<Chain>,
+    /// Each role's endpoint, pid and log.
+    pub roles: Vec<RoleSummary>,
+    /// Which program backs each part.
+    pub backends: Vec<(String, String)>,
+    /// Address of the faucet (pays the pre-mined coinbases).
+    pub faucet_address: Option<String>,
+    /// Time from spawning the first process to all ready.
+    pub start_ms: u64,
+}
+
+/// One role of a stack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleSummary {
+    /// Role name.
+    pub name: String,
+    /// Where it answers.
+    pub endpoint: String,
+    /// Credentials, if any (test-only, random per stack).
+    pub credentials: Option<String>,
+    /// Process id when the summary was written.
+    pub pid: Option<u32>,
+    /// Log files.
+    pub logs: Vec<PathBuf>,
+}
+
+/// A running stack. Call [`Stack::shutdown`]; dropping it instead kills every process and
+/// keeps the directory.
+#[derive(Debug)]
+pub struct Stack {
+    name: String,
+    dir: PathBuf,
+    chain: Option<Chain>,
+    bitcoind: Option<Bitcoind>,
+    redis: Option<Redis>,
+    faucet: Option<Faucet>,
+    backends: Vec<(String, String)>,
+    start_time: Duration,
+    _ports: Vec<PortLease>,
+    done: bool,
+}
+
+impl<'a> StackBuilder<'a> {
+    /// Run bitcoind on `chain`, from its pre-mined cache.
+    pub fn chain(mut self, chain: Chain) -> Self {
+        self.chain = Some(chain);
+        self
+    }
+
+    /// Run a Redis.
+    pub fn redis(mut self) -> Self {
+        self.redis = true;
+        self
+    }
+
+    /// Pass an extra argument to bitcoind.
+    pub fn bitcoind_arg(mut self, arg: &str) -> Self {
+        self.bitcoind_args.push(arg.to_string());
+        self
+    }
+
+    /// Whether a stack that fails to start keeps its directory (default: yes, for debugging).
+    pub fn keep_on_failure(mut self, keep: bool) -> Self {
+        self.keep_on_failure = keep;
+        self
+    }
+
+    /// Start everything (in parallel) and wait until each part answers its protocol.
+    pub async fn start(self) -> anyhow::Result<Stack> {
+        let config = self.config;
+        let dir = new_stack_dir(&config.run_dir, &self.name)?;
+        let allocator = PortAllocator::new(&config.port_lock_dir, config.port_min, config.port_max);
+        let mut backends = Vec::new();
+        let mut ports = Vec::new();
+
+        let bitcoind_opts = match self.chain {
+            Some(chain) => {
+                let exe = find(Program::Bitcoind, &config.cache_dir)?;
+                let cached = ensure_chain_cache(&exe, chain, config).await?;
+                backends.push((
+                    "bitcoin".into(),
+                    format!("{} ({})", exe.display(), cached.bitcoind_version),
+                ));
+                let port = allocator.allocate()?;
+                let opts = BitcoindOptions {
+                    exe,
+                    chain,
+                    dir: dir.join("bitcoind"),
+                    rpc_port: port.port(),
+                    seed: Some(cached.dir),
+                    extra_args: self.bitcoind_args.clone(),
+                    start_timeout: config.start_timeout(),
+                    stop_timeout: config.stop_timeout(),
+                };
+                ports.push(port);
+                Some(opts)
+            }
+            None => None,
+        };
+        let redis_opts = if self.redis {
+            let exe = find(Program::RedisServer, &config.cache_dir)?;
+            backends.push(("redis".into(), exe.display().to_string()));
+            let port = allocator.allocate()?;
+            let opts = RedisOptions {
+                exe,
+                dir: dir.join("redis"),
+                port: port.port(),
+                start_timeout: config.start_timeout(),
+                stop_timeout: config.stop_timeout(),
+            };
+            ports.push(port);
+            Some(opts)
+        } else {
+            None
+        };
+
+        let started = Instant::now();
+        let (bitcoind, redis) = tokio::join!(
+            async {
+                match bitcoind_opts {
+                    Some(o) => Bitcoind::start(o).await.map(Some),
+                    None => Ok(None),
+                }
+            },
+            async {
+                match redis_opts {
+                    Some(o) => Redis::start(o).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        );
+        let start_time = started.elapsed();
+        let (bitcoind, redis) = match (bitcoind, redis) {
+            (Ok(b), Ok(r)) => (b, r),
+            (b, r) => {
+                let errors: Vec<String> = [b.err(), r.err()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| format!("{e:#}"))
+                    .collect();
+                let kept = if self.keep_on_failure {
+                    format!("data kept in {}", dir.display())
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    "data removed".to_string()
+                };
+                return Err(anyhow!(
+                    "stack {} failed to start ({kept}):\n{}",
+                    self.name,
+                    errors.join("\n")
+                ));
+            }
+        };
+        let stack = Stack {
+            name: self.name,
+            dir,
+            chain: self.chain,
+            faucet: self.chain.map(Faucet::new),
+            bitcoind,
+            redis,
+            backends,
+            start_time,
+            _ports: ports,
+            done: false,
+        };
+        stack.write_summary()?;
+        Ok(stack)
+    }
+}
+
+impl Stack {
+    /// Describe a new stack called `name` (letters, digits and `-` in directory names).
+    pub fn builder<'a>(name: &str, config: &'a HarnessConfig) -> StackBuilder<'a> {
+        StackBuilder {
+            name: name.to_string(),
+            config,
+            chain: None,
+            redis: false,
+            bitcoind_args: Vec::new(),
+            keep_on_failure: true,
+        }
+    }
+
+    /// Stack name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Data directory (one sub-directory per role).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The chain, if the stack runs bitcoind.
+    pub fn chain(&self) -> Option<Chain> {
+        self.chain
+    }
+
+    /// Time from first spawn to every part ready.
+    pub fn start_time(&self) -> Duration {
+        self.start_time
+    }
+
+    /// bitcoind, if the stack has one.
+    pub fn bitcoind(&self) -> anyhow::Result<&Bitcoind> {
+        self.bitcoind
+            .as_ref()
+            .ok_or_else(|| anyhow!("stack {} runs no bitcoind", self.name))
+    }
+
+    /// Redis, if the stack has one.
+    pub fn redis(&self) -> anyhow::Result<&Redis> {
+        self.redis
+            .as_ref()
+            .ok_or_else(|| anyhow!("stack {} runs no redis", self.name))
+    }
+
+    /// The faucet of the stack's chain.
+    pub fn faucet(&self) -> anyhow::Result<&Faucet> {
+        self.faucet
+            .as_ref()
+            .ok_or_else(|| anyhow!("stack {} runs no chain", self.name))
+    }
+
+    /// Endpoints, pids, logs and backends.
+    pub fn summary(&self) -> StackSummary {
+        let mut roles = Vec::new();
+        if let Some(b) = &self.bitcoind {
+            let spec = b.process().spec();
+            roles.push(RoleSummary {
+                name: "bitcoind".into(),
+                endpoint: b.rpc_url(),
+                credentials: Some(format!("{RPC_USER}:{}", b.rpc_password())),
+                pid: b.process().pid(),
+                logs: vec![spec.stdout_log(), spec.stderr_log()],
+            });
+        }
+        if let Some(r) = &self.redis {
+            let spec = r.process().spec();
+            roles.push(RoleSummary {
+                name: "redis".into(),
+                endpoint: r.url(),
+                credentials: None,
+                pid: r.process().pid(),
+                logs: vec![spec.stdout_log(), spec.stderr_log()],
+            });
+        }
+        StackSummary {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            harness_pid: std::process::id(),
+            chain: self.chain,
+            roles,
+            backends: self.backends.clone(),
+            faucet_address: self.faucet.as_ref().map(|f| f.address().to_string()),
+            start_ms: self.start_time.as_millis() as u64,
+        }
+    }
+
+    /// Rewrite `stack.json` (after a restart changed a pid, for instance).
+    pub fn write_summary(&self) -> anyhow::Result<()> {
+        let path = self.dir.join(SUMMARY_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(&self.summary())?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Stop every process (SIGTERM, then SIGKILL after the grace), then remove the data
+    /// directory unless `keep` (or `keep_data` in the config). Returns the kept directory.
+    pub async fn shutdown(mut self, keep: bool) -> anyhow::Result<Option<PathBuf>> {
+        self.done = true;
+        let (b, r) = tokio::join!(
+            async {
+                match &self.bitcoind {
+                    Some(b) => b.process().stop().await.map(|_| ()),
+                    None => Ok(()),
+                }
+            },
+            async {
+                match &self.redis {
+                    Some(r) => r.process().stop().await.map(|_| ()),
+                    None => Ok(()),
+                }
+            }
+        );
+        b.and(r)
+            .with_context(|| format!("stopping stack {}", self.name))?;
+        let keep = keep || std::env::var_os("HASHPOOL_KEEP_DATA").is_some();
+        if keep {
+            Ok(Some(self.dir.clone()))
+        } else {
+            std::fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("cannot remove {}", self.dir.display()))?;
+            Ok(None)
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if !self.done {
+            eprintln!(
+                "[harness] stack {} dropped without shutdown: processes killed, data kept in {}",
+                self.name,
+                self.dir.display()
+            );
+        }
+    }
+}
+
+fn new_stack_dir(run_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    let clean: String = clean.chars().take(48).collect();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = run_dir.join(format!("{clean}-{stamp}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Processes of earlier runs still alive: (pid, command line, stack dir). A process counts if
+/// a `stack.json` under `run_dir` lists it and its command line names that stack's directory.
+pub fn stray_processes(run_dir: &Path) -> Vec<(u32, String, PathBuf)> {
+    let mut strays = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return strays;
+    };
+    for entry in entries.flatten() {
+        let Ok(text) = std::fs::read(entry.path().join(SUMMARY_FILE)) else {
+            continue;
+        };
+        let Ok(summary) = serde_json::from_slice::<StackSummary>(&text) else {
+            continue;
+        };
+        if summary.harness_pid == std::process::id() {
+            continue;
+        }
+        for pid in summary.roles.iter().filter_map(|r| r.pid) {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&summary.dir.display().to_string()) {
+                strays.push((pid, cmdline.trim().to_string(), summary.dir.clone()));
+            }
+        }
+    }
+    strays
+}

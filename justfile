@@ -1,0 +1,58 @@
+# hashpool-harness: `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Cargo output goes outside the checkout unless the caller chose otherwise.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") + "/.cache/hashpool-harness/target")
+
+harness := "cargo run --quiet -p harness --bin harness --"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install Debian packages and build bitcoind once (machines without Nix).
+bootstrap:
+    ci/bootstrap
+
+# Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
+test:
+    cargo test --workspace --exclude scenarios
+    cargo test -p scenarios --test scenarios
+
+# Run the scenarios matching a cucumber tag expression, e.g. just scenario '@chain and not @slow'.
+scenario TAGS:
+    cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
+
+# Start a stack (bitcoind on CHAIN + Redis), print its endpoints, keep it until Ctrl-C.
+up CHAIN="signet":
+    {{harness}} up --chain {{CHAIN}}
+
+# Mine N blocks on the running `just up` stack (to the harness faucet).
+generate-blocks N:
+    {{harness}} generate-blocks {{N}}
+
+# Show the logs of the running `just up` stack (or: just logs bitcoind).
+logs ROLE="":
+    {{harness}} logs {{ROLE}}
+
+# Remove stack data dirs and stop processes left over by earlier runs.
+clean:
+    {{harness}} clean
+
+# Pre-mine and cache both chains now (the first run does it anyway).
+premine:
+    {{harness}} premine
+
+# Print which program backs each part.
+backends:
+    {{harness}} backends
+
+# Benchmarks (stack start time; tables on stdout).
+bench:
+    cargo bench -p harness --bench stack_start
+
+# cargo fmt --check and clippy with warnings denied.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings

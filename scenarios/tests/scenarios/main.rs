@@ -1,0 +1,117 @@
+//! Cucumber runner: `cargo test -p scenarios --test scenarios -- [--tags EXPR] [cucumber options]`.
+//!
+//! Prints cucumber's output, writes JUnit XML to `target/scenarios/junit.xml`, ends with a
+//! table of scenario durations, keeps the data directory of every failed scenario.
+
+mod steps;
+mod world;
+
+use std::sync::{Arc, OnceLock};
+
+use cucumber::{event, writer, World as _, WriterExt as _};
+use harness::binaries::{find, Program};
+use harness::bitcoind::{ensure_chain_cache, Chain};
+use harness::stack::stray_processes;
+use harness::HarnessConfig;
+use scenarios::{report_dir, Durations, Outcome};
+
+use world::HarnessWorld;
+
+/// Scenarios run at once unless `--concurrency` says otherwise (two cores: most time is
+/// spent waiting on processes; CPU-heavy scenarios are tagged `@serial`).
+const DEFAULT_CONCURRENCY: usize = 4;
+
+fn durations() -> &'static Arc<Durations> {
+    static D: OnceLock<Arc<Durations>> = OnceLock::new();
+    D.get_or_init(Default::default)
+}
+
+fn key(feature: &cucumber::gherkin::Feature, scenario: &cucumber::gherkin::Scenario) -> String {
+    format!(
+        "{}: {} (line {})",
+        feature.name, scenario.name, scenario.position.line
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    harness::process::install_interrupt_handler(std::time::Duration::from_secs(10))?;
+    let config = HarnessConfig::load(None)?;
+    prepare(&config).await?;
+
+    let reports = report_dir();
+    std::fs::create_dir_all(&reports)?;
+    let junit_path = reports.join("junit.xml");
+    let junit = std::fs::File::create(&junit_path)?;
+
+    let result = HarnessWorld::cucumber()
+        .max_concurrent_scenarios(DEFAULT_CONCURRENCY)
+        .before(|feature, _rule, scenario, _world| {
+            durations().start(key(feature, scenario));
+            Box::pin(async {})
+        })
+        .after(|feature, _rule, scenario, finished, world| {
+            let outcome = match finished {
+                event::ScenarioFinished::StepPassed => Outcome::Passed,
+                event::ScenarioFinished::StepSkipped => Outcome::Skipped,
+                _ => Outcome::Failed,
+            };
+            let key = key(feature, scenario);
+            Box::pin(async move {
+                if let Some(world) = world {
+                    world.finish(&key, outcome == Outcome::Failed).await;
+                }
+                durations().finish(&key, outcome);
+            })
+        })
+        .with_writer(
+            writer::Basic::stdout()
+                .summarized()
+                .tee::<HarnessWorld, _>(writer::JUnit::for_tee(junit, 0))
+                .normalized(),
+        )
+        .fail_on_skipped_with(|_, _, s| !s.tags.iter().any(|t| t == "allow.skipped"))
+        .run(concat!(env!("CARGO_MANIFEST_DIR"), "/features"))
+        .await;
+
+    println!("\nScenario durations:\n{}", durations().table());
+    println!("JUnit XML: {}", junit_path.display());
+    use cucumber::writer::Stats as _;
+    if result.execution_has_failed() {
+        anyhow::bail!(
+            "{} step(s) failed, {} parsing error(s), {} hook error(s); kept data directories are listed above",
+            result.failed_steps(),
+            result.parsing_errors(),
+            result.hook_errors()
+        );
+    }
+    Ok(())
+}
+
+/// Report backends and strays, and build the chain caches before any scenario starts, so
+/// scenario durations do not include a one-off pre-mine.
+async fn prepare(config: &HarnessConfig) -> anyhow::Result<()> {
+    for (pid, cmd, dir) in stray_processes(&config.run_dir) {
+        eprintln!(
+            "warning: stray process {pid} from an earlier run ({}): {cmd}; `just clean` stops it",
+            dir.display()
+        );
+    }
+    let bitcoind = find(Program::Bitcoind, &config.cache_dir)?;
+    let redis = find(Program::RedisServer, &config.cache_dir)?;
+    println!(
+        "backends: bitcoin = {}; redis = {}",
+        bitcoind.display(),
+        redis.display()
+    );
+    for chain in [Chain::Regtest, Chain::Signet] {
+        ensure_chain_cache(&bitcoind, chain, config).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Step definitions, one module per domain (not per feature).
+
+mod chain;
+mod redis;
+mod supervisor;
+
+use std::str::FromStr;
+
+use cucumber::Parameter;
+use harness::Chain;
+
+/// `{chain}`: `signet` or `regtest`.
+#[derive(Debug, Clone, Copy, Parameter)]
+#[param(name = "chain", regex = "signet|regtest")]
+pub struct ChainParam(pub Chain);
+
+impl FromStr for ChainParam {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(Self(s.parse()?))
+    }
+}
+
+/// `{role}`: a supervised process of a stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Parameter)]
+#[param(name = "role", regex = "bitcoind|redis")]
+pub enum Role {
+    Bitcoind,
+    Redis,
+}
+
+impl FromStr for Role {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "bitcoind" => Ok(Role::Bitcoind),
+            "redis" => Ok(Role::Redis),
+            other => anyhow::bail!("unknown role {other}"),
+        }
+    }
+}

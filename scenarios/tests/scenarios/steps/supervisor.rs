@@ -1,0 +1,167 @@
+//! Supervisor steps: faults (kill -9, pause), restarts, isolation of stacks.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use cucumber::{given, then, when};
+use harness::supervisor::Supervised;
+use serde_json::Value;
+
+use super::Role;
+use crate::world::{HarnessWorld, DEFAULT_STACK};
+
+/// How long a supervisor gets to bring a killed process back.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn process(w: &HarnessWorld, role: Role) -> anyhow::Result<&Supervised> {
+    let stack = w.default_stack()?;
+    Ok(match role {
+        Role::Bitcoind => stack.bitcoind()?.process(),
+        Role::Redis => stack.redis()?.process(),
+    })
+}
+
+#[given("a stack with Redis")]
+async fn redis_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.start_stack(DEFAULT_STACK, None, true).await
+}
+
+#[when(expr = "{role} is killed with SIGKILL")]
+async fn kill9(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
+    if role == Role::Bitcoind {
+        let info = w.default_stack()?.bitcoind()?.chain_info().await?;
+        w.tip_before = Some((info.blocks, info.bestblockhash));
+    }
+    w.killed_generation = Some(process(w, role)?.kill9().await?);
+    Ok(())
+}
+
+#[then(expr = "the supervisor restarts {role}")]
+async fn restarted(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
+    let generation = w.killed_generation.context("nothing was killed")?;
+    let p = process(w, role)?;
+    let status = p.wait_ready_after(generation, RESTART_TIMEOUT).await?;
+    anyhow::ensure!(
+        status.restarts == 1,
+        "expected 1 restart, status {status:?}"
+    );
+    anyhow::ensure!(
+        status.last_exit.as_deref() == Some("killed by SIGKILL"),
+        "previous process ended with {:?}",
+        status.last_exit
+    );
+    w.default_stack()?.write_summary()?;
+    Ok(())
+}
+
+#[then("the chain height and tip are as before the kill")]
+async fn same_tip(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let (height, hash) = w.tip_before.context("no tip remembered")?;
+    let info = w.default_stack()?.bitcoind()?.chain_info().await?;
+    anyhow::ensure!(
+        info.blocks == height && info.bestblockhash == hash,
+        "tip is {} at {}, was {hash} at {height}",
+        info.bestblockhash,
+        info.blocks
+    );
+    Ok(())
+}
+
+#[when(expr = "{role} is paused")]
+async fn pause(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
+    process(w, role)?.pause()
+}
+
+#[when(expr = "{role} is resumed")]
+async fn resume(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
+    process(w, role)?.resume()
+}
+
+#[then(expr = "bitcoind RPC does not answer within {int} ms")]
+async fn rpc_silent(w: &mut HarnessWorld, ms: u64) -> anyhow::Result<()> {
+    let rpc = w.default_stack()?.bitcoind()?.rpc();
+    let r = rpc
+        .call_timeout::<Value>("getblockcount", &[], Duration::from_millis(ms))
+        .await;
+    anyhow::ensure!(r.is_err(), "paused bitcoind answered: {r:?}");
+    Ok(())
+}
+
+#[then("bitcoind RPC answers")]
+async fn rpc_answers(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let rpc = w.default_stack()?.bitcoind()?.rpc();
+    rpc.call_timeout::<Value>("getblockcount", &[], Duration::from_secs(10))
+        .await?;
+    Ok(())
+}
+
+#[then("the stacks use different ports and directories")]
+async fn isolated(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    anyhow::ensure!(w.stacks.len() >= 2, "only {} stack(s)", w.stacks.len());
+    let mut ports = HashSet::new();
+    let mut dirs: HashSet<std::path::PathBuf> = HashSet::new();
+    for (name, stack) in &w.stacks {
+        let dir = stack.dir().to_path_buf();
+        for other in &dirs {
+            anyhow::ensure!(
+                !dir.starts_with(other) && !other.starts_with(&dir),
+                "stack {name} shares {}",
+                dir.display()
+            );
+        }
+        dirs.insert(dir);
+        let s = stack.summary();
+        for role in &s.roles {
+            let port = role
+                .endpoint
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            anyhow::ensure!(
+                ports.insert(port.clone()),
+                "port {port} of {name}/{} is used twice",
+                role.name
+            );
+        }
+    }
+    Ok(())
+}
+
+#[when(expr = "a stack is started whose bitcoind gets the unknown option {string}")]
+async fn bad_start(w: &mut HarnessWorld, option: String) -> anyhow::Result<()> {
+    let result = harness::Stack::builder("broken", &w.config)
+        .chain(harness::Chain::Regtest)
+        .bitcoind_arg(&option)
+        .keep_on_failure(false)
+        .start()
+        .await;
+    let err = match result {
+        Ok(stack) => {
+            stack.shutdown(false).await?;
+            anyhow::bail!("bitcoind started despite the option {option}");
+        }
+        Err(e) => e,
+    };
+    w.last_error = Some(format!("{err:#}"));
+    Ok(())
+}
+
+#[then(expr = "the start fails with an error that quotes {string} from bitcoind's log")]
+async fn failed_with(w: &mut HarnessWorld, needle: String) -> anyhow::Result<()> {
+    let err = w.last_error.as_deref().context("no error recorded")?;
+    anyhow::ensure!(
+        err.contains("exited during start-up"),
+        "error does not say it exited: {err}"
+    );
+    anyhow::ensure!(
+        err.contains(&needle),
+        "error does not quote {needle:?}: {err}"
+    );
+    anyhow::ensure!(
+        err.contains("last lines of"),
+        "error carries no log tail: {err}"
+    );
+    Ok(())
+}
