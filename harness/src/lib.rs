@@ -29,4 +29,4 @@ pub use bitcoind::{Bitcoind, Chain};
 pub use config::HarnessConfig;
 pub use faucet::Faucet;
 pub use stack::{Stack, StackBuilder, StackSummary};
-pub use supervisor::{RestartPolicy, Supervised};
+pub use supervisor::{RestartPolicy, Supervised, SupervisorOptions};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::process::ProcessSpec;
-use crate::supervisor::{Readiness, RestartPolicy, Supervised};
+use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
 
 /// How to start one redis-server.
 #[derive(Debug, Clone)]
@@ -67,14 +67,13 @@ impl Redis {
                 Box::pin(async move { ping(&url).await.map_err(|e| e.to_string()) })
             }),
         };
-        let process = Supervised::start(
-            spec,
-            readiness,
-            RestartPolicy::OnCrash { max_restarts: 5 },
-            opts.start_timeout,
-            opts.stop_timeout,
-        )
-        .await?;
+        let options = SupervisorOptions {
+            policy: RestartPolicy::OnCrash { max_restarts: 5 },
+            start_timeout: opts.start_timeout,
+            stop_timeout: opts.stop_timeout,
+            recovery_args: Vec::new(),
+        };
+        let process = Supervised::start(spec, readiness, options).await?;
         Ok(Self {
             process,
             port: opts.port,

@@ -85,12 +85,27 @@ pub struct Status {
     pub last_exit: Option<String>,
 }
 
+/// How a process is supervised.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// What to do when it dies unexpectedly.
+    pub policy: RestartPolicy,
+    /// Readiness deadline per start.
+    pub start_timeout: Duration,
+    /// SIGTERM grace before SIGKILL.
+    pub stop_timeout: Duration,
+    /// Extra arguments for a restart after a crash (bitcoind: `-reindex`, because blocks it
+    /// accepted since its last flush are on disk but not in its block index).
+    pub recovery_args: Vec<String>,
+}
+
 struct Inner {
     spec: ProcessSpec,
     readiness: Readiness,
     policy: RestartPolicy,
     start_timeout: Duration,
     stop_timeout: Duration,
+    recovery_args: Vec<String>,
     current: Mutex<Option<Running>>,
     stopping: AtomicBool,
     status: watch::Sender<Status>,
@@ -118,21 +133,20 @@ impl Supervised {
     pub async fn start(
         spec: ProcessSpec,
         readiness: Readiness,
-        policy: RestartPolicy,
-        start_timeout: Duration,
-        stop_timeout: Duration,
+        options: SupervisorOptions,
     ) -> anyhow::Result<Self> {
         let inner = Arc::new(Inner {
             spec,
             readiness,
-            policy,
-            start_timeout,
-            stop_timeout,
+            policy: options.policy,
+            start_timeout: options.start_timeout,
+            stop_timeout: options.stop_timeout,
+            recovery_args: options.recovery_args,
             current: Mutex::new(None),
             stopping: AtomicBool::new(false),
             status: watch::channel(Status::default()).0,
         });
-        let (running, generation) = Inner::launch(&inner).await?;
+        let (running, generation) = Inner::launch(&inner, false).await?;
         tokio::spawn(monitor(Arc::downgrade(&inner), running, generation));
         Ok(Self { inner })
     }
@@ -220,7 +234,7 @@ impl Supervised {
             self.name()
         );
         self.inner.stopping.store(false, Ordering::SeqCst);
-        let (running, generation) = Inner::launch(&self.inner).await?;
+        let (running, generation) = Inner::launch(&self.inner, false).await?;
         tokio::spawn(monitor(Arc::downgrade(&self.inner), running, generation));
         Ok(())
     }
@@ -273,8 +287,12 @@ impl Drop for Supervised {
 }
 
 impl Inner {
-    async fn launch(this: &Arc<Inner>) -> anyhow::Result<(Running, u64)> {
-        let running = spawn(&this.spec)?;
+    async fn launch(this: &Arc<Inner>, recovering: bool) -> anyhow::Result<(Running, u64)> {
+        let mut spec = this.spec.clone();
+        if recovering {
+            spec.args.extend(this.recovery_args.iter().map(Into::into));
+        }
+        let running = spawn(&spec)?;
         let mut generation = 0;
         this.status.send_modify(|s| {
             s.generation += 1;
@@ -359,7 +377,7 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
             return;
         }
         this.status.send_modify(|s| s.restarts += 1);
-        match Inner::launch(&this).await {
+        match Inner::launch(&this, true).await {
             Ok((r, g)) => {
                 tracing::info!(name = %this.spec.name, pid = r.pid, generation = g, "restarted");
                 running = r;
@@ -398,10 +416,19 @@ mod tests {
         }
     }
 
+    fn options(policy: RestartPolicy) -> SupervisorOptions {
+        SupervisorOptions {
+            policy,
+            start_timeout: Duration::from_secs(10),
+            stop_timeout: Duration::from_secs(2),
+            recovery_args: vec!["recovered".into()],
+        }
+    }
+
     fn sleeper(dir: &Path) -> ProcessSpec {
         ProcessSpec::new("sleeper", Path::new("/bin/sh"), dir)
             .arg("-c")
-            .arg("echo $$ > pid.tmp && mv pid.tmp pid && exec sleep 600")
+            .arg("echo \"$$ $0\" > pid.tmp && mv pid.tmp pid && exec sleep 600")
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -410,9 +437,7 @@ mod tests {
         let sup = Supervised::start(
             sleeper(&d),
             pidfile_ready(&d),
-            RestartPolicy::OnCrash { max_restarts: 3 },
-            Duration::from_secs(10),
-            Duration::from_secs(5),
+            options(RestartPolicy::OnCrash { max_restarts: 3 }),
         )
         .await
         .unwrap();
@@ -426,6 +451,9 @@ mod tests {
         assert_ne!(status.pid, Some(first));
         assert_eq!(status.restarts, 1);
         assert_eq!(status.last_exit.as_deref(), Some("killed by SIGKILL"));
+        // The restart after a crash got the recovery arguments ($0 of `sh -c`).
+        let pidfile = std::fs::read_to_string(d.join("pid")).unwrap();
+        assert!(pidfile.trim().ends_with("recovered"), "{pidfile}");
         assert_eq!(sup.stop().await.unwrap(), "killed by SIGTERM");
         assert_eq!(sup.status().phase, Phase::Stopped);
         std::fs::remove_dir_all(&d).ok();
@@ -437,15 +465,9 @@ mod tests {
         let spec = ProcessSpec::new("broken", Path::new("/bin/sh"), &d)
             .arg("-c")
             .arg("echo 'Error: bad option -frobnicate' >&2; exit 1");
-        let err = Supervised::start(
-            spec,
-            pidfile_ready(&d),
-            RestartPolicy::Never,
-            Duration::from_secs(10),
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
+        let err = Supervised::start(spec, pidfile_ready(&d), options(RestartPolicy::Never))
+            .await
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("exit code 1"), "{msg}");
         assert!(msg.contains("bad option -frobnicate"), "{msg}");
@@ -458,9 +480,7 @@ mod tests {
         let sup = Supervised::start(
             sleeper(&d),
             pidfile_ready(&d),
-            RestartPolicy::Never,
-            Duration::from_secs(10),
-            Duration::from_secs(1),
+            options(RestartPolicy::Never),
         )
         .await
         .unwrap();

@@ -53,7 +53,7 @@ impl Durations {
     /// The table, slowest first, with the total.
     pub fn table(&self) -> String {
         let mut rows = self.done.lock().map(|d| d.clone()).unwrap_or_default();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
         let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(8).max(8);
         let mut out = format!("{:<width$}  {:>9}  outcome\n", "scenario", "seconds");
         out.push_str(&format!(

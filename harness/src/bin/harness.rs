@@ -211,7 +211,7 @@ async fn generate(config: &HarnessConfig, n: u64, address: Option<String>) -> an
     let hashes: Vec<String> = rpc
         .call(
             "generatetoaddress",
-            &[json!(n), json!(address), json!(1_000_000_000_000u64)],
+            &[json!(n), json!(address), json!(i32::MAX)],
         )
         .await?;
     let height: u64 = rpc.call("getblockcount", &[]).await?;

@@ -18,13 +18,13 @@ pub use chain_cache::{
 pub use rpc::{BitcoinRpc, RpcError};
 
 use crate::process::ProcessSpec;
-use crate::supervisor::{Readiness, RestartPolicy, Supervised};
+use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
 
 /// RPC user for every harness bitcoind (the password is random per node).
 pub const RPC_USER: &str = "harness";
 /// `generatetoaddress` tries this many nonces at most (the default, one million, is below the
-/// about 4.8 million hashes a private-signet block needs).
-const GENERATE_MAX_TRIES: u64 = 1_000_000_000_000;
+/// about 4.8 million hashes a private-signet block needs; bitcoind reads it as a 32-bit int).
+const GENERATE_MAX_TRIES: i32 = i32::MAX;
 
 /// Which chain a stack runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,25 +195,31 @@ impl Bitcoind {
         let probe_rpc = BitcoinRpc::new(&url, RPC_USER, &rpc_password)?;
         let probe_rpc = std::sync::Arc::new(probe_rpc);
         let readiness = Readiness {
-            what: format!("bitcoind RPC getblockchaininfo on {url}"),
+            what: format!("bitcoind RPC getblockchaininfo on {url} out of initial block download"),
             probe: std::sync::Arc::new(move || {
                 let rpc = probe_rpc.clone();
                 Box::pin(async move {
-                    rpc.call_timeout::<Value>("getblockchaininfo", &[], Duration::from_secs(2))
+                    let info: ChainInfo = rpc
+                        .call_timeout("getblockchaininfo", &[], Duration::from_secs(2))
                         .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    // Still importing blocks (a -reindex after a crash) counts as not ready.
+                    match info.initialblockdownload {
+                        false => Ok(()),
+                        true => Err(format!("initial block download at height {}", info.blocks)),
+                    }
                 })
             }),
         };
-        let process = Supervised::start(
-            spec,
-            readiness,
-            RestartPolicy::OnCrash { max_restarts: 5 },
-            opts.start_timeout,
-            opts.stop_timeout,
-        )
-        .await?;
+        let options = SupervisorOptions {
+            policy: RestartPolicy::OnCrash { max_restarts: 5 },
+            start_timeout: opts.start_timeout,
+            stop_timeout: opts.stop_timeout,
+            // After SIGKILL, blocks accepted since the last flush are in the block files but
+            // not in the block index; with no peers to fetch them from, rebuild the index.
+            recovery_args: vec!["-reindex".into()],
+        };
+        let process = Supervised::start(spec, readiness, options).await?;
         Ok(Self {
             process,
             rpc,
