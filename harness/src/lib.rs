@@ -17,6 +17,7 @@ pub mod binaries;
 pub mod bitcoind;
 pub mod config;
 pub mod faucet;
+pub mod keys;
 pub mod logs;
 pub mod ports;
 pub mod process;

@@ -24,6 +24,8 @@
 //! assert_eq!((conf.port, conf.name.as_str()), (7, "b"));
 //! ```
 
+pub mod miner_side;
+pub mod pool_side;
 mod secret;
 
 use std::collections::BTreeSet;

@@ -65,6 +65,8 @@ enum Command {
     },
     /// Print which program backs each part of a stack.
     Backends,
+    /// Print a fresh pool authority key pair (SRI base58) and a Cashu locking key pair.
+    Keys,
 }
 
 #[tokio::main]
@@ -105,6 +107,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backends => backends(&config),
+        Command::Keys => {
+            let a = harness::keys::authority_keys();
+            let (locking_secret, locking_public) = harness::keys::locking_keys();
+            println!(
+                "authority_public_key = \"{}\"\nauthority_secret_key = \"{}\"",
+                a.public, a.secret
+            );
+            println!(
+                "locking_secret_key = \"{locking_secret}\"\nlocking_pubkey = \"{locking_public}\""
+            );
+            Ok(())
+        }
     }
 }
 

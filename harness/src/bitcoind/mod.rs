@@ -1,7 +1,6 @@
 //! Real bitcoind on a private signet or regtest, started from a pre-mined chain.
 
 mod chain_cache;
-mod rpc;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -12,10 +11,10 @@ use bitcoin::{Address, BlockHash, Network};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+pub use bitcoind_rpc::{BitcoinRpc, RpcError};
 pub use chain_cache::{
     bitcoind_version, ensure_chain_cache, faucet_secret_key, CachedChain, FAUCET_SECRET,
 };
-pub use rpc::{BitcoinRpc, RpcError};
 
 use crate::process::ProcessSpec;
 use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};

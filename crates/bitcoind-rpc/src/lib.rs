@@ -1,4 +1,4 @@
-//! JSON-RPC to bitcoind through `corepc-client`'s async client.
+//! Async JSON-RPC to bitcoind through `corepc-client`'s async client.
 //!
 //! Why `corepc-client` (and not the `bitcoind`/`corepc-node` crate): the harness owns the
 //! process (its supervisor spawns, restarts and kills it, and copies pre-mined chains in), so

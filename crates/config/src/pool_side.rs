@@ -1,0 +1,208 @@
+//! Pool-side configuration: the only place that holds pool secrets (the Noise authority key)
+//! and the Redis URL. The miner side never sees these.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Secret;
+
+/// Environment prefix: `HASHPOOL_POOL__LISTEN=...`.
+pub const POOL_ENV_PREFIX: &str = "HASHPOOL_POOL";
+
+/// Default SV2 listen address.
+pub const DEFAULT_POOL_LISTEN: &str = "127.0.0.1:34254";
+/// Default metrics/health listen address.
+pub const DEFAULT_POOL_METRICS_LISTEN: &str = "127.0.0.1:9184";
+/// Default minimum leading zero bits of a share (hashpool's `min_bits`): the easiest share
+/// target is `2^(256 - min_bits)`, and such a share is worth 1 ehash.
+pub const DEFAULT_MIN_BITS: u32 = 32;
+
+/// The pool role.
+///
+/// | key | default | meaning |
+/// |---|---|---|
+/// | `listen` | 127.0.0.1:34254 | SV2 (Noise NX over TCP) |
+/// | `metrics_listen` | 127.0.0.1:9184 | `/metrics` (Prometheus) and `/health` |
+/// | `authority_public_key`, `authority_secret_key` | (required) | Noise authority key pair, SRI base58 |
+/// | `cert_validity_secs` | 3600 | validity of the Noise certificate |
+/// | `pool_tag` | "hashpool" | coinbase tag `Sv2/<tag>//` |
+/// | `payout_address` | (required) | address the coinbase pays |
+/// | `min_bits` | 32 | see [`DEFAULT_MIN_BITS`] |
+/// | `shares_per_minute` | 20 | vardiff aim per channel |
+/// | `vardiff_interval_secs` | 10 | how often vardiff runs |
+/// | `[bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms`, `refresh_secs` |
+/// | `[redis]` | | `url`, `append_timeout_ms`, `batch_max` |
+/// | `[limits]` | | see [`PoolLimits`] |
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolConfig {
+    /// SV2 listen address.
+    pub listen: String,
+    /// Prometheus and health endpoint.
+    pub metrics_listen: String,
+    /// Noise authority public key (SRI base58).
+    pub authority_public_key: String,
+    /// Noise authority secret key (SRI base58).
+    pub authority_secret_key: Secret<String>,
+    /// Noise certificate validity, seconds.
+    pub cert_validity_secs: u64,
+    /// Coinbase tag.
+    pub pool_tag: String,
+    /// Address the coinbase pays.
+    pub payout_address: String,
+    /// Minimum leading zero bits of a share.
+    pub min_bits: u32,
+    /// Vardiff aim, shares per minute per channel.
+    pub shares_per_minute: f32,
+    /// Vardiff period, seconds.
+    pub vardiff_interval_secs: u64,
+    /// Template source.
+    pub bitcoind: BitcoindSection,
+    /// Share records.
+    pub redis: RedisSection,
+    /// Protection against misbehaving clients.
+    pub limits: PoolLimits,
+}
+
+/// `[bitcoind]`: where templates come from and blocks go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BitcoindSection {
+    /// `http://127.0.0.1:38332`.
+    pub rpc_url: String,
+    /// RPC user.
+    pub rpc_user: String,
+    /// RPC password.
+    pub rpc_password: Secret<String>,
+    /// `signet` or `regtest` (selects the `getblocktemplate` rules and address network).
+    pub chain: String,
+    /// How often the tip is checked, milliseconds (a new tip reaches miners within this).
+    pub poll_interval_ms: u64,
+    /// How often a template is rebuilt on the same tip (new transactions), seconds.
+    pub refresh_secs: u64,
+}
+
+/// `[redis]`: the pool's record stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisSection {
+    /// `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// A share whose record is not appended within this is refused, milliseconds.
+    pub append_timeout_ms: u64,
+    /// Most records per pipelined batch.
+    pub batch_max: usize,
+}
+
+/// `[limits]`: one bad client must not hurt the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolLimits {
+    /// Largest SV2 message payload accepted, bytes; a bigger one closes the connection.
+    pub max_message_bytes: usize,
+    /// Open connections per source IP.
+    pub max_connections_per_ip: usize,
+    /// Share submissions per second per channel (sustained).
+    pub max_shares_per_sec: f64,
+    /// Share submissions allowed in a burst above the sustained rate.
+    pub share_burst: f64,
+    /// Time from TCP accept to an open channel, milliseconds.
+    pub handshake_deadline_ms: u64,
+    /// A connection that sends nothing for this long is closed, seconds.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_POOL_LISTEN.into(),
+            metrics_listen: DEFAULT_POOL_METRICS_LISTEN.into(),
+            authority_public_key: String::new(),
+            authority_secret_key: Secret::new(String::new()),
+            cert_validity_secs: 3600,
+            pool_tag: "hashpool".into(),
+            payout_address: String::new(),
+            min_bits: DEFAULT_MIN_BITS,
+            shares_per_minute: 20.0,
+            vardiff_interval_secs: 10,
+            bitcoind: BitcoindSection::default(),
+            redis: RedisSection::default(),
+            limits: PoolLimits::default(),
+        }
+    }
+}
+
+impl Default for BitcoindSection {
+    fn default() -> Self {
+        Self {
+            rpc_url: "http://127.0.0.1:38332".into(),
+            rpc_user: String::new(),
+            rpc_password: Secret::new(String::new()),
+            chain: "signet".into(),
+            poll_interval_ms: 200,
+            refresh_secs: 30,
+        }
+    }
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            append_timeout_ms: 2000,
+            batch_max: 256,
+        }
+    }
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024,
+            max_connections_per_ip: 64,
+            max_shares_per_sec: 200.0,
+            share_burst: 400.0,
+            handshake_deadline_ms: 10_000,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Refuse values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let required = [
+            ("authority_public_key", self.authority_public_key.is_empty()),
+            (
+                "authority_secret_key",
+                self.authority_secret_key.expose().is_empty(),
+            ),
+            ("payout_address", self.payout_address.is_empty()),
+        ];
+        for (key, missing) in required {
+            if missing {
+                return Err(format!("`{key}` is required"));
+            }
+        }
+        if !(1..=200).contains(&self.min_bits) {
+            return Err(format!("`min_bits` must be 1..=200, got {}", self.min_bits));
+        }
+        if !(self.shares_per_minute > 0.0 && self.shares_per_minute.is_finite()) {
+            return Err("`shares_per_minute` must be positive".into());
+        }
+        if !matches!(self.bitcoind.chain.as_str(), "signet" | "regtest") {
+            return Err(format!(
+                "`bitcoind.chain` must be signet or regtest, got {:?}",
+                self.bitcoind.chain
+            ));
+        }
+        if self.limits.max_shares_per_sec <= 0.0 || self.limits.share_burst < 1.0 {
+            return Err(
+                "`limits.max_shares_per_sec` must be > 0 and `limits.share_burst` >= 1".into(),
+            );
+        }
+        if self.redis.batch_max == 0 {
+            return Err("`redis.batch_max` must be at least 1".into());
+        }
+        Ok(())
+    }
+}

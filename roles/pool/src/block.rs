@@ -1,0 +1,65 @@
+//! Whole blocks from a template and one share: for `submitblock` when the share meets the
+//! network target, and for audit tasks (the same block without valid proof of work).
+
+use anyhow::Context;
+use bitcoin::block::{Header, Version};
+use bitcoin::consensus::encode::{deserialize, serialize, VarInt};
+use bitcoin::hashes::Hash;
+use bitcoin::{BlockHash, CompactTarget, Transaction, TxMerkleNode};
+use bitcoind_rpc::BitcoinRpc;
+use serde_json::{json, Value};
+
+use crate::gbt;
+use crate::template::TemplateRecord;
+
+/// Header fields a share supplies.
+#[derive(Debug, Clone, Copy)]
+pub struct ShareHeader {
+    /// Block version (after rolling).
+    pub version: u32,
+    /// Header time.
+    pub ntime: u32,
+    /// Nonce.
+    pub nonce: u32,
+}
+
+/// Serialize the block of `record` with this coinbase (full segwit serialization) and header
+/// fields. Returns the block bytes and its hash.
+pub fn assemble(
+    record: &TemplateRecord,
+    share: ShareHeader,
+    coinbase: &[u8],
+) -> anyhow::Result<(Vec<u8>, BlockHash)> {
+    let tx: Transaction = deserialize(coinbase).context("the coinbase does not deserialize")?;
+    let txid = tx.compute_txid().to_byte_array();
+    let root = gbt::merkle_root(txid, &record.merkle_path);
+    let header = Header {
+        version: Version::from_consensus(share.version as i32),
+        prev_blockhash: BlockHash::from_byte_array(record.prev_hash.prev_hash.to_array()),
+        merkle_root: TxMerkleNode::from_byte_array(root),
+        time: share.ntime,
+        bits: CompactTarget::from_consensus(record.nbits),
+        nonce: share.nonce,
+    };
+    let mut block = serialize(&header);
+    block.extend(serialize(&VarInt(1 + record.transactions.len() as u64)));
+    block.extend_from_slice(coinbase);
+    for t in &record.transactions {
+        block.extend_from_slice(t);
+    }
+    Ok((block, header.block_hash()))
+}
+
+/// `submitblock`; `Ok` when bitcoind accepted it (or already had it), else the reject reason.
+pub async fn submit(rpc: &BitcoinRpc, block: &[u8]) -> Result<(), String> {
+    let result: Result<Value, _> = rpc.call("submitblock", &[json!(hex::encode(block))]).await;
+    match result {
+        Ok(Value::Null) => Ok(()),
+        Ok(Value::String(s)) if s == "duplicate" => Ok(()),
+        Ok(other) => Err(other
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| other.to_string())),
+        Err(e) => Err(format!("rpc: {e}")),
+    }
+}

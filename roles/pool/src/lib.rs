@@ -1,0 +1,170 @@
+//! The hashpool pool role: Stratum V2 (Noise NX over TCP) for extended channels, templates
+//! from bitcoind's `getblocktemplate`, share validation with `channels_sv2`, an ehash record
+//! in Redis for every accepted share of a channel with a locking key (written before the share
+//! is acknowledged), found blocks submitted to bitcoind, Prometheus metrics.
+//!
+//! `run(config, shutdown)` is the whole role; `main.rs` only loads the config and waits for
+//! SIGTERM/SIGINT.
+
+mod block;
+mod channel;
+mod connection;
+pub mod gbt;
+mod limits;
+mod metrics;
+mod server;
+mod setup;
+mod shares;
+mod sink;
+mod template;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bitcoin::{Address, Network, ScriptBuf, Target};
+use bitcoind_rpc::BitcoinRpc;
+use hashpool_config::pool_side::PoolConfig;
+use stratum_apps::key_utils::{Secp256k1PublicKey, Secp256k1SecretKey};
+use stratum_apps::stratum_core::channels_sv2::extranonce_manager::ExtranonceAllocator;
+use stratum_apps::tokio_util::sync::CancellationToken;
+use tokio::sync::{watch, Notify};
+
+pub use shares::ERROR_RECORD_UNAVAILABLE;
+
+/// Extranonce layout: 2 bytes of pool prefix + 2 bytes of channel index + 16 rollable.
+const EXTRANONCE_LOCAL_PREFIX: [u8; 2] = [0x48, 0x50];
+const EXTRANONCE_TOTAL_LEN: u8 = 20;
+const MAX_CHANNELS: u32 = 65_536;
+
+/// What every connection shares.
+pub struct PoolContext {
+    pub(crate) config: PoolConfig,
+    pub(crate) metrics: Arc<metrics::PoolMetrics>,
+    pub(crate) templates: watch::Receiver<Option<Arc<template::TemplateRecord>>>,
+    pub(crate) store: Arc<template::TemplateStore>,
+    pub(crate) sink: sink::RecordSink,
+    pub(crate) rpc: Arc<BitcoinRpc>,
+    pub(crate) kick: Arc<Notify>,
+    pub(crate) allocator: Mutex<ExtranonceAllocator>,
+    pub(crate) next_channel_id: AtomicU32,
+    pub(crate) payout: ScriptBuf,
+    pub(crate) max_target: Target,
+    pub(crate) authority: ([u8; 32], [u8; 32]),
+}
+
+fn network(chain: &str) -> Network {
+    if chain == "regtest" {
+        Network::Regtest
+    } else {
+        Network::Signet
+    }
+}
+
+/// Parse and check the authority key pair.
+fn authority(config: &PoolConfig) -> anyhow::Result<([u8; 32], [u8; 32])> {
+    let public = Secp256k1PublicKey::from_str(&config.authority_public_key)
+        .map_err(|e| anyhow!("authority_public_key is not an SRI base58 public key: {e:?}"))?;
+    let secret = Secp256k1SecretKey::from_str(config.authority_secret_key.expose())
+        .map_err(|e| anyhow!("authority_secret_key is not an SRI base58 secret key: {e:?}"))?;
+    if Secp256k1PublicKey::from(secret).into_bytes() != public.into_bytes() {
+        bail!("authority_public_key does not belong to authority_secret_key");
+    }
+    Ok((public.into_bytes(), secret.into_bytes()))
+}
+
+/// Run the pool until `shutdown` resolves.
+pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid pool config: {e}"))?;
+    let authority = authority(&config)?;
+    let net = network(&config.bitcoind.chain);
+    let payout = Address::from_str(&config.payout_address)
+        .map_err(|e| anyhow!("payout_address {:?}: {e}", config.payout_address))?
+        .require_network(net)
+        .map_err(|e| anyhow!("payout_address is not a {net} address: {e}"))?
+        .script_pubkey();
+    let metrics = Arc::new(metrics::PoolMetrics::new()?);
+    let rpc = Arc::new(BitcoinRpc::new(
+        &config.bitcoind.rpc_url,
+        &config.bitcoind.rpc_user,
+        config.bitcoind.rpc_password.expose(),
+    )?);
+    let rules: Vec<&'static str> = if config.bitcoind.chain == "signet" {
+        vec!["segwit", "signet"]
+    } else {
+        vec!["segwit"]
+    };
+    let store = Arc::new(template::TemplateStore::default());
+    let kick = Arc::new(Notify::new());
+    let (mut source, templates) = template::TemplateSource::new(
+        rpc.clone(),
+        rules,
+        Duration::from_millis(config.bitcoind.poll_interval_ms.max(10)),
+        Duration::from_secs(config.bitcoind.refresh_secs.max(1)),
+        store.clone(),
+        kick.clone(),
+        metrics.clone(),
+    );
+    source.first().await.with_context(|| {
+        format!(
+            "cannot get a block template from bitcoind at {}",
+            config.bitcoind.rpc_url
+        )
+    })?;
+    let sink = sink::RecordSink::spawn(
+        config.redis.url.clone(),
+        config.redis.batch_max,
+        Duration::from_millis(config.redis.append_timeout_ms),
+        metrics.clone(),
+    );
+    let allocator = ExtranonceAllocator::new(
+        EXTRANONCE_LOCAL_PREFIX.to_vec(),
+        EXTRANONCE_TOTAL_LEN,
+        MAX_CHANNELS,
+    )
+    .map_err(|e| anyhow!("extranonce allocator: {e:?}"))?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (metrics_listener, metrics_addr) = metrics::bind(&config.metrics_listen).await?;
+    let ctx = Arc::new(PoolContext {
+        max_target: Target::from_le_bytes(ehash::amount::max_target_le(config.min_bits)),
+        config,
+        metrics: metrics.clone(),
+        templates,
+        store,
+        sink,
+        rpc,
+        kick,
+        allocator: Mutex::new(allocator),
+        next_channel_id: AtomicU32::new(1),
+        payout,
+        authority,
+    });
+    tracing::info!(
+        "pool listening on {} (metrics on http://{metrics_addr}/metrics), min_bits {}",
+        listener.local_addr()?,
+        ctx.config.min_bits
+    );
+
+    let stop = CancellationToken::new();
+    let stop_metrics = stop.clone();
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, async move {
+        stop_metrics.cancelled().await
+    }));
+    let stop_source = stop.clone();
+    let source_task = tokio::spawn(source.run(async move { stop_source.cancelled().await }));
+    let accept_task = tokio::spawn(server::accept_loop(ctx, listener, stop.clone()));
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    let _ = accept_task.await;
+    let _ = source_task.await;
+    let _ = metrics_task.await;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Prometheus metrics and the health endpoint (`/metrics`, `/health`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric of the pool (names: `hashpool_pool_*`).
+pub struct PoolMetrics {
+    registry: Registry,
+    /// Shares accepted (and recorded, for channels with a locking key).
+    pub shares_accepted: IntCounter,
+    /// Shares refused, by SV2 error code.
+    pub shares_rejected: IntCounterVec,
+    /// Estimated hashrate per channel (vardiff), H/s.
+    pub channel_hashrate: GaugeVec,
+    /// Accepted / submitted per channel.
+    pub channel_acceptance: GaugeVec,
+    /// Blocks submitted and accepted by bitcoind.
+    pub blocks_found: IntCounter,
+    /// Blocks bitcoind refused, by reason.
+    pub blocks_rejected: IntCounterVec,
+    /// Seconds since the current template was built.
+    pub template_age: Gauge,
+    /// Time from handing a record to the writer to Redis confirming it.
+    pub redis_append_seconds: Histogram,
+    /// Connections closed by the pool, by reason (limits and protocol errors).
+    pub disconnects: IntCounterVec,
+    /// Connections refused at accept time, by reason.
+    pub refused: IntCounterVec,
+    /// Open connections.
+    pub connections: IntGauge,
+    /// Open channels.
+    pub channels: IntGauge,
+    template_built: Mutex<Option<Instant>>,
+    redis_ok: AtomicBool,
+}
+
+impl PoolMetrics {
+    /// Register everything.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let m = Self {
+            shares_accepted: IntCounter::with_opts(Opts::new(
+                "hashpool_pool_shares_accepted_total",
+                "Shares accepted",
+            ))?,
+            shares_rejected: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_shares_rejected_total",
+                    "Shares refused, by SV2 error code",
+                ),
+                &["reason"],
+            )?,
+            channel_hashrate: GaugeVec::new(
+                Opts::new(
+                    "hashpool_pool_channel_hashrate",
+                    "Estimated hashrate per channel, H/s",
+                ),
+                &["channel_id"],
+            )?,
+            channel_acceptance: GaugeVec::new(
+                Opts::new(
+                    "hashpool_pool_channel_acceptance_ratio",
+                    "Accepted over submitted shares per channel",
+                ),
+                &["channel_id"],
+            )?,
+            blocks_found: IntCounter::with_opts(Opts::new(
+                "hashpool_pool_blocks_found_total",
+                "Blocks accepted by bitcoind",
+            ))?,
+            blocks_rejected: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_blocks_rejected_total",
+                    "Blocks refused by bitcoind, by reason",
+                ),
+                &["reason"],
+            )?,
+            template_age: Gauge::with_opts(Opts::new(
+                "hashpool_pool_template_age_seconds",
+                "Age of the current template",
+            ))?,
+            redis_append_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "hashpool_pool_redis_append_seconds",
+                    "Record append latency",
+                )
+                .buckets(vec![
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
+                ]),
+            )?,
+            disconnects: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_disconnects_total",
+                    "Connections closed by the pool, by reason",
+                ),
+                &["reason"],
+            )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_connections_refused_total",
+                    "Connections refused at accept, by reason",
+                ),
+                &["reason"],
+            )?,
+            connections: IntGauge::with_opts(Opts::new(
+                "hashpool_pool_connections",
+                "Open connections",
+            ))?,
+            channels: IntGauge::with_opts(Opts::new("hashpool_pool_channels", "Open channels"))?,
+            template_built: Mutex::new(None),
+            redis_ok: AtomicBool::new(true),
+            registry,
+        };
+        m.registry.register(Box::new(m.shares_accepted.clone()))?;
+        m.registry.register(Box::new(m.shares_rejected.clone()))?;
+        m.registry.register(Box::new(m.channel_hashrate.clone()))?;
+        m.registry
+            .register(Box::new(m.channel_acceptance.clone()))?;
+        m.registry.register(Box::new(m.blocks_found.clone()))?;
+        m.registry.register(Box::new(m.blocks_rejected.clone()))?;
+        m.registry.register(Box::new(m.template_age.clone()))?;
+        m.registry
+            .register(Box::new(m.redis_append_seconds.clone()))?;
+        m.registry.register(Box::new(m.disconnects.clone()))?;
+        m.registry.register(Box::new(m.refused.clone()))?;
+        m.registry.register(Box::new(m.connections.clone()))?;
+        m.registry.register(Box::new(m.channels.clone()))?;
+        Ok(m)
+    }
+
+    /// A new template was built now.
+    pub fn template_built(&self) {
+        if let Ok(mut t) = self.template_built.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// Record whether the last Redis append worked.
+    pub fn set_redis_ok(&self, ok: bool) {
+        self.redis_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Forget a closed channel's series.
+    pub fn remove_channel(&self, channel_id: u32) {
+        let id = channel_id.to_string();
+        let _ = self.channel_hashrate.remove_label_values(&[&id]);
+        let _ = self.channel_acceptance.remove_label_values(&[&id]);
+    }
+
+    fn template_age_secs(&self) -> Option<f64> {
+        self.template_built
+            .lock()
+            .ok()
+            .and_then(|t| t.map(|t| t.elapsed().as_secs_f64()))
+    }
+
+    fn render(&self) -> String {
+        if let Some(age) = self.template_age_secs() {
+            self.template_age.set(age);
+        }
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+async fn metrics(State(m): State<Arc<PoolMetrics>>) -> impl IntoResponse {
+    m.render()
+}
+
+async fn health(State(m): State<Arc<PoolMetrics>>) -> impl IntoResponse {
+    let age = m.template_age_secs();
+    let redis = m.redis_ok.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "status": if age.is_some() && redis { "ok" } else { "degraded" },
+        "template_age_secs": age,
+        "redis": if redis { "ok" } else { "failing" },
+        "connections": m.connections.get(),
+        "channels": m.channels.get(),
+    });
+    let code = if age.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+}
+
+/// Serve `/metrics` and `/health` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<PoolMetrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(self::metrics))
+        .route("/health", get(health))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Bind the metrics listener.
+pub async fn bind(addr: &str) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,229 @@
+//! Templates from bitcoind: poll the tip every `poll_interval_ms` and rebuild the template when
+//! it changes (or every `refresh_secs` when the transactions changed), publish the newest to
+//! every connection through a watch channel, and keep each template's transactions so that a
+//! share that finds a block can be turned into a full block for `submitblock`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bitcoind_rpc::BitcoinRpc;
+use serde_json::json;
+use stratum_apps::stratum_core::template_distribution_sv2::{
+    NewTemplateOwned, SetNewPrevHashOwned,
+};
+use tokio::sync::{watch, Notify};
+
+use crate::gbt::{self, BlockTemplate};
+use crate::metrics::PoolMetrics;
+
+/// Templates kept for block submission and audits (several tips' worth).
+const KEPT_TEMPLATES: usize = 64;
+
+/// One template and everything needed to rebuild its block.
+#[derive(Debug)]
+pub struct TemplateRecord {
+    /// Id (also in the SV2 messages).
+    pub template_id: u64,
+    /// `NewTemplate` (future form; connections clear the flag for same-tip refreshes).
+    pub template: NewTemplateOwned,
+    /// The tip it builds on.
+    pub prev_hash: SetNewPrevHashOwned,
+    /// Previous block hash, display order.
+    pub prev_hash_display: String,
+    /// Block height.
+    pub height: u64,
+    /// Compact target.
+    pub nbits: u32,
+    /// Coinbase merkle path (internal order).
+    pub merkle_path: Vec<[u8; 32]>,
+    /// Raw transactions in block order.
+    pub transactions: Vec<Vec<u8>>,
+    /// GBT txids, to notice a changed mempool.
+    txids: Vec<String>,
+    coinbase_value: u64,
+}
+
+/// Templates by id, plus which ones already have an audit task.
+#[derive(Debug, Default)]
+pub struct TemplateStore {
+    inner: Mutex<StoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct StoreInner {
+    by_id: HashMap<u64, Arc<TemplateRecord>>,
+    order: VecDeque<u64>,
+    audited: HashSet<u64>,
+}
+
+impl TemplateStore {
+    fn insert(&self, record: Arc<TemplateRecord>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.order.push_back(record.template_id);
+            s.by_id.insert(record.template_id, record);
+            while s.order.len() > KEPT_TEMPLATES {
+                if let Some(old) = s.order.pop_front() {
+                    s.by_id.remove(&old);
+                    s.audited.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The template with this id, if still kept.
+    pub fn get(&self, template_id: u64) -> Option<Arc<TemplateRecord>> {
+        self.inner.lock().ok()?.by_id.get(&template_id).cloned()
+    }
+
+    /// Whether an audit task for this template was already appended.
+    pub fn is_audited(&self, template_id: u64) -> bool {
+        self.inner
+            .lock()
+            .map(|s| s.audited.contains(&template_id))
+            .unwrap_or(false)
+    }
+
+    /// Remember that the audit task is in Redis.
+    pub fn mark_audited(&self, template_id: u64) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.audited.insert(template_id);
+        }
+    }
+}
+
+/// Polls bitcoind and publishes templates.
+pub struct TemplateSource {
+    rpc: Arc<BitcoinRpc>,
+    rules: Vec<&'static str>,
+    poll: Duration,
+    refresh: Duration,
+    store: Arc<TemplateStore>,
+    tx: watch::Sender<Option<Arc<TemplateRecord>>>,
+    kick: Arc<Notify>,
+    metrics: Arc<PoolMetrics>,
+    next_id: u64,
+}
+
+impl TemplateSource {
+    /// A source; `kick` makes it poll at once (after a block was submitted).
+    pub fn new(
+        rpc: Arc<BitcoinRpc>,
+        rules: Vec<&'static str>,
+        poll: Duration,
+        refresh: Duration,
+        store: Arc<TemplateStore>,
+        kick: Arc<Notify>,
+        metrics: Arc<PoolMetrics>,
+    ) -> (Self, watch::Receiver<Option<Arc<TemplateRecord>>>) {
+        let (tx, rx) = watch::channel(None);
+        (
+            Self {
+                rpc,
+                rules,
+                poll,
+                refresh,
+                store,
+                tx,
+                kick,
+                metrics,
+                next_id: 1,
+            },
+            rx,
+        )
+    }
+
+    /// Build the first template (fails if bitcoind cannot give one).
+    pub async fn first(&mut self) -> anyhow::Result<()> {
+        self.rebuild(None).await.map(|_| ())
+    }
+
+    /// Poll until `shutdown`.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut last_refresh = Instant::now();
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(self.poll) => {},
+                _ = self.kick.notified() => {},
+            }
+            let current = self.tx.borrow().clone();
+            let result = async {
+                let best: String = self.rpc.call("getbestblockhash", &[]).await?;
+                let tip_changed = current
+                    .as_ref()
+                    .map(|c| c.prev_hash_display != best)
+                    .unwrap_or(true);
+                if tip_changed || last_refresh.elapsed() >= self.refresh {
+                    last_refresh = Instant::now();
+                    self.rebuild(current.as_deref()).await?;
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            match (result, failing) {
+                (Err(e), false) => {
+                    tracing::error!("template update failed (keeping the last template): {e:#}");
+                    failing = true;
+                }
+                (Ok(()), true) => {
+                    tracing::info!("template updates work again");
+                    failing = false;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Fetch a template; publish it if it differs from `current`. Returns whether it did.
+    async fn rebuild(&mut self, current: Option<&TemplateRecord>) -> anyhow::Result<bool> {
+        let gbt: BlockTemplate = self
+            .rpc
+            .call("getblocktemplate", &[json!({"rules": self.rules})])
+            .await
+            .context("getblocktemplate")?;
+        let txids: Vec<String> = gbt.transactions.iter().map(|t| t.txid.clone()).collect();
+        if let Some(c) = current {
+            if c.prev_hash_display == gbt.previousblockhash
+                && c.txids == txids
+                && c.coinbase_value == gbt.coinbasevalue
+            {
+                return Ok(false); // nothing new
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let converted = gbt::convert(&gbt, id)?;
+        let transactions = gbt
+            .transactions
+            .iter()
+            .map(|t| hex::decode(&t.data).context("template transaction is not hex"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let record = Arc::new(TemplateRecord {
+            template_id: id,
+            template: converted.template,
+            prev_hash: converted.prev_hash,
+            prev_hash_display: gbt.previousblockhash.clone(),
+            height: gbt.height,
+            nbits: converted.nbits,
+            merkle_path: converted.merkle_path,
+            transactions,
+            txids,
+            coinbase_value: gbt.coinbasevalue,
+        });
+        tracing::info!(
+            template_id = id,
+            height = gbt.height,
+            prev = %gbt.previousblockhash,
+            txs = record.transactions.len(),
+            "new template"
+        );
+        self.store.insert(record.clone());
+        self.metrics.template_built();
+        let _ = self.tx.send(Some(record));
+        Ok(true)
+    }
+}

@@ -1,0 +1,95 @@
+//! The hashpool proxy (miner side): an SV1 server for miners; for each miner an SV2 extended
+//! channel to the pool over Noise, opened with the operator's Cashu locking key in the ehash
+//! TLV. It never learns the pool's Redis URL or secrets. Every share the pool refuses is logged
+//! with the pool's reason and answered to the miner with it.
+
+mod session;
+pub mod sv1;
+pub mod upstream;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use ehash::LockingPubkey;
+use hashpool_config::miner_side::ProxyConfig;
+use stratum_apps::key_utils::Secp256k1PublicKey;
+use tokio::net::TcpListener;
+
+/// What every miner session shares.
+pub struct ProxyShared {
+    config: ProxyConfig,
+    authority: Secp256k1PublicKey,
+    locking_pubkey: Option<LockingPubkey>,
+}
+
+impl ProxyShared {
+    fn open_params(&self, miner: u64) -> upstream::OpenParams {
+        upstream::OpenParams {
+            address: self.config.pool_address.clone(),
+            authority: self.authority,
+            locking_pubkey: self.locking_pubkey,
+            nominal_hashrate: self.config.nominal_hashrate,
+            min_extranonce_size: self.config.min_extranonce_size,
+            user_identity: format!("proxy-miner-{miner}"),
+        }
+    }
+}
+
+/// Run the proxy until `shutdown` resolves.
+pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid proxy config: {e}"))?;
+    let authority = Secp256k1PublicKey::from_str(&config.pool_authority_public_key)
+        .map_err(|e| anyhow!("pool_authority_public_key is not an SRI base58 public key: {e:?}"))?;
+    let locking_pubkey = if config.locking_pubkey.is_empty() {
+        tracing::warn!("no locking_pubkey configured: shares through this proxy earn no ehash");
+        None
+    } else {
+        Some(
+            LockingPubkey::from_str(&config.locking_pubkey)
+                .map_err(|e| anyhow!("locking_pubkey: {e}"))?,
+        )
+    };
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        "proxy listening for SV1 miners on {} (pool {}, locking key {})",
+        listener.local_addr()?,
+        config.pool_address,
+        locking_pubkey
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    let shared = Arc::new(ProxyShared {
+        config,
+        authority,
+        locking_pubkey,
+    });
+    let next = AtomicU64::new(1);
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let id = next.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(miner = id, %peer, "miner connected");
+                    sessions.spawn(session::serve(shared.clone(), tcp, peer, id));
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+        }
+    }
+    tracing::info!("shutting down ({} miner connection(s))", sessions.len());
+    sessions.abort_all();
+    while sessions.join_next().await.is_some() {}
+    Ok(())
+}

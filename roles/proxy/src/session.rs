@@ -1,0 +1,389 @@
+//! One miner: its SV1 connection and its SV2 channel upstream. Malformed SV1 input closes only
+//! this miner's connection. A lost upstream is reopened with backoff; the miner gets the new
+//! extranonce (`mining.set_extranonce`) if it subscribed to it, else it is disconnected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stratum_apps::stratum_core::binary_sv2::B032Owned;
+use stratum_apps::stratum_core::mining_sv2::{
+    NewExtendedMiningJobOwned, SetNewPrevHashOwned, SubmitSharesExtendedOwned,
+};
+use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+
+use crate::sv1::{self, Request};
+use crate::upstream::{self, Upstream};
+use crate::ProxyShared;
+
+/// Longest SV1 line accepted from a miner.
+const MAX_LINE: usize = 16 * 1024;
+/// Jobs remembered per miner (shares on older ones are answered `invalid-job-id` by the pool).
+const KEPT_JOBS: usize = 32;
+
+struct Session {
+    id: u64,
+    write: OwnedWriteHalf,
+    upstream: Option<Upstream>,
+    channel_id: u32,
+    extranonce1: Vec<u8>,
+    extranonce2_size: usize,
+    target: [u8; 32],
+    jobs: BTreeMap<u32, NewExtendedMiningJobOwned>,
+    prev_hash: Option<SetNewPrevHashOwned>,
+    seq: u32,
+    pending: HashMap<u32, u64>,
+    subscribe_id: Option<u64>,
+    subscribed: bool,
+    authorized: Option<String>,
+    wants_extranonce: bool,
+    version_mask: Option<u32>,
+    accepted: u64,
+    rejected: u64,
+}
+
+/// Why the session ended.
+fn log_end(id: u64, peer: SocketAddr, why: &str, s: &Session) {
+    tracing::info!(miner = id, %peer, accepted = s.accepted, rejected = s.rejected, "miner connection closed: {why}");
+}
+
+/// Serve one miner until it disconnects, sends malformed input, or the upstream cannot be had.
+pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+    let (read, write) = tcp.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut s = Session {
+        id,
+        write,
+        upstream: None,
+        channel_id: 0,
+        extranonce1: Vec::new(),
+        extranonce2_size: 0,
+        target: [0xff; 32],
+        jobs: BTreeMap::new(),
+        prev_hash: None,
+        seq: 0,
+        pending: HashMap::new(),
+        subscribe_id: None,
+        subscribed: false,
+        authorized: None,
+        wants_extranonce: false,
+        version_mask: None,
+        accepted: 0,
+        rejected: 0,
+    };
+    let cfg = &shared.config;
+    let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
+    let mut reconnect_at = Some(tokio::time::Instant::now());
+    let mut waiting_since = Instant::now();
+    let why = loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) if line.len() > MAX_LINE => break format!("line of {} bytes (limit {MAX_LINE})", line.len()),
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => match sv1::parse_request(&line) {
+                    Ok(req) => if let Err(e) = s.on_request(req).await { break e },
+                    Err(e) => {
+                        tracing::warn!(miner = id, %peer, "malformed SV1 input ({e}): closing this miner's connection");
+                        break format!("malformed input: {e}");
+                    }
+                },
+                Ok(None) => break "miner disconnected".into(),
+                Err(e) => break format!("read error: {e}"),
+            },
+            msg = recv_upstream(&mut s.upstream), if s.upstream.is_some() => match msg {
+                Some(m) => if let Err(e) = s.on_upstream(m).await { break e },
+                None => {
+                    tracing::warn!(miner = id, "upstream connection lost: reconnecting");
+                    s.upstream_lost().await;
+                    waiting_since = Instant::now();
+                    backoff = Duration::from_millis(cfg.reconnect_min_ms);
+                    reconnect_at = Some(tokio::time::Instant::now() + backoff);
+                }
+            },
+            _ = tokio::time::sleep_until(reconnect_at.unwrap_or_else(tokio::time::Instant::now)), if reconnect_at.is_some() && s.upstream.is_none() => {
+                match upstream::open(&shared.open_params(id)).await {
+                    Ok(up) => {
+                        reconnect_at = None;
+                        if let Err(e) = s.on_channel(up).await { break e }
+                    }
+                    Err(e) => {
+                        if waiting_since.elapsed() > Duration::from_secs(cfg.upstream_wait_secs) {
+                            break format!("no upstream channel for {}s: {e:#}", cfg.upstream_wait_secs);
+                        }
+                        tracing::warn!(miner = id, "cannot open an upstream channel ({e:#}); retrying in {backoff:?}");
+                        reconnect_at = Some(tokio::time::Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(cfg.reconnect_max_ms));
+                    }
+                }
+            }
+        }
+    };
+    log_end(id, peer, &why, &s);
+}
+
+/// The next message from the pool; pending forever without an upstream.
+async fn recv_upstream(up: &mut Option<Upstream>) -> Option<MiningOwned> {
+    match up {
+        Some(u) => u.inbound.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn line(&mut self, line: String) -> Result<(), String> {
+        self.write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .map_err(|e| format!("write to miner: {e}"))
+    }
+
+    async fn on_request(&mut self, r: Request) -> Result<(), String> {
+        match r.method.as_str() {
+            "mining.configure" => {
+                let wants_rolling = r
+                    .params
+                    .first()
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|e| e == "version-rolling"));
+                let mut result = json!({});
+                if wants_rolling {
+                    let requested = r
+                        .params
+                        .get(1)
+                        .and_then(|p| p.get("version-rolling.mask"))
+                        .and_then(Value::as_str)
+                        .and_then(|m| u32::from_str_radix(m, 16).ok())
+                        .unwrap_or(sv1::VERSION_ROLLING_MASK);
+                    let mask = requested & sv1::VERSION_ROLLING_MASK;
+                    self.version_mask = Some(mask);
+                    result = json!({"version-rolling": true, "version-rolling.mask": format!("{mask:08x}")});
+                }
+                self.line(sv1::ok(r.id, result)).await
+            }
+            "mining.subscribe" => {
+                self.subscribe_id = Some(r.id);
+                if self.upstream.is_some() {
+                    self.answer_subscribe().await?;
+                }
+                Ok(())
+            }
+            "mining.extranonce.subscribe" => {
+                self.wants_extranonce = true;
+                self.line(sv1::ok(r.id, json!(true))).await
+            }
+            "mining.authorize" => {
+                let user = r
+                    .params
+                    .first()
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                self.authorized = Some(user);
+                self.line(sv1::ok(r.id, json!(true))).await
+            }
+            "mining.submit" => self.on_submit(r).await,
+            other => {
+                self.line(sv1::error(r.id, 20, &format!("unsupported method {other}")))
+                    .await
+            }
+        }
+    }
+
+    async fn answer_subscribe(&mut self) -> Result<(), String> {
+        let Some(id) = self.subscribe_id.take() else {
+            return Ok(());
+        };
+        self.subscribed = true;
+        self.line(sv1::ok(
+            id,
+            sv1::subscribe_result(&self.extranonce1, self.extranonce2_size),
+        ))
+        .await?;
+        self.line(sv1::set_difficulty(&self.target)).await?;
+        self.send_current_job(true).await
+    }
+
+    async fn send_current_job(&mut self, clean: bool) -> Result<(), String> {
+        let Some(snph) = self.prev_hash.clone() else {
+            return Ok(());
+        };
+        let job = self
+            .jobs
+            .values()
+            .rev()
+            .find(|j| !j.is_future())
+            .or_else(|| self.jobs.get(&snph.job_id))
+            .cloned();
+        match job {
+            Some(job) if self.subscribed => self.line(sv1::notify(&snph, &job, clean)?).await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn on_submit(&mut self, r: Request) -> Result<(), String> {
+        if !self.subscribed || self.authorized.is_none() {
+            return self.line(sv1::error(r.id, 24, "unauthorized-worker")).await;
+        }
+        let sub = match sv1::parse_submit(&r.params) {
+            Ok(s) => s,
+            Err(e) => return self.line(sv1::error(r.id, 20, &e)).await,
+        };
+        let Some(up) = &self.upstream else {
+            self.rejected += 1;
+            return self
+                .line(sv1::error(r.id, 20, "upstream-disconnected"))
+                .await;
+        };
+        let job_version = self.jobs.get(&sub.job_id).map(|j| j.version).unwrap_or(0);
+        let version = match (sub.version_bits, self.version_mask) {
+            (Some(bits), Some(mask)) => (job_version & !mask) | (bits & mask),
+            _ => job_version,
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let share = SubmitSharesExtendedOwned {
+            channel_id: self.channel_id,
+            sequence_number: self.seq,
+            job_id: sub.job_id,
+            nonce: sub.nonce,
+            ntime: sub.ntime,
+            version,
+            extranonce: B032Owned::try_from(sub.extranonce2)
+                .map_err(|e| format!("extranonce: {e:?}"))?,
+        };
+        if !up.send(MiningOwned::SubmitSharesExtended(share)) {
+            self.rejected += 1;
+            return self
+                .line(sv1::error(r.id, 20, "upstream-disconnected"))
+                .await;
+        }
+        self.pending.insert(self.seq, r.id);
+        Ok(())
+    }
+
+    async fn on_upstream(&mut self, m: MiningOwned) -> Result<(), String> {
+        match m {
+            MiningOwned::NewExtendedMiningJob(job) => {
+                let future = job.is_future();
+                self.jobs.insert(job.job_id, job);
+                while self.jobs.len() > KEPT_JOBS {
+                    self.jobs.pop_first();
+                }
+                if !future {
+                    self.send_current_job(false).await?;
+                }
+            }
+            MiningOwned::SetNewPrevHash(snph) => {
+                let job_id = snph.job_id;
+                self.prev_hash = Some(snph);
+                if let (Some(job), Some(snph)) =
+                    (self.jobs.get(&job_id).cloned(), self.prev_hash.clone())
+                {
+                    if self.subscribed {
+                        self.line(sv1::notify(&snph, &job, true)?).await?;
+                    }
+                }
+                // The activated job is no longer future.
+                let min = self.prev_hash.as_ref().map(|p| p.min_ntime).unwrap_or(0);
+                if let Some(job) = self.jobs.get_mut(&job_id) {
+                    job.set_no_future(min);
+                }
+            }
+            MiningOwned::SetTarget(t) => {
+                self.target = t.maximum_target.to_array();
+                if self.subscribed {
+                    self.line(sv1::set_difficulty(&self.target)).await?;
+                }
+            }
+            MiningOwned::SubmitSharesSuccess(ok) => {
+                let seqs: Vec<u32> = if ok.new_submits_accepted_count == 1 {
+                    vec![ok.last_sequence_number]
+                } else {
+                    self.pending
+                        .keys()
+                        .copied()
+                        .filter(|s| *s <= ok.last_sequence_number)
+                        .collect()
+                };
+                for seq in seqs {
+                    if let Some(id) = self.pending.remove(&seq) {
+                        self.accepted += 1;
+                        self.line(sv1::ok(id, json!(true))).await?;
+                    }
+                }
+            }
+            MiningOwned::SubmitSharesError(e) => {
+                let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
+                if let Some(id) = self.pending.remove(&e.sequence_number) {
+                    self.rejected += 1;
+                    tracing::info!(
+                        miner = self.id,
+                        channel = e.channel_id,
+                        seq = e.sequence_number,
+                        "share rejected by the pool: {code}"
+                    );
+                    self.line(sv1::error(id, sv1::sv1_code(&code), &code))
+                        .await?;
+                }
+            }
+            MiningOwned::CloseChannel(c) => {
+                return Err(format!(
+                    "pool closed the channel: {}",
+                    String::from_utf8_lossy(c.reason_code.as_bytes())
+                ));
+            }
+            other => tracing::debug!(miner = self.id, "ignoring {other:?}"),
+        }
+        Ok(())
+    }
+
+    async fn on_channel(&mut self, mut up: Upstream) -> Result<(), String> {
+        let reopened = !self.extranonce1.is_empty();
+        let info = up.info.clone();
+        tracing::info!(
+            miner = self.id,
+            channel = info.channel_id,
+            ehash = info.ehash,
+            "upstream channel open (extranonce1 {}, extranonce2 size {})",
+            hex::encode(&info.extranonce_prefix),
+            info.extranonce_size
+        );
+        let early = std::mem::take(&mut up.early);
+        self.channel_id = info.channel_id;
+        self.extranonce1 = info.extranonce_prefix;
+        self.extranonce2_size = info.extranonce_size;
+        self.target = info.target;
+        self.jobs.clear();
+        self.prev_hash = None;
+        self.upstream = Some(up);
+        for m in early {
+            self.on_upstream(m).await?;
+        }
+        if reopened && self.subscribed {
+            if !self.wants_extranonce {
+                return Err("upstream channel changed and the miner did not subscribe to extranonce changes".into());
+            }
+            self.line(sv1::set_extranonce(
+                &self.extranonce1,
+                self.extranonce2_size,
+            ))
+            .await?;
+            self.line(sv1::set_difficulty(&self.target)).await?;
+            self.send_current_job(true).await?;
+        }
+        self.answer_subscribe().await
+    }
+
+    async fn upstream_lost(&mut self) {
+        self.upstream = None;
+        let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
+        for id in pending {
+            self.rejected += 1;
+            let _ = self.line(sv1::error(id, 20, "upstream-disconnected")).await;
+        }
+    }
+}

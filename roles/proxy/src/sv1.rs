@@ -1,0 +1,200 @@
+//! SV1 (JSON lines) for the miner side: requests in, responses and notifications out.
+
+use serde_json::{json, Value};
+use stratum_apps::stratum_core::mining_sv2::{NewExtendedMiningJobOwned, SetNewPrevHashOwned};
+use stratum_apps::stratum_core::stratum_translation::sv2_to_sv1::build_sv1_notify_from_sv2;
+use stratum_apps::stratum_core::sv1_api::json_rpc::Message;
+
+/// Version bits a miner may roll (BIP320).
+pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
+
+/// A request from a miner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Integer id.
+    pub id: u64,
+    /// Method name.
+    pub method: String,
+    /// Parameters (always an array).
+    pub params: Vec<Value>,
+}
+
+/// Parse one line; `Err` describes what is malformed (the connection is then closed).
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let method = obj
+        .get("method")
+        .and_then(Value::as_str)
+        .ok_or("no method")?
+        .to_string();
+    let id = obj
+        .get("id")
+        .and_then(Value::as_u64)
+        .ok_or("id is not an unsigned integer")?;
+    let params = match obj.get("params") {
+        Some(Value::Array(a)) => a.clone(),
+        None | Some(Value::Null) => Vec::new(),
+        Some(_) => return Err("params is not an array".into()),
+    };
+    Ok(Request { id, method, params })
+}
+
+/// `{"id":id,"result":result,"error":null}`.
+pub fn ok(id: u64, result: Value) -> String {
+    json!({"id": id, "result": result, "error": null}).to_string()
+}
+
+/// `{"id":id,"result":null,"error":[code,message,null]}`.
+pub fn error(id: u64, code: i32, message: &str) -> String {
+    json!({"id": id, "result": null, "error": [code, message, null]}).to_string()
+}
+
+/// SV1 error number for an SV2 share error code (the message keeps the SV2 code).
+pub fn sv1_code(sv2_code: &str) -> i32 {
+    match sv2_code {
+        "invalid-job-id" | "stale-share" => 21,
+        "duplicate-share" => 22,
+        "difficulty-too-low" => 23,
+        _ => 20,
+    }
+}
+
+/// `mining.subscribe` result.
+pub fn subscribe_result(extranonce1: &[u8], extranonce2_size: usize) -> Value {
+    json!([
+        [["mining.set_difficulty", "1"], ["mining.notify", "1"]],
+        hex::encode(extranonce1),
+        extranonce2_size
+    ])
+}
+
+/// `mining.set_difficulty` for a target (little-endian), rounded so the miner's target is never
+/// easier than the pool's.
+pub fn set_difficulty(target_le: &[u8; 32]) -> String {
+    json!({"id": null, "method": "mining.set_difficulty", "params": [difficulty(target_le)]})
+        .to_string()
+}
+
+/// `mining.set_extranonce`.
+pub fn set_extranonce(extranonce1: &[u8], extranonce2_size: usize) -> String {
+    json!({"id": null, "method": "mining.set_extranonce", "params": [hex::encode(extranonce1), extranonce2_size]})
+        .to_string()
+}
+
+/// Pool difficulty of a target: `0xffff * 2^208 / target`, nudged up by one part in 10^9.
+pub fn difficulty(target_le: &[u8; 32]) -> f64 {
+    let target = target_le
+        .iter()
+        .rev()
+        .fold(0.0f64, |acc, b| acc * 256.0 + f64::from(*b));
+    let diff1 = 65535.0 * 2f64.powi(208);
+    (diff1 / target.max(1.0)) * (1.0 + 1e-9)
+}
+
+/// `mining.notify` for a job on a tip.
+pub fn notify(
+    snph: &SetNewPrevHashOwned,
+    job: &NewExtendedMiningJobOwned,
+    clean: bool,
+) -> Result<String, String> {
+    let n = build_sv1_notify_from_sv2(snph.clone(), job.clone(), clean)
+        .map_err(|e| format!("notify: {e:?}"))?;
+    let msg: Message = n.into();
+    serde_json::to_string(&msg).map_err(|e| e.to_string())
+}
+
+/// Parsed `mining.submit` parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submit {
+    /// Worker name.
+    pub user: String,
+    /// SV2 job id.
+    pub job_id: u32,
+    /// Rollable extranonce.
+    pub extranonce2: Vec<u8>,
+    /// Header time.
+    pub ntime: u32,
+    /// Nonce.
+    pub nonce: u32,
+    /// Rolled version bits.
+    pub version_bits: Option<u32>,
+}
+
+fn hex_u32(v: &Value, what: &str) -> Result<u32, String> {
+    match v {
+        Value::String(s) => u32::from_str_radix(s, 16).map_err(|e| format!("{what} {s:?}: {e}")),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or(format!("{what} out of range")),
+        _ => Err(format!("{what} is not a hex string")),
+    }
+}
+
+/// Parse `mining.submit` params.
+pub fn parse_submit(params: &[Value]) -> Result<Submit, String> {
+    if !(5..=6).contains(&params.len()) {
+        return Err(format!(
+            "mining.submit takes 5 or 6 params, got {}",
+            params.len()
+        ));
+    }
+    let s = |i: usize| {
+        params[i]
+            .as_str()
+            .ok_or(format!("param {i} is not a string"))
+    };
+    Ok(Submit {
+        user: s(0)?.to_string(),
+        job_id: s(1)?
+            .parse()
+            .map_err(|_| format!("unknown job id {:?}", params[1]))?,
+        extranonce2: hex::decode(s(2)?).map_err(|e| format!("extranonce2: {e}"))?,
+        ntime: hex_u32(&params[3], "ntime")?,
+        nonce: hex_u32(&params[4], "nonce")?,
+        version_bits: params
+            .get(5)
+            .map(|v| hex_u32(v, "version bits"))
+            .transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_must_be_objects_with_integer_ids() {
+        assert!(
+            parse_request("{\"id\": 1, \"method\": \"mining.subscribe\", \"params\": []}").is_ok()
+        );
+        assert!(parse_request("{this is not json").is_err());
+        assert!(parse_request("{\"id\": \"a\", \"method\": \"x\", \"params\": []}").is_err());
+        assert!(parse_request("[1,2]").is_err());
+    }
+
+    #[test]
+    fn submit_params_are_checked() {
+        let p: Vec<Value> = serde_json::from_str(
+            r#"["w","7","00000000000000000000000000000001","65000000","0000abcd","00002000"]"#,
+        )
+        .unwrap();
+        let s = parse_submit(&p).unwrap();
+        assert_eq!(
+            (s.job_id, s.nonce, s.version_bits),
+            (7, 0xabcd, Some(0x2000))
+        );
+        assert_eq!(s.extranonce2.len(), 16);
+        assert!(parse_submit(&p[..3]).is_err());
+    }
+
+    #[test]
+    fn difficulty_one_target_gives_difficulty_one() {
+        let mut t = [0u8; 32];
+        t[26] = 0xff;
+        t[27] = 0xff; // 0xffff * 2^208, little-endian
+        let d = difficulty(&t);
+        assert!((d - 1.0).abs() < 1e-6 && d > 1.0, "{d}");
+    }
+}

@@ -1,0 +1,307 @@
+//! The SV2 side: one Noise connection to the pool per miner, `SetupConnection`, ehash
+//! negotiation, and an extended channel whose `OpenExtendedMiningChannel` carries the
+//! operator's locking key as a TLV.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
+use stratum_apps::key_utils::Secp256k1PublicKey;
+use stratum_apps::network_helpers::connect_with_noise;
+use stratum_apps::stratum_core::binary_sv2::{Seq064KOwned, Str0255Owned, U256Owned};
+use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
+use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
+use stratum_apps::stratum_core::extensions_sv2::RequestExtensionsOwned;
+use stratum_apps::stratum_core::mining_sv2::OpenExtendedMiningChannelOwned;
+use stratum_apps::stratum_core::parsers_sv2::{
+    AnyMessage, AnyMessageOwned, CommonMessagesOwned, ExtensionsNegotiationOwned, ExtensionsOwned,
+    MiningOwned, Tlv, TlvList,
+};
+use stratum_apps::utils::types::OutboundFrame;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Time allowed for TCP connect, Noise handshake and channel opening together.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open extended channel.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    /// Channel id.
+    pub channel_id: u32,
+    /// SV1 extranonce1.
+    pub extranonce_prefix: Vec<u8>,
+    /// SV1 extranonce2 size.
+    pub extranonce_size: usize,
+    /// Initial target (little-endian).
+    pub target: [u8; 32],
+    /// Whether the pool agreed to ehash (the locking key went through).
+    pub ehash: bool,
+}
+
+/// A live upstream connection.
+pub struct Upstream {
+    /// Messages from the pool (closed when the connection ends).
+    pub inbound: mpsc::Receiver<MiningOwned>,
+    outbound: mpsc::Sender<OutboundFrame>,
+    /// The channel.
+    pub info: ChannelInfo,
+    /// Messages from the pool that arrived while opening the channel (first jobs).
+    pub early: Vec<MiningOwned>,
+}
+
+impl Upstream {
+    /// Send a mining message; `false` if the connection is gone.
+    pub fn send(&self, msg: MiningOwned) -> bool {
+        match OutboundFrame::from_message(AnyMessageOwned::Mining(msg)) {
+            Ok(frame) => self.outbound.try_send(frame).is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// What to open.
+#[derive(Debug, Clone)]
+pub struct OpenParams {
+    /// Pool address.
+    pub address: String,
+    /// Pool authority key.
+    pub authority: Secp256k1PublicKey,
+    /// Operator's locking key.
+    pub locking_pubkey: Option<LockingPubkey>,
+    /// Announced hashrate.
+    pub nominal_hashrate: f32,
+    /// Rollable extranonce bytes wanted.
+    pub min_extranonce_size: u16,
+    /// `user_identity` of the channel.
+    pub user_identity: String,
+}
+
+fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
+    Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("string too long: {e:?}"))
+}
+
+/// Connect and open a channel.
+pub async fn open(p: &OpenParams) -> anyhow::Result<Upstream> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_inner(p))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "opening a channel at {} took over {OPEN_TIMEOUT:?}",
+                p.address
+            )
+        })?
+}
+
+async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
+    let tcp = TcpStream::connect(&p.address)
+        .await
+        .with_context(|| format!("cannot connect to the pool at {}", p.address))?;
+    tcp.set_nodelay(true)?;
+    let stream = connect_with_noise(tcp, Some(p.authority))
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "noise handshake with {} failed (wrong authority key?): {e:?}",
+                p.address
+            )
+        })?;
+    let (mut reader, mut writer) = stream.into_split();
+    let (in_tx, mut raw_in) = mpsc::channel::<AnyMessageOwned>(1024);
+    tokio::spawn(async move {
+        loop {
+            let mut frame: SerializedFrame = match reader.read_frame().await {
+                Ok(f) => f,
+                Err(_) => return,
+            };
+            let header = frame.header();
+            let Ok(msg) = AnyMessage::try_from((header, frame.payload())) else {
+                tracing::warn!(
+                    "undecodable message {:#04x} from the pool: closing",
+                    header.msg_type()
+                );
+                return;
+            };
+            if in_tx.send(msg.into_owned()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (out_tx, mut out_rx) = mpsc::channel::<OutboundFrame>(4096);
+    tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            if writer.write_frame(f).await.is_err() {
+                return;
+            }
+        }
+    });
+    let send = |m: AnyMessageOwned| -> anyhow::Result<()> {
+        let f = OutboundFrame::from_message(m).map_err(|e| anyhow!("encode: {e:?}"))?;
+        out_tx
+            .try_send(f)
+            .map_err(|_| anyhow!("pool connection closed"))
+    };
+
+    send(AnyMessageOwned::Common(
+        CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
+            protocol: Protocol::MiningProtocol,
+            min_version: 2,
+            max_version: 2,
+            flags: 0b100, // version rolling
+            endpoint_host: str0255(p.address.split(':').next().unwrap_or_default())?,
+            endpoint_port: p
+                .address
+                .rsplit(':')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            vendor: str0255("hashpool-harness")?,
+            hardware_version: str0255("proxy")?,
+            firmware: str0255(env!("CARGO_PKG_VERSION"))?,
+            device_id: str0255(&p.user_identity)?,
+        }),
+    ))?;
+    match raw_in.recv().await {
+        Some(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_))) => {}
+        Some(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionError(e))) => {
+            bail!(
+                "pool refused SetupConnection: {}",
+                String::from_utf8_lossy(e.error_code.as_bytes())
+            )
+        }
+        other => bail!("unexpected answer to SetupConnection: {other:?}"),
+    }
+
+    let mut ehash = false;
+    if p.locking_pubkey.is_some() {
+        send(AnyMessageOwned::Extensions(
+            ExtensionsOwned::ExtensionsNegotiation(ExtensionsNegotiationOwned::RequestExtensions(
+                RequestExtensionsOwned {
+                    request_id: 1,
+                    requested_extensions: Seq064KOwned::new(vec![EHASH_EXTENSION_TYPE])
+                        .map_err(|e| anyhow!("{e:?}"))?,
+                },
+            )),
+        ))?;
+        match raw_in.recv().await {
+            Some(AnyMessageOwned::Extensions(ExtensionsOwned::ExtensionsNegotiation(
+                ExtensionsNegotiationOwned::RequestExtensionsSuccess(s),
+            ))) => {
+                ehash = s
+                    .supported_extensions
+                    .into_inner()
+                    .contains(&EHASH_EXTENSION_TYPE)
+            }
+            Some(AnyMessageOwned::Extensions(_)) => {}
+            other => bail!("unexpected answer to RequestExtensions: {other:?}"),
+        }
+        if !ehash {
+            tracing::warn!(
+                "the pool at {} does not support the ehash extension: shares earn no ehash",
+                p.address
+            );
+        }
+    }
+
+    let open = MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
+        request_id: 1,
+        user_identity: str0255(&p.user_identity)?,
+        nominal_hash_rate: p.nominal_hashrate,
+        max_target: U256Owned::from([0xff; 32]),
+        min_extranonce_size: p.min_extranonce_size,
+    });
+    let frame = match (ehash, p.locking_pubkey) {
+        (true, Some(key)) => {
+            let tlvs = TlvList::from_slice(&[Tlv::new(
+                EHASH_EXTENSION_TYPE,
+                LOCKING_PUBKEY_FIELD,
+                key.as_bytes().to_vec(),
+            )])
+            .map_err(|e| anyhow!("tlv: {e:?}"))?;
+            let bytes = tlvs
+                .build_frame_bytes_with_tlvs(open)
+                .map_err(|e| anyhow!("tlv frame: {e:?}"))?;
+            OutboundFrame::Raw(
+                SerializedFrame::from_bytes(bytes).map_err(|e| anyhow!("frame: {e:?}"))?,
+            )
+        }
+        _ => OutboundFrame::from_message(AnyMessageOwned::Mining(open))
+            .map_err(|e| anyhow!("encode: {e:?}"))?,
+    };
+    out_tx
+        .try_send(frame)
+        .map_err(|_| anyhow!("pool connection closed"))?;
+
+    let (mining_tx, mining_rx) = mpsc::channel::<MiningOwned>(1024);
+    let info = loop {
+        match raw_in.recv().await {
+            Some(AnyMessageOwned::Mining(MiningOwned::OpenExtendedMiningChannelSuccess(s))) => {
+                break ChannelInfo {
+                    channel_id: s.channel_id,
+                    extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
+                    extranonce_size: usize::from(s.extranonce_size),
+                    target: s.target.to_array(),
+                    ehash,
+                };
+            }
+            Some(AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e))) => {
+                bail!(
+                    "pool refused the channel: {}",
+                    String::from_utf8_lossy(e.error_code.as_bytes())
+                )
+            }
+            Some(other) => tracing::debug!("ignoring {other:?} before the channel opened"),
+            None => bail!("pool closed the connection while opening the channel"),
+        }
+    };
+    // Forward mining messages to the session from now on.
+    let mut early = Vec::new();
+    while let Ok(m) = raw_in.try_recv() {
+        if let AnyMessageOwned::Mining(m) = m {
+            early.push(m);
+        }
+    }
+    tokio::spawn(async move {
+        while let Some(m) = raw_in.recv().await {
+            match m {
+                AnyMessageOwned::Mining(m) => {
+                    if mining_tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                other => tracing::debug!("ignoring {other:?} from the pool"),
+            }
+        }
+    });
+    Ok(Upstream {
+        inbound: mining_rx,
+        outbound: out_tx,
+        info,
+        early,
+    })
+}
+
+/// The TLV the proxy puts on `OpenExtendedMiningChannel`, as SRI's codec serializes it.
+pub fn locking_pubkey_tlv_bytes(key: &LockingPubkey) -> anyhow::Result<Vec<u8>> {
+    Tlv::new(
+        EHASH_EXTENSION_TYPE,
+        LOCKING_PUBKEY_FIELD,
+        key.as_bytes().to_vec(),
+    )
+    .encode()
+    .map_err(|e| anyhow!("tlv: {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sri_tlv_encoding_equals_ehash_wire_format() {
+        let key: LockingPubkey =
+            "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+                .parse()
+                .unwrap();
+        assert_eq!(locking_pubkey_tlv_bytes(&key).unwrap(), key.encode_tlv());
+    }
+}
