@@ -17,13 +17,16 @@ pub mod binaries;
 pub mod bitcoind;
 pub mod config;
 pub mod faucet;
+pub mod http;
 pub mod keys;
 pub mod logs;
 pub mod ports;
 pub mod process;
 pub mod redis;
+pub mod roles;
 pub mod stack;
 pub mod supervisor;
+pub mod sv2_client;
 pub mod wait;
 
 pub use bitcoind::{Bitcoind, Chain};

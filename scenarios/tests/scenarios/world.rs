@@ -6,6 +6,7 @@ use anyhow::{anyhow, Context};
 use bitcoin::{Address, BlockHash};
 use cucumber::World;
 use harness::faucet::FaucetPayment;
+use harness::roles::PoolOptions;
 use harness::{Chain, HarnessConfig, Stack};
 
 /// Name of the stack a step means when it names none.
@@ -31,6 +32,12 @@ pub struct HarnessWorld {
     pub stream_before: Vec<(String, Vec<(String, String)>)>,
     /// The error of a step that was expected to fail.
     pub last_error: Option<String>,
+    /// Pool settings used by the next pool start.
+    pub pool_options: PoolOptions,
+    /// A counter remembered before an action (accepted shares of a miner, disconnects...).
+    pub counter_before: Option<f64>,
+    /// Rates measured by the scenario, printed in the report (name, shares/s).
+    pub rates: Vec<(String, f64)>,
 }
 
 impl HarnessWorld {
@@ -45,6 +52,9 @@ impl HarnessWorld {
             killed_generation: None,
             stream_before: Vec::new(),
             last_error: None,
+            pool_options: PoolOptions::default(),
+            counter_before: None,
+            rates: Vec::new(),
         })
     }
 
@@ -86,8 +96,16 @@ impl HarnessWorld {
         self.stack(DEFAULT_STACK)
     }
 
+    /// The default stack, mutably (to start roles on it).
+    pub fn default_stack_mut(&mut self) -> anyhow::Result<&mut Stack> {
+        self.stacks.get_mut(DEFAULT_STACK).ok_or_else(|| anyhow!("no stack {DEFAULT_STACK:?} in this scenario"))
+    }
+
     /// Called after the scenario: stop every stack; keep its data if the scenario failed.
     pub async fn finish(&mut self, scenario: &str, failed: bool) {
+        for (name, rate) in &self.rates {
+            println!("[scenario] {scenario}: {name} = {rate:.1} shares/s");
+        }
         for (name, stack) in std::mem::take(&mut self.stacks) {
             match stack.shutdown(failed).await {
                 Ok(Some(dir)) => eprintln!(

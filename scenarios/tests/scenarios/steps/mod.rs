@@ -1,6 +1,8 @@
 //! Step definitions, one module per domain (not per feature).
 
 mod chain;
+mod faults;
+mod mining;
 mod redis;
 mod supervisor;
 

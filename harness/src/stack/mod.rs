@@ -1,6 +1,10 @@
 //! A stack: one chain's bitcoind and a Redis, with their own ports and data directory, started
-//! in parallel and stopped together. Several stacks run side by side without sharing anything.
+//! in parallel and stopped together, plus the roles scenarios add (pool, proxies, miners; see
+//! `roles.rs`). Several stacks run side by side without sharing anything.
 
+mod roles;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +18,7 @@ use crate::config::HarnessConfig;
 use crate::faucet::Faucet;
 use crate::ports::{PortAllocator, PortLease};
 use crate::redis::{Redis, RedisOptions};
+use crate::roles::{MinerRole, PoolRole, ProxyRole};
 
 /// Name of the summary file written into every stack directory.
 pub const SUMMARY_FILE: &str = "stack.json";
@@ -77,7 +82,12 @@ pub struct Stack {
     faucet: Option<Faucet>,
     backends: Vec<(String, String)>,
     start_time: Duration,
-    _ports: Vec<PortLease>,
+    ports: Vec<PortLease>,
+    allocator: PortAllocator,
+    timeouts: (Duration, Duration),
+    pool: Option<PoolRole>,
+    proxies: BTreeMap<String, ProxyRole>,
+    miners: BTreeMap<String, MinerRole>,
     done: bool,
 }
 
@@ -201,7 +211,12 @@ impl<'a> StackBuilder<'a> {
             redis,
             backends,
             start_time,
-            _ports: ports,
+            ports,
+            allocator,
+            timeouts: (config.start_timeout(), config.stop_timeout()),
+            pool: None,
+            proxies: BTreeMap::new(),
+            miners: BTreeMap::new(),
             done: false,
         };
         stack.write_summary()?;
@@ -286,6 +301,7 @@ impl Stack {
                 logs: vec![spec.stdout_log(), spec.stderr_log()],
             });
         }
+        roles.extend(self.role_summaries());
         StackSummary {
             name: self.name.clone(),
             dir: self.dir.clone(),
@@ -309,6 +325,7 @@ impl Stack {
     /// directory unless `keep` (or `keep_data` in the config). Returns the kept directory.
     pub async fn shutdown(mut self, keep: bool) -> anyhow::Result<Option<PathBuf>> {
         self.done = true;
+        self.stop_roles().await?;
         let (b, r) = tokio::join!(
             async {
                 match &self.bitcoind {

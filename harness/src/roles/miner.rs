@@ -1,0 +1,162 @@
+//! Simulated CPU miners, and what their logs say.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{log_ready, role_exe};
+use crate::process::ProcessSpec;
+use crate::supervisor::{RestartPolicy, Supervised, SupervisorOptions};
+
+/// How a miner is started.
+#[derive(Debug, Clone)]
+pub struct MinerOptions {
+    /// `honest`, `below-target`, `duplicate`, `stale`, `malformed`.
+    pub behaviour: String,
+    /// Hashing threads.
+    pub threads: usize,
+    /// Total hashrate cap (None: uncapped).
+    pub hashrate: Option<f64>,
+    /// Log every share (needed to match shares with records).
+    pub log_shares: bool,
+}
+
+impl Default for MinerOptions {
+    fn default() -> Self {
+        Self { behaviour: "honest".into(), threads: 1, hashrate: Some(500_000.0), log_shares: true }
+    }
+}
+
+/// A running miner.
+#[derive(Debug)]
+pub struct MinerRole {
+    process: Supervised,
+    /// Its name in the scenario.
+    pub name: String,
+    /// Behaviour it was started with.
+    pub behaviour: String,
+}
+
+impl MinerRole {
+    /// Start a miner against a proxy's SV1 address; ready once subscribed.
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        proxy_addr: &str,
+        opts: &MinerOptions,
+        timeouts: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let exe = role_exe("hashpool-miner", "HASHPOOL_MINER_EXE")?;
+        let mut spec = ProcessSpec::new(name, &exe, dir)
+            .arg("--proxy")
+            .arg(proxy_addr)
+            .arg("--user")
+            .arg(name)
+            .arg("--threads")
+            .arg(opts.threads.to_string())
+            .arg("--behaviour")
+            .arg(&opts.behaviour);
+        if let Some(h) = opts.hashrate {
+            spec = spec.arg("--hashrate").arg(h.to_string());
+        }
+        if !opts.log_shares {
+            spec = spec.arg("--quiet");
+        }
+        let ready = log_ready("miner subscribed", &spec.stdout_log(), "subscribed");
+        let options = SupervisorOptions {
+            policy: RestartPolicy::Never,
+            start_timeout: timeouts.0,
+            stop_timeout: timeouts.1,
+            recovery_args: Vec::new(),
+        };
+        let process = Supervised::start(spec, ready, options).await?;
+        Ok(Self { process, name: name.into(), behaviour: opts.behaviour.clone() })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    /// The miner's log (stdout).
+    pub fn log_path(&self) -> PathBuf {
+        self.process.spec().stdout_log()
+    }
+
+    /// Parse its log now.
+    pub fn log(&self) -> MinerLog {
+        MinerLog::parse(&std::fs::read_to_string(self.log_path()).unwrap_or_default())
+    }
+}
+
+/// What a miner's log says.
+#[derive(Debug, Clone, Default)]
+pub struct MinerLog {
+    /// Hashes (display order) of accepted shares, in order.
+    pub accepted: Vec<String>,
+    /// (hash, reason) of rejected shares.
+    pub rejected: Vec<(String, String)>,
+    /// Previous-block hashes of clean jobs received.
+    pub tips: Vec<String>,
+    /// The final summary line, once it exited.
+    pub finished: Option<String>,
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl MinerLog {
+    /// Parse log text.
+    pub fn parse(text: &str) -> Self {
+        let mut log = Self::default();
+        for line in text.lines() {
+            if line.starts_with("share accepted ") {
+                if let Some(h) = field(line, "hash") {
+                    log.accepted.push(h.to_string());
+                }
+            } else if line.starts_with("share rejected ") {
+                if let (Some(h), Some(r)) = (field(line, "hash"), field(line, "reason")) {
+                    log.rejected.push((h.to_string(), r.to_string()));
+                }
+            } else if line.starts_with("new tip work ") {
+                if let Some(p) = field(line, "prevhash") {
+                    log.tips.push(p.to_string());
+                }
+            } else if line.starts_with("miner finished") {
+                log.finished = Some(line.to_string());
+            }
+        }
+        log
+    }
+
+    /// Rejections counted by reason.
+    pub fn rejected_by_reason(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for (_, r) in &self.rejected {
+            *m.entry(r.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_share_lines() {
+        let log = MinerLog::parse(
+            "subscribed extranonce1=00 extranonce2_size=16\n\
+             new tip work job=1 prevhash=00ab\n\
+             share accepted hash=0001 job=1\n\
+             share rejected hash=0002 job=1 reason=duplicate-share\n\
+             miner finished (shutdown): accepted=1\n",
+        );
+        assert_eq!(log.accepted, vec!["0001"]);
+        assert_eq!(log.rejected, vec![("0002".to_string(), "duplicate-share".to_string())]);
+        assert_eq!(log.tips, vec!["00ab"]);
+        assert!(log.finished.is_some());
+        assert_eq!(log.rejected_by_reason()["duplicate-share"], 1);
+    }
+}

@@ -1,0 +1,91 @@
+//! The hashpool roles as supervised processes: pool, proxy, simulated miners. The harness
+//! only starts their binaries and talks to them over their wire interfaces (SV2, SV1, HTTP,
+//! Redis), so any implementation with the same binaries and configs can be swapped in.
+
+mod miner;
+mod pool;
+mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+
+pub use miner::{MinerLog, MinerOptions, MinerRole};
+pub use pool::{PoolOptions, PoolRole};
+pub use proxy::ProxyRole;
+
+use crate::supervisor::Readiness;
+
+/// A role binary: `<ENV>` if set, else `$HASHPOOL_BIN_DIR/<name>`, else next to the running
+/// test binary's profile directory (`target/<profile>/<name>`).
+pub fn role_exe(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("HASHPOOL_BIN_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/deps/<test> or target/<profile>/<bin>
+        for dir in exe.ancestors().skip(1).take(2) {
+            dirs.push(dir.to_path_buf());
+        }
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "role binary {name} not found (looked at ${env_var}, $HASHPOOL_BIN_DIR, {}): build it with \
+                 `cargo build -p pool -p proxy -p miner` (`just test` does)",
+                dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// Ready when a TCP connection to `addr` succeeds.
+pub fn tcp_ready(what: &str, addr: String) -> Readiness {
+    Readiness {
+        what: format!("{what} accepting TCP on {addr}"),
+        probe: Arc::new(move || {
+            let addr = addr.clone();
+            Box::pin(async move {
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        }),
+    }
+}
+
+/// Ready when `log` has a line containing `needle`.
+pub fn log_ready(what: &str, log: &Path, needle: &'static str) -> Readiness {
+    let log = log.to_path_buf();
+    Readiness {
+        what: format!("{what}: a line containing {needle:?} in {}", log.display()),
+        probe: Arc::new(move || {
+            let log = log.clone();
+            Box::pin(async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains(needle) {
+                    Ok(())
+                } else {
+                    Err(format!("{} lines so far", text.lines().count()))
+                }
+            })
+        }),
+    }
+}
+
+/// Write a role's TOML config.
+pub(crate) fn write_config<T: serde::Serialize>(dir: &Path, file: &str, config: &T) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(file);
+    std::fs::write(&path, toml::to_string_pretty(config)?)?;
+    Ok(path)
+}

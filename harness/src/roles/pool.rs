@@ -1,0 +1,138 @@
+//! The pool role.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::{Address, Network};
+use hashpool_config::pool_side::{PoolConfig, PoolLimits};
+use hashpool_config::Secret;
+
+use super::{role_exe, write_config};
+use crate::bitcoind::{Bitcoind, RPC_USER};
+use crate::http::{self, Metrics};
+use crate::keys::{authority_keys, AuthorityKeys};
+use crate::process::ProcessSpec;
+use crate::redis::Redis;
+use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
+
+/// Knobs scenarios turn.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Minimum share leading zero bits (the 1-ehash share).
+    pub min_bits: u32,
+    /// Vardiff aim.
+    pub shares_per_minute: f32,
+    /// Vardiff period.
+    pub vardiff_interval_secs: u64,
+    /// Limits.
+    pub limits: PoolLimits,
+}
+
+impl Default for PoolOptions {
+    /// Test defaults: shares come fast (min_bits 16, 600 per minute per channel).
+    fn default() -> Self {
+        Self { min_bits: 16, shares_per_minute: 600.0, vardiff_interval_secs: 5, limits: PoolLimits::default() }
+    }
+}
+
+/// A running pool.
+#[derive(Debug)]
+pub struct PoolRole {
+    process: Supervised,
+    /// SV2 address.
+    pub sv2_addr: String,
+    /// Metrics/health address.
+    pub metrics_addr: String,
+    /// Noise authority keys.
+    pub authority: AuthorityKeys,
+    /// Address the coinbase pays.
+    pub payout_address: Address,
+    /// The config it runs with.
+    pub config: PoolConfig,
+}
+
+impl PoolRole {
+    /// Write the config and start the pool; ready when `/health` answers 200 (it has a template).
+    pub async fn start(
+        dir: &Path,
+        ports: (u16, u16),
+        bitcoind: &Bitcoind,
+        redis: &Redis,
+        opts: &PoolOptions,
+        timeouts: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let exe = role_exe("hashpool-pool", "HASHPOOL_POOL_EXE")?;
+        let authority = authority_keys();
+        let network = bitcoind.chain().network();
+        let payout_address = payout_address(network);
+        let config = PoolConfig {
+            listen: format!("127.0.0.1:{}", ports.0),
+            metrics_listen: format!("127.0.0.1:{}", ports.1),
+            authority_public_key: authority.public.clone(),
+            authority_secret_key: Secret::new(authority.secret.clone()),
+            payout_address: payout_address.to_string(),
+            min_bits: opts.min_bits,
+            shares_per_minute: opts.shares_per_minute,
+            vardiff_interval_secs: opts.vardiff_interval_secs,
+            limits: opts.limits.clone(),
+            bitcoind: hashpool_config::pool_side::BitcoindSection {
+                rpc_url: bitcoind.rpc_url(),
+                rpc_user: RPC_USER.into(),
+                rpc_password: Secret::new(bitcoind.rpc_password().into()),
+                chain: bitcoind.chain().name().into(),
+                ..Default::default()
+            },
+            redis: hashpool_config::pool_side::RedisSection { url: redis.url(), ..Default::default() },
+            ..PoolConfig::default()
+        };
+        let file = write_config(dir, "pool.toml", &config)?;
+        let spec = ProcessSpec::new("pool", &exe, dir).arg("--config").arg(&file).env("RUST_LOG", "info,pool=debug");
+        let metrics_addr = config.metrics_listen.clone();
+        let probe_addr = metrics_addr.clone();
+        let readiness = Readiness {
+            what: format!("pool /health on {metrics_addr} answering 200"),
+            probe: Arc::new(move || {
+                let addr = probe_addr.clone();
+                Box::pin(async move {
+                    match http::get(&addr, "/health", Duration::from_secs(1)).await {
+                        Ok((200, _)) => Ok(()),
+                        Ok((code, body)) => Err(format!("{code} {body}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                })
+            }),
+        };
+        let options = SupervisorOptions {
+            policy: RestartPolicy::OnCrash { max_restarts: 3 },
+            start_timeout: timeouts.0,
+            stop_timeout: timeouts.1,
+            recovery_args: Vec::new(),
+        };
+        let process = Supervised::start(spec, readiness, options).await?;
+        Ok(Self { process, sv2_addr: config.listen.clone(), metrics_addr, authority, payout_address, config })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    /// The pool's log (stdout).
+    pub fn log(&self) -> PathBuf {
+        self.process.spec().stdout_log()
+    }
+
+    /// Scrape `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (code, body) = http::get(&self.metrics_addr, "/metrics", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        Ok(Metrics::parse(&body))
+    }
+}
+
+/// A fresh P2WPKH payout address (its key is not needed by the harness yet).
+fn payout_address(network: Network) -> Address {
+    let (_, pk) = bitcoin::secp256k1::Secp256k1::new().generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
+    Address::p2wpkh(&bitcoin::CompressedPublicKey(pk), network)
+}

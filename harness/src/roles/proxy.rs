@@ -1,0 +1,74 @@
+//! The proxy role (one per miner operator).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ehash::LockingPubkey;
+use hashpool_config::miner_side::ProxyConfig;
+
+use super::{role_exe, tcp_ready, write_config};
+use crate::keys::locking_keys;
+use crate::process::ProcessSpec;
+use crate::supervisor::{RestartPolicy, Supervised, SupervisorOptions};
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct ProxyRole {
+    process: Supervised,
+    /// SV1 address for miners.
+    pub sv1_addr: String,
+    /// Operator's locking key (None: no ehash).
+    pub locking_pubkey: Option<LockingPubkey>,
+    /// Its secret (hex), for the wallet later.
+    pub locking_secret: Option<String>,
+}
+
+impl ProxyRole {
+    /// Start a proxy in front of the pool at `pool_addr`.
+    pub async fn start(
+        dir: &Path,
+        port: u16,
+        pool_addr: &str,
+        pool_authority: &str,
+        with_locking_key: bool,
+        nominal_hashrate: f32,
+        timeouts: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let exe = role_exe("hashpool-proxy", "HASHPOOL_PROXY_EXE")?;
+        let (secret, public) = if with_locking_key {
+            let (s, p) = locking_keys();
+            (Some(s), Some(p))
+        } else {
+            (None, None)
+        };
+        let config = ProxyConfig {
+            listen: format!("127.0.0.1:{port}"),
+            pool_address: pool_addr.into(),
+            pool_authority_public_key: pool_authority.into(),
+            locking_pubkey: public.map(|p| p.to_string()).unwrap_or_default(),
+            nominal_hashrate,
+            ..ProxyConfig::default()
+        };
+        let file = write_config(dir, "proxy.toml", &config)?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "proxy".into());
+        let spec = ProcessSpec::new(&name, &exe, dir).arg("--config").arg(&file).env("RUST_LOG", "info");
+        let options = SupervisorOptions {
+            policy: RestartPolicy::OnCrash { max_restarts: 3 },
+            start_timeout: timeouts.0,
+            stop_timeout: timeouts.1,
+            recovery_args: Vec::new(),
+        };
+        let process = Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
+        Ok(Self { process, sv1_addr: config.listen, locking_pubkey: public, locking_secret: secret })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    /// The proxy's log (stdout).
+    pub fn log(&self) -> PathBuf {
+        self.process.spec().stdout_log()
+    }
+}

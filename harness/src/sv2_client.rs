@@ -1,0 +1,169 @@
+//! A misbehaving Stratum V2 client for fault scenarios: it speaks real Noise NX over TCP to the
+//! pool, then sends garbage frames or floods shares, and reports when the pool cuts it off.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use stratum_apps::key_utils::Secp256k1PublicKey;
+use stratum_apps::network_helpers::connect_with_noise;
+use stratum_apps::network_helpers::noise_stream::{NoiseTcpReadHalf, NoiseTcpWriteHalf};
+use stratum_apps::stratum_core::binary_sv2::{B032Owned, Str0255Owned, U256Owned};
+use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
+use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
+use stratum_apps::stratum_core::mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned};
+use stratum_apps::stratum_core::parsers_sv2::{AnyMessage, AnyMessageOwned, CommonMessagesOwned, MiningOwned};
+use stratum_apps::utils::types::OutboundFrame;
+use tokio::net::TcpStream;
+
+/// An SV2 client connected to the pool.
+pub struct Sv2Client {
+    reader: NoiseTcpReadHalf,
+    writer: NoiseTcpWriteHalf,
+}
+
+/// A channel the client opened, with its first job.
+#[derive(Debug, Clone)]
+pub struct OpenChannel {
+    /// Channel id.
+    pub channel_id: u32,
+    /// A job id to submit on.
+    pub job_id: u32,
+    /// Rollable extranonce size.
+    pub extranonce_size: usize,
+    /// Minimum ntime of the job.
+    pub ntime: u32,
+    /// Version of the job.
+    pub version: u32,
+}
+
+fn s0255(s: &str) -> anyhow::Result<Str0255Owned> {
+    Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("{e:?}"))
+}
+
+impl Sv2Client {
+    /// TCP connect and Noise handshake against `authority` (SRI base58 public key).
+    pub async fn connect(addr: &str, authority: &str) -> anyhow::Result<Self> {
+        let key = Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = connect_with_noise(tcp, Some(key)).await.map_err(|e| anyhow!("noise handshake: {e:?}"))?;
+        let (reader, writer) = stream.into_split();
+        Ok(Self { reader, writer })
+    }
+
+    /// Send a message.
+    pub async fn send(&mut self, msg: AnyMessageOwned) -> anyhow::Result<()> {
+        let frame = OutboundFrame::from_message(msg).map_err(|e| anyhow!("encode: {e:?}"))?;
+        self.writer.write_frame(frame).await.map_err(|e| anyhow!("write: {e:?}"))
+    }
+
+    /// Receive one message within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> anyhow::Result<AnyMessageOwned> {
+        let mut frame = tokio::time::timeout(timeout, self.reader.read_frame())
+            .await
+            .map_err(|_| anyhow!("no message within {timeout:?}"))?
+            .map_err(|e| anyhow!("connection closed: {e:?}"))?;
+        let header = frame.header();
+        Ok(AnyMessage::try_from((header, frame.payload())).map_err(|e| anyhow!("decode: {e:?}"))?.into_owned())
+    }
+
+    /// `SetupConnection` and an extended channel without ehash; waits for the first job.
+    pub async fn open_channel(&mut self) -> anyhow::Result<OpenChannel> {
+        self.send(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
+            protocol: Protocol::MiningProtocol,
+            min_version: 2,
+            max_version: 2,
+            flags: 0,
+            endpoint_host: s0255("127.0.0.1")?,
+            endpoint_port: 0,
+            vendor: s0255("harness")?,
+            hardware_version: s0255("sv2-test-client")?,
+            firmware: s0255("0")?,
+            device_id: s0255("flood")?,
+        })))
+        .await?;
+        let t = Duration::from_secs(5);
+        match self.recv(t).await? {
+            AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
+            other => bail!("SetupConnection answered with {other:?}"),
+        }
+        self.send(AnyMessageOwned::Mining(MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
+            request_id: 7,
+            user_identity: s0255("sv2-test-client")?,
+            nominal_hash_rate: 1.0e6,
+            max_target: U256Owned::from([0xff; 32]),
+            min_extranonce_size: 8,
+        })))
+        .await?;
+        let (mut channel_id, mut extranonce_size) = (None, 0);
+        let mut job: Option<(u32, u32)> = None;
+        let mut ntime = None;
+        while channel_id.is_none() || job.is_none() || ntime.is_none() {
+            match self.recv(t).await? {
+                AnyMessageOwned::Mining(MiningOwned::OpenExtendedMiningChannelSuccess(s)) => {
+                    channel_id = Some(s.channel_id);
+                    extranonce_size = usize::from(s.extranonce_size);
+                }
+                AnyMessageOwned::Mining(MiningOwned::NewExtendedMiningJob(j)) => job = Some((j.job_id, j.version)),
+                AnyMessageOwned::Mining(MiningOwned::SetNewPrevHash(p)) => ntime = Some(p.min_ntime),
+                AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e)) => {
+                    bail!("channel refused: {}", String::from_utf8_lossy(e.error_code.as_bytes()))
+                }
+                _ => {}
+            }
+        }
+        let (job_id, version) = job.unwrap_or_default();
+        Ok(OpenChannel {
+            channel_id: channel_id.unwrap_or_default(),
+            job_id,
+            extranonce_size,
+            ntime: ntime.unwrap_or_default(),
+            version,
+        })
+    }
+
+    /// A frame with a valid header but a payload that decodes as nothing (encrypted properly).
+    pub async fn send_garbage_frame(&mut self) -> anyhow::Result<()> {
+        let mut bytes = vec![0x00, 0x00, 0x1b, 0x05, 0x00, 0x00];
+        bytes.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0x01]);
+        let frame = SerializedFrame::from_bytes(bytes).map_err(|e| anyhow!("frame: {e:?}"))?;
+        self.writer.write_frame(OutboundFrame::Raw(frame)).await.map_err(|e| anyhow!("write: {e:?}"))
+    }
+
+    /// Submit shares as fast as possible until the pool closes the connection or `max` were
+    /// sent; returns how many went out.
+    pub async fn flood(&mut self, ch: &OpenChannel, max: u32) -> u32 {
+        let Ok(extranonce) = B032Owned::try_from(vec![0u8; ch.extranonce_size]) else { return 0 };
+        let mut sent = 0;
+        while sent < max {
+            let share = SubmitSharesExtendedOwned {
+                channel_id: ch.channel_id,
+                sequence_number: sent,
+                job_id: ch.job_id,
+                nonce: sent,
+                ntime: ch.ntime,
+                version: ch.version,
+                extranonce: extranonce.clone(),
+            };
+            if self.send(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(share))).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Read until the pool closes the connection; returns how long that took, or an error if
+    /// it stayed open for `timeout`.
+    pub async fn closed_within(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let left = timeout.checked_sub(start.elapsed()).ok_or_else(|| anyhow!("still open after {timeout:?}"))?;
+            match tokio::time::timeout(left, self.reader.read_frame()).await {
+                Err(_) => bail!("still open after {timeout:?}"),
+                Ok(Err(_)) => return Ok(start.elapsed()),
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+}

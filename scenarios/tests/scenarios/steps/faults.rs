@@ -1,0 +1,187 @@
+//! Fault steps for the mining roles: malformed input, garbage frames, floods, half-open
+//! connections, Redis outages. Each asserts on logs, metrics and miner counts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cucumber::{then, when};
+use harness::logs::LogCursor;
+use harness::sv2_client::Sv2Client;
+use harness::wait::wait_until;
+use tokio::net::TcpStream;
+
+use crate::world::HarnessWorld;
+
+async fn pool_metric(w: &HarnessWorld, key: &str) -> anyhow::Result<f64> {
+    Ok(w.default_stack()?.pool()?.metrics().await?.get(key))
+}
+
+async fn wait_metric_at_least(w: &HarnessWorld, key: &str, at_least: f64) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    wait_until(&format!("pool metric {key} >= {at_least}"), Duration::from_secs(20), || async {
+        match pool.metrics().await {
+            Ok(m) if m.get(key) >= at_least => Ok(()),
+            Ok(m) => Err(format!("{key} = {}", m.get(key))),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+fn disconnects(reason: &str) -> String {
+    format!("hashpool_pool_disconnects_total{{reason=\"{reason}\"}}")
+}
+
+#[then(expr = "miner {string} is disconnected by the proxy")]
+async fn miner_disconnected(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let miner = w.default_stack()?.miner(&name)?;
+    wait_until(&format!("miner {name} to exit"), Duration::from_secs(20), || {
+        let log = miner.log();
+        async move { log.finished.ok_or_else(|| "still running".to_string()) }
+    })
+    .await
+    .and_then(|line| {
+        if line.contains("connection closed by the proxy") {
+            Ok(())
+        } else {
+            Err(harness::wait::Timeout { what: "proxy to close".into(), waited: Duration::ZERO, last: line })
+        }
+    })?;
+    Ok(())
+}
+
+#[then(expr = "proxy {string} logged {string}")]
+async fn proxy_logged(w: &mut HarnessWorld, proxy: String, needle: String) -> anyhow::Result<()> {
+    let log = w.default_stack()?.proxy(&proxy)?.log();
+    LogCursor::at_start(&log).wait_for(&needle, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+#[when("a client sends a garbage SV2 frame to the pool")]
+async fn garbage_frame(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.counter_before = Some(pool_metric(w, &disconnects("protocol-error")).await?);
+    let pool = w.default_stack()?.pool()?;
+    let mut client = Sv2Client::connect(&pool.sv2_addr, &pool.authority.public).await?;
+    client.send_garbage_frame().await?;
+    let took = client.closed_within(Duration::from_secs(5)).await.context("the pool kept the garbage connection open")?;
+    tracing::info!("pool closed the garbage connection after {took:?}");
+    Ok(())
+}
+
+#[then(expr = "the pool counted a {string} disconnect")]
+async fn counted_disconnect(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()> {
+    let before = w.counter_before.unwrap_or(0.0);
+    wait_metric_at_least(w, &disconnects(&reason), before + 1.0).await
+}
+
+#[when(expr = "the accepted shares of miner {string} are counted")]
+async fn count_accepted(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.counter_before = Some(w.default_stack()?.miner(&name)?.log().accepted.len() as f64);
+    Ok(())
+}
+
+#[then(expr = "miner {string} gets {int} more shares accepted")]
+async fn more_accepted(w: &mut HarnessWorld, name: String, n: usize) -> anyhow::Result<()> {
+    let before = w.counter_before.context("no count taken")? as usize;
+    let miner = w.default_stack()?.miner(&name)?;
+    wait_until(&format!("miner {name} to get {n} more accepted shares"), Duration::from_secs(60), || {
+        let log = miner.log();
+        async move {
+            if log.accepted.len() >= before + n {
+                Ok(())
+            } else {
+                Err(format!("{} accepted (had {before}), rejections {:?}", log.accepted.len(), log.rejected_by_reason()))
+            }
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[when("redis is stopped")]
+async fn redis_stopped(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.redis()?.process().stop().await?;
+    Ok(())
+}
+
+#[when("redis is started again")]
+async fn redis_started(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.redis()?.process().start_again().await
+}
+
+/// Accepted shares per second of a miner over `window`.
+async fn honest_rate(w: &HarnessWorld, name: &str, window: Duration) -> anyhow::Result<f64> {
+    let miner = w.default_stack()?.miner(name)?;
+    let before = miner.log().accepted.len();
+    let start = Instant::now();
+    // Measuring a rate needs a fixed window; nothing is synchronised on it.
+    tokio::time::sleep(window).await;
+    Ok((miner.log().accepted.len() - before) as f64 / start.elapsed().as_secs_f64())
+}
+
+#[when(expr = "the accepted-share rate of miner {string} is measured for {int} seconds")]
+async fn measure_rate(w: &mut HarnessWorld, name: String, secs: u64) -> anyhow::Result<()> {
+    let rate = honest_rate(w, &name, Duration::from_secs(secs)).await?;
+    w.rates.push((format!("{name} accepted rate, no flood"), rate));
+    Ok(())
+}
+
+#[when(expr = "SV2 clients flood shares for {int} seconds while the rate of miner {string} is measured")]
+async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    let (addr, key) = (pool.sv2_addr.clone(), pool.authority.public.clone());
+    w.counter_before = Some(pool_metric(w, &disconnects("share-rate-limit")).await?);
+    let window = Duration::from_secs(secs);
+    let flooder = tokio::spawn(async move {
+        let start = Instant::now();
+        let (mut cut_off, mut sent) = (0u32, 0u32);
+        while start.elapsed() < window {
+            let mut c = Sv2Client::connect(&addr, &key).await?;
+            let ch = c.open_channel().await?;
+            sent += c.flood(&ch, 1_000_000).await;
+            if c.closed_within(Duration::from_secs(5)).await.is_ok() {
+                cut_off += 1;
+            }
+        }
+        anyhow::Ok((cut_off, sent))
+    });
+    let rate = honest_rate(w, &name, window).await?;
+    let (cut_off, sent) = flooder.await??;
+    anyhow::ensure!(cut_off >= 1, "no flooding client was cut off ({sent} shares sent)");
+    w.rates.push((format!("{name} accepted rate, during flood ({sent} flood shares, {cut_off} cut-offs)"), rate));
+    anyhow::ensure!(rate > 0.0, "miner {name} got no share accepted during the flood");
+    Ok(())
+}
+
+#[when(expr = "{int} clients connect to the pool and never finish the handshake")]
+async fn half_open(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    w.counter_before = Some(pool_metric(w, &disconnects("handshake-deadline")).await?);
+    let pool = w.default_stack()?.pool()?;
+    let deadline = Duration::from_millis(pool.config.limits.handshake_deadline_ms);
+    let mut sockets = Vec::new();
+    for _ in 0..n {
+        sockets.push(TcpStream::connect(&pool.sv2_addr).await?);
+    }
+    // Each socket must be closed by the pool (EOF or reset) within the deadline plus slack.
+    for mut s in sockets {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(deadline + Duration::from_secs(5), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        anyhow::ensure!(closed.is_ok(), "a half-open connection was not closed within {deadline:?} + 5 s");
+    }
+    Ok(())
+}
+
+#[then(expr = "the pool refused connections beyond its per-IP limit")]
+async fn refused_per_ip(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    wait_metric_at_least(w, "hashpool_pool_connections_refused_total{reason=\"connections-per-ip\"}", 1.0).await
+}
