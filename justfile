@@ -16,13 +16,17 @@ bootstrap:
     ci/bootstrap
 
 # Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
-test:
+test: roles
     cargo test --workspace --exclude scenarios
     cargo test -p scenarios --test scenarios
 
-# Run the scenarios matching a cucumber tag expression, e.g. just scenario '@chain and not @slow'.
-scenario TAGS:
+# Run the scenarios matching a cucumber tag expression, e.g. just scenario '@mining and not @limits'.
+scenario TAGS: roles
     cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
+
+# Build the role binaries the scenarios start (pool, proxy, miner).
+roles:
+    cargo build -p pool -p proxy -p miner
 
 # Start a stack (bitcoind on CHAIN + Redis), print its endpoints, keep it until Ctrl-C.
 up CHAIN="signet":

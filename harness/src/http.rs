@@ -11,12 +11,17 @@ use tokio::net::TcpStream;
 /// GET `path` from `addr` (`host:port`); returns status and body.
 pub async fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
     let fetch = async {
-        let mut tcp = TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
         let mut buf = Vec::new();
         tcp.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header from {addr}"))?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("no HTTP header from {addr}"))?;
         let status = head
             .split_whitespace()
             .nth(1)
@@ -24,7 +29,9 @@ pub async fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u
             .ok_or_else(|| anyhow!("bad status line from {addr}: {head}"))?;
         Ok((status, body.to_string()))
     };
-    tokio::time::timeout(timeout, fetch).await.map_err(|_| anyhow!("GET http://{addr}{path}: no answer in {timeout:?}"))?
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| anyhow!("GET http://{addr}{path}: no answer in {timeout:?}"))?
 }
 
 /// Prometheus text exposition parsed into `name{labels}` -> value.
@@ -35,7 +42,10 @@ impl Metrics {
     /// Parse the text format (comments skipped).
     pub fn parse(text: &str) -> Self {
         let mut map = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
             if let Some((key, value)) = line.rsplit_once(' ') {
                 if let Ok(v) = value.parse::<f64>() {
                     map.insert(key.to_string(), v);

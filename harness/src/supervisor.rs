@@ -322,11 +322,16 @@ impl Inner {
         let ready = wait_until(&self.readiness.what, self.start_timeout, || probe());
         let result = tokio::select! {
             r = ready => r.map_err(anyhow::Error::from),
-            status = running.exited() => Err(anyhow!(
-                "exited during start-up ({}) while waiting for {}",
-                describe_exit(status),
-                self.readiness.what
-            )),
+            status = running.exited() => match (self.readiness.probe)().await {
+                // It got ready and then exited at once (a miner told to misbehave): the start
+                // worked; the monitor reports the exit.
+                Ok(()) => Ok(()),
+                Err(_) => Err(anyhow!(
+                    "exited during start-up ({}) while waiting for {}",
+                    describe_exit(status),
+                    self.readiness.what
+                )),
+            },
         };
         result.with_context(|| {
             format!(
@@ -363,7 +368,15 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
             RestartPolicy::OnCrash { max_restarts } => restarts < max_restarts,
         };
         if !allowed {
-            tracing::error!(name = %this.spec.name, "exited unexpectedly ({how}); not restarting ({:?}, {restarts} restarts so far)", this.policy);
+            match this.policy {
+                RestartPolicy::Never => {
+                    tracing::info!(name = %this.spec.name, "exited ({how}); restart policy: never")
+                }
+                RestartPolicy::OnCrash { .. } => tracing::error!(
+                    name = %this.spec.name,
+                    "exited unexpectedly ({how}); not restarting after {restarts} restarts"
+                ),
+            }
             this.status
                 .send_modify(|s| s.phase = Phase::Failed(format!("exited unexpectedly: {how}")));
             return;

@@ -11,8 +11,12 @@ use stratum_apps::network_helpers::noise_stream::{NoiseTcpReadHalf, NoiseTcpWrit
 use stratum_apps::stratum_core::binary_sv2::{B032Owned, Str0255Owned, U256Owned};
 use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
 use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
-use stratum_apps::stratum_core::mining_sv2::{OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned};
-use stratum_apps::stratum_core::parsers_sv2::{AnyMessage, AnyMessageOwned, CommonMessagesOwned, MiningOwned};
+use stratum_apps::stratum_core::mining_sv2::{
+    OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned,
+};
+use stratum_apps::stratum_core::parsers_sv2::{
+    AnyMessage, AnyMessageOwned, CommonMessagesOwned, MiningOwned,
+};
 use stratum_apps::utils::types::OutboundFrame;
 use tokio::net::TcpStream;
 
@@ -44,9 +48,14 @@ fn s0255(s: &str) -> anyhow::Result<Str0255Owned> {
 impl Sv2Client {
     /// TCP connect and Noise handshake against `authority` (SRI base58 public key).
     pub async fn connect(addr: &str, authority: &str) -> anyhow::Result<Self> {
-        let key = Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
-        let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-        let stream = connect_with_noise(tcp, Some(key)).await.map_err(|e| anyhow!("noise handshake: {e:?}"))?;
+        let key =
+            Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        let stream = connect_with_noise(tcp, Some(key))
+            .await
+            .map_err(|e| anyhow!("noise handshake: {e:?}"))?;
         let (reader, writer) = stream.into_split();
         Ok(Self { reader, writer })
     }
@@ -54,7 +63,10 @@ impl Sv2Client {
     /// Send a message.
     pub async fn send(&mut self, msg: AnyMessageOwned) -> anyhow::Result<()> {
         let frame = OutboundFrame::from_message(msg).map_err(|e| anyhow!("encode: {e:?}"))?;
-        self.writer.write_frame(frame).await.map_err(|e| anyhow!("write: {e:?}"))
+        self.writer
+            .write_frame(frame)
+            .await
+            .map_err(|e| anyhow!("write: {e:?}"))
     }
 
     /// Receive one message within `timeout`.
@@ -64,36 +76,42 @@ impl Sv2Client {
             .map_err(|_| anyhow!("no message within {timeout:?}"))?
             .map_err(|e| anyhow!("connection closed: {e:?}"))?;
         let header = frame.header();
-        Ok(AnyMessage::try_from((header, frame.payload())).map_err(|e| anyhow!("decode: {e:?}"))?.into_owned())
+        Ok(AnyMessage::try_from((header, frame.payload()))
+            .map_err(|e| anyhow!("decode: {e:?}"))?
+            .into_owned())
     }
 
     /// `SetupConnection` and an extended channel without ehash; waits for the first job.
     pub async fn open_channel(&mut self) -> anyhow::Result<OpenChannel> {
-        self.send(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
-            protocol: Protocol::MiningProtocol,
-            min_version: 2,
-            max_version: 2,
-            flags: 0,
-            endpoint_host: s0255("127.0.0.1")?,
-            endpoint_port: 0,
-            vendor: s0255("harness")?,
-            hardware_version: s0255("sv2-test-client")?,
-            firmware: s0255("0")?,
-            device_id: s0255("flood")?,
-        })))
+        self.send(AnyMessageOwned::Common(
+            CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
+                protocol: Protocol::MiningProtocol,
+                min_version: 2,
+                max_version: 2,
+                flags: 0,
+                endpoint_host: s0255("127.0.0.1")?,
+                endpoint_port: 0,
+                vendor: s0255("harness")?,
+                hardware_version: s0255("sv2-test-client")?,
+                firmware: s0255("0")?,
+                device_id: s0255("flood")?,
+            }),
+        ))
         .await?;
         let t = Duration::from_secs(5);
         match self.recv(t).await? {
             AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
             other => bail!("SetupConnection answered with {other:?}"),
         }
-        self.send(AnyMessageOwned::Mining(MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
-            request_id: 7,
-            user_identity: s0255("sv2-test-client")?,
-            nominal_hash_rate: 1.0e6,
-            max_target: U256Owned::from([0xff; 32]),
-            min_extranonce_size: 8,
-        })))
+        self.send(AnyMessageOwned::Mining(
+            MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
+                request_id: 7,
+                user_identity: s0255("sv2-test-client")?,
+                nominal_hash_rate: 1.0e6,
+                max_target: U256Owned::from([0xff; 32]),
+                min_extranonce_size: 8,
+            }),
+        ))
         .await?;
         let (mut channel_id, mut extranonce_size) = (None, 0);
         let mut job: Option<(u32, u32)> = None;
@@ -104,10 +122,17 @@ impl Sv2Client {
                     channel_id = Some(s.channel_id);
                     extranonce_size = usize::from(s.extranonce_size);
                 }
-                AnyMessageOwned::Mining(MiningOwned::NewExtendedMiningJob(j)) => job = Some((j.job_id, j.version)),
-                AnyMessageOwned::Mining(MiningOwned::SetNewPrevHash(p)) => ntime = Some(p.min_ntime),
+                AnyMessageOwned::Mining(MiningOwned::NewExtendedMiningJob(j)) => {
+                    job = Some((j.job_id, j.version))
+                }
+                AnyMessageOwned::Mining(MiningOwned::SetNewPrevHash(p)) => {
+                    ntime = Some(p.min_ntime)
+                }
                 AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e)) => {
-                    bail!("channel refused: {}", String::from_utf8_lossy(e.error_code.as_bytes()))
+                    bail!(
+                        "channel refused: {}",
+                        String::from_utf8_lossy(e.error_code.as_bytes())
+                    )
                 }
                 _ => {}
             }
@@ -127,13 +152,18 @@ impl Sv2Client {
         let mut bytes = vec![0x00, 0x00, 0x1b, 0x05, 0x00, 0x00];
         bytes.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0x01]);
         let frame = SerializedFrame::from_bytes(bytes).map_err(|e| anyhow!("frame: {e:?}"))?;
-        self.writer.write_frame(OutboundFrame::Raw(frame)).await.map_err(|e| anyhow!("write: {e:?}"))
+        self.writer
+            .write_frame(OutboundFrame::Raw(frame))
+            .await
+            .map_err(|e| anyhow!("write: {e:?}"))
     }
 
     /// Submit shares as fast as possible until the pool closes the connection or `max` were
     /// sent; returns how many went out.
     pub async fn flood(&mut self, ch: &OpenChannel, max: u32) -> u32 {
-        let Ok(extranonce) = B032Owned::try_from(vec![0u8; ch.extranonce_size]) else { return 0 };
+        let Ok(extranonce) = B032Owned::try_from(vec![0u8; ch.extranonce_size]) else {
+            return 0;
+        };
         let mut sent = 0;
         while sent < max {
             let share = SubmitSharesExtendedOwned {
@@ -145,7 +175,13 @@ impl Sv2Client {
                 version: ch.version,
                 extranonce: extranonce.clone(),
             };
-            if self.send(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(share))).await.is_err() {
+            if self
+                .send(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(
+                    share,
+                )))
+                .await
+                .is_err()
+            {
                 break;
             }
             sent += 1;
@@ -158,7 +194,9 @@ impl Sv2Client {
     pub async fn closed_within(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
         loop {
-            let left = timeout.checked_sub(start.elapsed()).ok_or_else(|| anyhow!("still open after {timeout:?}"))?;
+            let left = timeout
+                .checked_sub(start.elapsed())
+                .ok_or_else(|| anyhow!("still open after {timeout:?}"))?;
             match tokio::time::timeout(left, self.reader.read_frame()).await {
                 Err(_) => bail!("still open after {timeout:?}"),
                 Ok(Err(_)) => return Ok(start.elapsed()),

@@ -23,7 +23,12 @@ pub struct MinerOptions {
 
 impl Default for MinerOptions {
     fn default() -> Self {
-        Self { behaviour: "honest".into(), threads: 1, hashrate: Some(500_000.0), log_shares: true }
+        Self {
+            behaviour: "honest".into(),
+            threads: 1,
+            hashrate: Some(500_000.0),
+            log_shares: true,
+        }
     }
 }
 
@@ -70,7 +75,11 @@ impl MinerRole {
             recovery_args: Vec::new(),
         };
         let process = Supervised::start(spec, ready, options).await?;
-        Ok(Self { process, name: name.into(), behaviour: opts.behaviour.clone() })
+        Ok(Self {
+            process,
+            name: name.into(),
+            behaviour: opts.behaviour.clone(),
+        })
     }
 
     /// The process.
@@ -103,7 +112,8 @@ pub struct MinerLog {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 impl MinerLog {
@@ -154,7 +164,10 @@ mod tests {
              miner finished (shutdown): accepted=1\n",
         );
         assert_eq!(log.accepted, vec!["0001"]);
-        assert_eq!(log.rejected, vec![("0002".to_string(), "duplicate-share".to_string())]);
+        assert_eq!(
+            log.rejected,
+            vec![("0002".to_string(), "duplicate-share".to_string())]
+        );
         assert_eq!(log.tips, vec!["00ab"]);
         assert!(log.finished.is_some());
         assert_eq!(log.rejected_by_reason()["duplicate-share"], 1);

@@ -53,11 +53,14 @@ pub fn tcp_ready(what: &str, addr: String) -> Readiness {
         probe: Arc::new(move || {
             let addr = addr.clone();
             Box::pin(async move {
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(&addr))
-                    .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(&addr),
+                )
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map(|_| ())
+                .map_err(|e| e.to_string())
             })
         }),
     }
@@ -83,7 +86,11 @@ pub fn log_ready(what: &str, log: &Path, needle: &'static str) -> Readiness {
 }
 
 /// Write a role's TOML config.
-pub(crate) fn write_config<T: serde::Serialize>(dir: &Path, file: &str, config: &T) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_config<T: serde::Serialize>(
+    dir: &Path,
+    file: &str,
+    config: &T,
+) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(file);
     std::fs::write(&path, toml::to_string_pretty(config)?)?;

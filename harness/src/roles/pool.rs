@@ -32,7 +32,12 @@ pub struct PoolOptions {
 impl Default for PoolOptions {
     /// Test defaults: shares come fast (min_bits 16, 600 per minute per channel).
     fn default() -> Self {
-        Self { min_bits: 16, shares_per_minute: 600.0, vardiff_interval_secs: 5, limits: PoolLimits::default() }
+        Self {
+            min_bits: 16,
+            shares_per_minute: 600.0,
+            vardiff_interval_secs: 5,
+            limits: PoolLimits::default(),
+        }
     }
 }
 
@@ -83,11 +88,17 @@ impl PoolRole {
                 chain: bitcoind.chain().name().into(),
                 ..Default::default()
             },
-            redis: hashpool_config::pool_side::RedisSection { url: redis.url(), ..Default::default() },
+            redis: hashpool_config::pool_side::RedisSection {
+                url: redis.url(),
+                ..Default::default()
+            },
             ..PoolConfig::default()
         };
         let file = write_config(dir, "pool.toml", &config)?;
-        let spec = ProcessSpec::new("pool", &exe, dir).arg("--config").arg(&file).env("RUST_LOG", "info,pool=debug");
+        let spec = ProcessSpec::new("pool", &exe, dir)
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info,pool=debug");
         let metrics_addr = config.metrics_listen.clone();
         let probe_addr = metrics_addr.clone();
         let readiness = Readiness {
@@ -110,7 +121,14 @@ impl PoolRole {
             recovery_args: Vec::new(),
         };
         let process = Supervised::start(spec, readiness, options).await?;
-        Ok(Self { process, sv2_addr: config.listen.clone(), metrics_addr, authority, payout_address, config })
+        Ok(Self {
+            process,
+            sv2_addr: config.listen.clone(),
+            metrics_addr,
+            authority,
+            payout_address,
+            config,
+        })
     }
 
     /// The process.
@@ -125,7 +143,8 @@ impl PoolRole {
 
     /// Scrape `/metrics`.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        let (code, body) = http::get(&self.metrics_addr, "/metrics", Duration::from_secs(2)).await?;
+        let (code, body) =
+            http::get(&self.metrics_addr, "/metrics", Duration::from_secs(2)).await?;
         anyhow::ensure!(code == 200, "/metrics answered {code}");
         Ok(Metrics::parse(&body))
     }
@@ -133,6 +152,7 @@ impl PoolRole {
 
 /// A fresh P2WPKH payout address (its key is not needed by the harness yet).
 fn payout_address(network: Network) -> Address {
-    let (_, pk) = bitcoin::secp256k1::Secp256k1::new().generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
+    let (_, pk) = bitcoin::secp256k1::Secp256k1::new()
+        .generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
     Address::p2wpkh(&bitcoin::CompressedPublicKey(pk), network)
 }

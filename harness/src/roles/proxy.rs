@@ -50,16 +50,28 @@ impl ProxyRole {
             ..ProxyConfig::default()
         };
         let file = write_config(dir, "proxy.toml", &config)?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "proxy".into());
-        let spec = ProcessSpec::new(&name, &exe, dir).arg("--config").arg(&file).env("RUST_LOG", "info");
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "proxy".into());
+        let spec = ProcessSpec::new(&name, &exe, dir)
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info");
         let options = SupervisorOptions {
             policy: RestartPolicy::OnCrash { max_restarts: 3 },
             start_timeout: timeouts.0,
             stop_timeout: timeouts.1,
             recovery_args: Vec::new(),
         };
-        let process = Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
-        Ok(Self { process, sv1_addr: config.listen, locking_pubkey: public, locking_secret: secret })
+        let process =
+            Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
+        Ok(Self {
+            process,
+            sv1_addr: config.listen,
+            locking_pubkey: public,
+            locking_secret: secret,
+        })
     }
 
     /// The process.

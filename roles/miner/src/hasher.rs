@@ -125,8 +125,9 @@ fn hash_loop(index: u8, shared: Arc<Shared>, rate: Option<f64>, found: Unbounded
                 let hash = hasher.hash(nonce);
                 let meets = meets_target(&hash, &work.target);
                 done += 1;
-                let report_miss =
-                    !meets && work.report_misses_every > 0 && done % work.report_misses_every == 0;
+                let report_miss = !meets
+                    && work.report_misses_every > 0
+                    && done.is_multiple_of(work.report_misses_every);
                 if meets || report_miss {
                     let f = Found {
                         job_id: work.job.job_id.clone(),

@@ -67,17 +67,35 @@ async fn run() -> anyhow::Result<()> {
             Box::pin(async {})
         })
         .after(|feature, _rule, scenario, finished, world| {
-            let outcome = match finished {
+            let mut outcome = match finished {
                 event::ScenarioFinished::StepPassed => Outcome::Passed,
                 event::ScenarioFinished::StepSkipped => Outcome::Skipped,
                 _ => Outcome::Failed,
             };
             let key = key(feature, scenario);
+            let allow_errors = scenario
+                .tags
+                .iter()
+                .chain(&feature.tags)
+                .any(|t| t == "allow.errors");
             Box::pin(async move {
+                let mut problems = Vec::new();
                 if let Some(world) = world {
+                    if !allow_errors {
+                        problems = world.log_problems();
+                    }
+                    if !problems.is_empty() {
+                        outcome = Outcome::Failed;
+                    }
                     world.finish(&key, outcome == Outcome::Failed).await;
                 }
                 durations().finish(&key, outcome);
+                // The invariant sweep: a panic here fails the run as a hook error.
+                assert!(
+                    problems.is_empty(),
+                    "{key}: errors in role logs:\n{}",
+                    problems.join("\n")
+                );
             })
         })
         .with_writer(

@@ -98,7 +98,14 @@ impl HarnessWorld {
 
     /// The default stack, mutably (to start roles on it).
     pub fn default_stack_mut(&mut self) -> anyhow::Result<&mut Stack> {
-        self.stacks.get_mut(DEFAULT_STACK).ok_or_else(|| anyhow!("no stack {DEFAULT_STACK:?} in this scenario"))
+        self.stacks
+            .get_mut(DEFAULT_STACK)
+            .ok_or_else(|| anyhow!("no stack {DEFAULT_STACK:?} in this scenario"))
+    }
+
+    /// Panics and ERROR lines in the roles' logs of every stack (the invariant sweep).
+    pub fn log_problems(&self) -> Vec<String> {
+        self.stacks.values().flat_map(Stack::log_problems).collect()
     }
 
     /// Called after the scenario: stop every stack; keep its data if the scenario failed.

@@ -18,13 +18,17 @@ async fn pool_metric(w: &HarnessWorld, key: &str) -> anyhow::Result<f64> {
 
 async fn wait_metric_at_least(w: &HarnessWorld, key: &str, at_least: f64) -> anyhow::Result<()> {
     let pool = w.default_stack()?.pool()?;
-    wait_until(&format!("pool metric {key} >= {at_least}"), Duration::from_secs(20), || async {
-        match pool.metrics().await {
-            Ok(m) if m.get(key) >= at_least => Ok(()),
-            Ok(m) => Err(format!("{key} = {}", m.get(key))),
-            Err(e) => Err(e.to_string()),
-        }
-    })
+    wait_until(
+        &format!("pool metric {key} >= {at_least}"),
+        Duration::from_secs(20),
+        || async {
+            match pool.metrics().await {
+                Ok(m) if m.get(key) >= at_least => Ok(()),
+                Ok(m) => Err(format!("{key} = {}", m.get(key))),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
     .await?;
     Ok(())
 }
@@ -36,16 +40,24 @@ fn disconnects(reason: &str) -> String {
 #[then(expr = "miner {string} is disconnected by the proxy")]
 async fn miner_disconnected(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     let miner = w.default_stack()?.miner(&name)?;
-    wait_until(&format!("miner {name} to exit"), Duration::from_secs(20), || {
-        let log = miner.log();
-        async move { log.finished.ok_or_else(|| "still running".to_string()) }
-    })
+    wait_until(
+        &format!("miner {name} to exit"),
+        Duration::from_secs(20),
+        || {
+            let log = miner.log();
+            async move { log.finished.ok_or_else(|| "still running".to_string()) }
+        },
+    )
     .await
     .and_then(|line| {
         if line.contains("connection closed by the proxy") {
             Ok(())
         } else {
-            Err(harness::wait::Timeout { what: "proxy to close".into(), waited: Duration::ZERO, last: line })
+            Err(harness::wait::Timeout {
+                what: "proxy to close".into(),
+                waited: Duration::ZERO,
+                last: line,
+            })
         }
     })?;
     Ok(())
@@ -54,7 +66,9 @@ async fn miner_disconnected(w: &mut HarnessWorld, name: String) -> anyhow::Resul
 #[then(expr = "proxy {string} logged {string}")]
 async fn proxy_logged(w: &mut HarnessWorld, proxy: String, needle: String) -> anyhow::Result<()> {
     let log = w.default_stack()?.proxy(&proxy)?.log();
-    LogCursor::at_start(&log).wait_for(&needle, Duration::from_secs(10)).await?;
+    LogCursor::at_start(&log)
+        .wait_for(&needle, Duration::from_secs(10))
+        .await?;
     Ok(())
 }
 
@@ -64,7 +78,10 @@ async fn garbage_frame(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let pool = w.default_stack()?.pool()?;
     let mut client = Sv2Client::connect(&pool.sv2_addr, &pool.authority.public).await?;
     client.send_garbage_frame().await?;
-    let took = client.closed_within(Duration::from_secs(5)).await.context("the pool kept the garbage connection open")?;
+    let took = client
+        .closed_within(Duration::from_secs(5))
+        .await
+        .context("the pool kept the garbage connection open")?;
     tracing::info!("pool closed the garbage connection after {took:?}");
     Ok(())
 }
@@ -85,16 +102,24 @@ async fn count_accepted(w: &mut HarnessWorld, name: String) -> anyhow::Result<()
 async fn more_accepted(w: &mut HarnessWorld, name: String, n: usize) -> anyhow::Result<()> {
     let before = w.counter_before.context("no count taken")? as usize;
     let miner = w.default_stack()?.miner(&name)?;
-    wait_until(&format!("miner {name} to get {n} more accepted shares"), Duration::from_secs(60), || {
-        let log = miner.log();
-        async move {
-            if log.accepted.len() >= before + n {
-                Ok(())
-            } else {
-                Err(format!("{} accepted (had {before}), rejections {:?}", log.accepted.len(), log.rejected_by_reason()))
+    wait_until(
+        &format!("miner {name} to get {n} more accepted shares"),
+        Duration::from_secs(60),
+        || {
+            let log = miner.log();
+            async move {
+                if log.accepted.len() >= before + n {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} accepted (had {before}), rejections {:?}",
+                        log.accepted.len(),
+                        log.rejected_by_reason()
+                    ))
+                }
             }
-        }
-    })
+        },
+    )
     .await?;
     Ok(())
 }
@@ -123,11 +148,14 @@ async fn honest_rate(w: &HarnessWorld, name: &str, window: Duration) -> anyhow::
 #[when(expr = "the accepted-share rate of miner {string} is measured for {int} seconds")]
 async fn measure_rate(w: &mut HarnessWorld, name: String, secs: u64) -> anyhow::Result<()> {
     let rate = honest_rate(w, &name, Duration::from_secs(secs)).await?;
-    w.rates.push((format!("{name} accepted rate, no flood"), rate));
+    w.rates
+        .push((format!("{name} accepted rate, no flood"), rate));
     Ok(())
 }
 
-#[when(expr = "SV2 clients flood shares for {int} seconds while the rate of miner {string} is measured")]
+#[when(
+    expr = "SV2 clients flood shares for {int} seconds while the rate of miner {string} is measured"
+)]
 async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<()> {
     let pool = w.default_stack()?.pool()?;
     let (addr, key) = (pool.sv2_addr.clone(), pool.authority.public.clone());
@@ -148,9 +176,18 @@ async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<
     });
     let rate = honest_rate(w, &name, window).await?;
     let (cut_off, sent) = flooder.await??;
-    anyhow::ensure!(cut_off >= 1, "no flooding client was cut off ({sent} shares sent)");
-    w.rates.push((format!("{name} accepted rate, during flood ({sent} flood shares, {cut_off} cut-offs)"), rate));
-    anyhow::ensure!(rate > 0.0, "miner {name} got no share accepted during the flood");
+    anyhow::ensure!(
+        cut_off >= 1,
+        "no flooding client was cut off ({sent} shares sent)"
+    );
+    w.rates.push((
+        format!("{name} accepted rate, during flood ({sent} flood shares, {cut_off} cut-offs)"),
+        rate,
+    ));
+    anyhow::ensure!(
+        rate > 0.0,
+        "miner {name} got no share accepted during the flood"
+    );
     Ok(())
 }
 
@@ -176,12 +213,20 @@ async fn half_open(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
             }
         })
         .await;
-        anyhow::ensure!(closed.is_ok(), "a half-open connection was not closed within {deadline:?} + 5 s");
+        anyhow::ensure!(
+            closed.is_ok(),
+            "a half-open connection was not closed within {deadline:?} + 5 s"
+        );
     }
     Ok(())
 }
 
 #[then(expr = "the pool refused connections beyond its per-IP limit")]
 async fn refused_per_ip(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    wait_metric_at_least(w, "hashpool_pool_connections_refused_total{reason=\"connections-per-ip\"}", 1.0).await
+    wait_metric_at_least(
+        w,
+        "hashpool_pool_connections_refused_total{reason=\"connections-per-ip\"}",
+        1.0,
+    )
+    .await
 }

@@ -21,13 +21,16 @@ const CAPPED_HASHRATE: f64 = 500_000.0;
 
 #[given("a signet stack with a pool")]
 async fn stack_with_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true).await?;
+    w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true)
+        .await?;
     let opts = w.pool_options.clone();
     w.default_stack_mut()?.start_pool(&opts).await?;
     Ok(())
 }
 
-#[given(expr = "the pool will allow {int} connections per IP, {int} shares per second per channel and {int} ms to open a channel")]
+#[given(
+    expr = "the pool will allow {int} connections per IP, {int} shares per second per channel and {int} ms to open a channel"
+)]
 async fn pool_limits(w: &mut HarnessWorld, conns: usize, rate: f64, deadline: u64) {
     w.pool_options.limits.max_connections_per_ip = conns;
     w.pool_options.limits.max_shares_per_sec = rate;
@@ -37,18 +40,37 @@ async fn pool_limits(w: &mut HarnessWorld, conns: usize, rate: f64, deadline: u6
 
 #[given(expr = "a proxy {string} with a locking key")]
 async fn proxy_with_key(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    w.default_stack_mut()?.start_proxy(&name, true, CAPPED_HASHRATE as f32).await?;
+    w.default_stack_mut()?
+        .start_proxy(&name, true, CAPPED_HASHRATE as f32)
+        .await?;
     Ok(())
 }
 
-async fn start_miner(w: &mut HarnessWorld, name: &str, proxy: &str, behaviour: &str, hashrate: Option<f64>) -> anyhow::Result<()> {
-    let opts = MinerOptions { behaviour: behaviour.into(), hashrate, ..MinerOptions::default() };
-    w.default_stack_mut()?.start_miner(name, proxy, &opts).await?;
+async fn start_miner(
+    w: &mut HarnessWorld,
+    name: &str,
+    proxy: &str,
+    behaviour: &str,
+    hashrate: Option<f64>,
+) -> anyhow::Result<()> {
+    let opts = MinerOptions {
+        behaviour: behaviour.into(),
+        hashrate,
+        ..MinerOptions::default()
+    };
+    w.default_stack_mut()?
+        .start_miner(name, proxy, &opts)
+        .await?;
     Ok(())
 }
 
 #[given(expr = "honest miners {string} and {string} behind proxy {string}")]
-async fn two_honest(w: &mut HarnessWorld, a: String, b: String, proxy: String) -> anyhow::Result<()> {
+async fn two_honest(
+    w: &mut HarnessWorld,
+    a: String,
+    b: String,
+    proxy: String,
+) -> anyhow::Result<()> {
     start_miner(w, &a, &proxy, "honest", Some(CAPPED_HASHRATE)).await?;
     start_miner(w, &b, &proxy, "honest", Some(CAPPED_HASHRATE)).await
 }
@@ -64,12 +86,22 @@ async fn uncapped(w: &mut HarnessWorld, name: String, proxy: String) -> anyhow::
 }
 
 #[given(expr = "a {word} miner {string} mining behind proxy {string}")]
-async fn given_misbehaving(w: &mut HarnessWorld, behaviour: String, name: String, proxy: String) -> anyhow::Result<()> {
+async fn given_misbehaving(
+    w: &mut HarnessWorld,
+    behaviour: String,
+    name: String,
+    proxy: String,
+) -> anyhow::Result<()> {
     misbehaving(w, behaviour, name, proxy).await
 }
 
 #[when(expr = "a {word} miner {string} mines behind proxy {string}")]
-async fn misbehaving(w: &mut HarnessWorld, behaviour: String, name: String, proxy: String) -> anyhow::Result<()> {
+async fn misbehaving(
+    w: &mut HarnessWorld,
+    behaviour: String,
+    name: String,
+    proxy: String,
+) -> anyhow::Result<()> {
     start_miner(w, &name, &proxy, &behaviour, Some(CAPPED_HASHRATE)).await
 }
 
@@ -82,7 +114,11 @@ async fn wait_accepted(w: &HarnessWorld, name: &str, at_least: usize) -> anyhow:
             if log.accepted.len() >= at_least {
                 Ok(log)
             } else {
-                Err(format!("{} accepted, rejected {:?}", log.accepted.len(), log.rejected_by_reason()))
+                Err(format!(
+                    "{} accepted, rejected {:?}",
+                    log.accepted.len(),
+                    log.rejected_by_reason()
+                ))
             }
         }
     })
@@ -126,7 +162,8 @@ pub async fn share_records(w: &HarnessWorld) -> anyhow::Result<HashMap<String, S
             .into_iter()
             .map(|(k, v)| Ok((k, redis::from_redis_value(v)?)))
             .collect::<Result<_, redis::RedisError>>()?;
-        let record = ShareRecord::from_fields(&fields).with_context(|| format!("record {}", entry.id))?;
+        let record =
+            ShareRecord::from_fields(&fields).with_context(|| format!("record {}", entry.id))?;
         if let Some(prev) = out.insert(record.share_hash.clone(), record) {
             anyhow::bail!("share {} has two ehash:shares records", prev.share_hash);
         }
@@ -134,21 +171,42 @@ pub async fn share_records(w: &HarnessWorld) -> anyhow::Result<HashMap<String, S
     Ok(out)
 }
 
-#[then(expr = "every share the miners saw accepted has exactly one ehash:shares record with proxy {string}'s key and the amount its hash is worth")]
+#[then(
+    expr = "every share the miners saw accepted has exactly one ehash:shares record with proxy {string}'s key and the amount its hash is worth"
+)]
 async fn records_match(w: &mut HarnessWorld, proxy: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
-    let key = stack.proxy(&proxy)?.locking_pubkey.ok_or_else(|| anyhow!("proxy {proxy} has no key"))?;
+    let key = stack
+        .proxy(&proxy)?
+        .locking_pubkey
+        .ok_or_else(|| anyhow!("proxy {proxy} has no key"))?;
     let min_bits = stack.pool()?.config.min_bits;
     let records = share_records(w).await?;
     let mut checked = 0;
     for miner in stack.miners() {
         for hash in miner.log().accepted {
-            let r = records.get(&hash).ok_or_else(|| anyhow!("share {hash} accepted by miner {} has no record", miner.name))?;
-            anyhow::ensure!(r.locking_pubkey == key, "record {hash} is locked to {}, not {key}", r.locking_pubkey);
-            let mut internal: [u8; 32] = hex::decode(&hash)?.try_into().map_err(|_| anyhow!("bad hash {hash}"))?;
+            let r = records.get(&hash).ok_or_else(|| {
+                anyhow!(
+                    "share {hash} accepted by miner {} has no record",
+                    miner.name
+                )
+            })?;
+            anyhow::ensure!(
+                r.locking_pubkey == key,
+                "record {hash} is locked to {}, not {key}",
+                r.locking_pubkey
+            );
+            let mut internal: [u8; 32] = hex::decode(&hash)?
+                .try_into()
+                .map_err(|_| anyhow!("bad hash {hash}"))?;
             internal.reverse();
-            let expected = share_amount(&internal, min_bits).ok_or_else(|| anyhow!("{hash} is below min_bits"))?;
-            anyhow::ensure!(r.amount == expected, "record {hash} has amount {}, its hash is worth {expected}", r.amount);
+            let expected = share_amount(&internal, min_bits)
+                .ok_or_else(|| anyhow!("{hash} is below min_bits"))?;
+            anyhow::ensure!(
+                r.amount == expected,
+                "record {hash} has amount {}, its hash is worth {expected}",
+                r.amount
+            );
             checked += 1;
         }
     }
@@ -159,13 +217,26 @@ async fn records_match(w: &mut HarnessWorld, proxy: String) -> anyhow::Result<()
 #[then("the pool counted as many accepted shares as there are ehash:shares records")]
 async fn pool_count_matches(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let records = share_records(w).await?.len() as f64;
-    let accepted = w.default_stack()?.pool()?.metrics().await?.get("hashpool_pool_shares_accepted_total");
-    anyhow::ensure!(accepted == records, "pool accepted {accepted} shares but Redis holds {records} records");
+    let accepted = w
+        .default_stack()?
+        .pool()?
+        .metrics()
+        .await?
+        .get("hashpool_pool_shares_accepted_total");
+    anyhow::ensure!(
+        accepted == records,
+        "pool accepted {accepted} shares but Redis holds {records} records"
+    );
     Ok(())
 }
 
 #[then(expr = "miner {string} has {int} shares rejected with {string}")]
-async fn rejected_with(w: &mut HarnessWorld, name: String, n: usize, reason: String) -> anyhow::Result<()> {
+async fn rejected_with(
+    w: &mut HarnessWorld,
+    name: String,
+    n: usize,
+    reason: String,
+) -> anyhow::Result<()> {
     let miner = w.default_stack()?.miner(&name)?;
     let what = format!("miner {name} to have {n} shares rejected with {reason}");
     wait_until(&what, MINING_TIMEOUT, || {
@@ -175,7 +246,10 @@ async fn rejected_with(w: &mut HarnessWorld, name: String, n: usize, reason: Str
             let by = log.rejected_by_reason();
             match by.get(&reason) {
                 Some(k) if *k >= n => Ok(()),
-                _ => Err(format!("rejections {by:?}, accepted {}", log.accepted.len())),
+                _ => Err(format!(
+                    "rejections {by:?}, accepted {}",
+                    log.accepted.len()
+                )),
             }
         }
     })
@@ -191,10 +265,16 @@ async fn rejected_not_recorded(w: &mut HarnessWorld, name: String) -> anyhow::Re
     for (hash, reason) in &log.rejected {
         // A duplicate's first submission was accepted and rightly has a record.
         if reason == "duplicate-share" {
-            anyhow::ensure!(log.accepted.contains(hash), "duplicate {hash} was never accepted first");
+            anyhow::ensure!(
+                log.accepted.contains(hash),
+                "duplicate {hash} was never accepted first"
+            );
             continue;
         }
-        anyhow::ensure!(!records.contains_key(hash), "rejected share {hash} ({reason}) has a record");
+        anyhow::ensure!(
+            !records.contains_key(hash),
+            "rejected share {hash} ({reason}) has a record"
+        );
     }
     Ok(())
 }
@@ -212,16 +292,28 @@ async fn pool_finds_block(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let pool = stack.pool()?;
     let start = stack.bitcoind()?.height().await?;
-    wait_until("the pool to submit a block bitcoind accepts", MINING_TIMEOUT, || async {
-        match pool.metrics().await {
-            Ok(m) if m.get("hashpool_pool_blocks_found_total") >= 1.0 => Ok(()),
-            Ok(m) => Err(format!("blocks found {}, rejected {}", m.get("hashpool_pool_blocks_found_total"), m.sum("hashpool_pool_blocks_rejected_total"))),
-            Err(e) => Err(e.to_string()),
-        }
-    })
+    wait_until(
+        "the pool to submit a block bitcoind accepts",
+        MINING_TIMEOUT,
+        || async {
+            match pool.metrics().await {
+                Ok(m) if m.get("hashpool_pool_blocks_found_total") >= 1.0 => Ok(()),
+                Ok(m) => Err(format!(
+                    "blocks found {}, rejected {}",
+                    m.get("hashpool_pool_blocks_found_total"),
+                    m.sum("hashpool_pool_blocks_rejected_total")
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
     .await?;
     let info = stack.bitcoind()?.chain_info().await?;
-    anyhow::ensure!(info.blocks > start, "height {} did not rise above {start}", info.blocks);
+    anyhow::ensure!(
+        info.blocks > start,
+        "height {} did not rise above {start}",
+        info.blocks
+    );
     w.tip_before = Some((info.blocks, info.bestblockhash));
     Ok(())
 }
@@ -232,13 +324,19 @@ async fn coinbase_pays_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let payout = stack.pool()?.payout_address.to_string();
     let block = stack.bitcoind()?.block_json(&hash).await?;
-    let outs = block["tx"][0]["vout"].as_array().cloned().unwrap_or_default();
+    let outs = block["tx"][0]["vout"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let paid: f64 = outs
         .iter()
         .filter(|o| o["scriptPubKey"]["address"].as_str() == Some(&payout))
         .map(|o| o["value"].as_f64().unwrap_or(0.0))
         .sum();
-    anyhow::ensure!(paid > 0.0, "coinbase of {hash} pays nothing to {payout}: {outs:?}");
+    anyhow::ensure!(
+        paid > 0.0,
+        "coinbase of {hash} pays nothing to {payout}: {outs:?}"
+    );
     Ok(())
 }
 
@@ -251,7 +349,13 @@ async fn miners_on_new_tip(w: &mut HarnessWorld) -> anyhow::Result<()> {
         wait_until(&what, Duration::from_secs(10), || {
             let tips = miner.log().tips;
             let found = tips.contains(&hash);
-            async move { if found { Ok(()) } else { Err(format!("tips seen: {tips:?}")) } }
+            async move {
+                if found {
+                    Ok(())
+                } else {
+                    Err(format!("tips seen: {tips:?}"))
+                }
+            }
         })
         .await?;
     }
