@@ -52,9 +52,12 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks (stack start time; tables on stdout).
+# Benchmarks, printed as tables: share validation, stack start, end-to-end mining (release roles).
 bench:
+    cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
+    cargo build --release -p pool -p proxy -p miner
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench mining_e2e
 
 # cargo fmt --check and clippy with warnings denied.
 lint:

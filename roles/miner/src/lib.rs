@@ -91,10 +91,24 @@ pub struct MinerReport {
     pub elapsed: Duration,
     /// Why the session ended.
     pub ended: String,
+    /// Time from writing each submit to reading its answer, microseconds.
+    pub ack_latencies_us: Vec<u32>,
 }
 
 impl MinerReport {
-    /// One line, as printed in `stats` and at exit.
+    /// Counts and hashrate (the per-second `stats` line).
+    pub fn counts(&self) -> String {
+        let rejected: u64 = self.rejected.values().sum();
+        let rate = self.hashes as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        format!(
+            "accepted={} rejected={rejected} hashes={} hashrate={rate:.0}H/s elapsed={:.1}s",
+            self.accepted,
+            self.hashes,
+            self.elapsed.as_secs_f64()
+        )
+    }
+
+    /// Everything, with reasons and ack latency percentiles (printed at exit).
     pub fn line(&self) -> String {
         let rejected: u64 = self.rejected.values().sum();
         let reasons: Vec<String> = self
@@ -103,13 +117,18 @@ impl MinerReport {
             .map(|(r, n)| format!("{r}:{n}"))
             .collect();
         let rate = self.hashes as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let mut sorted = self.ack_latencies_us.clone();
+        sorted.sort_unstable();
+        let pct = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0);
         format!(
-            "accepted={} rejected={rejected} reasons=[{}] hashes={} hashrate={:.0}H/s elapsed={:.1}s",
+            "accepted={} rejected={rejected} reasons=[{}] hashes={} hashrate={:.0}H/s elapsed={:.1}s ack_p50_us={} ack_p99_us={}",
             self.accepted,
             reasons.join(","),
             self.hashes,
             rate,
-            self.elapsed.as_secs_f64()
+            self.elapsed.as_secs_f64(),
+            pct(0.5),
+            pct(0.99)
         )
     }
 }
@@ -118,6 +137,7 @@ impl MinerReport {
 struct Pending {
     hash: String,
     job_id: String,
+    sent: Instant,
 }
 
 struct Session {
@@ -190,7 +210,7 @@ pub async fn run(
             _ = stats.tick() => {
                 s.report.hashes = shared.hashes.load(Ordering::Relaxed);
                 s.report.elapsed = s.started.elapsed();
-                println!("stats {}", s.report.line());
+                println!("stats {}", s.report.counts());
             }
             read = read_line(&mut lines, &mut buf) => match read {
                 Ok(0) => break "connection closed by the proxy".to_string(),
@@ -287,6 +307,8 @@ impl Session {
             Inbound::Response { id: 4, .. } => {}
             Inbound::Response { id, result, error } => {
                 if let Some(p) = self.pending.remove(&id) {
+                    let micros = p.sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                    self.report.ack_latencies_us.push(micros);
                     if result.as_bool() == Some(true) {
                         self.report.accepted += 1;
                         if self.config.log_shares {
@@ -400,6 +422,7 @@ impl Session {
             Pending {
                 hash: hex::encode(display),
                 job_id: f.job_id.clone(),
+                sent: Instant::now(),
             },
         );
         // No rolling: the bits under the mask stay as the job has them.

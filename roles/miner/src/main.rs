@@ -30,7 +30,7 @@ struct Args {
     quiet: bool,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let config = MinerConfig {

@@ -34,6 +34,8 @@ pub struct PoolMetrics {
     pub template_age: Gauge,
     /// Time from handing a record to the writer to Redis confirming it.
     pub redis_append_seconds: Histogram,
+    /// Time from reading a share to queueing its answer (validation + records).
+    pub share_ack_seconds: Histogram,
     /// Connections closed by the pool, by reason (limits and protocol errors).
     pub disconnects: IntCounterVec,
     /// Connections refused at accept time, by reason.
@@ -100,6 +102,10 @@ impl PoolMetrics {
                     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
                 ]),
             )?,
+            share_ack_seconds: Histogram::with_opts(
+                HistogramOpts::new("hashpool_pool_share_ack_seconds", "Share read to answer queued")
+                    .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0]),
+            )?,
             disconnects: IntCounterVec::new(
                 Opts::new(
                     "hashpool_pool_disconnects_total",
@@ -123,20 +129,24 @@ impl PoolMetrics {
             redis_ok: AtomicBool::new(true),
             registry,
         };
-        m.registry.register(Box::new(m.shares_accepted.clone()))?;
-        m.registry.register(Box::new(m.shares_rejected.clone()))?;
-        m.registry.register(Box::new(m.channel_hashrate.clone()))?;
-        m.registry
-            .register(Box::new(m.channel_acceptance.clone()))?;
-        m.registry.register(Box::new(m.blocks_found.clone()))?;
-        m.registry.register(Box::new(m.blocks_rejected.clone()))?;
-        m.registry.register(Box::new(m.template_age.clone()))?;
-        m.registry
-            .register(Box::new(m.redis_append_seconds.clone()))?;
-        m.registry.register(Box::new(m.disconnects.clone()))?;
-        m.registry.register(Box::new(m.refused.clone()))?;
-        m.registry.register(Box::new(m.connections.clone()))?;
-        m.registry.register(Box::new(m.channels.clone()))?;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.shares_accepted.clone()),
+            Box::new(m.shares_rejected.clone()),
+            Box::new(m.channel_hashrate.clone()),
+            Box::new(m.channel_acceptance.clone()),
+            Box::new(m.blocks_found.clone()),
+            Box::new(m.blocks_rejected.clone()),
+            Box::new(m.template_age.clone()),
+            Box::new(m.redis_append_seconds.clone()),
+            Box::new(m.share_ack_seconds.clone()),
+            Box::new(m.disconnects.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.channels.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c)?;
+        }
         Ok(m)
     }
 

@@ -27,6 +27,8 @@ pub struct ShareOutcome {
     sequence_number: u32,
     /// Work sum on success, SV2 error code otherwise.
     result: Result<u64, String>,
+    /// When the share was read.
+    received: std::time::Instant,
 }
 
 fn reject_code(e: &ShareValidationError) -> &'static str {
@@ -68,6 +70,7 @@ impl Connection {
     }
 
     pub(crate) fn on_submit(&mut self, s: SubmitSharesExtendedOwned) -> Result<(), Close> {
+        let received = std::time::Instant::now();
         let ctx = self.ctx.clone();
         let Some(ch) = self.channels.get_mut(&s.channel_id) else {
             return self.reject(s.channel_id, s.sequence_number, "invalid-channel-id");
@@ -175,16 +178,13 @@ impl Connection {
                 );
                 ERROR_RECORD_UNAVAILABLE.to_string()
             });
-            ShareOutcome {
-                channel_id,
-                sequence_number,
-                result,
-            }
+            ShareOutcome { channel_id, sequence_number, result, received }
         }));
         Ok(())
     }
 
     pub(crate) fn on_share_outcome(&mut self, o: ShareOutcome) -> Result<(), Close> {
+        self.ctx.metrics.share_ack_seconds.observe(o.received.elapsed().as_secs_f64());
         match o.result {
             Ok(work) => {
                 if let Some(ch) = self.channels.get_mut(&o.channel_id) {

@@ -1,0 +1,117 @@
+//! End to end over loopback on the private signet: miners -> proxy -> pool -> Redis record ->
+//! ack. Prints accepted shares/s at saturation, ack latency percentiles at about 1,000
+//! shares/s, and peak RSS of pool and proxy. Uses the role binaries in $HASHPOOL_BIN_DIR
+//! (`just bench` builds them with --release and points it there).
+
+use std::time::{Duration, Instant};
+
+use harness::roles::{MinerOptions, PoolOptions};
+use harness::{Chain, HarnessConfig, Stack};
+
+/// Measurement window after warm-up.
+const WINDOW: Duration = Duration::from_secs(10);
+const WARMUP: Duration = Duration::from_secs(3);
+
+fn peak_rss_mb(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.trim_end_matches("H/s").parse().ok())
+}
+
+async fn stack(config: &HarnessConfig, name: &str, min_bits: u32) -> anyhow::Result<Stack> {
+    let mut stack = Stack::builder(name, config).chain(Chain::Signet).redis().start().await?;
+    let mut opts = PoolOptions { min_bits, shares_per_minute: 1.0e9, vardiff_interval_secs: 3600, ..Default::default() };
+    opts.limits.max_shares_per_sec = 1.0e7;
+    opts.limits.share_burst = 1.0e7;
+    stack.start_pool(&opts).await?;
+    // A tiny announced hashrate keeps the channel at the easiest target min_bits allows.
+    stack.start_proxy("bench", true, 1.0).await?;
+    Ok(stack)
+}
+
+/// Accepted shares per second when two miners offer `offered` shares/s in total. With
+/// min_bits 2 a share takes 4 hashes, so the miners' hashing costs little CPU and the
+/// measurement is of the proxy -> pool -> Redis -> ack path.
+async fn throughput(config: &HarnessConfig, offered: f64) -> anyhow::Result<(f64, f64, f64)> {
+    const MIN_BITS: u32 = 2;
+    const MINERS: usize = 2;
+    let mut s = stack(config, &format!("bench-throughput-{offered}"), MIN_BITS).await?;
+    for i in 0..MINERS {
+        let hashrate = offered / MINERS as f64 * 2f64.powi(MIN_BITS as i32);
+        let opts = MinerOptions { hashrate: Some(hashrate), log_shares: false, ..Default::default() };
+        s.start_miner(&format!("m{i}"), "bench", &opts).await?;
+    }
+    // Fixed windows are what a rate measurement is; nothing waits on them for correctness.
+    tokio::time::sleep(WARMUP).await;
+    let pool = s.pool()?;
+    let before = pool.metrics().await?.get("hashpool_pool_shares_accepted_total");
+    let t = Instant::now();
+    tokio::time::sleep(WINDOW).await;
+    let after = pool.metrics().await?.get("hashpool_pool_shares_accepted_total");
+    let rate = (after - before) / t.elapsed().as_secs_f64();
+    let rss = (peak_rss_mb(pool.process().pid()), peak_rss_mb(s.proxy("bench")?.process().pid()));
+    s.shutdown(false).await?;
+    Ok((rate, rss.0, rss.1))
+}
+
+/// Ack latency (p50, p99 in ms) and the achieved share rate with one miner sized for ~1,000 shares/s.
+async fn latency(config: &HarnessConfig) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let min_bits = 8;
+    let mut s = stack(config, "bench-latency", min_bits).await?;
+    let hashrate = 1000.0 * 2f64.powi(min_bits as i32);
+    let opts = MinerOptions { hashrate: Some(hashrate), log_shares: false, ..Default::default() };
+    s.start_miner("m", "bench", &opts).await?;
+    tokio::time::sleep(WARMUP + WINDOW).await;
+    let miner = s.miner("m")?;
+    miner.process().stop().await?;
+    let pool_p99 = histogram_quantile(&s.pool()?.metrics().await?, "hashpool_pool_share_ack_seconds", 0.99);
+    let log = std::fs::read_to_string(miner.log_path())?;
+    let last = log.lines().rev().find(|l| l.starts_with("miner finished")).unwrap_or_default().to_string();
+    let accepted = field(&last, "accepted").unwrap_or(0.0);
+    let secs = (WARMUP + WINDOW).as_secs_f64();
+    let p50 = field(&last, "ack_p50_us").unwrap_or(0.0) / 1000.0;
+    let p99 = field(&last, "ack_p99_us").unwrap_or(0.0) / 1000.0;
+    s.shutdown(false).await?;
+    Ok((accepted / secs, p50, p99, pool_p99 * 1000.0))
+}
+
+/// Upper bound of the first histogram bucket holding quantile `q` of the observations.
+fn histogram_quantile(m: &harness::http::Metrics, name: &str, q: f64) -> f64 {
+    let total = m.get(&format!("{name}_count"));
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = m
+        .0
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.trim_end_matches("\"}").parse::<f64>().ok()?, *v)))
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets.into_iter().find(|(_, n)| *n >= total * q).map(|(le, _)| le).unwrap_or(f64::INFINITY)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = HarnessConfig::load(None)?;
+    println!("| measurement | value |");
+    println!("|---|---|");
+    for offered in [5_000.0, 10_000.0, 20_000.0, 40_000.0] {
+        let (rate, pool_rss, proxy_rss) = throughput(&config, offered).await?;
+        println!("| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) | {rate:.0} |");
+        println!(
+            "| peak RSS pool / proxy at that load | {pool_rss:.1} MB / {proxy_rss:.1} MB (sum {:.1} MB) |",
+            pool_rss + proxy_rss
+        );
+    }
+    let (rate, p50, p99, pool_p99) = latency(&config).await?;
+    println!("| ack latency at {rate:.0} shares/s, miner to miner (one miner, min_bits 8): p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
+    println!("| of which inside the pool (share read to answer queued, incl. Redis): p99 at most | {pool_p99:.3} ms |");
+    Ok(())
+}
