@@ -24,12 +24,27 @@ fn peak_rss_mb(pid: Option<u32>) -> f64 {
 }
 
 fn field(line: &str, key: &str) -> Option<f64> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.trim_end_matches("H/s").parse().ok())
+    line.split_whitespace().find_map(|w| {
+        w.strip_prefix(key)?
+            .strip_prefix('=')?
+            .trim_end_matches("H/s")
+            .parse()
+            .ok()
+    })
 }
 
 async fn stack(config: &HarnessConfig, name: &str, min_bits: u32) -> anyhow::Result<Stack> {
-    let mut stack = Stack::builder(name, config).chain(Chain::Signet).redis().start().await?;
-    let mut opts = PoolOptions { min_bits, shares_per_minute: 1.0e9, vardiff_interval_secs: 3600, ..Default::default() };
+    let mut stack = Stack::builder(name, config)
+        .chain(Chain::Signet)
+        .redis()
+        .start()
+        .await?;
+    let mut opts = PoolOptions {
+        min_bits,
+        shares_per_minute: 1.0e9,
+        vardiff_interval_secs: 3600,
+        ..Default::default()
+    };
     opts.limits.max_shares_per_sec = 1.0e7;
     opts.limits.share_burst = 1.0e7;
     stack.start_pool(&opts).await?;
@@ -47,18 +62,31 @@ async fn throughput(config: &HarnessConfig, offered: f64) -> anyhow::Result<(f64
     let mut s = stack(config, &format!("bench-throughput-{offered}"), MIN_BITS).await?;
     for i in 0..MINERS {
         let hashrate = offered / MINERS as f64 * 2f64.powi(MIN_BITS as i32);
-        let opts = MinerOptions { hashrate: Some(hashrate), log_shares: false, ..Default::default() };
+        let opts = MinerOptions {
+            hashrate: Some(hashrate),
+            log_shares: false,
+            ..Default::default()
+        };
         s.start_miner(&format!("m{i}"), "bench", &opts).await?;
     }
     // Fixed windows are what a rate measurement is; nothing waits on them for correctness.
     tokio::time::sleep(WARMUP).await;
     let pool = s.pool()?;
-    let before = pool.metrics().await?.get("hashpool_pool_shares_accepted_total");
+    let before = pool
+        .metrics()
+        .await?
+        .get("hashpool_pool_shares_accepted_total");
     let t = Instant::now();
     tokio::time::sleep(WINDOW).await;
-    let after = pool.metrics().await?.get("hashpool_pool_shares_accepted_total");
+    let after = pool
+        .metrics()
+        .await?
+        .get("hashpool_pool_shares_accepted_total");
     let rate = (after - before) / t.elapsed().as_secs_f64();
-    let rss = (peak_rss_mb(pool.process().pid()), peak_rss_mb(s.proxy("bench")?.process().pid()));
+    let rss = (
+        peak_rss_mb(pool.process().pid()),
+        peak_rss_mb(s.proxy("bench")?.process().pid()),
+    );
     s.shutdown(false).await?;
     Ok((rate, rss.0, rss.1))
 }
@@ -68,14 +96,27 @@ async fn latency(config: &HarnessConfig) -> anyhow::Result<(f64, f64, f64, f64)>
     let min_bits = 8;
     let mut s = stack(config, "bench-latency", min_bits).await?;
     let hashrate = 1000.0 * 2f64.powi(min_bits as i32);
-    let opts = MinerOptions { hashrate: Some(hashrate), log_shares: false, ..Default::default() };
+    let opts = MinerOptions {
+        hashrate: Some(hashrate),
+        log_shares: false,
+        ..Default::default()
+    };
     s.start_miner("m", "bench", &opts).await?;
     tokio::time::sleep(WARMUP + WINDOW).await;
     let miner = s.miner("m")?;
     miner.process().stop().await?;
-    let pool_p99 = histogram_quantile(&s.pool()?.metrics().await?, "hashpool_pool_share_ack_seconds", 0.99);
+    let pool_p99 = histogram_quantile(
+        &s.pool()?.metrics().await?,
+        "hashpool_pool_share_ack_seconds",
+        0.99,
+    );
     let log = std::fs::read_to_string(miner.log_path())?;
-    let last = log.lines().rev().find(|l| l.starts_with("miner finished")).unwrap_or_default().to_string();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("miner finished"))
+        .unwrap_or_default()
+        .to_string();
     let accepted = field(&last, "accepted").unwrap_or(0.0);
     let secs = (WARMUP + WINDOW).as_secs_f64();
     let p50 = field(&last, "ack_p50_us").unwrap_or(0.0) / 1000.0;
@@ -88,13 +129,24 @@ async fn latency(config: &HarnessConfig) -> anyhow::Result<(f64, f64, f64, f64)>
 fn histogram_quantile(m: &harness::http::Metrics, name: &str, q: f64) -> f64 {
     let total = m.get(&format!("{name}_count"));
     let prefix = format!("{name}_bucket{{le=\"");
-    let mut buckets: Vec<(f64, f64)> = m
-        .0
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.trim_end_matches("\"}").parse::<f64>().ok()?, *v)))
-        .collect();
+    let mut buckets: Vec<(f64, f64)> =
+        m.0.iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix(&prefix)?
+                        .trim_end_matches("\"}")
+                        .parse::<f64>()
+                        .ok()?,
+                    *v,
+                ))
+            })
+            .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    buckets.into_iter().find(|(_, n)| *n >= total * q).map(|(le, _)| le).unwrap_or(f64::INFINITY)
+    buckets
+        .into_iter()
+        .find(|(_, n)| *n >= total * q)
+        .map(|(le, _)| le)
+        .unwrap_or(f64::INFINITY)
 }
 
 #[tokio::main]

@@ -158,6 +158,19 @@ impl Sv2Client {
             .map_err(|e| anyhow!("write: {e:?}"))
     }
 
+    /// A well-formed, encrypted frame whose payload is `len` bytes (a SetupConnection that is
+    /// far too big).
+    pub async fn send_oversize_frame(&mut self, len: usize) -> anyhow::Result<()> {
+        let l = u32::try_from(len)?.to_le_bytes();
+        let mut bytes = vec![0x00, 0x00, 0x00, l[0], l[1], l[2]];
+        bytes.resize(6 + len, 0x41);
+        let frame = SerializedFrame::from_bytes(bytes).map_err(|e| anyhow!("frame: {e:?}"))?;
+        self.writer
+            .write_frame(OutboundFrame::Raw(frame))
+            .await
+            .map_err(|e| anyhow!("write: {e:?}"))
+    }
+
     /// Submit shares as fast as possible until the pool closes the connection or `max` were
     /// sent; returns how many went out.
     pub async fn flood(&mut self, ch: &OpenChannel, max: u32) -> u32 {

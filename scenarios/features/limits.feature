@@ -20,3 +20,10 @@ Feature: One misbehaving client cannot hurt the others
     Then the pool counted a "handshake-deadline" disconnect
     And the pool refused connections beyond its per-IP limit
     And miner "honest" gets 5 more shares accepted
+
+  Scenario: a message above the size limit closes only that connection
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    And a client sends a 100000-byte SV2 message to the pool
+    Then the pool counted a "oversize-message" disconnect
+    And miner "honest" gets 5 more shares accepted

@@ -63,3 +63,14 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     When the miners stop
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "m" saw rejected
+
+  Scenario: the pool crashes and comes back: the proxy reconnects upstream and the miner keeps mining
+    Given an honest miner "m" behind proxy "alice"
+    When miner "m" has 3 accepted shares
+    And the accepted shares of miner "m" are counted
+    And the pool is killed with SIGKILL
+    Then the supervisor restarts the pool
+    And proxy "alice" logged "upstream connection lost"
+    And miner "m" gets 5 more shares accepted
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth

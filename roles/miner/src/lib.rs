@@ -119,7 +119,12 @@ impl MinerReport {
         let rate = self.hashes as f64 / self.elapsed.as_secs_f64().max(1e-9);
         let mut sorted = self.ack_latencies_us.clone();
         sorted.sort_unstable();
-        let pct = |p: f64| sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0);
+        let pct = |p: f64| {
+            sorted
+                .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         format!(
             "accepted={} rejected={rejected} reasons=[{}] hashes={} hashrate={:.0}H/s elapsed={:.1}s ack_p50_us={} ack_p99_us={}",
             self.accepted,

@@ -19,9 +19,13 @@ const SHARES: u32 = 200_000;
 fn template(transactions: usize) -> BlockTemplate {
     BlockTemplate {
         version: 0x2000_0000,
-        previousblockhash: "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f".into(),
+        previousblockhash: "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f"
+            .into(),
         transactions: (0..transactions)
-            .map(|i| GbtTransaction { data: String::new(), txid: format!("{:064x}", i + 1) })
+            .map(|i| GbtTransaction {
+                data: String::new(),
+                txid: format!("{:064x}", i + 1),
+            })
             .collect(),
         coinbasevalue: 50_0000_0000,
         curtime: 1_795_000_000,
@@ -53,11 +57,22 @@ fn run(transactions: usize) -> (usize, f64) {
     )
     .expect("channel");
     let payout = ScriptBuf::new_op_return([1u8; 20]);
-    let outputs = vec![TxOut { value: Amount::from_sat(50_0000_0000), script_pubkey: payout }];
-    channel.on_new_template(converted.template.clone(), outputs).expect("template");
-    let job_id = channel.get_future_job_id_from_template_id(1).expect("future job");
-    channel.on_set_new_prev_hash(converted.prev_hash.clone()).expect("tip");
-    let key: LockingPubkey = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798".parse().expect("key");
+    let outputs = vec![TxOut {
+        value: Amount::from_sat(50_0000_0000),
+        script_pubkey: payout,
+    }];
+    channel
+        .on_new_template(converted.template.clone(), outputs)
+        .expect("template");
+    let job_id = channel
+        .get_future_job_id_from_template_id(1)
+        .expect("future job");
+    channel
+        .on_set_new_prev_hash(converted.prev_hash.clone())
+        .expect("tip");
+    let key: LockingPubkey = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
+        .parse()
+        .expect("key");
     let extranonce = B032Owned::try_from(vec![0u8; usize::from(rollable)]).expect("extranonce");
     let start = Instant::now();
     let mut fields = 0usize;
@@ -72,15 +87,26 @@ fn run(transactions: usize) -> (usize, f64) {
             extranonce: extranonce.clone(),
         };
         let hash = match channel.validate_share(share) {
-            Ok(ShareValidationResult::Valid(h)) | Ok(ShareValidationResult::BlockFound(h, _, _)) => h,
+            Ok(ShareValidationResult::Valid(h))
+            | Ok(ShareValidationResult::BlockFound(h, _, _)) => h,
             Err(e) => panic!("share {nonce} refused: {e:?}"),
         };
         let amount = share_amount(&hash.to_byte_array(), 0).unwrap_or(0);
-        let record = ShareRecord { share_hash: hash.to_string(), template_id: 1, channel_id: 1, locking_pubkey: key, amount, ntime: 0 };
+        let record = ShareRecord {
+            share_hash: hash.to_string(),
+            template_id: 1,
+            channel_id: 1,
+            locking_pubkey: key,
+            amount,
+            ntime: 0,
+        };
         fields += record.to_fields().len();
     }
     assert!(fields > 0);
-    (converted.merkle_path.len(), f64::from(SHARES) / start.elapsed().as_secs_f64())
+    (
+        converted.merkle_path.len(),
+        f64::from(SHARES) / start.elapsed().as_secs_f64(),
+    )
 }
 
 fn main() {

@@ -103,8 +103,13 @@ impl PoolMetrics {
                 ]),
             )?,
             share_ack_seconds: Histogram::with_opts(
-                HistogramOpts::new("hashpool_pool_share_ack_seconds", "Share read to answer queued")
-                    .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0]),
+                HistogramOpts::new(
+                    "hashpool_pool_share_ack_seconds",
+                    "Share read to answer queued",
+                )
+                .buckets(vec![
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
+                ]),
             )?,
             disconnects: IntCounterVec::new(
                 Opts::new(

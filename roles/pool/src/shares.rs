@@ -178,13 +178,21 @@ impl Connection {
                 );
                 ERROR_RECORD_UNAVAILABLE.to_string()
             });
-            ShareOutcome { channel_id, sequence_number, result, received }
+            ShareOutcome {
+                channel_id,
+                sequence_number,
+                result,
+                received,
+            }
         }));
         Ok(())
     }
 
     pub(crate) fn on_share_outcome(&mut self, o: ShareOutcome) -> Result<(), Close> {
-        self.ctx.metrics.share_ack_seconds.observe(o.received.elapsed().as_secs_f64());
+        self.ctx
+            .metrics
+            .share_ack_seconds
+            .observe(o.received.elapsed().as_secs_f64());
         match o.result {
             Ok(work) => {
                 if let Some(ch) = self.channels.get_mut(&o.channel_id) {

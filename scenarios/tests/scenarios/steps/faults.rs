@@ -86,6 +86,36 @@ async fn garbage_frame(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[when(expr = "a client sends a {int}-byte SV2 message to the pool")]
+async fn oversize(w: &mut HarnessWorld, len: usize) -> anyhow::Result<()> {
+    w.counter_before = Some(pool_metric(w, &disconnects("oversize-message")).await?);
+    let pool = w.default_stack()?.pool()?;
+    let mut client = Sv2Client::connect(&pool.sv2_addr, &pool.authority.public).await?;
+    client.send_oversize_frame(len).await?;
+    client
+        .closed_within(Duration::from_secs(5))
+        .await
+        .context("the pool kept the connection with the oversize message")?;
+    Ok(())
+}
+
+#[when("the pool is killed with SIGKILL")]
+async fn kill_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.killed_generation = Some(w.default_stack()?.pool()?.process().kill9().await?);
+    Ok(())
+}
+
+#[then("the supervisor restarts the pool")]
+async fn pool_restarted(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let generation = w.killed_generation.context("the pool was not killed")?;
+    w.default_stack()?
+        .pool()?
+        .process()
+        .wait_ready_after(generation, Duration::from_secs(30))
+        .await?;
+    Ok(())
+}
+
 #[then(expr = "the pool counted a {string} disconnect")]
 async fn counted_disconnect(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()> {
     let before = w.counter_before.unwrap_or(0.0);
