@@ -26,6 +26,7 @@
 
 pub mod miner_side;
 pub mod pool_side;
+pub mod role_main;
 mod secret;
 
 use std::collections::BTreeSet;

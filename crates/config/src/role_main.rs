@@ -1,0 +1,65 @@
+//! What every role's `main` does: log set-up, layered config, SIGTERM/SIGINT, exit codes.
+//! A role binary is then only argument parsing plus `role_main::run`.
+
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Exit code for a config that cannot be loaded.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+/// Resolves on SIGTERM or SIGINT (the harness stops roles with SIGTERM).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        // Without signal handlers the process still stops on the default action.
+        _ => std::future::pending().await,
+    }
+}
+
+/// Log to stdout (`RUST_LOG`, default `info`), load `T` from defaults, `file` and
+/// `<env_prefix>__*`, then run `role(config, shutdown)`. Config errors exit with 2, role
+/// errors with 1.
+pub async fn run<T, F, Fut>(env_prefix: &str, file: Option<&Path>, role: F) -> ExitCode
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: FnOnce(T, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .init();
+    let config: T = match crate::Layers::new(env_prefix)
+        .file(file)
+        .and_then(|l| l.load())
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    match role(config, Box::pin(shutdown_signal())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
