@@ -70,14 +70,14 @@ async fn throughput(config: &HarnessConfig, offered: f64) -> anyhow::Result<(f64
         s.start_miner(&format!("m{i}"), "bench", &opts).await?;
     }
     // Fixed windows are what a rate measurement is; nothing waits on them for correctness.
-    tokio::time::sleep(WARMUP).await;
+    tokio::time::sleep(WARMUP).await; // measurement window
     let pool = s.pool()?;
     let before = pool
         .metrics()
         .await?
         .get("hashpool_pool_shares_accepted_total");
     let t = Instant::now();
-    tokio::time::sleep(WINDOW).await;
+    tokio::time::sleep(WINDOW).await; // measurement window
     let after = pool
         .metrics()
         .await?
@@ -102,7 +102,7 @@ async fn latency(config: &HarnessConfig) -> anyhow::Result<(f64, f64, f64, f64)>
         ..Default::default()
     };
     s.start_miner("m", "bench", &opts).await?;
-    tokio::time::sleep(WARMUP + WINDOW).await;
+    tokio::time::sleep(WARMUP + WINDOW).await; // measurement window
     let miner = s.miner("m")?;
     miner.process().stop().await?;
     let pool_p99 = histogram_quantile(

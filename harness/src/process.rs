@@ -291,7 +291,7 @@ pub fn install_interrupt_handler(grace: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + grace;
         while !live_children().is_empty() && std::time::Instant::now() < deadline {
             // Poll interval while children exit after SIGTERM.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
         }
         kill_all(Signal::SIGKILL);
         std::process::exit(code);

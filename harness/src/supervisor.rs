@@ -385,7 +385,7 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
         let backoff =
             (MIN_RESTART_BACKOFF * 2u32.saturating_pow(restarts)).min(MAX_RESTART_BACKOFF);
         // Restart backoff: a crash loop must not spin.
-        tokio::time::sleep(scaled(backoff)).await;
+        tokio::time::sleep(scaled(backoff)).await; // restart backoff
         if this.stopping.load(Ordering::SeqCst) {
             return;
         }

@@ -59,7 +59,7 @@ where
             });
         }
         // A poll interval inside a bounded wait, not a synchronisation sleep.
-        tokio::time::sleep(interval.min(timeout - waited)).await;
+        tokio::time::sleep(interval.min(timeout - waited)).await; // poll interval
         interval = (interval * 2).min(MAX_POLL_INTERVAL);
     }
 }

@@ -103,6 +103,7 @@ pub async fn ensure_chain_cache(
         std::fs::remove_dir_all(&final_dir)?; // stale manifest (older format or version)
     }
     std::fs::rename(&tmp, &final_dir)?;
+    eprintln!("[harness] {chain} chain cached in {}", final_dir.display());
     read_manifest(&final_dir, chain, blocks, &version).ok_or_else(|| {
         anyhow!(
             "cached chain {} unreadable right after writing it",

@@ -171,7 +171,7 @@ async fn honest_rate(w: &HarnessWorld, name: &str, window: Duration) -> anyhow::
     let before = miner.log().accepted.len();
     let start = Instant::now();
     // Measuring a rate needs a fixed window; nothing is synchronised on it.
-    tokio::time::sleep(window).await;
+    tokio::time::sleep(window).await; // a rate is counted over a fixed window
     Ok((miner.log().accepted.len() - before) as f64 / start.elapsed().as_secs_f64())
 }
 
