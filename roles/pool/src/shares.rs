@@ -252,7 +252,13 @@ fn submit_block(
                         .blocks_rejected
                         .with_label_values(&[reason.as_str()])
                         .inc();
-                    tracing::error!(%hash, height = record.height, "bitcoind refused the found block: {reason}");
+                    if reason == "inconclusive" {
+                        // Valid, but another block at this height reached bitcoind first: a
+                        // lost race (an orphan), not a fault of the pool.
+                        tracing::warn!(%hash, height = record.height, "found block is not on the best chain (inconclusive): another block at this height arrived first");
+                    } else {
+                        tracing::error!(%hash, height = record.height, "bitcoind refused the found block: {reason}");
+                    }
                 }
             }
         });
