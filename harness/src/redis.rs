@@ -67,12 +67,10 @@ impl Redis {
                 Box::pin(async move { ping(&url).await.map_err(|e| e.to_string()) })
             }),
         };
-        let options = SupervisorOptions {
-            policy: RestartPolicy::OnCrash { max_restarts: 5 },
-            start_timeout: opts.start_timeout,
-            stop_timeout: opts.stop_timeout,
-            recovery_args: Vec::new(),
-        };
+        let options = SupervisorOptions::new(
+            RestartPolicy::OnCrash { max_restarts: 5 },
+            (opts.start_timeout, opts.stop_timeout),
+        );
         let process = Supervised::start(spec, readiness, options).await?;
         Ok(Self {
             process,

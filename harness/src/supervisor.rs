@@ -99,6 +99,18 @@ pub struct SupervisorOptions {
     pub recovery_args: Vec<String>,
 }
 
+impl SupervisorOptions {
+    /// Options without recovery arguments; `timeouts` is (start, stop).
+    pub fn new(policy: RestartPolicy, timeouts: (Duration, Duration)) -> Self {
+        Self {
+            policy,
+            start_timeout: timeouts.0,
+            stop_timeout: timeouts.1,
+            recovery_args: Vec::new(),
+        }
+    }
+}
+
 struct Inner {
     spec: ProcessSpec,
     readiness: Readiness,

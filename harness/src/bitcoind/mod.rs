@@ -211,12 +211,13 @@ impl Bitcoind {
             }),
         };
         let options = SupervisorOptions {
-            policy: RestartPolicy::OnCrash { max_restarts: 5 },
-            start_timeout: opts.start_timeout,
-            stop_timeout: opts.stop_timeout,
             // After SIGKILL, blocks accepted since the last flush are in the block files but
             // not in the block index; with no peers to fetch them from, rebuild the index.
             recovery_args: vec!["-reindex".into()],
+            ..SupervisorOptions::new(
+                RestartPolicy::OnCrash { max_restarts: 5 },
+                (opts.start_timeout, opts.stop_timeout),
+            )
         };
         let process = Supervised::start(spec, readiness, options).await?;
         Ok(Self {

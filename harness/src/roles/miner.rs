@@ -68,12 +68,7 @@ impl MinerRole {
             spec = spec.arg("--quiet");
         }
         let ready = log_ready("miner subscribed", &spec.stdout_log(), "subscribed");
-        let options = SupervisorOptions {
-            policy: RestartPolicy::Never,
-            start_timeout: timeouts.0,
-            stop_timeout: timeouts.1,
-            recovery_args: Vec::new(),
-        };
+        let options = SupervisorOptions::new(RestartPolicy::Never, timeouts);
         let process = Supervised::start(spec, ready, options).await?;
         Ok(Self {
             process,

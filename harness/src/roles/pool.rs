@@ -114,12 +114,7 @@ impl PoolRole {
                 })
             }),
         };
-        let options = SupervisorOptions {
-            policy: RestartPolicy::OnCrash { max_restarts: 3 },
-            start_timeout: timeouts.0,
-            stop_timeout: timeouts.1,
-            recovery_args: Vec::new(),
-        };
+        let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
         let process = Supervised::start(spec, readiness, options).await?;
         Ok(Self {
             process,

@@ -58,12 +58,7 @@ impl ProxyRole {
             .arg("--config")
             .arg(&file)
             .env("RUST_LOG", "info");
-        let options = SupervisorOptions {
-            policy: RestartPolicy::OnCrash { max_restarts: 3 },
-            start_timeout: timeouts.0,
-            stop_timeout: timeouts.1,
-            recovery_args: Vec::new(),
-        };
+        let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
         let process =
             Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
         Ok(Self {

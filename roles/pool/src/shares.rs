@@ -140,18 +140,28 @@ impl Connection {
             _ => None,
         };
         let audit = match template_id {
-            Some(tid) if !ctx.store.is_audited(tid) => ctx.store.get(tid).and_then(|rec| {
-                let coinbase = ch.coinbase(s.job_id, s.extranonce.as_bytes())?;
-                let (bytes, _) = block::assemble(&rec, header, &coinbase).ok()?;
-                Some(AuditTask {
-                    template_id: tid,
-                    kind: TemplateKind::Pool,
-                    prev_hash: rec.prev_hash_display.clone(),
-                    height: rec.height,
-                    block: hex::encode(bytes),
-                    payout_script: hex::encode(ctx.payout.as_bytes()),
-                })
-            }),
+            Some(tid) if ctx.store.claim_audit(tid) => {
+                let task = ctx.store.get(tid).and_then(|rec| {
+                    let coinbase = ch.coinbase(s.job_id, s.extranonce.as_bytes())?;
+                    let (bytes, _) = block::assemble(&rec, header, &coinbase).ok()?;
+                    Some(AuditTask {
+                        template_id: tid,
+                        kind: TemplateKind::Pool,
+                        prev_hash: rec.prev_hash_display.clone(),
+                        height: rec.height,
+                        block: hex::encode(bytes),
+                        payout_script: hex::encode(ctx.payout.as_bytes()),
+                    })
+                });
+                if task.is_none() {
+                    tracing::error!(
+                        conn = self.id,
+                        "cannot build the audit task of template {tid}"
+                    );
+                    ctx.store.release_audit(tid);
+                }
+                task
+            }
             _ => None,
         };
 
@@ -159,9 +169,9 @@ impl Connection {
         self.pending.push(Box::pin(async move {
             let mut result = Ok(work);
             if let Some(task) = audit {
-                match ctx.sink.append(AUDIT_TASKS_STREAM, task.to_fields()).await {
-                    Ok(_) => ctx.store.mark_audited(task.template_id),
-                    Err(e) => result = Err(e),
+                if let Err(e) = ctx.sink.append(AUDIT_TASKS_STREAM, task.to_fields()).await {
+                    ctx.store.release_audit(task.template_id);
+                    result = Err(e);
                 }
             }
             if let (Ok(_), Some(record)) = (&result, record) {

@@ -45,7 +45,7 @@ pub struct TemplateRecord {
     coinbase_value: u64,
 }
 
-/// Templates by id, plus which ones already have an audit task.
+/// Templates by id, plus which ones have (or are getting) an audit task.
 #[derive(Debug, Default)]
 pub struct TemplateStore {
     inner: Mutex<StoreInner>,
@@ -77,18 +77,19 @@ impl TemplateStore {
         self.inner.lock().ok()?.by_id.get(&template_id).cloned()
     }
 
-    /// Whether an audit task for this template was already appended.
-    pub fn is_audited(&self, template_id: u64) -> bool {
+    /// Claim the audit task of `template_id`: true for the first caller only, so the block is
+    /// assembled once per template and not for every share while the append is in flight.
+    pub fn claim_audit(&self, template_id: u64) -> bool {
         self.inner
             .lock()
-            .map(|s| s.audited.contains(&template_id))
+            .map(|mut s| s.audited.insert(template_id))
             .unwrap_or(false)
     }
 
-    /// Remember that the audit task is in Redis.
-    pub fn mark_audited(&self, template_id: u64) {
+    /// Give a claim back after the append failed, so a later share tries again.
+    pub fn release_audit(&self, template_id: u64) {
         if let Ok(mut s) = self.inner.lock() {
-            s.audited.insert(template_id);
+            s.audited.remove(&template_id);
         }
     }
 }
