@@ -95,8 +95,22 @@ impl HarnessConfig {
     }
 }
 
-/// The checkout this harness was built from (`harness/..`).
+/// The checkout being worked in: the nearest directory holding a workspace `Cargo.toml`,
+/// searched upwards from the runtime `CARGO_MANIFEST_DIR` (cargo sets it for tests, benches
+/// and `cargo run`), else from the current directory. Resolved at run time because one target
+/// directory is shared by several checkouts (CI clones reuse it), so a compile-time path can
+/// name another checkout.
 pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_else(|| PathBuf::from("."));
+    start
+        .ancestors()
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"))
+        })
+        .map(Path::to_path_buf)
+        .unwrap_or(start)
 }

@@ -105,7 +105,7 @@ async fn run() -> anyhow::Result<()> {
                 .normalized(),
         )
         .fail_on_skipped_with(|_, _, s| !s.tags.iter().any(|t| t == "allow.skipped"))
-        .run(concat!(env!("CARGO_MANIFEST_DIR"), "/features"))
+        .run(features_dir())
         .await;
 
     println!("\nScenario durations:\n{}", durations().table());
@@ -120,6 +120,15 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `scenarios/features` of the checkout being tested (runtime `CARGO_MANIFEST_DIR`; the
+/// compile-time one can name another checkout sharing the target directory).
+fn features_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .join("features")
 }
 
 /// Report backends and strays, and build the chain caches before any scenario starts, so
