@@ -18,6 +18,7 @@ pub mod bitcoind;
 pub mod config;
 pub mod faucet;
 pub mod http;
+pub mod invariants;
 pub mod keys;
 pub mod logs;
 pub mod ports;
@@ -27,6 +28,7 @@ pub mod roles;
 pub mod stack;
 pub mod supervisor;
 pub mod sv2_client;
+pub mod sv2_miner;
 pub mod wait;
 
 pub use bitcoind::{Bitcoind, Chain};

@@ -83,6 +83,12 @@ pub struct Status {
     pub restarts: u32,
     /// How the previous process ended.
     pub last_exit: Option<String>,
+    /// How every process that died without being asked to ended, in order (crashes,
+    /// kill -9 faults, a role that gave up).
+    pub unexpected_exits: Vec<String>,
+    /// How every process stopped on request ended, in order ("exit code 0" when it shut
+    /// down cleanly on SIGTERM).
+    pub stop_exits: Vec<String>,
 }
 
 /// How a process is supervised.
@@ -210,6 +216,15 @@ impl Supervised {
         Ok(())
     }
 
+    /// The kernel's state letter for the process (`/proc/<pid>/stat`: `S` sleeping, `R`
+    /// running, `T` stopped by a signal, ...), or `None` if it is not running.
+    pub fn os_state(&self) -> Option<char> {
+        let pid = self.pid()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ...`: comm may hold spaces and parentheses; state follows the last ')'.
+        stat.rsplit_once(')')?.1.trim_start().chars().next()
+    }
+
     /// Undo [`pause`](Self::pause).
     pub fn resume(&self) -> anyhow::Result<()> {
         self.running()?.signal(Signal::SIGCONT)?;
@@ -234,6 +249,9 @@ impl Supervised {
             s.phase = Phase::Stopped;
             s.pid = None;
             s.last_exit = Some(how.clone());
+            if how != "not running" {
+                s.stop_exits.push(how.clone());
+            }
         });
         Ok(how)
     }
@@ -373,6 +391,7 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
         let restarts = this.status.borrow().restarts;
         this.status.send_modify(|s| {
             s.last_exit = Some(how.clone());
+            s.unexpected_exits.push(how.clone());
             s.pid = None;
         });
         let allowed = match this.policy {

@@ -69,6 +69,14 @@ impl Sv2Client {
             .map_err(|e| anyhow!("write: {e:?}"))
     }
 
+    /// Send an already encoded frame (a message with TLVs, for instance).
+    pub async fn send_frame(&mut self, frame: OutboundFrame) -> anyhow::Result<()> {
+        self.writer
+            .write_frame(frame)
+            .await
+            .map_err(|e| anyhow!("write: {e:?}"))
+    }
+
     /// Receive one message within `timeout`.
     pub async fn recv(&mut self, timeout: Duration) -> anyhow::Result<AnyMessageOwned> {
         let mut frame = tokio::time::timeout(timeout, self.reader.read_frame())

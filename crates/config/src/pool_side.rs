@@ -30,7 +30,7 @@ pub const DEFAULT_MIN_BITS: u32 = 32;
 /// | `shares_per_minute` | 20 | vardiff aim per channel |
 /// | `vardiff_interval_secs` | 10 | how often vardiff runs |
 /// | `[bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms`, `refresh_secs` |
-/// | `[redis]` | | `url`, `append_timeout_ms`, `batch_max` |
+/// | `[redis]` | | `url`, `append_timeout_ms` (2000), `batch_max` (256), `seen_idle_secs` (7 days), `seen_after_new_tip_secs` (600) |
 /// | `[limits]` | | see [`PoolLimits`] |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -87,10 +87,17 @@ pub struct BitcoindSection {
 pub struct RedisSection {
     /// `redis://127.0.0.1:6379`.
     pub url: String,
-    /// A share whose record is not appended within this is refused, milliseconds.
+    /// Time to wait for Redis to confirm a batch of records, milliseconds. Past it the pool
+    /// resolves each record's outcome (fencing off any that did not land) before answering
+    /// the shares; a share is never answered from a timeout alone.
     pub append_timeout_ms: u64,
     /// Most records per pipelined batch.
     pub batch_max: usize,
+    /// A tip's seen share hashes expire this long after its last share, seconds.
+    pub seen_idle_secs: u64,
+    /// A tip's seen share hashes expire this long after the pool moved to another tip,
+    /// seconds (shares of an old tip are stale).
+    pub seen_after_new_tip_secs: u64,
 }
 
 /// `[limits]`: one bad client must not hurt the others.
@@ -150,6 +157,8 @@ impl Default for RedisSection {
             url: "redis://127.0.0.1:6379".into(),
             append_timeout_ms: 2000,
             batch_max: 256,
+            seen_idle_secs: 7 * 24 * 3600,
+            seen_after_new_tip_secs: 600,
         }
     }
 }
@@ -202,6 +211,17 @@ impl PoolConfig {
         }
         if self.redis.batch_max == 0 {
             return Err("`redis.batch_max` must be at least 1".into());
+        }
+        if self.redis.append_timeout_ms == 0 {
+            return Err("`redis.append_timeout_ms` must be at least 1".into());
+        }
+        if !(0 < self.redis.seen_after_new_tip_secs
+            && self.redis.seen_after_new_tip_secs < self.redis.seen_idle_secs)
+        {
+            return Err(
+                "`redis.seen_after_new_tip_secs` must be > 0 and below `redis.seen_idle_secs`"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -49,39 +49,62 @@ pub fn max_target_le(min_bits: u32) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    fn hash_with_leading_zeros(zeros: u32) -> [u8; 32] {
-        let mut h = [0xffu8; 32];
-        for i in 0..zeros as usize {
-            let byte = 31 - i / 8;
-            h[byte] &= !(0x80 >> (i % 8));
-        }
+    /// A block hash as explorers print it, in internal byte order.
+    fn internal(display: &str) -> [u8; 32] {
+        let mut h: [u8; 32] = hex::decode(display).unwrap().try_into().unwrap();
+        h.reverse();
         h
     }
 
+    /// Real block hashes with the zero bits their printed form shows.
+    const KNOWN: [(&str, u32); 3] = [
+        // Bitcoin's genesis block: 00000000 0019d668...: 32 + 4 (digit 0) + 3 (digit 1).
+        (
+            "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f",
+            43,
+        ),
+        // Block 1: 00000000 839a...: digit 8 has no leading zero bit.
+        (
+            "00000000839a8e6886ab5951d76f411475428afc90947ee320161bbf18eb6048",
+            32,
+        ),
+        // Block 800,000: 19 zero digits, then 2 (2 bits).
+        (
+            "00000000000000000002a7c4c1e48d76c5a37902165a270156b7a8d72728a054",
+            78,
+        ),
+    ];
+
     #[test]
-    fn counts_from_the_most_significant_end() {
+    fn counts_zero_bits_of_real_block_hashes() {
+        for (hash, zeros) in KNOWN {
+            assert_eq!(leading_zero_bits(&internal(hash)), zeros, "{hash}");
+        }
         assert_eq!(leading_zero_bits(&[0xff; 32]), 0);
         assert_eq!(leading_zero_bits(&[0; 32]), 256);
-        for z in [1, 7, 8, 9, 31, 32, 70] {
-            assert_eq!(leading_zero_bits(&hash_with_leading_zeros(z)), z);
-        }
     }
 
     #[test]
-    fn amount_doubles_per_extra_zero_bit_and_is_capped() {
-        assert_eq!(share_amount(&hash_with_leading_zeros(31), 32), None);
-        assert_eq!(share_amount(&hash_with_leading_zeros(32), 32), Some(1));
-        assert_eq!(share_amount(&hash_with_leading_zeros(33), 32), Some(2));
-        assert_eq!(share_amount(&hash_with_leading_zeros(42), 32), Some(1024));
-        assert_eq!(share_amount(&[0; 32], 0), Some(1 << 63));
+    fn amounts_of_real_block_hashes() {
+        let genesis = internal(KNOWN[0].0);
+        assert_eq!(share_amount(&genesis, 32), Some(2048));
+        assert_eq!(share_amount(&genesis, 43), Some(1));
+        assert_eq!(share_amount(&genesis, 44), None);
+        assert_eq!(share_amount(&internal(KNOWN[2].0), 0), Some(1 << 63));
+        assert_eq!(share_amount(&internal(KNOWN[2].0), 15), Some(1 << 63));
+        assert_eq!(share_amount(&internal(KNOWN[2].0), 16), Some(1 << 62));
     }
 
     #[test]
-    fn every_hash_at_or_below_the_max_target_is_worth_at_least_one() {
-        for min_bits in [0, 1, 8, 20, 32] {
-            let t = max_target_le(min_bits);
-            assert_eq!(leading_zero_bits(&t), min_bits);
-            assert!(share_amount(&t, min_bits).is_some());
-        }
+    fn max_target_is_the_easiest_target_of_min_bits() {
+        // 2^(256-16) - 1: the two most significant bytes (last, little-endian) are zero.
+        let mut expected = [0xff; 32];
+        expected[30] = 0;
+        expected[31] = 0;
+        assert_eq!(max_target_le(16), expected);
+        let mut expected = [0xff; 32];
+        expected[31] = 0x7f;
+        assert_eq!(max_target_le(1), expected);
+        assert_eq!(max_target_le(0), [0xff; 32]);
     }
 }

@@ -5,10 +5,12 @@
 //! agree on one definition of every format (pinned by insta snapshots in `fixtures/`).
 
 pub mod amount;
+pub mod ids;
 pub mod records;
 pub mod tlv;
 
 pub use amount::{leading_zero_bits, share_amount, MAX_AMOUNT_EXPONENT};
+pub use ids::{seen_key, template_epoch, template_id};
 pub use records::{AuditTask, RecordError, ShareRecord, TemplateKind};
 pub use tlv::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 

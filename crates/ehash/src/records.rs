@@ -5,8 +5,10 @@ use std::collections::HashMap;
 
 use crate::tlv::LockingPubkey;
 
-/// Schema version of [`ShareRecord`].
-pub const SHARE_RECORD_VERSION: u32 = 1;
+/// Schema version of [`ShareRecord`] (2: the header fields `version`, `nonce` and the full
+/// `extranonce` were added, so anyone holding the template's audit task can rebuild the
+/// share's header and check its hash; `template_id` carries the pool epoch).
+pub const SHARE_RECORD_VERSION: u32 = 2;
 /// Schema version of [`AuditTask`].
 pub const AUDIT_TASK_VERSION: u32 = 1;
 
@@ -35,12 +37,17 @@ pub enum RecordError {
 }
 
 /// `ehash:shares`: one accepted share of a channel that has a locking key. Written before the
-/// pool acknowledges the share.
+/// pool acknowledges the share, at most once per share hash for the life of the pool.
+///
+/// The share's block is the template's audit-task block with the coinbase's trailing
+/// extranonce bytes replaced by `extranonce` and the header's version, time and nonce by
+/// `version`, `ntime` and `nonce`; its header hash is `share_hash`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareRecord {
     /// Block header hash, hex, in display order (as block explorers print hashes).
     pub share_hash: String,
-    /// Template the share's job was built from.
+    /// Template the share's job was built from: unique for the life of the pool (see
+    /// [`crate::template_id`]).
     pub template_id: u64,
     /// SV2 channel.
     pub channel_id: u32,
@@ -50,6 +57,12 @@ pub struct ShareRecord {
     pub amount: u64,
     /// Header timestamp of the share.
     pub ntime: u32,
+    /// Header version of the share (after version rolling).
+    pub version: u32,
+    /// Header nonce of the share.
+    pub nonce: u32,
+    /// The coinbase's whole extranonce (channel prefix + the miner's rolled part), hex.
+    pub extranonce: String,
 }
 
 /// Whose template an audit task is.
@@ -150,6 +163,9 @@ impl ShareRecord {
             ("locking_pubkey", self.locking_pubkey.to_string()),
             ("amount", self.amount.to_string()),
             ("ntime", self.ntime.to_string()),
+            ("version", self.version.to_string()),
+            ("nonce", self.nonce.to_string()),
+            ("extranonce", self.extranonce.clone()),
         ]
     }
 
@@ -163,6 +179,9 @@ impl ShareRecord {
             locking_pubkey: parse(f, "locking_pubkey")?,
             amount: parse(f, "amount")?,
             ntime: parse(f, "ntime")?,
+            version: parse(f, "version")?,
+            nonce: parse(f, "nonce")?,
+            extranonce: hex_field(f, "extranonce", None)?,
         })
     }
 }
@@ -219,6 +238,9 @@ mod tests {
                 .unwrap(),
             amount: 16,
             ntime: 1_790_000_000,
+            version: 0x2000_4000,
+            nonce: 0xdead_beef,
+            extranonce: "4850000100000000000000000000000000000007".into(),
         }
     }
 
@@ -234,7 +256,7 @@ mod tests {
         let r = share();
         let fields = r.to_fields();
         insta::with_settings!({snapshot_path => "../../../fixtures/snapshots"}, {
-            insta::assert_yaml_snapshot!("ehash_shares_record_v1", fields);
+            insta::assert_yaml_snapshot!("ehash_shares_record_v2", fields);
         });
         assert_eq!(ShareRecord::from_fields(&map(&fields)).unwrap(), r);
     }
@@ -258,12 +280,14 @@ mod tests {
 
     #[test]
     fn readers_refuse_unknown_versions_and_bad_fields() {
-        let mut f = map(&share().to_fields());
-        f.insert("v".into(), "2".into());
-        assert!(matches!(
-            ShareRecord::from_fields(&f),
-            Err(RecordError::Version { .. })
-        ));
+        for old_or_new in ["1", "3"] {
+            let mut f = map(&share().to_fields());
+            f.insert("v".into(), old_or_new.into());
+            assert!(matches!(
+                ShareRecord::from_fields(&f),
+                Err(RecordError::Version { .. })
+            ));
+        }
         let mut f = map(&share().to_fields());
         f.insert("amount".into(), "lots".into());
         assert!(matches!(

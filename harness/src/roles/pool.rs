@@ -27,6 +27,8 @@ pub struct PoolOptions {
     pub vardiff_interval_secs: u64,
     /// Limits.
     pub limits: PoolLimits,
+    /// Time the pool waits for Redis to confirm a batch before resolving its outcome.
+    pub append_timeout_ms: u64,
 }
 
 impl Default for PoolOptions {
@@ -37,6 +39,7 @@ impl Default for PoolOptions {
             shares_per_minute: 600.0,
             vardiff_interval_secs: 5,
             limits: PoolLimits::default(),
+            append_timeout_ms: hashpool_config::pool_side::RedisSection::default().append_timeout_ms,
         }
     }
 }
@@ -90,6 +93,7 @@ impl PoolRole {
             },
             redis: hashpool_config::pool_side::RedisSection {
                 url: redis.url(),
+                append_timeout_ms: opts.append_timeout_ms,
                 ..Default::default()
             },
             ..PoolConfig::default()

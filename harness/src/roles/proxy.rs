@@ -78,4 +78,42 @@ impl ProxyRole {
     pub fn log(&self) -> PathBuf {
         self.process.spec().stdout_log()
     }
+
+    /// Every channel the pool opened for this proxy, as its log reports them:
+    /// (channel id, extranonce prefix hex).
+    pub fn announced_channels(&self) -> Vec<(u32, String)> {
+        announced_channels(&std::fs::read_to_string(self.log()).unwrap_or_default())
+    }
+}
+
+/// (channel id, extranonce prefix) of each "upstream channel open" line of a proxy log.
+pub fn announced_channels(log: &str) -> Vec<(u32, String)> {
+    log.lines()
+        .filter_map(|line| {
+            let prefix = line
+                .split_once("upstream channel open (extranonce1 ")?
+                .1
+                .split(',')
+                .next()?;
+            let channel = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("channel="))?
+                .parse()
+                .ok()?;
+            Some((channel, prefix.to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_channel_announcements_from_the_log_format() {
+        let log = "2026-11-29T10:00:00Z  INFO proxy::session: upstream channel open \
+                   (extranonce1 48500001, extranonce2 size 16) miner=1 channel=2 ehash=true\n\
+                   2026-11-29T10:00:01Z  INFO proxy::session: miner connected miner=2\n";
+        assert_eq!(announced_channels(log), vec![(2, "48500001".to_string())]);
+    }
 }

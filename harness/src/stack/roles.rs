@@ -115,31 +115,103 @@ impl Stack {
             .ok_or_else(|| anyhow!("no miner {name:?} on stack {}", self.name))
     }
 
+    /// Every proxy, by name.
+    pub fn proxies(&self) -> impl Iterator<Item = (&String, &ProxyRole)> {
+        self.proxies.iter()
+    }
+
     /// Every miner.
     pub fn miners(&self) -> impl Iterator<Item = &MinerRole> {
         self.miners.values()
     }
 
-    /// Lines in the roles' logs that say something broke: panics and ERROR records. Scenarios
-    /// that provoke errors on purpose are tagged `@allow.errors`.
+    /// Every supervised process of the stack with its name (as in `stack.json`).
+    pub fn processes(&self) -> Vec<(String, &Supervised)> {
+        let mut out = Vec::new();
+        if let Some(b) = &self.bitcoind {
+            out.push(("bitcoind".to_string(), b.process()));
+        }
+        if let Some(r) = &self.redis {
+            out.push(("redis".to_string(), r.process()));
+        }
+        if let Some(pool) = &self.pool {
+            out.push(("pool".to_string(), pool.process()));
+        }
+        for (name, p) in &self.proxies {
+            out.push((format!("proxy-{name}"), p.process()));
+        }
+        for (name, m) in &self.miners {
+            out.push((format!("miner-{name}"), m.process()));
+        }
+        out
+    }
+
+    /// Lines in the logs that say something broke: panics and ERROR records of the roles,
+    /// errors of bitcoind (`Error:`/`ERROR:`/`***` lines) and Redis (refused or corrupt
+    /// append-only files, failed writes). Scenarios that provoke errors on purpose are tagged
+    /// `@allow.errors`.
     pub fn log_problems(&self) -> Vec<String> {
-        let mut processes: Vec<&Supervised> =
-            self.miners.values().map(MinerRole::process).collect();
-        processes.extend(self.proxies.values().map(ProxyRole::process));
-        processes.extend(self.pool.iter().map(PoolRole::process));
         let mut problems = Vec::new();
-        for p in processes {
+        for (name, p) in self.processes() {
+            let bad: fn(&str) -> bool = match name.as_str() {
+                "bitcoind" => bitcoind_error,
+                "redis" => redis_error,
+                _ => role_error,
+            };
             for log in [p.spec().stdout_log(), p.spec().stderr_log()] {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
-                for line in text
-                    .lines()
-                    .filter(|l| l.contains("panicked at") || l.contains(" ERROR "))
-                {
+                for line in text.lines().filter(|l| bad(l)) {
                     problems.push(format!("{}: {line}", log.display()));
                 }
             }
         }
         problems
+    }
+
+    /// Resume every paused process (a scenario that failed while one was paused leaves it so;
+    /// the sweep needs it answering).
+    pub fn resume_paused(&self) {
+        for (_, p) in self.processes() {
+            if p.status().phase == crate::supervisor::Phase::Paused {
+                let _ = p.resume();
+            }
+        }
+    }
+
+    /// Every unexpected exit of every process: (process name, how it ended), in order.
+    pub fn unexpected_exits(&self) -> Vec<(String, String)> {
+        self.processes()
+            .into_iter()
+            .flat_map(|(name, p)| {
+                p.status()
+                    .unexpected_exits
+                    .into_iter()
+                    .map(move |how| (name.clone(), how))
+            })
+            .collect()
+    }
+
+    /// Stop every process (roles first); returns the processes that did not exit cleanly
+    /// (exit code 0) on SIGTERM, with how they ended, including earlier stops.
+    pub async fn stop_all(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        self.stop_roles().await?;
+        if let Some(b) = &self.bitcoind {
+            b.process().stop().await?;
+        }
+        if let Some(r) = &self.redis {
+            r.process().stop().await?;
+        }
+        Ok(self
+            .processes()
+            .into_iter()
+            .flat_map(|(name, p)| {
+                p.status()
+                    .stop_exits
+                    .into_iter()
+                    .filter(|how| how != "exit code 0")
+                    .map(move |how| (name.clone(), how))
+            })
+            .collect())
     }
 
     pub(super) fn role_summaries(&self) -> Vec<RoleSummary> {
@@ -185,4 +257,30 @@ impl Stack {
         }
         Ok(())
     }
+}
+
+fn role_error(line: &str) -> bool {
+    line.contains("panicked at") || line.contains(" ERROR ")
+}
+
+/// bitcoind writes `Error:`/`ERROR:` for failures and `***` for fatal ones.
+fn bitcoind_error(line: &str) -> bool {
+    line.contains("ERROR:") || line.contains("Error:") || line.contains("*** ")
+}
+
+/// Redis lines that mean lost or refused data (its `#` warnings at start-up are routine).
+fn redis_error(line: &str) -> bool {
+    [
+        "Bad file format",
+        "Unrecoverable",
+        "Short read",
+        "MISCONF",
+        "Error ",
+        "Can't",
+        "Failed",
+        "Fatal",
+        "Background AOF rewrite terminated with error",
+    ]
+    .iter()
+    .any(|p| line.contains(p))
 }

@@ -160,7 +160,11 @@ mod tests {
         assert_eq!(target_from_difficulty(1.0), DIFF1_TARGET_BE);
         let t = target_from_difficulty(2.0);
         assert_eq!(&t[..6], &[0, 0, 0, 0, 0x7f, 0xff]);
-        assert!((difficulty_of(&target_from_difficulty(0.001)) - 0.001).abs() < 1e-9);
+        // The private signet's starting target, bits 1e0377ae: 0x0377ae * 2^(8*(0x1e-3)),
+        // difficulty 0xffff / 0x0377ae * 2^(8*(0x1d-0x1e)) = 0.0011265...
+        let mut signet = [0u8; 32];
+        signet[2..5].copy_from_slice(&[0x03, 0x77, 0xae]);
+        assert!((difficulty_of(&signet) - 0.001_126_515_290_698_186).abs() < 1e-12);
     }
 
     #[test]

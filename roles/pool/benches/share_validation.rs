@@ -1,12 +1,12 @@
-//! Pool share validation in process, one core: the work the pool does per share before the
-//! Redis append (`channels_sv2` validation, amount, record fields). Prints a table.
+//! Pool share validation in process, one core: `channels_sv2`'s `validate_share` alone (the
+//! limit) beside the pool's whole per-share path before the Redis append (validation, amount,
+//! record, stream fields) on the same template. Prints a table with the ratio.
 //! `just bench` (or `cargo bench -p pool --bench share_validation`).
 
 use std::time::Instant;
 
-use bitcoin::hashes::Hash;
 use bitcoin::{Amount, ScriptBuf, Target, TxOut};
-use ehash::{share_amount, LockingPubkey, ShareRecord};
+use ehash::LockingPubkey;
 use pool::gbt::{self, BlockTemplate, GbtTransaction};
 use stratum_apps::stratum_core::binary_sv2::B032Owned;
 use stratum_apps::stratum_core::channels_sv2::extranonce_manager::ExtranonceAllocator;
@@ -36,7 +36,9 @@ fn template(transactions: usize) -> BlockTemplate {
     }
 }
 
-fn run(transactions: usize) -> (usize, f64) {
+/// A channel on a converted template of `transactions` transactions, its job id, rollable
+/// extranonce size and merkle path length.
+fn channel(transactions: usize) -> (ExtendedChannel, u32, u16, usize, u32) {
     let converted = gbt::convert(&template(transactions), 1).expect("template converts");
     let mut alloc = ExtranonceAllocator::new(vec![0x48, 0x50], 20, 16).expect("allocator");
     let prefix = alloc.allocate_extended(8).expect("prefix");
@@ -70,9 +72,24 @@ fn run(transactions: usize) -> (usize, f64) {
     channel
         .on_set_new_prev_hash(converted.prev_hash.clone())
         .expect("tip");
+    (
+        channel,
+        job_id,
+        rollable,
+        converted.merkle_path.len(),
+        converted.prev_hash.header_timestamp,
+    )
+}
+
+/// Shares per second through `channels_sv2` alone (`pool_path` false) or through the pool's
+/// whole per-share path (`pool_path` true: validation, then the record and its stream fields).
+fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
+    let (mut channel, job_id, rollable, levels, ntime) = channel(transactions);
     let key: LockingPubkey = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
         .parse()
         .expect("key");
+    let prefix = channel.get_extranonce_prefix().to_vec();
+    let tip: std::sync::Arc<str> = "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f".into();
     let extranonce = B032Owned::try_from(vec![0u8; usize::from(rollable)]).expect("extranonce");
     let start = Instant::now();
     let mut fields = 0usize;
@@ -82,38 +99,39 @@ fn run(transactions: usize) -> (usize, f64) {
             sequence_number: nonce,
             job_id,
             nonce,
-            ntime: converted.prev_hash.header_timestamp,
+            ntime,
             version: 0x2000_0000,
             extranonce: extranonce.clone(),
         };
-        let hash = match channel.validate_share(share) {
+        let result = channel.validate_share(share.clone());
+        let hash = match result {
             Ok(ShareValidationResult::Valid(h))
             | Ok(ShareValidationResult::BlockFound(h, _, _)) => h,
             Err(e) => panic!("share {nonce} refused: {e:?}"),
         };
-        let amount = share_amount(&hash.to_byte_array(), 0).unwrap_or(0);
-        let record = ShareRecord {
-            share_hash: hash.to_string(),
-            template_id: 1,
-            channel_id: 1,
-            locking_pubkey: key,
-            amount,
-            ntime: 0,
-        };
-        fields += record.to_fields().len();
+        if pool_path {
+            let record =
+                pool::share_record(&hash, 1, key, 0, &share, &prefix).expect("min_bits 0");
+            let append = (tip.clone(), record.share_hash.clone(), record.to_fields());
+            fields += append.2.len();
+        } else {
+            fields += 1;
+        }
     }
     assert!(fields > 0);
-    (
-        converted.merkle_path.len(),
-        f64::from(SHARES) / start.elapsed().as_secs_f64(),
-    )
+    (levels, f64::from(SHARES) / start.elapsed().as_secs_f64())
 }
 
 fn main() {
-    println!("| template transactions | merkle path levels | shares | shares/s (one core) |");
-    println!("|---|---|---|---|");
+    println!("| template transactions | merkle path levels | shares | channels_sv2 validate_share/s (the limit) | pool share path/s | ratio (aim >= 0.8) |");
+    println!("|---|---|---|---|---|---|");
     for txs in [0usize, 100, 3000] {
-        let (levels, rate) = run(txs);
-        println!("| {txs} | {levels} | {SHARES} | {rate:.0} |");
+        // Interleaved so both see the same machine state.
+        let (levels, raw) = run(txs, false);
+        let (_, path) = run(txs, true);
+        println!(
+            "| {txs} | {levels} | {SHARES} | {raw:.0} | {path:.0} | {:.2} |",
+            path / raw
+        );
     }
 }

@@ -32,6 +32,8 @@ pub struct ChannelState {
     pub accepted: u64,
     /// Previous block hash of the last job sent.
     tip: Option<[u8; 32]>,
+    /// The same, display-order hex (for records).
+    tip_hex: Option<std::sync::Arc<str>>,
 }
 
 impl ChannelState {
@@ -50,7 +52,13 @@ impl ChannelState {
             submitted: 0,
             accepted: 0,
             tip: None,
+            tip_hex: None,
         })
+    }
+
+    /// Previous block hash (display order) of the tip this channel's jobs build on.
+    pub fn tip_display(&self) -> Option<std::sync::Arc<str>> {
+        self.tip_hex.clone()
     }
 
     /// Channel id.
@@ -98,6 +106,7 @@ impl ChannelState {
             .on_set_new_prev_hash(record.prev_hash.clone())
             .map_err(|e| anyhow!("new tip on channel {}: {e:?}", self.id()))?;
         self.tip = Some(tip);
+        self.tip_hex = Some(record.prev_hash_display.as_str().into());
         Ok(vec![
             MiningOwned::NewExtendedMiningJob(job),
             MiningOwned::SetNewPrevHash(MiningSetNewPrevHash {

@@ -12,6 +12,7 @@ mod connection;
 pub mod gbt;
 mod limits;
 mod metrics;
+pub mod redis_store;
 mod server;
 mod setup;
 mod shares;
@@ -33,7 +34,7 @@ use stratum_apps::stratum_core::channels_sv2::extranonce_manager::ExtranonceAllo
 use stratum_apps::tokio_util::sync::CancellationToken;
 use tokio::sync::{watch, Notify};
 
-pub use shares::ERROR_RECORD_UNAVAILABLE;
+pub use shares::{share_record, ERROR_RECORD_UNAVAILABLE};
 
 /// Extranonce layout: 2 bytes of pool prefix + 2 bytes of channel index + 16 rollable.
 const EXTRANONCE_LOCAL_PREFIX: [u8; 2] = [0x48, 0x50];
@@ -76,8 +77,47 @@ fn authority(config: &PoolConfig) -> anyhow::Result<([u8; 32], [u8; 32])> {
     Ok((public.into_bytes(), secret.into_bytes()))
 }
 
+/// Longest pause between two attempts to reach Redis at start-up.
+const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Connect to Redis, load the pool's functions and take a new pool epoch, retrying until
+/// Redis answers (the pool cannot number templates without it). `None` if `shutdown` came
+/// first.
+async fn take_epoch(
+    config: &PoolConfig,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> anyhow::Result<Option<u32>> {
+    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1u32.. {
+        let result = async {
+            let mut conn = redis_store::connect(&config.redis.url, timeout).await?;
+            redis_store::new_epoch(&mut conn).await
+        };
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(None),
+            r = result => match r {
+                Ok(epoch) => return Ok(Some(epoch)),
+                Err(e) if attempt == 1 || attempt % 30 == 0 => tracing::warn!(
+                    "waiting for Redis at {} to take a pool epoch (attempt {attempt}): {e}",
+                    config.redis.url
+                ),
+                Err(_) => {}
+            },
+        }
+        tokio::select! {
+            _ = &mut *shutdown => return Ok(None),
+            // Backoff between attempts to reach Redis at start-up.
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_STARTUP_BACKOFF);
+    }
+    bail!("unreachable: the attempt counter overflowed")
+}
+
 /// Run the pool until `shutdown` resolves.
 pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
     config
         .validate()
         .map_err(|e| anyhow!("invalid pool config: {e}"))?;
@@ -89,6 +129,19 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         .map_err(|e| anyhow!("payout_address is not a {net} address: {e}"))?
         .script_pubkey();
     let metrics = Arc::new(metrics::PoolMetrics::new()?);
+    let Some(epoch) = take_epoch(&config, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let sink = sink::RecordSink::spawn(
+        sink::SinkConfig {
+            url: config.redis.url.clone(),
+            batch_max: config.redis.batch_max,
+            timeout: Duration::from_millis(config.redis.append_timeout_ms),
+            seen_idle_secs: config.redis.seen_idle_secs,
+            seen_after_new_tip_secs: config.redis.seen_after_new_tip_secs,
+        },
+        metrics.clone(),
+    );
     let rpc = Arc::new(BitcoinRpc::new(
         &config.bitcoind.rpc_url,
         &config.bitcoind.rpc_user,
@@ -109,19 +162,16 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         store.clone(),
         kick.clone(),
         metrics.clone(),
+        sink.clone(),
+        epoch,
     );
-    source.first().await.with_context(|| {
+    let tip = source.first().await.with_context(|| {
         format!(
             "cannot get a block template from bitcoind at {}",
             config.bitcoind.rpc_url
         )
     })?;
-    let sink = sink::RecordSink::spawn(
-        config.redis.url.clone(),
-        config.redis.batch_max,
-        Duration::from_millis(config.redis.append_timeout_ms),
-        metrics.clone(),
-    );
+    supersede_stale_tips(&config, &tip).await;
     let allocator = ExtranonceAllocator::new(
         EXTRANONCE_LOCAL_PREFIX.to_vec(),
         EXTRANONCE_TOTAL_LEN,
@@ -147,7 +197,7 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         authority,
     });
     tracing::info!(
-        "pool listening on {} (metrics on http://{metrics_addr}/metrics), min_bits {}",
+        "pool listening on {} (metrics on http://{metrics_addr}/metrics), min_bits {}, epoch {epoch}",
         listener.local_addr()?,
         ctx.config.min_bits
     );
@@ -160,11 +210,27 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
     let stop_source = stop.clone();
     let source_task = tokio::spawn(source.run(async move { stop_source.cancelled().await }));
     let accept_task = tokio::spawn(server::accept_loop(ctx, listener, stop.clone()));
-    shutdown.await;
+    (&mut shutdown).await;
     tracing::info!("shutting down");
     stop.cancel();
     let _ = accept_task.await;
     let _ = source_task.await;
     let _ = metrics_task.await;
     Ok(())
+}
+
+/// Seen share hashes of tips an earlier pool process mined on get the short expiry.
+async fn supersede_stale_tips(config: &PoolConfig, tip: &str) {
+    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
+    let result = async {
+        let mut conn = redis_store::connect(&config.redis.url, timeout).await?;
+        redis_store::supersede_stale_tips(&mut conn, tip, config.redis.seen_after_new_tip_secs)
+            .await
+    };
+    match tokio::time::timeout(timeout * 4, result).await {
+        Ok(Ok(n)) if n > 0 => tracing::info!("{n} earlier tip(s)' seen share hashes set to expire"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("cannot expire earlier tips' seen share hashes: {e}"),
+        Err(_) => tracing::warn!("expiring earlier tips' seen share hashes took too long"),
+    }
 }

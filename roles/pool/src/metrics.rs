@@ -36,6 +36,10 @@ pub struct PoolMetrics {
     pub redis_append_seconds: Histogram,
     /// Time from reading a share to queueing its answer (validation + records).
     pub share_ack_seconds: Histogram,
+    /// Appends sent to Redis whose answer did not come (timeout, broken connection).
+    pub redis_unknown_outcomes: IntCounter,
+    /// Unknown outcomes settled by `hashpool_resolve`, by result (`recorded`, `refused`).
+    pub redis_resolved: IntCounterVec,
     /// Connections closed by the pool, by reason (limits and protocol errors).
     pub disconnects: IntCounterVec,
     /// Connections refused at accept time, by reason.
@@ -111,6 +115,17 @@ impl PoolMetrics {
                     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0,
                 ]),
             )?,
+            redis_unknown_outcomes: IntCounter::with_opts(Opts::new(
+                "hashpool_pool_redis_unknown_outcomes_total",
+                "Appends sent to Redis whose answer was lost or late",
+            ))?,
+            redis_resolved: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_redis_resolved_total",
+                    "Unknown append outcomes settled, by result",
+                ),
+                &["result"],
+            )?,
             disconnects: IntCounterVec::new(
                 Opts::new(
                     "hashpool_pool_disconnects_total",
@@ -144,6 +159,8 @@ impl PoolMetrics {
             Box::new(m.template_age.clone()),
             Box::new(m.redis_append_seconds.clone()),
             Box::new(m.share_ack_seconds.clone()),
+            Box::new(m.redis_unknown_outcomes.clone()),
+            Box::new(m.redis_resolved.clone()),
             Box::new(m.disconnects.clone()),
             Box::new(m.refused.clone()),
             Box::new(m.connections.clone()),

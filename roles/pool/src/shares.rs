@@ -1,11 +1,12 @@
 //! Shares: validate with `channels_sv2`, then, for an accepted share, append its
 //! `ehash:shares` record (and the template's `audit:tasks` record on its first share) and
-//! only then acknowledge it. A share that finds a block also becomes a `submitblock`.
+//! answer it from what Redis did: recorded -> success; hash seen before -> `duplicate-share`;
+//! not recorded -> `ehash-record-unavailable`. A share whose outcome could not be learned
+//! before the pool stops is not answered at all. A share that finds a block also becomes a
+//! `submitblock`.
 
-use bitcoin::hashes::Hash;
-use ehash::{
-    share_amount, AuditTask, ShareRecord, TemplateKind, AUDIT_TASKS_STREAM, SHARES_STREAM,
-};
+use bitcoin::hashes::{sha256d, Hash};
+use ehash::{share_amount, AuditTask, LockingPubkey, ShareRecord, TemplateKind};
 use stratum_apps::stratum_core::binary_sv2::Str0255Owned;
 use stratum_apps::stratum_core::channels_sv2::server::share_accounting::{
     ShareValidationError, ShareValidationResult,
@@ -17,16 +18,29 @@ use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 
 use crate::block::{self, ShareHeader};
 use crate::connection::{Close, Connection};
+use crate::sink::{AppendError, Appended, ShareAppend};
 
 /// SV2 error code for a share refused because its record could not be stored.
 pub const ERROR_RECORD_UNAVAILABLE: &str = "ehash-record-unavailable";
+/// SV2 error code for a share whose hash was seen before (on any channel, connection or
+/// pool process).
+const ERROR_DUPLICATE_SHARE: &str = "duplicate-share";
+
+/// How a share is answered.
+enum Answer {
+    /// `SubmitShares.Success` with this work sum.
+    Accept(u64),
+    /// `SubmitShares.Error` with this code.
+    Reject(&'static str),
+    /// No answer: the outcome of its record is unknown (the pool is stopping).
+    Silent,
+}
 
 /// The answer to one share, once its records are stored (or could not be).
 pub struct ShareOutcome {
     channel_id: u32,
     sequence_number: u32,
-    /// Work sum on success, SV2 error code otherwise.
-    result: Result<u64, String>,
+    answer: Answer,
     /// When the share was read.
     received: std::time::Instant,
 }
@@ -117,9 +131,17 @@ impl Connection {
             submit_block(ctx.clone(), tid, header, coinbase);
         }
 
-        let record = match (ch.locking_pubkey, template_id) {
-            (Some(locking_pubkey), Some(template_id)) => {
-                let Some(amount) = share_amount(&hash.to_byte_array(), ctx.config.min_bits) else {
+        let record = match (ch.locking_pubkey, template_id, ch.tip_display()) {
+            (Some(locking_pubkey), Some(template_id), Some(tip)) => {
+                let prefix = ch.channel.get_extranonce_prefix();
+                let Some(record) = share_record(
+                    &hash,
+                    template_id,
+                    locking_pubkey,
+                    ctx.config.min_bits,
+                    &s,
+                    prefix,
+                ) else {
                     // Cannot happen while channel targets are clamped to min_bits.
                     tracing::error!(
                         conn = self.id,
@@ -128,19 +150,12 @@ impl Connection {
                     );
                     return self.reject(s.channel_id, s.sequence_number, "difficulty-too-low");
                 };
-                Some(ShareRecord {
-                    share_hash: hash.to_string(),
-                    template_id,
-                    channel_id: s.channel_id,
-                    locking_pubkey,
-                    amount,
-                    ntime: s.ntime,
-                })
+                Some((tip, record))
             }
             _ => None,
         };
-        let audit = match template_id {
-            Some(tid) if ctx.store.claim_audit(tid) => {
+        let audit = match (&record, template_id) {
+            (Some(_), Some(tid)) if ctx.store.claim_audit(tid) => {
                 let task = ctx.store.get(tid).and_then(|rec| {
                     let coinbase = ch.coinbase(s.job_id, s.extranonce.as_bytes())?;
                     let (bytes, _) = block::assemble(&rec, header, &coinbase).ok()?;
@@ -166,32 +181,59 @@ impl Connection {
         };
 
         let (channel_id, sequence_number) = (s.channel_id, s.sequence_number);
+        let Some((tip, record)) = record else {
+            // No locking key (or no template): nothing to record, the share earns nothing.
+            self.pending.push(Box::pin(async move {
+                ShareOutcome {
+                    channel_id,
+                    sequence_number,
+                    answer: Answer::Accept(work),
+                    received,
+                }
+            }));
+            return Ok(());
+        };
         self.pending.push(Box::pin(async move {
-            let mut result = Ok(work);
-            if let Some(task) = audit {
-                if let Err(e) = ctx.sink.append(AUDIT_TASKS_STREAM, task.to_fields()).await {
-                    ctx.store.release_audit(task.template_id);
-                    result = Err(e);
+            let audit_template = audit.as_ref().map(|a| a.template_id);
+            let result = ctx
+                .sink
+                .append(ShareAppend {
+                    tip,
+                    share_hash: record.share_hash.clone(),
+                    record: record.to_fields(),
+                    audit: audit.map(|a| a.to_fields()),
+                })
+                .await;
+            if !matches!(result, Ok(Appended::Recorded)) {
+                if let Some(tid) = audit_template {
+                    ctx.store.release_audit(tid);
                 }
             }
-            if let (Ok(_), Some(record)) = (&result, record) {
-                if let Err(e) = ctx.sink.append(SHARES_STREAM, record.to_fields()).await {
-                    result = Err(e);
+            let answer = match result {
+                Ok(Appended::Recorded) => Answer::Accept(work),
+                Ok(Appended::Duplicate) => {
+                    tracing::info!(
+                        channel = channel_id,
+                        seq = sequence_number,
+                        share = %record.share_hash,
+                        "share hash already recorded (replayed share): duplicate-share"
+                    );
+                    Answer::Reject(ERROR_DUPLICATE_SHARE)
                 }
-            }
-            ctx.metrics.set_redis_ok(result.is_ok());
-            let result = result.map_err(|e| {
-                tracing::warn!(
-                    channel = channel_id,
-                    seq = sequence_number,
-                    "share refused, its record was not stored: {e}"
-                );
-                ERROR_RECORD_UNAVAILABLE.to_string()
-            });
+                Err(AppendError::NotRecorded(e)) => {
+                    tracing::warn!(
+                        channel = channel_id,
+                        seq = sequence_number,
+                        "share refused, its record was not stored: {e}"
+                    );
+                    Answer::Reject(ERROR_RECORD_UNAVAILABLE)
+                }
+                Err(AppendError::Stopped) => Answer::Silent,
+            };
             ShareOutcome {
                 channel_id,
                 sequence_number,
-                result,
+                answer,
                 received,
             }
         }));
@@ -203,8 +245,8 @@ impl Connection {
             .metrics
             .share_ack_seconds
             .observe(o.received.elapsed().as_secs_f64());
-        match o.result {
-            Ok(work) => {
+        match o.answer {
+            Answer::Accept(work) => {
                 if let Some(ch) = self.channels.get_mut(&o.channel_id) {
                     ch.accepted += 1;
                 }
@@ -218,9 +260,46 @@ impl Connection {
                     },
                 )])
             }
-            Err(code) => self.reject(o.channel_id, o.sequence_number, &code),
+            Answer::Reject(code) => self.reject(o.channel_id, o.sequence_number, code),
+            Answer::Silent => {
+                tracing::warn!(
+                    channel = o.channel_id,
+                    seq = o.sequence_number,
+                    "share left unanswered: its record's outcome is unknown and the pool is stopping"
+                );
+                Ok(())
+            }
         }
     }
+}
+
+/// The `ehash:shares` record of a share `channels_sv2` accepted with `hash` on a channel
+/// locked to `locking_pubkey` (the pool's own per-share work after validation; `None` below
+/// `min_bits`).
+pub fn share_record(
+    hash: &sha256d::Hash,
+    template_id: u64,
+    locking_pubkey: LockingPubkey,
+    min_bits: u32,
+    share: &SubmitSharesExtendedOwned,
+    extranonce_prefix: &[u8],
+) -> Option<ShareRecord> {
+    let amount = share_amount(&hash.to_byte_array(), min_bits)?;
+    let rolled = share.extranonce.as_bytes();
+    let mut extranonce = String::with_capacity(2 * (extranonce_prefix.len() + rolled.len()));
+    extranonce.push_str(&hex::encode(extranonce_prefix));
+    extranonce.push_str(&hex::encode(rolled));
+    Some(ShareRecord {
+        share_hash: hash.to_string(),
+        template_id,
+        channel_id: share.channel_id,
+        locking_pubkey,
+        amount,
+        ntime: share.ntime,
+        version: share.version,
+        nonce: share.nonce,
+        extranonce,
+    })
 }
 
 /// Assemble and submit a found block in the background; the share is answered meanwhile.

@@ -2,6 +2,9 @@
 //! it changes (or every `refresh_secs` when the transactions changed), publish the newest to
 //! every connection through a watch channel, and keep each template's transactions so that a
 //! share that finds a block can be turned into a full block for `submitblock`.
+//!
+//! Template ids are `epoch << 32 | sequence` ([`ehash::template_id`]): the epoch is new at
+//! every pool start (from Redis), so ids never repeat across restarts.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::gbt::{self, BlockTemplate};
 use crate::metrics::PoolMetrics;
+use crate::sink::RecordSink;
 
 /// Templates kept for block submission and audits (several tips' worth).
 const KEPT_TEMPLATES: usize = 64;
@@ -104,11 +108,15 @@ pub struct TemplateSource {
     tx: watch::Sender<Option<Arc<TemplateRecord>>>,
     kick: Arc<Notify>,
     metrics: Arc<PoolMetrics>,
-    next_id: u64,
+    sink: RecordSink,
+    epoch: u32,
+    next_sequence: u32,
 }
 
 impl TemplateSource {
-    /// A source; `kick` makes it poll at once (after a block was submitted).
+    /// A source numbering its templates in pool epoch `epoch`; `kick` makes it poll at once
+    /// (after a block was submitted); `sink` hears when a tip is superseded.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rpc: Arc<BitcoinRpc>,
         rules: Vec<&'static str>,
@@ -117,6 +125,8 @@ impl TemplateSource {
         store: Arc<TemplateStore>,
         kick: Arc<Notify>,
         metrics: Arc<PoolMetrics>,
+        sink: RecordSink,
+        epoch: u32,
     ) -> (Self, watch::Receiver<Option<Arc<TemplateRecord>>>) {
         let (tx, rx) = watch::channel(None);
         (
@@ -129,15 +139,22 @@ impl TemplateSource {
                 tx,
                 kick,
                 metrics,
-                next_id: 1,
+                sink,
+                epoch,
+                next_sequence: 1,
             },
             rx,
         )
     }
 
-    /// Build the first template (fails if bitcoind cannot give one).
-    pub async fn first(&mut self) -> anyhow::Result<()> {
-        self.rebuild(None).await.map(|_| ())
+    /// Build the first template (fails if bitcoind cannot give one); returns its tip.
+    pub async fn first(&mut self) -> anyhow::Result<String> {
+        self.rebuild(None).await?;
+        self.tx
+            .borrow()
+            .as_ref()
+            .map(|r| r.prev_hash_display.clone())
+            .context("no template after the first build")
     }
 
     /// Poll until `shutdown`.
@@ -195,8 +212,11 @@ impl TemplateSource {
                 return Ok(false); // nothing new
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = ehash::template_id(self.epoch, self.next_sequence);
+        self.next_sequence = self
+            .next_sequence
+            .checked_add(1)
+            .context("4 billion templates in one pool process: restart the pool for a new epoch")?;
         let converted = gbt::convert(&gbt, id)?;
         let transactions = gbt
             .transactions
@@ -224,6 +244,9 @@ impl TemplateSource {
         );
         self.store.insert(record.clone());
         self.metrics.template_built();
+        if let Some(c) = current.filter(|c| c.prev_hash_display != record.prev_hash_display) {
+            self.sink.supersede(c.prev_hash_display.clone());
+        }
         let _ = self.tx.send(Some(record));
         Ok(true)
     }

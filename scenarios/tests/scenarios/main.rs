@@ -81,19 +81,19 @@ async fn run() -> anyhow::Result<()> {
             Box::pin(async move {
                 let mut problems = Vec::new();
                 if let Some(world) = world {
-                    if !allow_errors {
-                        problems = world.log_problems();
-                    }
+                    let found = world.sweep(allow_errors).await;
+                    problems = world
+                        .finish(&key, outcome == Outcome::Failed, found)
+                        .await;
                     if !problems.is_empty() {
                         outcome = Outcome::Failed;
                     }
-                    world.finish(&key, outcome == Outcome::Failed).await;
                 }
                 durations().finish(&key, outcome);
                 // The invariant sweep: a panic here fails the run as a hook error.
                 assert!(
                     problems.is_empty(),
-                    "{key}: errors in role logs:\n{}",
+                    "{key}: the invariant sweep failed:\n{}",
                     problems.join("\n")
                 );
             })

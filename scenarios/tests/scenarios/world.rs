@@ -1,6 +1,6 @@
 //! The cucumber World: owns the stacks of one scenario and what the steps remember.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{anyhow, Context};
 use bitcoin::{Address, BlockHash};
@@ -38,6 +38,17 @@ pub struct HarnessWorld {
     pub counter_before: Option<f64>,
     /// Rates measured by the scenario, printed in the report (name, shares/s).
     pub rates: Vec<(String, f64)>,
+    /// Unexpected exits the scenario caused on purpose, by (stack, process name): the sweep
+    /// fails on any other.
+    pub expected_exits: HashMap<(String, String), usize>,
+    /// An honest miner's accepted-share rate measured without faults.
+    pub baseline_rate: Option<f64>,
+    /// Restarts a process had before the last fault step (to count the new ones).
+    pub restarts_before: Option<u32>,
+    /// Channels the pool opened for the harness's own SV2 clients: (id, extranonce prefix).
+    pub sv2_channels: Vec<(u32, String)>,
+    /// The harness's SV2 clients, by name.
+    pub clients: BTreeMap<String, crate::steps::accounting::Client>,
 }
 
 impl HarnessWorld {
@@ -55,6 +66,11 @@ impl HarnessWorld {
             pool_options: PoolOptions::default(),
             counter_before: None,
             rates: Vec::new(),
+            expected_exits: HashMap::new(),
+            restarts_before: None,
+            baseline_rate: None,
+            sv2_channels: Vec::new(),
+            clients: BTreeMap::new(),
         })
     }
 
@@ -103,18 +119,92 @@ impl HarnessWorld {
             .ok_or_else(|| anyhow!("no stack {DEFAULT_STACK:?} in this scenario"))
     }
 
-    /// Panics and ERROR lines in the roles' logs of every stack (the invariant sweep).
-    pub fn log_problems(&self) -> Vec<String> {
-        self.stacks.values().flat_map(Stack::log_problems).collect()
+    /// The scenario is about to make process `process` of the default stack exit (kill -9,
+    /// a misbehaving miner cut off): the sweep expects one more unexpected exit of it.
+    pub fn expect_exit(&mut self, process: &str) {
+        *self
+            .expected_exits
+            .entry((DEFAULT_STACK.to_string(), process.to_string()))
+            .or_default() += 1;
     }
 
-    /// Called after the scenario: stop every stack; keep its data if the scenario failed.
-    pub async fn finish(&mut self, scenario: &str, failed: bool) {
+    /// The invariant sweep of every stack, while it still runs: error lines in any log
+    /// (unless `allow_errors`), unexpected exits beyond those the scenario caused, and the
+    /// share records checked against independent oracles.
+    pub async fn sweep(&self, allow_errors: bool) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (stack_name, stack) in &self.stacks {
+            stack.resume_paused();
+            if !allow_errors {
+                problems.extend(stack.log_problems());
+            }
+            let mut exits: HashMap<String, Vec<String>> = HashMap::new();
+            for (process, how) in stack.unexpected_exits() {
+                exits.entry(process).or_default().push(how);
+            }
+            for (process, hows) in exits {
+                let expected = self
+                    .expected_exits
+                    .get(&(stack_name.clone(), process.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                if hows.len() != expected {
+                    problems.push(format!(
+                        "stack {stack_name}: {process} exited unexpectedly {} time(s) ({}), the scenario caused {expected}",
+                        hows.len(),
+                        hows.join(", ")
+                    ));
+                }
+            }
+            let (Ok(pool), Ok(_), Ok(_)) = (stack.pool(), stack.redis(), stack.bitcoind()) else {
+                continue;
+            };
+            let mut channels = self.sv2_channels.clone();
+            let mut keys: Vec<_> = self.clients.values().map(|c| c.key).collect();
+            for (_, proxy) in stack.proxies() {
+                channels.extend(proxy.announced_channels());
+                keys.extend(proxy.locking_pubkey);
+            }
+            let min_bits = pool.config.min_bits;
+            match harness::invariants::sweep_records(stack, min_bits, &channels, &keys).await
+            {
+                Ok(report) => {
+                    println!(
+                        "[sweep] stack {stack_name}: {} share record(s) checked, {} of them by Bitcoin Core's proposal mode",
+                        report.records, report.proposals
+                    );
+                    problems.extend(
+                        report
+                            .problems
+                            .into_iter()
+                            .map(|p| format!("stack {stack_name}: {p}")),
+                    );
+                }
+                Err(e) => problems.push(format!("stack {stack_name}: record sweep failed: {e:#}")),
+            }
+        }
+        problems
+    }
+
+    /// Called after the scenario: stop every stack (a process that does not exit cleanly on
+    /// SIGTERM is a problem), keep its data if the scenario failed or a problem was found.
+    /// Returns the problems.
+    pub async fn finish(&mut self, scenario: &str, failed: bool, mut problems: Vec<String>) -> Vec<String> {
         for (name, rate) in &self.rates {
             println!("[scenario] {scenario}: {name} = {rate:.1} shares/s");
         }
-        for (name, stack) in std::mem::take(&mut self.stacks) {
-            match stack.shutdown(failed).await {
+        let mut stacks = std::mem::take(&mut self.stacks);
+        for (name, stack) in stacks.iter_mut() {
+            match stack.stop_all().await {
+                Ok(bad) => problems.extend(bad.into_iter().map(|(process, how)| {
+                    format!("stack {name}: {process} did not exit cleanly when stopped: {how}")
+                })),
+                Err(e) => problems.push(format!("stack {name}: stopping failed: {e:#}")),
+            }
+        }
+        let keep = failed || !problems.is_empty();
+        for (name, stack) in stacks {
+            match stack.shutdown(keep).await {
                 Ok(Some(dir)) => eprintln!(
                     "[scenario] {scenario}: stack {name} data kept in {}",
                     dir.display()
@@ -123,5 +213,6 @@ impl HarnessWorld {
                 Err(e) => eprintln!("[scenario] {scenario}: stopping stack {name} failed: {e:#}"),
             }
         }
+        problems
     }
 }

@@ -16,7 +16,12 @@ async fn pool_metric(w: &HarnessWorld, key: &str) -> anyhow::Result<f64> {
     Ok(w.default_stack()?.pool()?.metrics().await?.get(key))
 }
 
-async fn wait_metric_at_least(w: &HarnessWorld, key: &str, at_least: f64) -> anyhow::Result<()> {
+/// Wait until the pool's metric `key` is at least `at_least`.
+pub async fn wait_metric_at_least(
+    w: &HarnessWorld,
+    key: &str,
+    at_least: f64,
+) -> anyhow::Result<()> {
     let pool = w.default_stack()?.pool()?;
     wait_until(
         &format!("pool metric {key} >= {at_least}"),
@@ -39,6 +44,7 @@ fn disconnects(reason: &str) -> String {
 
 #[then(expr = "miner {string} is disconnected by the proxy")]
 async fn miner_disconnected(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.expect_exit(&format!("miner-{name}"));
     let miner = w.default_stack()?.miner(&name)?;
     wait_until(
         &format!("miner {name} to exit"),
@@ -101,19 +107,41 @@ async fn oversize(w: &mut HarnessWorld, len: usize) -> anyhow::Result<()> {
 
 #[when("the pool is killed with SIGKILL")]
 async fn kill_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    w.killed_generation = Some(w.default_stack()?.pool()?.process().kill9().await?);
+    w.expect_exit("pool");
+    let process = w.default_stack()?.pool()?.process();
+    let restarts = process.status().restarts;
+    let generation = process.kill9().await?;
+    w.restarts_before = Some(restarts);
+    w.killed_generation = Some(generation);
     Ok(())
 }
 
 #[then("the supervisor restarts the pool")]
 async fn pool_restarted(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let generation = w.killed_generation.context("the pool was not killed")?;
-    w.default_stack()?
+    let before = w.restarts_before.context("no restart count taken")?;
+    let status = w
+        .default_stack()?
         .pool()?
         .process()
         .wait_ready_after(generation, Duration::from_secs(30))
         .await?;
+    anyhow::ensure!(
+        status.restarts == before + 1 && status.generation == generation + 1,
+        "expected exactly one restart after the kill: {status:?} (restarts before: {before})"
+    );
+    anyhow::ensure!(
+        status.unexpected_exits.last().map(String::as_str) == Some("killed by SIGKILL"),
+        "the killed pool ended with {:?}",
+        status.unexpected_exits.last()
+    );
     Ok(())
+}
+
+/// Kill the pool with SIGKILL and wait until the supervisor restarted it exactly once.
+pub async fn kill_and_restart_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    kill_pool(w).await?;
+    pool_restarted(w).await
 }
 
 #[then(expr = "the pool counted a {string} disconnect")]
@@ -180,8 +208,13 @@ async fn measure_rate(w: &mut HarnessWorld, name: String, secs: u64) -> anyhow::
     let rate = honest_rate(w, &name, Duration::from_secs(secs)).await?;
     w.rates
         .push((format!("{name} accepted rate, no flood"), rate));
+    w.baseline_rate = Some(rate);
     Ok(())
 }
+
+/// Shares arrive as a Poisson process, so two windows of a few seconds differ by chance: the
+/// rate during a flood must keep at least this share of the baseline.
+const FLOOD_RATE_FLOOR: f64 = 0.5;
 
 #[when(
     expr = "SV2 clients flood shares for {int} seconds while the rate of miner {string} is measured"
@@ -214,9 +247,10 @@ async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<
         format!("{name} accepted rate, during flood ({sent} flood shares, {cut_off} cut-offs)"),
         rate,
     ));
+    let baseline = w.baseline_rate.context("no baseline rate measured")?;
     anyhow::ensure!(
-        rate > 0.0,
-        "miner {name} got no share accepted during the flood"
+        rate >= FLOOD_RATE_FLOOR * baseline,
+        "miner {name} got {rate:.1} shares/s accepted during the flood, below {FLOOD_RATE_FLOOR} x its baseline {baseline:.1}"
     );
     Ok(())
 }

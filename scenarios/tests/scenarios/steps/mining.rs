@@ -18,6 +18,9 @@ use crate::world::{HarnessWorld, DEFAULT_STACK};
 const MINING_TIMEOUT: Duration = Duration::from_secs(90);
 /// Hashrate of a capped test miner.
 const CAPPED_HASHRATE: f64 = 500_000.0;
+/// Hashrate of a slow test miner: about one block every 96 s on the private signet, so a
+/// scenario that needs the tip to stay put for a few seconds rarely sees it move.
+const SLOW_HASHRATE: f64 = 50_000.0;
 
 #[given("a signet stack with a pool")]
 async fn stack_with_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
@@ -78,6 +81,11 @@ async fn two_honest(
 #[given(expr = "an honest miner {string} behind proxy {string}")]
 async fn honest(w: &mut HarnessWorld, name: String, proxy: String) -> anyhow::Result<()> {
     start_miner(w, &name, &proxy, "honest", Some(CAPPED_HASHRATE)).await
+}
+
+#[given(expr = "a slow honest miner {string} behind proxy {string}")]
+async fn slow(w: &mut HarnessWorld, name: String, proxy: String) -> anyhow::Result<()> {
+    start_miner(w, &name, &proxy, "honest", Some(SLOW_HASHRATE)).await
 }
 
 #[given(expr = "an uncapped honest miner {string} behind proxy {string}")]

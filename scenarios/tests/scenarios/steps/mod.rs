@@ -1,8 +1,9 @@
 //! Step definitions, one module per domain (not per feature).
 
+pub mod accounting;
 mod chain;
-mod faults;
-mod mining;
+pub mod faults;
+pub mod mining;
 mod redis;
 mod supervisor;
 
@@ -29,6 +30,16 @@ impl FromStr for ChainParam {
 pub enum Role {
     Bitcoind,
     Redis,
+}
+
+impl Role {
+    /// The process name in the stack (`stack.json`).
+    pub fn process_name(self) -> &'static str {
+        match self {
+            Role::Bitcoind => "bitcoind",
+            Role::Redis => "redis",
+        }
+    }
 }
 
 impl FromStr for Role {

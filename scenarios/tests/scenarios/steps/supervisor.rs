@@ -33,7 +33,12 @@ async fn kill9(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
         let info = w.default_stack()?.bitcoind()?.chain_info().await?;
         w.tip_before = Some((info.blocks, info.bestblockhash));
     }
-    w.killed_generation = Some(process(w, role)?.kill9().await?);
+    w.expect_exit(role.process_name());
+    let p = process(w, role)?;
+    let restarts = p.status().restarts;
+    let generation = p.kill9().await?;
+    w.restarts_before = Some(restarts);
+    w.killed_generation = Some(generation);
     Ok(())
 }
 
@@ -41,10 +46,11 @@ async fn kill9(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
 async fn restarted(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
     let generation = w.killed_generation.context("nothing was killed")?;
     let p = process(w, role)?;
+    let before = w.restarts_before.context("no restart count taken")?;
     let status = p.wait_ready_after(generation, RESTART_TIMEOUT).await?;
     anyhow::ensure!(
-        status.restarts == 1,
-        "expected 1 restart, status {status:?}"
+        status.restarts == before + 1 && status.generation == generation + 1,
+        "expected exactly 1 restart, status {status:?} (restarts before: {before})"
     );
     anyhow::ensure!(
         status.last_exit.as_deref() == Some("killed by SIGKILL"),
@@ -70,12 +76,43 @@ async fn same_tip(w: &mut HarnessWorld) -> anyhow::Result<()> {
 
 #[when(expr = "{role} is paused")]
 async fn pause(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
-    process(w, role)?.pause()
+    let p = process(w, role)?;
+    p.pause()?;
+    wait_os_state(p, "stopped by SIGSTOP", |s| s == Some('T')).await
 }
 
 #[when(expr = "{role} is resumed")]
 async fn resume(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
-    process(w, role)?.resume()
+    let p = process(w, role)?;
+    p.resume()?;
+    wait_os_state(p, "running again after SIGCONT", |s| {
+        s.is_some_and(|c| c != 'T')
+    })
+    .await
+}
+
+/// Wait until the kernel reports the process in a state `ok` accepts.
+async fn wait_os_state(
+    p: &Supervised,
+    what: &str,
+    ok: fn(Option<char>) -> bool,
+) -> anyhow::Result<()> {
+    harness::wait::wait_until(
+        &format!("{} to be {what}", p.name()),
+        Duration::from_secs(5),
+        || {
+            let state = p.os_state();
+            async move {
+                if ok(state) {
+                    Ok(())
+                } else {
+                    Err(format!("/proc state {state:?}"))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 #[then(expr = "bitcoind RPC does not answer within {int} ms")]

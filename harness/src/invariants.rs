@@ -1,0 +1,270 @@
+//! The invariant sweep over what a stack wrote, with oracles that stand apart from the code
+//! under test:
+//!
+//! - amounts from the share hash's hex digits ([`expected_amount`], checked against known
+//!   block hashes), not from `ehash::share_amount`;
+//! - every share record's header rebuilt with rust-bitcoin from its template's audit task
+//!   (coinbase extranonce, version, time and nonce substituted) must hash to the recorded
+//!   share hash: this checks `template_id`, `ntime`, `version`, `nonce` and `extranonce`;
+//! - time and proposal checks by Bitcoin Core: every record's time is above its parent's
+//!   median time past, and a sample of shares on the current tip passes
+//!   `getblocktemplate {"mode":"proposal"}` (everything but proof of work);
+//! - one record per share hash, one audit task per template id, and each record's channel id
+//!   and extranonce prefix as the pool announced them to a client (proxy logs, harness
+//!   clients).
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{anyhow, Context};
+use bitcoin::block::Version;
+use bitcoin::consensus::encode::{deserialize, serialize};
+use bitcoin::{Block, ScriptBuf};
+use ehash::{AuditTask, ShareRecord, AUDIT_TASKS_STREAM, SHARES_STREAM};
+use redis::streams::StreamRangeReply;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+use crate::Stack;
+
+/// Shares on the current tip sent to `getblocktemplate` proposal mode per sweep.
+pub const PROPOSAL_SAMPLE: usize = 3;
+
+/// Leading zero bits of a block hash written in display order (as explorers print it),
+/// counted from its hex digits.
+pub fn leading_zero_bits_hex(hash: &str) -> Option<u32> {
+    let mut bits = 0;
+    for c in hash.chars() {
+        let v = c.to_digit(16)?;
+        if v == 0 {
+            bits += 4;
+        } else {
+            // A digit 1..=15 has 3, 2, 1 or 0 leading zero bits in its nibble.
+            bits += match v {
+                1 => 3,
+                2..=3 => 2,
+                4..=7 => 1,
+                _ => 0,
+            };
+            return Some(bits);
+        }
+    }
+    Some(bits)
+}
+
+/// What a share with this hash is worth under hashpool's rule
+/// (`2^(zeros - min_bits)`, capped at `2^63`), from the hex digits.
+pub fn expected_amount(hash: &str, min_bits: u32) -> Option<u64> {
+    let extra = leading_zero_bits_hex(hash)?.checked_sub(min_bits)?;
+    Some(1u64 << extra.min(63))
+}
+
+/// Every entry of a stream as field maps, in order.
+pub async fn stream_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> anyhow::Result<Vec<(String, HashMap<String, String>)>> {
+    let reply: StreamRangeReply = conn.xrange_all(stream).await?;
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .into_iter()
+                .map(|(k, v)| Ok((k, redis::from_redis_value(v)?)))
+                .collect::<Result<_, redis::RedisError>>()?;
+            Ok((e.id, fields))
+        })
+        .collect()
+}
+
+/// The block of `record`: its template's audit-task block with the share's extranonce,
+/// version, time and nonce.
+pub fn share_block(task: &AuditTask, record: &ShareRecord) -> anyhow::Result<Block> {
+    let mut block: Block = deserialize(&hex::decode(&task.block)?).context("audit task block")?;
+    let extranonce = hex::decode(&record.extranonce)?;
+    let coinbase = block.txdata.first_mut().context("block without coinbase")?;
+    let input = coinbase.input.first_mut().context("coinbase without input")?;
+    let script = input.script_sig.as_bytes();
+    let keep = script
+        .len()
+        .checked_sub(extranonce.len())
+        .context("coinbase scriptSig shorter than the extranonce")?;
+    let mut script = script[..keep].to_vec();
+    script.extend_from_slice(&extranonce);
+    input.script_sig = ScriptBuf::from_bytes(script);
+    block.header.version = Version::from_consensus(record.version as i32);
+    block.header.time = record.ntime;
+    block.header.nonce = record.nonce;
+    block.header.merkle_root = block
+        .compute_merkle_root()
+        .context("merkle root of the share's block")?;
+    Ok(block)
+}
+
+/// What the sweep found.
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    /// Broken invariants, one line each.
+    pub problems: Vec<String>,
+    /// Share records checked.
+    pub records: usize,
+    /// Shares Bitcoin Core checked in proposal mode.
+    pub proposals: usize,
+}
+
+/// Check every `ehash:shares` and `audit:tasks` record of `stack` (see the module docs).
+/// `channels` are the (channel id, extranonce prefix hex) pairs the pool announced to the
+/// stack's clients, `keys` the locking keys those clients sent.
+pub async fn sweep_records(
+    stack: &Stack,
+    min_bits: u32,
+    channels: &[(u32, String)],
+    keys: &[ehash::LockingPubkey],
+) -> anyhow::Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let mut conn = stack.redis()?.connect().await?;
+    let rpc = stack.bitcoind()?.rpc();
+
+    let mut tasks: BTreeMap<u64, AuditTask> = BTreeMap::new();
+    for (id, fields) in stream_entries(&mut conn, AUDIT_TASKS_STREAM).await? {
+        let task = AuditTask::from_fields(&fields).with_context(|| format!("audit task {id}"))?;
+        if tasks.contains_key(&task.template_id) {
+            report.problems.push(format!(
+                "template id {} has more than one audit task (entry {id})",
+                task.template_id
+            ));
+        }
+        tasks.insert(task.template_id, task);
+    }
+    let best: String = rpc.call("getbestblockhash", &[]).await?;
+    let mut mtp: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (id, fields) in stream_entries(&mut conn, SHARES_STREAM).await? {
+        let r = ShareRecord::from_fields(&fields).with_context(|| format!("share record {id}"))?;
+        report.records += 1;
+        if let Some(first) = seen.insert(r.share_hash.clone(), id.clone()) {
+            report.problems.push(format!(
+                "share {} has two records ({first} and {id})",
+                r.share_hash
+            ));
+        }
+        match expected_amount(&r.share_hash, min_bits) {
+            Some(a) if a == r.amount => {}
+            other => report.problems.push(format!(
+                "record {id}: amount {} but hash {} is worth {other:?} at min_bits {min_bits}",
+                r.amount, r.share_hash
+            )),
+        }
+        if !keys.contains(&r.locking_pubkey) {
+            report.problems.push(format!(
+                "record {id}: locking key {} is no client's key",
+                r.locking_pubkey
+            ));
+        }
+        if !channels
+            .iter()
+            .any(|(c, p)| *c == r.channel_id && r.extranonce.starts_with(p.as_str()))
+        {
+            report.problems.push(format!(
+                "record {id}: channel {} with extranonce {} was never announced to a client",
+                r.channel_id, r.extranonce
+            ));
+        }
+        let Some(task) = tasks.get(&r.template_id) else {
+            report.problems.push(format!(
+                "record {id}: template {} has no audit task",
+                r.template_id
+            ));
+            continue;
+        };
+        let block = match share_block(task, &r) {
+            Ok(b) => b,
+            Err(e) => {
+                report.problems.push(format!("record {id}: {e:#}"));
+                continue;
+            }
+        };
+        let hash = block.block_hash().to_string();
+        if hash != r.share_hash {
+            report.problems.push(format!(
+                "record {id}: its fields on template {} give block hash {hash}, not the recorded {}",
+                r.template_id, r.share_hash
+            ));
+            continue;
+        }
+        let parent_mtp = match mtp.get(&task.prev_hash) {
+            Some(t) => *t,
+            None => {
+                let h: Value = rpc.call("getblockheader", &[json!(task.prev_hash)]).await?;
+                let t = h["mediantime"]
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("no mediantime for {}", task.prev_hash))?;
+                mtp.insert(task.prev_hash.clone(), t);
+                t
+            }
+        };
+        if u64::from(r.ntime) <= parent_mtp {
+            report.problems.push(format!(
+                "record {id}: ntime {} is not above the parent's median time past {parent_mtp}",
+                r.ntime
+            ));
+        }
+        if task.prev_hash == best && report.proposals < PROPOSAL_SAMPLE {
+            let verdict: Value = rpc
+                .call(
+                    "getblocktemplate",
+                    &[json!({"mode": "proposal", "data": hex::encode(serialize(&block))})],
+                )
+                .await?;
+            match verdict {
+                Value::Null => report.proposals += 1,
+                Value::String(s) if s == "inconclusive-not-best-prevblk" => {}
+                other => report.problems.push(format!(
+                    "record {id}: Bitcoin Core refuses the share's block: {other}"
+                )),
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_bits_of_known_block_hashes() {
+        // Bitcoin's genesis block: 00000000 0019d668...: 8 zero digits, then 0 (4) and 1 (3).
+        let genesis = "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f";
+        assert_eq!(leading_zero_bits_hex(genesis), Some(43));
+        // Block 1: 00000000839a8e68...: 8 zero digits then 8 (no zero bit).
+        let one = "00000000839a8e6886ab5951d76f411475428afc90947ee320161bbf18eb6048";
+        assert_eq!(leading_zero_bits_hex(one), Some(32));
+        assert_eq!(expected_amount(genesis, 32), Some(2048));
+        assert_eq!(expected_amount(one, 32), Some(1));
+        assert_eq!(expected_amount(one, 33), None);
+        assert_eq!(expected_amount(&"0".repeat(64), 0), Some(1 << 63));
+        assert_eq!(leading_zero_bits_hex("4f"), Some(1));
+        assert_eq!(leading_zero_bits_hex("zz"), None);
+    }
+
+    #[test]
+    fn the_pool_rule_agrees_with_the_hex_oracle_on_known_hashes() {
+        for hash in [
+            "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f",
+            "00000000839a8e6886ab5951d76f411475428afc90947ee320161bbf18eb6048",
+            "0000000000000000000130ff4a4ee39a0c78d03e7baf5c5bde5d99e6c0c33b4f",
+        ] {
+            let mut internal: [u8; 32] = hex::decode(hash).unwrap().try_into().unwrap();
+            internal.reverse();
+            for min_bits in [16, 32, 40] {
+                assert_eq!(
+                    ehash::share_amount(&internal, min_bits),
+                    expected_amount(hash, min_bits),
+                    "{hash} at {min_bits}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+@accounting @mining @serial
+Feature: Exact share accounting: one record per share hash for the life of the pool, template ids that never repeat, an answer that always matches the write
+
+  The mint keys quotes on share hashes and the auditor keys verdicts on template ids, so both
+  are unique for the life of the pool, across channels, connections and restarts, and a share
+  is acknowledged if and only if its record is in Redis. The harness's own SV2 client mines
+  real shares and replays or tweaks them; Bitcoin Core and the client's header arithmetic are
+  the oracles. An honest miner mines alongside every attack.
+
+  Background:
+    Given a signet stack with a pool
+    And a proxy "alice" with a locking key
+    And a slow honest miner "honest" behind proxy "alice"
+    And an SV2 client "mallory" with a locking key and a channel
+
+  Scenario: accepted shares replayed on a second channel and after a pool restart on the same tip are never recorded twice
+    When client "mallory" has 3 shares accepted with ntime an hour ahead of the tip's minimum
+    And client "mallory" replays its accepted shares on a second channel
+    Then each replay on the second channel gives another header, above the target, and is refused with difficulty-too-low
+    When the pool is killed with SIGKILL and restarts on the same tip, and client "mallory" replays its accepted shares on a new channel with their extranonce prefix
+    Then every replayed share gives the same header and is refused with "duplicate-share"
+    And each share client "mallory" saw accepted has exactly one record locked to its key
+    And miner "honest" has 3 accepted shares
+
+  Scenario Outline: a share with <field> no valid block could have is refused with <code> and leaves no record
+    When client "mallory" submits a share with <field>
+    Then the share is refused with "<code>" and has no record
+    And Bitcoin Core refuses the same share's block with "<core reason>"
+    When the accepted shares of miner "honest" are counted
+    Then miner "honest" gets 2 more shares accepted
+
+    Examples:
+      | field                                   | code                             | core reason   |
+      | ntime two hours and two minutes ahead   | invalid-share                    | time-too-new  |
+      | ntime at the parent's median time past  | invalid-share                    | time-too-old  |
+      | version bit 31 set                      | invalid-non-rollable-version-bit | bad-version   |
+
+  Scenario: Redis paused past the append timeout and resumed: a share is acknowledged if and only if it has a record
+    Given an honest miner "busy" behind proxy "alice"
+    When miner "busy" has 3 accepted shares
+    And redis is paused
+    Then the pool loses the answer to at least one record append
+    And miner "busy" has 1 shares rejected with "ehash-record-unavailable"
+    When redis is resumed
+    Then the pool settles every append whose answer it lost
+    When the accepted shares of miner "busy" are counted
+    Then miner "busy" gets 3 more shares accepted
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+    And no ehash:shares record has a hash miner "busy" saw rejected
+
+  Scenario: the pool killed with SIGKILL twice never reuses a template id
+    When miner "honest" has 2 accepted shares
+    And the pool is killed with SIGKILL
+    Then the supervisor restarts the pool
+    When the accepted shares of miner "honest" are counted
+    Then miner "honest" gets 2 more shares accepted
+    When the pool is killed with SIGKILL
+    Then the supervisor restarts the pool
+    When the accepted shares of miner "honest" are counted
+    Then miner "honest" gets 2 more shares accepted
+    And the audit tasks come from 3 pool epochs and no template id names two templates
