@@ -156,10 +156,16 @@ async fn xadd_limit(config: &HarnessConfig) -> anyhow::Result<f64> {
     let mut conn = s.redis()?.connect().await?;
     let fields: Vec<(String, String)> = [
         ("v", "2"),
-        ("share_hash", "0000acbb810baac845669eb3984cca1ea9cf1ebcb6528cfa47566499d78da965"),
+        (
+            "share_hash",
+            "0000acbb810baac845669eb3984cca1ea9cf1ebcb6528cfa47566499d78da965",
+        ),
         ("template_id", "7709466296320000007"),
         ("channel_id", "3"),
-        ("locking_pubkey", "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"),
+        (
+            "locking_pubkey",
+            "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798",
+        ),
         ("amount", "16"),
         ("ntime", "1795000000"),
         ("version", "536887296"),
@@ -190,7 +196,9 @@ async fn main() -> anyhow::Result<()> {
     let limit = xadd_limit(&config).await?;
     println!("| measurement | value |");
     println!("|---|---|");
-    println!("| pipelined Redis XADD/s, 100 per pipeline (the limit of the record path) | {limit:.0} |");
+    println!(
+        "| pipelined Redis XADD/s, 100 per pipeline (the limit of the record path) | {limit:.0} |"
+    );
     for offered in [5_000.0, 10_000.0, 20_000.0, 40_000.0] {
         let (rate, pool_rss, proxy_rss) = throughput(&config, offered).await?;
         println!(

@@ -84,7 +84,10 @@ pub fn share_block(task: &AuditTask, record: &ShareRecord) -> anyhow::Result<Blo
     let mut block: Block = deserialize(&hex::decode(&task.block)?).context("audit task block")?;
     let extranonce = hex::decode(&record.extranonce)?;
     let coinbase = block.txdata.first_mut().context("block without coinbase")?;
-    let input = coinbase.input.first_mut().context("coinbase without input")?;
+    let input = coinbase
+        .input
+        .first_mut()
+        .context("coinbase without input")?;
     let script = input.script_sig.as_bytes();
     let keep = script
         .len()

@@ -455,7 +455,9 @@ impl Sv2Miner {
         s.sequence_number = seq;
         let key = (s.channel_id, seq);
         self.client
-            .send(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(s)))
+            .send(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(
+                s,
+            )))
             .await?;
         let deadline = Instant::now() + scaled(ANSWER_TIMEOUT);
         loop {

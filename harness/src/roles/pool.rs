@@ -39,7 +39,8 @@ impl Default for PoolOptions {
             shares_per_minute: 600.0,
             vardiff_interval_secs: 5,
             limits: PoolLimits::default(),
-            append_timeout_ms: hashpool_config::pool_side::RedisSection::default().append_timeout_ms,
+            append_timeout_ms: hashpool_config::pool_side::RedisSection::default()
+                .append_timeout_ms,
         }
     }
 }

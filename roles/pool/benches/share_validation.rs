@@ -89,7 +89,8 @@ fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
         .parse()
         .expect("key");
     let prefix = channel.get_extranonce_prefix().to_vec();
-    let tip: std::sync::Arc<str> = "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f".into();
+    let tip: std::sync::Arc<str> =
+        "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f".into();
     let extranonce = B032Owned::try_from(vec![0u8; usize::from(rollable)]).expect("extranonce");
     let start = Instant::now();
     let mut fields = 0usize;
@@ -110,8 +111,7 @@ fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
             Err(e) => panic!("share {nonce} refused: {e:?}"),
         };
         if pool_path {
-            let record =
-                pool::share_record(&hash, 1, key, 0, &share, &prefix).expect("min_bits 0");
+            let record = pool::share_record(&hash, 1, key, 0, &share, &prefix).expect("min_bits 0");
             let append = (tip.clone(), record.share_hash.clone(), record.to_fields());
             fields += append.2.len();
         } else {

@@ -98,7 +98,7 @@ async fn take_epoch(
             _ = &mut *shutdown => return Ok(None),
             r = result => match r {
                 Ok(epoch) => return Ok(Some(epoch)),
-                Err(e) if attempt == 1 || attempt % 30 == 0 => tracing::warn!(
+                Err(e) if attempt == 1 || attempt.is_multiple_of(30) => tracing::warn!(
                     "waiting for Redis at {} to take a pool epoch (attempt {attempt}): {e}",
                     config.redis.url
                 ),

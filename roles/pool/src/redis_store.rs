@@ -175,7 +175,11 @@ pub async fn supersede_stale_tips(
 }
 
 /// `EXPIRE key ttl LT` (never lengthens an expiry; a key without one gets it).
-pub fn expire_lt<'a>(pipe: &'a mut redis::Pipeline, key: &str, ttl_secs: u64) -> &'a mut redis::Pipeline {
+pub fn expire_lt<'a>(
+    pipe: &'a mut redis::Pipeline,
+    key: &str,
+    ttl_secs: u64,
+) -> &'a mut redis::Pipeline {
     pipe.cmd("EXPIRE").arg(key).arg(ttl_secs).arg("LT").ignore()
 }
 

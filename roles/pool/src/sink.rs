@@ -123,7 +123,7 @@ impl RecordSink {
     }
 }
 
-fn append_cmd<'a>(pipe: &'a mut redis::Pipeline, a: &ShareAppend, c: &SinkConfig) {
+fn append_cmd(pipe: &mut redis::Pipeline, a: &ShareAppend, c: &SinkConfig) {
     let cmd = pipe
         .cmd("FCALL")
         .arg("hashpool_append")
@@ -231,9 +231,7 @@ async fn writer(config: SinkConfig, mut rx: mpsc::Receiver<Command>, metrics: Ar
 }
 
 fn spawn_resolver(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetrics>) {
-    metrics
-        .redis_unknown_outcomes
-        .inc_by(batch.len() as u64);
+    metrics.redis_unknown_outcomes.inc_by(batch.len() as u64);
     tokio::spawn(resolve(config, batch, metrics));
 }
 
@@ -261,7 +259,11 @@ async fn resolve(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetri
             match tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(&mut c)).await
             {
                 Ok(Ok(v)) if v.len() == batch.len() => Ok(v),
-                Ok(Ok(v)) => Err(format!("{} answers for {} resolutions", v.len(), batch.len())),
+                Ok(Ok(v)) => Err(format!(
+                    "{} answers for {} resolutions",
+                    v.len(),
+                    batch.len()
+                )),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {:?}", config.timeout)),
             }
@@ -274,8 +276,11 @@ async fn resolve(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetri
         let values = match answer {
             Ok(v) if v.iter().all(|v| pair(v).is_some()) => v,
             other => {
-                if attempts == 1 || attempts % 20 == 0 {
-                    let why = other.err().map(|e| e.to_string()).unwrap_or_else(|| "malformed answer".into());
+                if attempts == 1 || attempts.is_multiple_of(20) {
+                    let why = other
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "malformed answer".into());
                     tracing::warn!(
                         "cannot resolve {} share record(s) yet (attempt {attempts}): {why}",
                         batch.len()
@@ -296,7 +301,11 @@ async fn resolve(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetri
                     "Redis did not answer in time; the record was fenced off".into(),
                 ))
             };
-            let label = if result.is_ok() { "recorded" } else { "refused" };
+            let label = if result.is_ok() {
+                "recorded"
+            } else {
+                "refused"
+            };
             metrics.redis_resolved.with_label_values(&[label]).inc();
             tracing::info!(share = %p.append.share_hash, "unknown append outcome resolved: {label}");
             let _ = p.done.send(result);

@@ -82,9 +82,7 @@ async fn run() -> anyhow::Result<()> {
                 let mut problems = Vec::new();
                 if let Some(world) = world {
                     let found = world.sweep(allow_errors).await;
-                    problems = world
-                        .finish(&key, outcome == Outcome::Failed, found)
-                        .await;
+                    problems = world.finish(&key, outcome == Outcome::Failed, found).await;
                     if !problems.is_empty() {
                         outcome = Outcome::Failed;
                     }

@@ -166,8 +166,7 @@ impl HarnessWorld {
                 keys.extend(proxy.locking_pubkey);
             }
             let min_bits = pool.config.min_bits;
-            match harness::invariants::sweep_records(stack, min_bits, &channels, &keys).await
-            {
+            match harness::invariants::sweep_records(stack, min_bits, &channels, &keys).await {
                 Ok(report) => {
                     println!(
                         "[sweep] stack {stack_name}: {} share record(s) checked, {} of them by Bitcoin Core's proposal mode",
@@ -189,7 +188,12 @@ impl HarnessWorld {
     /// Called after the scenario: stop every stack (a process that does not exit cleanly on
     /// SIGTERM is a problem), keep its data if the scenario failed or a problem was found.
     /// Returns the problems.
-    pub async fn finish(&mut self, scenario: &str, failed: bool, mut problems: Vec<String>) -> Vec<String> {
+    pub async fn finish(
+        &mut self,
+        scenario: &str,
+        failed: bool,
+        mut problems: Vec<String>,
+    ) -> Vec<String> {
         for (name, rate) in &self.rates {
             println!("[scenario] {scenario}: {name} = {rate:.1} shares/s");
         }

@@ -127,7 +127,9 @@ async fn mine_accepted(c: &mut Client, n: usize, ahead: u32) -> anyhow::Result<(
     Ok(())
 }
 
-#[when(expr = "client {string} has {int} shares accepted with ntime an hour ahead of the tip's minimum")]
+#[when(
+    expr = "client {string} has {int} shares accepted with ntime an hour ahead of the tip's minimum"
+)]
 async fn accepted_ahead(w: &mut HarnessWorld, name: String, n: usize) -> anyhow::Result<()> {
     mine_accepted(client(w, &name)?, n, REPLAY_NTIME_AHEAD_SECS).await
 }
@@ -213,7 +215,11 @@ async fn replay_after_restart(w: &mut HarnessWorld, name: String) -> anyhow::Res
         let c = client(w, &name)?;
         c.miner = miner;
         c.channel = channel;
-        let on_tip = c.miner.channels.get(&channel).and_then(|ch| ch.tip_display());
+        let on_tip = c
+            .miner
+            .channels
+            .get(&channel)
+            .and_then(|ch| ch.tip_display());
         if best != tip || on_tip.as_deref() != Some(tip.as_str()) {
             tracing::info!("attempt {attempt}: the tip moved from {tip} across the restart; again");
             continue;
@@ -253,7 +259,10 @@ async fn one_record_each(w: &mut HarnessWorld, name: String) -> anyhow::Result<(
     // `share_records` fails on a hash recorded twice.
     let records = share_records(w).await?;
     let c = client(w, &name)?;
-    anyhow::ensure!(!c.accepted.is_empty(), "client {name} had no share accepted");
+    anyhow::ensure!(
+        !c.accepted.is_empty(),
+        "client {name} had no share accepted"
+    );
     for share in &c.accepted {
         let r = records
             .get(&share.hash)
@@ -267,7 +276,9 @@ async fn one_record_each(w: &mut HarnessWorld, name: String) -> anyhow::Result<(
     Ok(())
 }
 
-#[when(regex = r#"^client "([^"]+)" submits a share with (ntime two hours and two minutes ahead|ntime at the parent's median time past|version bit 31 set)$"#)]
+#[when(
+    regex = r#"^client "([^"]+)" submits a share with (ntime two hours and two minutes ahead|ntime at the parent's median time past|version bit 31 set)$"#
+)]
 async fn tweaked_share(w: &mut HarnessWorld, name: String, tweak: String) -> anyhow::Result<()> {
     let rpc = w.default_stack()?.bitcoind()?.rpc();
     let info: Value = rpc.call("getblockchaininfo", &[]).await?;
@@ -333,7 +344,10 @@ async fn core_refuses(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()
         .context("no tweaked share")?;
     let c = w.clients.values().next().context("no client")?;
     let ch = c.miner.channels.get(&c.channel).context("no channel")?;
-    let job = ch.jobs.get(&share.share.job_id).context("the share's job is gone")?;
+    let job = ch
+        .jobs
+        .get(&share.share.job_id)
+        .context("the share's job is gone")?;
     anyhow::ensure!(
         job.merkle_path.is_empty(),
         "the template has transactions; this check needs an empty mempool"
@@ -374,8 +388,7 @@ async fn core_refuses(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()
 
 #[then(regex = r"^the pool loses the answer to at least one record append$")]
 async fn lost_answer(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    super::faults::wait_metric_at_least(w, "hashpool_pool_redis_unknown_outcomes_total", 1.0)
-        .await
+    super::faults::wait_metric_at_least(w, "hashpool_pool_redis_unknown_outcomes_total", 1.0).await
 }
 
 #[then("the pool settles every append whose answer it lost")]
