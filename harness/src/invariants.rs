@@ -9,7 +9,8 @@
 //! - time and proposal checks by Bitcoin Core: every record's time is above its parent's
 //!   median time past, and a sample of shares on the current tip passes
 //!   `getblocktemplate {"mode":"proposal"}` (everything but proof of work);
-//! - one record per share hash, one audit task per template id, and each record's channel id
+//! - one record per share hash, the tip's seen-hash naming that record's entry, one audit
+//!   task per template id, and each record's channel id
 //!   and extranonce prefix as the pool announced them to a client (proxy logs, harness
 //!   clients).
 
@@ -181,6 +182,16 @@ pub async fn sweep_records(
             ));
             continue;
         };
+        let seen: Option<String> = conn
+            .hget(ehash::seen_key(&task.prev_hash), &r.share_hash)
+            .await?;
+        match seen.as_deref().and_then(|v| v.split_once(' ')) {
+            Some((entry, _)) if entry == id => {}
+            _ => report.problems.push(format!(
+                "record {id}: the seen-hash of its tip says {seen:?} for share {}, not this entry",
+                r.share_hash
+            )),
+        }
         let block = match share_block(task, &r) {
             Ok(b) => b,
             Err(e) => {

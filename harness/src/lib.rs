@@ -16,6 +16,7 @@
 pub mod binaries;
 pub mod bitcoind;
 pub mod config;
+pub mod fault_proxy;
 pub mod faucet;
 pub mod http;
 pub mod invariants;

@@ -33,7 +33,9 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Spawn redis-server (`appendonly yes`, `appendfsync everysec`, no RDB snapshots) and
+    /// Spawn redis-server (`appendonly yes`, `appendfsync always`: a write Redis answered is
+    /// on disk, so an acknowledged share's record survives even a machine crash; no RDB
+    /// snapshots; `maxmemory-policy noeviction`, which the pool requires) and
     /// wait until it answers PING.
     pub async fn start(opts: RedisOptions) -> anyhow::Result<Self> {
         let datadir = opts.dir.join("data");
@@ -49,7 +51,9 @@ impl Redis {
             .arg("--appendonly")
             .arg("yes")
             .arg("--appendfsync")
-            .arg("everysec")
+            .arg("always")
+            .arg("--maxmemory-policy")
+            .arg("noeviction")
             .arg("--save")
             .arg("")
             .arg("--daemonize")

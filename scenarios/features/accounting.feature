@@ -8,7 +8,7 @@ Feature: Exact share accounting: one record per share hash for the life of the p
   the oracles. An honest miner mines alongside every attack.
 
   Background:
-    Given a signet stack with a pool
+    Given a signet stack with a pool that reaches Redis through a fault proxy
     And a proxy "alice" with a locking key
     And a slow honest miner "honest" behind proxy "alice"
     And an SV2 client "mallory" with a locking key and a channel
@@ -48,6 +48,19 @@ Feature: Exact share accounting: one record per share hash for the life of the p
     When the miners stop
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "busy" saw rejected
+
+  Scenario: requests to Redis held past the append timeout are fenced off: the shares are refused, and once delivered the requests write nothing
+    Given an honest miner "busy" behind proxy "alice"
+    When miner "busy" has 3 accepted shares
+    And the fault proxy holds the pool's requests to Redis
+    Then the pool loses the answer to at least one record append
+    And the pool settles every append whose answer it lost, fencing off at least 1
+    When the fault proxy delivers the held requests and Redis has acted on them
+    And the accepted shares of miner "busy" are counted
+    Then miner "busy" gets 3 more shares accepted
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+    And the miners saw 1 share rejected with "ehash-record-unavailable", none of them recorded
 
   Scenario: the pool killed with SIGKILL twice never reuses a template id
     When miner "honest" has 2 accepted shares

@@ -8,14 +8,18 @@
 //!   template id is ever reused.
 //! - **Share hashes** are recorded at most once: the pool appends a share record only if the
 //!   hash is absent from the hash [`seen_key`] of the share's tip, in one Redis function with
-//!   the `XADD`. The field's value is the stream entry id, or [`REFUSED_MARK`] when the pool
-//!   fenced off an append whose outcome it did not learn.
+//!   the `XADD`. The field's value is `<stream entry id> <append token>`, or [`REFUSED_MARK`]
+//!   when the pool fenced off an append whose outcome it did not learn. A record is written
+//!   only once its template's audit task is in ([`audit_marker_key`]).
 
 /// Redis key holding the last pool epoch.
 pub const EPOCH_KEY: &str = "ehash:pool:epoch";
 
 /// Prefix of the per-tip hashes of seen share hashes.
 pub const SEEN_KEY_PREFIX: &str = "ehash:seen:";
+
+/// Prefix of the per-template markers that say the template's audit task is in.
+pub const AUDIT_MARKER_PREFIX: &str = "ehash:audited:";
 
 /// Value of a share hash that was fenced off (refused) rather than recorded.
 pub const REFUSED_MARK: &str = "refused";
@@ -33,6 +37,11 @@ pub fn template_epoch(template_id: u64) -> u32 {
 /// Redis key of the share hashes seen on the tip `prev_hash` (display order hex).
 pub fn seen_key(prev_hash: &str) -> String {
     format!("{SEEN_KEY_PREFIX}{prev_hash}")
+}
+
+/// Redis key marking that template `template_id`'s audit task was appended.
+pub fn audit_marker_key(template_id: u64) -> String {
+    format!("{AUDIT_MARKER_PREFIX}{template_id}")
 }
 
 #[cfg(test)]

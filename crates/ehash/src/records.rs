@@ -9,8 +9,8 @@ use crate::tlv::LockingPubkey;
 /// `extranonce` were added, so anyone holding the template's audit task can rebuild the
 /// share's header and check its hash; `template_id` carries the pool epoch).
 pub const SHARE_RECORD_VERSION: u32 = 2;
-/// Schema version of [`AuditTask`].
-pub const AUDIT_TASK_VERSION: u32 = 1;
+/// Schema version of [`AuditTask`] (2: `payout_sats` was added).
+pub const AUDIT_TASK_VERSION: u32 = 2;
 
 /// A record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +99,8 @@ pub struct AuditTask {
     pub block: String,
     /// Output script the pool requires in the coinbase, hex.
     pub payout_script: String,
+    /// What the coinbase must pay to `payout_script` at least, satoshis.
+    pub payout_sats: u64,
 }
 
 fn get<'a>(f: &'a HashMap<String, String>, k: &'static str) -> Result<&'a str, RecordError> {
@@ -197,6 +199,7 @@ impl AuditTask {
             ("height", self.height.to_string()),
             ("block", self.block.clone()),
             ("payout_script", self.payout_script.clone()),
+            ("payout_sats", self.payout_sats.to_string()),
         ]
     }
 
@@ -220,6 +223,7 @@ impl AuditTask {
             height: parse(f, "height")?,
             block: hex_field(f, "block", None)?,
             payout_script: hex_field(f, "payout_script", None)?,
+            payout_sats: parse(f, "payout_sats")?,
         })
     }
 }
@@ -270,10 +274,11 @@ mod tests {
             height: 111,
             block: "0100".into(),
             payout_script: "0014".to_string() + &"11".repeat(20),
+            payout_sats: 5_000_000_000,
         };
         let fields = t.to_fields();
         insta::with_settings!({snapshot_path => "../../../fixtures/snapshots"}, {
-            insta::assert_yaml_snapshot!("audit_tasks_record_v1", fields);
+            insta::assert_yaml_snapshot!("audit_tasks_record_v2", fields);
         });
         assert_eq!(AuditTask::from_fields(&map(&fields)).unwrap(), t);
     }

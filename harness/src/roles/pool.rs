@@ -13,7 +13,6 @@ use crate::bitcoind::{Bitcoind, RPC_USER};
 use crate::http::{self, Metrics};
 use crate::keys::{authority_keys, AuthorityKeys};
 use crate::process::ProcessSpec;
-use crate::redis::Redis;
 use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
 
 /// Knobs scenarios turn.
@@ -29,6 +28,8 @@ pub struct PoolOptions {
     pub limits: PoolLimits,
     /// Time the pool waits for Redis to confirm a batch before resolving its outcome.
     pub append_timeout_ms: u64,
+    /// Put a fault proxy between the pool and Redis (`Stack::redis_fault_proxy`).
+    pub redis_via_fault_proxy: bool,
 }
 
 impl Default for PoolOptions {
@@ -41,6 +42,7 @@ impl Default for PoolOptions {
             limits: PoolLimits::default(),
             append_timeout_ms: hashpool_config::pool_side::RedisSection::default()
                 .append_timeout_ms,
+            redis_via_fault_proxy: false,
         }
     }
 }
@@ -67,7 +69,7 @@ impl PoolRole {
         dir: &Path,
         ports: (u16, u16),
         bitcoind: &Bitcoind,
-        redis: &Redis,
+        redis_url: String,
         opts: &PoolOptions,
         timeouts: (Duration, Duration),
     ) -> anyhow::Result<Self> {
@@ -93,7 +95,7 @@ impl PoolRole {
                 ..Default::default()
             },
             redis: hashpool_config::pool_side::RedisSection {
-                url: redis.url(),
+                url: redis_url,
                 append_timeout_ms: opts.append_timeout_ms,
                 ..Default::default()
             },

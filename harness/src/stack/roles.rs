@@ -4,6 +4,7 @@
 use anyhow::{anyhow, Context};
 
 use super::{RoleSummary, Stack};
+use crate::fault_proxy::FaultProxy;
 use crate::roles::{MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole};
 use crate::supervisor::Supervised;
 
@@ -16,13 +17,21 @@ impl Stack {
             self.name
         );
         let (sv2, metrics) = (self.allocator.allocate()?, self.allocator.allocate()?);
+        let mut redis_url = self.redis()?.url();
+        if opts.redis_via_fault_proxy {
+            let port = self.allocator.allocate()?;
+            let target = format!("127.0.0.1:{}", self.redis()?.port());
+            let proxy = FaultProxy::start(&format!("127.0.0.1:{}", port.port()), &target).await?;
+            redis_url = format!("redis://{}", proxy.addr());
+            self.ports.push(port);
+            self.redis_fault = Some(proxy);
+        }
         let bitcoind = self.bitcoind()?;
-        let redis = self.redis()?;
         let pool = PoolRole::start(
             &self.dir.join("pool"),
             (sv2.port(), metrics.port()),
             bitcoind,
-            redis,
+            redis_url,
             opts,
             self.timeouts,
         )
@@ -113,6 +122,14 @@ impl Stack {
         self.miners
             .get(name)
             .ok_or_else(|| anyhow!("no miner {name:?} on stack {}", self.name))
+    }
+
+    /// The fault proxy between the pool and Redis (started with
+    /// `PoolOptions::redis_via_fault_proxy`).
+    pub fn redis_fault_proxy(&self) -> anyhow::Result<&FaultProxy> {
+        self.redis_fault
+            .as_ref()
+            .ok_or_else(|| anyhow!("the pool of stack {} talks to Redis directly", self.name))
     }
 
     /// Every proxy, by name.

@@ -16,6 +16,7 @@ pub mod redis_store;
 mod server;
 mod setup;
 mod shares;
+mod resolve;
 mod sink;
 mod template;
 
@@ -77,6 +78,8 @@ fn authority(config: &PoolConfig) -> anyhow::Result<([u8; 32], [u8; 32])> {
     Ok((public.into_bytes(), secret.into_bytes()))
 }
 
+/// How long a stopping pool waits for share records still being written or resolved.
+const SINK_GRACE: Duration = Duration::from_secs(5);
 /// Longest pause between two attempts to reach Redis at start-up.
 const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -91,13 +94,14 @@ async fn take_epoch(
     let mut backoff = Duration::from_millis(100);
     for attempt in 1u32.. {
         let result = async {
-            let mut conn = redis_store::connect(&config.redis.url, timeout).await?;
+            let mut conn = redis_store::prepare(&config.redis.url, timeout).await?;
             redis_store::new_epoch(&mut conn).await
         };
         tokio::select! {
             _ = &mut *shutdown => return Ok(None),
             r = result => match r {
                 Ok(epoch) => return Ok(Some(epoch)),
+                Err(e) if e.what == "maxmemory-policy" || e.what == "epoch" => bail!("Redis at {}: {e}", config.redis.url),
                 Err(e) if attempt == 1 || attempt.is_multiple_of(30) => tracing::warn!(
                     "waiting for Redis at {} to take a pool epoch (attempt {attempt}): {e}",
                     config.redis.url
@@ -129,24 +133,18 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         .map_err(|e| anyhow!("payout_address is not a {net} address: {e}"))?
         .script_pubkey();
     let metrics = Arc::new(metrics::PoolMetrics::new()?);
-    let Some(epoch) = take_epoch(&config, &mut shutdown).await? else {
-        return Ok(());
-    };
-    let sink = sink::RecordSink::spawn(
-        sink::SinkConfig {
-            url: config.redis.url.clone(),
-            batch_max: config.redis.batch_max,
-            timeout: Duration::from_millis(config.redis.append_timeout_ms),
-            seen_idle_secs: config.redis.seen_idle_secs,
-            seen_after_new_tip_secs: config.redis.seen_after_new_tip_secs,
-        },
-        metrics.clone(),
-    );
     let rpc = Arc::new(BitcoinRpc::new(
         &config.bitcoind.rpc_url,
         &config.bitcoind.rpc_user,
         config.bitcoind.rpc_password.expose(),
     )?);
+    // bitcoind first: a pool that cannot get templates must not spend a Redis epoch.
+    rpc.call::<u64>("getblockcount", &[])
+        .await
+        .with_context(|| format!("bitcoind at {} does not answer", config.bitcoind.rpc_url))?;
+    let Some(epoch) = take_epoch(&config, &mut shutdown).await? else {
+        return Ok(());
+    };
     let rules: Vec<&'static str> = if config.bitcoind.chain == "signet" {
         vec!["segwit", "signet"]
     } else {
@@ -162,7 +160,6 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         store.clone(),
         kick.clone(),
         metrics.clone(),
-        sink.clone(),
         epoch,
     );
     let tip = source.first().await.with_context(|| {
@@ -172,6 +169,18 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         )
     })?;
     supersede_stale_tips(&config, &tip).await;
+    let (sink, sink_tasks) = sink::RecordSink::spawn(
+        sink::SinkConfig {
+            url: config.redis.url.clone(),
+            batch_max: config.redis.batch_max,
+            timeout: Duration::from_millis(config.redis.append_timeout_ms),
+            seen_idle_secs: config.redis.seen_idle_secs,
+            seen_after_new_tip_secs: config.redis.seen_after_new_tip_secs,
+        },
+        epoch,
+        templates.clone(),
+        metrics.clone(),
+    );
     let allocator = ExtranonceAllocator::new(
         EXTRANONCE_LOCAL_PREFIX.to_vec(),
         EXTRANONCE_TOTAL_LEN,
@@ -215,6 +224,8 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
     stop.cancel();
     let _ = accept_task.await;
     let _ = source_task.await;
+    // Every connection is gone: let the record writer settle what it holds.
+    sink_tasks.finish(SINK_GRACE).await;
     let _ = metrics_task.await;
     Ok(())
 }

@@ -166,6 +166,7 @@ impl Connection {
                         height: rec.height,
                         block: hex::encode(bytes),
                         payout_script: hex::encode(ctx.payout.as_bytes()),
+                        payout_sats: rec.coinbase_value,
                     })
                 });
                 if task.is_none() {
@@ -181,7 +182,7 @@ impl Connection {
         };
 
         let (channel_id, sequence_number) = (s.channel_id, s.sequence_number);
-        let Some((tip, record)) = record else {
+        let (Some((tip, record)), Some(template_id)) = (record, template_id) else {
             // No locking key (or no template): nothing to record, the share earns nothing.
             self.pending.push(Box::pin(async move {
                 ShareOutcome {
@@ -201,7 +202,7 @@ impl Connection {
                     tip,
                     share_hash: record.share_hash.clone(),
                     record: record.to_fields(),
-                    audit: audit.map(|a| a.to_fields()),
+                    audit: (template_id, audit.map(|a| a.to_fields())),
                 })
                 .await;
             if !matches!(result, Ok(Appended::Recorded)) {
@@ -219,6 +220,15 @@ impl Connection {
                         "share hash already recorded (replayed share): duplicate-share"
                     );
                     Answer::Reject(ERROR_DUPLICATE_SHARE)
+                }
+                Ok(Appended::NoAuditTask) => {
+                    tracing::warn!(
+                        channel = channel_id,
+                        seq = sequence_number,
+                        template = template_id,
+                        "share refused: its template's audit task is not in Redis yet"
+                    );
+                    Answer::Reject(ERROR_RECORD_UNAVAILABLE)
                 }
                 Err(AppendError::NotRecorded(e)) => {
                     tracing::warn!(

@@ -1,30 +1,37 @@
 //! Durable share records: a task that appends records to Redis in pipelined batches through
-//! the `hashpool_append` function (set-if-absent on the share hash, then `XADD`, atomically)
-//! and tells each caller what happened. The pool answers a share only from that answer:
+//! the `hashpool_append` function (the template's audit task once, then set-if-absent on the
+//! share hash and `XADD`, atomically) and tells each caller what happened. The pool answers a
+//! share only from that answer:
 //!
 //! - Redis ran the function: the record is in (`Recorded`), or the hash was seen before and
 //!   nothing was written (`Duplicate`).
-//! - Nothing was sent (no connection): the record is not in and never will be.
+//! - Redis refused to run it (out of memory, read-only, ...) or nothing was sent (no
+//!   connection): the record is not in and never will be.
 //! - The batch was sent but no answer came within `append_timeout_ms` (Redis slow, paused,
-//!   or the connection broke): the outcome is unknown. The batch goes to a resolver that
-//!   calls `hashpool_resolve` for each share until Redis answers: it marks the hash `refused`
-//!   unless the append landed, so an append still queued in Redis can no longer land. The
-//!   share is answered only then. A record without an ack, or an ack without a record,
-//!   cannot happen.
+//!   or the connection broke): the outcome is unknown. The appends go to the resolver
+//!   (`resolve.rs`), which settles each with `hashpool_resolve` as soon as Redis answers: a
+//!   hash without an entry is marked refused, so an append still queued in Redis can no
+//!   longer land. The share is answered only then.
+//!
+//! The writer also keeps the seen hashes' expiries: the current tip's is renewed, a tip the
+//! pool left gets the short one (see `redis_store.rs`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ehash::{seen_key, AUDIT_TASKS_STREAM, SHARES_STREAM};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::PoolMetrics;
-use crate::redis_store::{self, expire_lt, pair};
+use crate::redis_store::{self, expire_lt, not_run, pair, unix_secs};
+use crate::resolve::Resolver;
+use crate::template::TemplateRecord;
 
-/// Longest pause between two attempts to resolve an unknown outcome.
-const MAX_RESOLVE_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the current tip's seen hashes get their idle expiry renewed without shares.
+const RENEW_CURRENT_TIP: Duration = Duration::from_secs(3600);
 
 /// One share's records.
 #[derive(Debug, Clone)]
@@ -35,8 +42,8 @@ pub struct ShareAppend {
     pub share_hash: String,
     /// `ehash:shares` fields.
     pub record: Vec<(&'static str, String)>,
-    /// `audit:tasks` fields, for the first share of a template.
-    pub audit: Option<Vec<(&'static str, String)>>,
+    /// The template's audit task: its id, and its fields for the first share of a template.
+    pub audit: (u64, Option<Vec<(&'static str, String)>>),
 }
 
 /// What Redis did with an append.
@@ -46,16 +53,19 @@ pub enum Appended {
     Recorded,
     /// The share hash was seen before on this tip: nothing was written.
     Duplicate,
+    /// The template has no audit task yet (its first append did not land): not recorded.
+    NoAuditTask,
 }
 
 /// Why a record is not in Redis.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
-    /// Not written, and it never will be (not sent, or fenced off after its answer was lost).
+    /// Not written, and it never will be (not sent, refused by Redis, or fenced off after
+    /// its answer was lost).
     #[error("not recorded: {0}")]
     NotRecorded(String),
-    /// The writer stopped (pool shutting down) before the outcome was known.
-    #[error("record writer stopped before the outcome was known")]
+    /// The pool stopped before the outcome was known.
+    #[error("the pool stopped before the record's outcome was known")]
     Stopped,
 }
 
@@ -74,37 +84,76 @@ pub struct SinkConfig {
     pub seen_after_new_tip_secs: u64,
 }
 
-enum Command {
-    Append(Pending),
-    Supersede(String),
-}
-
-struct Pending {
-    append: ShareAppend,
-    done: oneshot::Sender<Result<Appended, AppendError>>,
+/// An append on its way, with the token that tells its entry from another append's.
+pub(crate) struct Pending {
+    pub append: ShareAppend,
+    pub token: String,
+    /// Unix time (s) before the append was sent.
+    pub sent: u64,
+    pub done: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
 /// Handle to the record writer.
 #[derive(Clone)]
 pub struct RecordSink {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Pending>,
     metrics: Arc<PoolMetrics>,
 }
 
+/// The writer and resolver tasks, to wait for at shutdown.
+pub struct SinkTasks {
+    writer: tokio::task::JoinHandle<()>,
+    resolver: tokio::task::JoinHandle<()>,
+}
+
+impl SinkTasks {
+    /// Wait (at most `grace`) until every append handed over was answered or resolved.
+    /// Call after every `RecordSink` clone was dropped.
+    pub async fn finish(self, grace: Duration) {
+        let all = async {
+            let _ = self.writer.await;
+            let _ = self.resolver.await;
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                "share records still unresolved {grace:?} after shutdown: their shares stay unanswered"
+            );
+        }
+    }
+}
+
 impl RecordSink {
-    /// Start the writer.
-    pub fn spawn(config: SinkConfig, metrics: Arc<PoolMetrics>) -> Self {
+    /// Start the writer for pool epoch `epoch`; `templates` says which tip is current.
+    pub fn spawn(
+        config: SinkConfig,
+        epoch: u32,
+        templates: watch::Receiver<Option<Arc<TemplateRecord>>>,
+        metrics: Arc<PoolMetrics>,
+    ) -> (Self, SinkTasks) {
         let (tx, rx) = mpsc::channel(config.batch_max * 64);
-        tokio::spawn(writer(config, rx, metrics.clone()));
-        Self { tx, metrics }
+        let (resolver, resolver_task) = Resolver::spawn(config.clone(), metrics.clone());
+        let writer = tokio::spawn(writer(config, epoch, rx, templates, resolver, metrics.clone()));
+        (
+            Self { tx, metrics },
+            SinkTasks {
+                writer,
+                resolver: resolver_task,
+            },
+        )
     }
 
     /// Append one share's records; returns once Redis has decided (see the module docs).
     pub async fn append(&self, append: ShareAppend) -> Result<Appended, AppendError> {
         let started = Instant::now();
         let (done, wait) = oneshot::channel();
+        let pending = Pending {
+            append,
+            token: String::new(),
+            sent: 0,
+            done,
+        };
         self.tx
-            .send(Command::Append(Pending { append, done }))
+            .send(pending)
             .await
             .map_err(|_| AppendError::NotRecorded("record writer stopped".into()))?;
         let result = wait.await.unwrap_or(Err(AppendError::Stopped));
@@ -115,54 +164,123 @@ impl RecordSink {
         }
         result
     }
-
-    /// The pool moved on from tip `prev_hash`: its seen hashes get the short expiry.
-    pub fn supersede(&self, prev_hash: String) {
-        // Best effort: a lost supersede only leaves the hash to its idle expiry.
-        let _ = self.tx.try_send(Command::Supersede(prev_hash));
-    }
 }
 
-fn append_cmd(pipe: &mut redis::Pipeline, a: &ShareAppend, c: &SinkConfig) {
+/// Add the `hashpool_append` call of `a` to `pipe`.
+pub fn append_cmd(pipe: &mut redis::Pipeline, a: &ShareAppend, token: &str, c: &SinkConfig) {
     let cmd = pipe
         .cmd("FCALL")
         .arg("hashpool_append")
-        .arg(3)
+        .arg(4)
         .arg(seen_key(&a.tip))
         .arg(SHARES_STREAM)
         .arg(AUDIT_TASKS_STREAM)
+        .arg(ehash::ids::audit_marker_key(a.audit.0))
         .arg(&a.share_hash)
+        .arg(token)
         .arg(c.seen_idle_secs)
         .arg(c.seen_after_new_tip_secs)
         .arg(a.record.len() * 2);
     for (k, v) in &a.record {
         cmd.arg(*k).arg(v);
     }
-    for (k, v) in a.audit.iter().flatten() {
+    for (k, v) in a.audit.1.iter().flatten() {
         cmd.arg(*k).arg(v);
     }
 }
 
-/// The answer of `hashpool_append`, or `None` if it is not one (outcome unknown).
-fn appended(v: &Value) -> Option<Appended> {
+/// How one `hashpool_append` answer settles its share: `None` means unknown.
+fn settle(v: &Value) -> Option<Result<Appended, AppendError>> {
+    if let Value::ServerError(e) = v {
+        let text = format!("{e:?}");
+        return not_run(&text).then(|| Err(AppendError::NotRecorded(format!("redis: {text}"))));
+    }
     match pair(v)?.0.as_str() {
-        "recorded" => Some(Appended::Recorded),
-        "duplicate" => Some(Appended::Duplicate),
+        "recorded" => Some(Ok(Appended::Recorded)),
+        "duplicate" => Some(Ok(Appended::Duplicate)),
+        "no-audit" => Some(Ok(Appended::NoAuditTask)),
         _ => None,
     }
 }
 
-async fn writer(config: SinkConfig, mut rx: mpsc::Receiver<Command>, metrics: Arc<PoolMetrics>) {
-    let mut conn: Option<MultiplexedConnection> = None;
-    let mut superseded: Vec<String> = Vec::new();
-    let mut commands = Vec::with_capacity(config.batch_max);
-    while rx.recv_many(&mut commands, config.batch_max).await > 0 {
-        let mut batch = Vec::with_capacity(commands.len());
-        for c in commands.drain(..) {
-            match c {
-                Command::Append(p) => batch.push(p),
-                Command::Supersede(tip) => superseded.push(tip),
+/// Tip expiry bookkeeping: the tip whose seen hashes were last renewed, and tips to supersede.
+#[derive(Default)]
+struct Tips {
+    renewed: Option<(Arc<str>, Instant)>,
+    superseded: Vec<Arc<str>>,
+}
+
+impl Tips {
+    /// Note the pool's current tip; returns whether expiry commands are due.
+    fn observe(&mut self, current: Option<Arc<str>>) -> bool {
+        let Some(current) = current else {
+            return !self.superseded.is_empty();
+        };
+        match &self.renewed {
+            Some((tip, at)) if *tip == current => {
+                at.elapsed() >= RENEW_CURRENT_TIP || !self.superseded.is_empty()
             }
+            Some((old, _)) => {
+                let old = old.clone();
+                self.superseded.retain(|t| *t != current);
+                self.superseded.push(old);
+                self.renewed = Some((current, Instant::now() - RENEW_CURRENT_TIP));
+                true
+            }
+            None => {
+                self.renewed = Some((current, Instant::now() - RENEW_CURRENT_TIP));
+                true
+            }
+        }
+    }
+
+    fn add_commands(&self, pipe: &mut redis::Pipeline, c: &SinkConfig) {
+        for tip in &self.superseded {
+            expire_lt(pipe, &seen_key(tip), c.seen_after_new_tip_secs);
+        }
+        if let Some((tip, _)) = &self.renewed {
+            pipe.cmd("EXPIRE")
+                .arg(seen_key(tip))
+                .arg(c.seen_idle_secs)
+                .ignore();
+        }
+    }
+
+    fn done(&mut self) {
+        self.superseded.clear();
+        if let Some((_, at)) = &mut self.renewed {
+            *at = Instant::now();
+        }
+    }
+}
+
+async fn writer(
+    config: SinkConfig,
+    epoch: u32,
+    mut rx: mpsc::Receiver<Pending>,
+    mut templates: watch::Receiver<Option<Arc<TemplateRecord>>>,
+    resolver: Resolver,
+    metrics: Arc<PoolMetrics>,
+) {
+    static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut tips = Tips::default();
+    let mut batch = Vec::with_capacity(config.batch_max);
+    let mut source_open = true;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, config.batch_max) => if n == 0 { break },
+            changed = templates.changed(), if source_open => source_open = changed.is_ok(),
+            // Renew the current tip's expiry even when no share comes.
+            _ = tokio::time::sleep(RENEW_CURRENT_TIP) => {}
+        }
+        let current = templates
+            .borrow_and_update()
+            .as_ref()
+            .map(|t| Arc::<str>::from(t.prev_hash_display.as_str()));
+        let expiries_due = tips.observe(current);
+        if batch.is_empty() && !expiries_due {
+            continue;
         }
         if conn.is_none() {
             match redis_store::connect(&config.url, config.timeout).await {
@@ -173,7 +291,7 @@ async fn writer(config: SinkConfig, mut rx: mpsc::Receiver<Command>, metrics: Ar
                     if !batch.is_empty() {
                         tracing::warn!("{} share record(s) not appended: {e}", batch.len());
                     }
-                    for p in batch {
+                    for p in batch.drain(..) {
                         let _ = p.done.send(Err(AppendError::NotRecorded(e.to_string())));
                     }
                     continue;
@@ -181,33 +299,39 @@ async fn writer(config: SinkConfig, mut rx: mpsc::Receiver<Command>, metrics: Ar
             }
         }
         let Some(c) = conn.as_mut() else { continue };
+        let sent = unix_secs();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for tip in &superseded {
-            expire_lt(&mut pipe, &seen_key(tip), config.seen_after_new_tip_secs);
+        if expiries_due {
+            tips.add_commands(&mut pipe, &config);
         }
-        for p in &batch {
-            append_cmd(&mut pipe, &p.append, &config);
+        for p in batch.iter_mut() {
+            p.token = format!("{epoch}-{}", NEXT_TOKEN.fetch_add(1, Ordering::Relaxed));
+            p.sent = sent;
+            append_cmd(&mut pipe, &p.append, &p.token, &config);
         }
         let answer = tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(c)).await;
         match answer {
             Ok(Ok(values)) if values.len() == batch.len() => {
                 metrics.set_redis_ok(true);
-                superseded.clear();
-                let mut unknown = Vec::new();
-                for (p, v) in batch.into_iter().zip(values) {
-                    match appended(&v) {
-                        Some(a) => {
-                            let _ = p.done.send(Ok(a));
+                tips.done();
+                let mut reload = false;
+                for (p, v) in batch.drain(..).zip(values) {
+                    match settle(&v) {
+                        Some(result) => {
+                            reload |= matches!(&result, Err(AppendError::NotRecorded(e)) if e.contains("Function not found"));
+                            let _ = p.done.send(result);
                         }
                         None => {
-                            tracing::warn!(share = %p.append.share_hash, "unexpected answer to hashpool_append: {v:?}");
-                            unknown.push(p);
+                            tracing::warn!(share = %p.append.share_hash, "unexpected answer to hashpool_append ({v:?}): resolving");
+                            resolver.resolve(p);
                         }
                     }
                 }
-                if !unknown.is_empty() {
-                    spawn_resolver(config.clone(), unknown, metrics.clone());
+                if reload {
+                    if let Err(e) = redis_store::load_library(c, config.timeout).await {
+                        tracing::warn!("cannot load the pool's Redis functions: {e}");
+                    }
                 }
             }
             other => {
@@ -223,93 +347,11 @@ async fn writer(config: SinkConfig, mut rx: mpsc::Receiver<Command>, metrics: Ar
                         "{} share record(s) sent, outcome unknown ({why}): resolving before answering",
                         batch.len()
                     );
-                    spawn_resolver(config.clone(), batch, metrics.clone());
+                    for p in batch.drain(..) {
+                        resolver.resolve(p);
+                    }
                 }
             }
         }
-    }
-}
-
-fn spawn_resolver(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetrics>) {
-    metrics.redis_unknown_outcomes.inc_by(batch.len() as u64);
-    tokio::spawn(resolve(config, batch, metrics));
-}
-
-/// Settle each append of `batch` with `hashpool_resolve`, retrying until Redis answers.
-async fn resolve(config: SinkConfig, batch: Vec<Pending>, metrics: Arc<PoolMetrics>) {
-    let mut backoff = Duration::from_millis(50);
-    let mut attempts = 0u32;
-    loop {
-        if batch.iter().all(|p| p.done.is_closed()) {
-            return; // nobody is waiting for the answer any more (pool stopping)
-        }
-        attempts += 1;
-        let answer = async {
-            let mut c = redis_store::connect(&config.url, config.timeout).await?;
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for p in &batch {
-                pipe.cmd("FCALL")
-                    .arg("hashpool_resolve")
-                    .arg(1)
-                    .arg(seen_key(&p.append.tip))
-                    .arg(&p.append.share_hash)
-                    .arg(config.seen_idle_secs);
-            }
-            match tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(&mut c)).await
-            {
-                Ok(Ok(v)) if v.len() == batch.len() => Ok(v),
-                Ok(Ok(v)) => Err(format!(
-                    "{} answers for {} resolutions",
-                    v.len(),
-                    batch.len()
-                )),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {:?}", config.timeout)),
-            }
-            .map_err(|reason| redis_store::StoreError {
-                what: "FCALL hashpool_resolve",
-                reason,
-            })
-        }
-        .await;
-        let values = match answer {
-            Ok(v) if v.iter().all(|v| pair(v).is_some()) => v,
-            other => {
-                if attempts == 1 || attempts.is_multiple_of(20) {
-                    let why = other
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "malformed answer".into());
-                    tracing::warn!(
-                        "cannot resolve {} share record(s) yet (attempt {attempts}): {why}",
-                        batch.len()
-                    );
-                }
-                // Backoff between attempts to reach Redis.
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_RESOLVE_BACKOFF);
-                continue;
-            }
-        };
-        for (p, v) in batch.into_iter().zip(values) {
-            let (status, value) = pair(&v).unwrap_or_default();
-            let result = if status == "found" && value != ehash::ids::REFUSED_MARK {
-                Ok(Appended::Recorded)
-            } else {
-                Err(AppendError::NotRecorded(
-                    "Redis did not answer in time; the record was fenced off".into(),
-                ))
-            };
-            let label = if result.is_ok() {
-                "recorded"
-            } else {
-                "refused"
-            };
-            metrics.redis_resolved.with_label_values(&[label]).inc();
-            tracing::info!(share = %p.append.share_hash, "unknown append outcome resolved: {label}");
-            let _ = p.done.send(result);
-        }
-        return;
     }
 }

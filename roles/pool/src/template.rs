@@ -20,7 +20,6 @@ use tokio::sync::{watch, Notify};
 
 use crate::gbt::{self, BlockTemplate};
 use crate::metrics::PoolMetrics;
-use crate::sink::RecordSink;
 
 /// Templates kept for block submission and audits (several tips' worth).
 const KEPT_TEMPLATES: usize = 64;
@@ -46,7 +45,8 @@ pub struct TemplateRecord {
     pub transactions: Vec<Vec<u8>>,
     /// GBT txids, to notice a changed mempool.
     txids: Vec<String>,
-    coinbase_value: u64,
+    /// The coinbase's value (subsidy plus fees), all of it paid to the pool's payout script.
+    pub coinbase_value: u64,
 }
 
 /// Templates by id, plus which ones have (or are getting) an audit task.
@@ -108,14 +108,13 @@ pub struct TemplateSource {
     tx: watch::Sender<Option<Arc<TemplateRecord>>>,
     kick: Arc<Notify>,
     metrics: Arc<PoolMetrics>,
-    sink: RecordSink,
     epoch: u32,
     next_sequence: u32,
 }
 
 impl TemplateSource {
     /// A source numbering its templates in pool epoch `epoch`; `kick` makes it poll at once
-    /// (after a block was submitted); `sink` hears when a tip is superseded.
+    /// (after a block was submitted).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         rpc: Arc<BitcoinRpc>,
@@ -125,7 +124,6 @@ impl TemplateSource {
         store: Arc<TemplateStore>,
         kick: Arc<Notify>,
         metrics: Arc<PoolMetrics>,
-        sink: RecordSink,
         epoch: u32,
     ) -> (Self, watch::Receiver<Option<Arc<TemplateRecord>>>) {
         let (tx, rx) = watch::channel(None);
@@ -139,7 +137,6 @@ impl TemplateSource {
                 tx,
                 kick,
                 metrics,
-                sink,
                 epoch,
                 next_sequence: 1,
             },
@@ -244,9 +241,6 @@ impl TemplateSource {
         );
         self.store.insert(record.clone());
         self.metrics.template_built();
-        if let Some(c) = current.filter(|c| c.prev_hash_display != record.prev_hash_display) {
-            self.sink.supersede(c.prev_hash_display.clone());
-        }
         let _ = self.tx.send(Some(record));
         Ok(true)
     }

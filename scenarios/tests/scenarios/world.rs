@@ -142,6 +142,11 @@ impl HarnessWorld {
             for (process, how) in stack.unexpected_exits() {
                 exits.entry(process).or_default().push(how);
             }
+            for ((s, process), _) in &self.expected_exits {
+                if s == stack_name {
+                    exits.entry(process.clone()).or_default();
+                }
+            }
             for (process, hows) in exits {
                 let expected = self
                     .expected_exits
@@ -159,6 +164,9 @@ impl HarnessWorld {
             let (Ok(pool), Ok(_), Ok(_)) = (stack.pool(), stack.redis(), stack.bitcoind()) else {
                 continue;
             };
+            if let Err(e) = settled_outcomes(pool).await {
+                problems.push(format!("stack {stack_name}: {e:#}"));
+            }
             let mut channels = self.sv2_channels.clone();
             let mut keys: Vec<_> = self.clients.values().map(|c| c.key).collect();
             for (_, proxy) in stack.proxies() {
@@ -219,4 +227,28 @@ impl HarnessWorld {
         }
         problems
     }
+}
+
+/// Wait until the pool settled every append whose answer it lost (records may still be
+/// landing until then).
+async fn settled_outcomes(pool: &harness::roles::PoolRole) -> anyhow::Result<()> {
+    if pool.process().pid().is_none() {
+        return Ok(());
+    }
+    harness::wait::wait_until(
+        "the pool to settle every unknown append outcome before the sweep",
+        std::time::Duration::from_secs(30),
+        || async {
+            let m = pool.metrics().await.map_err(|e| e.to_string())?;
+            let unknown = m.get("hashpool_pool_redis_unknown_outcomes_total");
+            let resolved = m.sum("hashpool_pool_redis_resolved_total");
+            if resolved >= unknown {
+                Ok(())
+            } else {
+                Err(format!("{unknown} unknown, {resolved} resolved"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
 }

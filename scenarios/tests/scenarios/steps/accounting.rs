@@ -442,3 +442,49 @@ async fn epochs(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[given("a signet stack with a pool that reaches Redis through a fault proxy")]
+async fn pool_via_fault_proxy(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.pool_options.redis_via_fault_proxy = true;
+    super::mining::stack_with_pool(w).await
+}
+
+#[when("the fault proxy holds the pool's requests to Redis")]
+async fn hold_requests(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.redis_fault_proxy()?.hold();
+    Ok(())
+}
+
+#[when("the fault proxy delivers the held requests and Redis has acted on them")]
+async fn release_requests(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let proxy = w.default_stack()?.redis_fault_proxy()?;
+    proxy.release();
+    wait_until(
+        "the held requests to reach Redis and their connections to close",
+        Duration::from_secs(10),
+        || {
+            let n = proxy.holding_connections();
+            async move {
+                if n == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} connection(s) still holding"))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[then(expr = "the pool settles every append whose answer it lost, fencing off at least {int}")]
+async fn settled_fenced(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    settled(w).await?;
+    let m = w.default_stack()?.pool()?.metrics().await?;
+    let refused = m.get("hashpool_pool_redis_resolved_total{result=\"refused\"}");
+    anyhow::ensure!(
+        refused >= n as f64,
+        "{refused} append(s) fenced off, expected at least {n}"
+    );
+    Ok(())
+}

@@ -23,7 +23,7 @@ const CAPPED_HASHRATE: f64 = 500_000.0;
 const SLOW_HASHRATE: f64 = 50_000.0;
 
 #[given("a signet stack with a pool")]
-async fn stack_with_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
+pub async fn stack_with_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
     w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true)
         .await?;
     let opts = w.pool_options.clone();
@@ -264,9 +264,44 @@ async fn rejected_with(
 
 #[then(expr = "no ehash:shares record has a hash miner {string} saw rejected")]
 async fn rejected_not_recorded(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let records = share_records(w).await?;
     let log = w.default_stack()?.miner(&name)?.log();
     anyhow::ensure!(!log.rejected.is_empty(), "miner {name} saw no rejections");
+    check_rejected_unrecorded(w, &log).await
+}
+
+#[then(expr = "the miners saw {int} share(s) rejected with {string}, none of them recorded")]
+async fn any_rejected_not_recorded(
+    w: &mut HarnessWorld,
+    n: usize,
+    reason: String,
+) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let what = format!("the miners to have {n} shares rejected with {reason}");
+    let logs = wait_until(&what, MINING_TIMEOUT, || {
+        let logs: Vec<MinerLog> = stack.miners().map(|m| m.log()).collect();
+        let reason = reason.clone();
+        async move {
+            let count: usize = logs
+                .iter()
+                .map(|l| l.rejected_by_reason().get(&reason).copied().unwrap_or(0))
+                .sum();
+            if count >= n {
+                Ok(logs)
+            } else {
+                Err(format!("{count} so far"))
+            }
+        }
+    })
+    .await?;
+    for log in &logs {
+        check_rejected_unrecorded(w, log).await?;
+    }
+    Ok(())
+}
+
+/// No share `log` saw rejected (except duplicates of accepted ones) has a record.
+async fn check_rejected_unrecorded(w: &HarnessWorld, log: &MinerLog) -> anyhow::Result<()> {
+    let records = share_records(w).await?;
     for (hash, reason) in &log.rejected {
         // A duplicate's first submission was accepted and rightly has a record.
         if reason == "duplicate-share" {
