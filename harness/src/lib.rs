@@ -16,8 +16,8 @@
 pub mod binaries;
 pub mod bitcoind;
 pub mod config;
-pub mod fault_proxy;
 pub mod faucet;
+pub mod fault_proxy;
 pub mod http;
 pub mod invariants;
 pub mod keys;

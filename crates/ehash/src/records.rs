@@ -154,21 +154,54 @@ fn hex_field(
     Ok(s.to_string())
 }
 
+/// A field value borrowed from a record, for writers that encode it themselves (the pool
+/// writes records on its share path and avoids allocating a string per field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldRef<'a> {
+    /// Text as is.
+    Str(&'a str),
+    /// A decimal integer.
+    Int(u64),
+    /// Bytes written as lower-case hex.
+    Hex(&'a [u8]),
+}
+
+impl std::fmt::Display for FieldRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldRef::Str(s) => f.write_str(s),
+            FieldRef::Int(n) => write!(f, "{n}"),
+            FieldRef::Hex(b) => f.write_str(&hex::encode(b)),
+        }
+    }
+}
+
 impl ShareRecord {
+    /// Stream fields in a fixed order, borrowed.
+    pub fn field_refs(&self) -> [(&'static str, FieldRef<'_>); 10] {
+        [
+            ("v", FieldRef::Int(u64::from(SHARE_RECORD_VERSION))),
+            ("share_hash", FieldRef::Str(&self.share_hash)),
+            ("template_id", FieldRef::Int(self.template_id)),
+            ("channel_id", FieldRef::Int(u64::from(self.channel_id))),
+            (
+                "locking_pubkey",
+                FieldRef::Hex(self.locking_pubkey.as_bytes()),
+            ),
+            ("amount", FieldRef::Int(self.amount)),
+            ("ntime", FieldRef::Int(u64::from(self.ntime))),
+            ("version", FieldRef::Int(u64::from(self.version))),
+            ("nonce", FieldRef::Int(u64::from(self.nonce))),
+            ("extranonce", FieldRef::Str(&self.extranonce)),
+        ]
+    }
+
     /// Stream fields in a fixed order.
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("v", SHARE_RECORD_VERSION.to_string()),
-            ("share_hash", self.share_hash.clone()),
-            ("template_id", self.template_id.to_string()),
-            ("channel_id", self.channel_id.to_string()),
-            ("locking_pubkey", self.locking_pubkey.to_string()),
-            ("amount", self.amount.to_string()),
-            ("ntime", self.ntime.to_string()),
-            ("version", self.version.to_string()),
-            ("nonce", self.nonce.to_string()),
-            ("extranonce", self.extranonce.clone()),
-        ]
+        self.field_refs()
+            .iter()
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect()
     }
 
     /// Read a stream entry.

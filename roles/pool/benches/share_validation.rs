@@ -82,7 +82,8 @@ fn channel(transactions: usize) -> (ExtendedChannel, u32, u16, usize, u32) {
 }
 
 /// Shares per second through `channels_sv2` alone (`pool_path` false) or through the pool's
-/// whole per-share path (`pool_path` true: validation, then the record and its stream fields).
+/// whole per-share path (`pool_path` true: validation, the record, its stream fields and the
+/// packed Redis command).
 fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
     let (mut channel, job_id, rollable, levels, ntime) = channel(transactions);
     let key: LockingPubkey = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798"
@@ -92,6 +93,14 @@ fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
     let tip: std::sync::Arc<str> =
         "00000208a18f1a65f23807115caf2d45086db96cc2d0205fff55d75b12d0d84f".into();
     let extranonce = B032Owned::try_from(vec![0u8; usize::from(rollable)]).expect("extranonce");
+    let sink = pool::SinkConfig {
+        url: String::new(),
+        batch_max: 256,
+        timeout: std::time::Duration::from_secs(1),
+        seen_idle_secs: 604_800,
+        seen_after_new_tip_secs: 600,
+    };
+    let mut pipe = redis::pipe();
     let start = Instant::now();
     let mut fields = 0usize;
     for nonce in 0..SHARES {
@@ -111,9 +120,19 @@ fn run(transactions: usize, pool_path: bool) -> (usize, f64) {
             Err(e) => panic!("share {nonce} refused: {e:?}"),
         };
         if pool_path {
+            // What the pool does per accepted share after validation: the record and the
+            // Redis command bytes (one pipeline per 256 shares).
             let record = pool::share_record(&hash, 1, key, 0, &share, &prefix).expect("min_bits 0");
-            let append = (tip.clone(), record.share_hash.clone(), record.to_fields());
-            fields += append.2.len();
+            let append = pool::ShareAppend {
+                seen_key: tip.clone(),
+                record,
+                audit: (1, None),
+            };
+            pool::append_cmd(&mut pipe, &append, 1, &sink);
+            if nonce % 256 == 255 {
+                fields += pipe.get_packed_pipeline().len();
+                pipe = redis::pipe();
+            }
         } else {
             fields += 1;
         }

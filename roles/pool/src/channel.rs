@@ -32,8 +32,8 @@ pub struct ChannelState {
     pub accepted: u64,
     /// Previous block hash of the last job sent.
     tip: Option<[u8; 32]>,
-    /// The same, display-order hex (for records).
-    tip_hex: Option<std::sync::Arc<str>>,
+    /// Its seen-share-hashes key in Redis (`ehash:seen:<prev hash>`).
+    seen_key: Option<std::sync::Arc<str>>,
 }
 
 impl ChannelState {
@@ -52,13 +52,13 @@ impl ChannelState {
             submitted: 0,
             accepted: 0,
             tip: None,
-            tip_hex: None,
+            seen_key: None,
         })
     }
 
-    /// Previous block hash (display order) of the tip this channel's jobs build on.
-    pub fn tip_display(&self) -> Option<std::sync::Arc<str>> {
-        self.tip_hex.clone()
+    /// The seen-share-hashes key of the tip this channel's jobs build on.
+    pub fn seen_key(&self) -> Option<std::sync::Arc<str>> {
+        self.seen_key.clone()
     }
 
     /// Channel id.
@@ -106,7 +106,7 @@ impl ChannelState {
             .on_set_new_prev_hash(record.prev_hash.clone())
             .map_err(|e| anyhow!("new tip on channel {}: {e:?}", self.id()))?;
         self.tip = Some(tip);
-        self.tip_hex = Some(record.prev_hash_display.as_str().into());
+        self.seen_key = Some(ehash::seen_key(&record.prev_hash_display).into());
         Ok(vec![
             MiningOwned::NewExtendedMiningJob(job),
             MiningOwned::SetNewPrevHash(MiningSetNewPrevHash {

@@ -13,10 +13,10 @@ pub mod gbt;
 mod limits;
 mod metrics;
 pub mod redis_store;
+mod resolve;
 mod server;
 mod setup;
 mod shares;
-mod resolve;
 mod sink;
 mod template;
 
@@ -36,6 +36,7 @@ use stratum_apps::tokio_util::sync::CancellationToken;
 use tokio::sync::{watch, Notify};
 
 pub use shares::{share_record, ERROR_RECORD_UNAVAILABLE};
+pub use sink::{append_cmd, ShareAppend, SinkConfig};
 
 /// Extranonce layout: 2 bytes of pool prefix + 2 bytes of channel index + 16 rollable.
 const EXTRANONCE_LOCAL_PREFIX: [u8; 2] = [0x48, 0x50];

@@ -208,7 +208,14 @@ pub async fn prepare(url: &str, timeout: Duration) -> Result<MultiplexedConnecti
 /// Whether a Redis error reply means the function did not run at all (nothing was written).
 pub fn not_run(error: &str) -> bool {
     [
-        "OOM", "NOSCRIPT", "READONLY", "BUSY", "NOPERM", "MISCONF", "LOADING", "Function not found",
+        "OOM",
+        "NOSCRIPT",
+        "READONLY",
+        "BUSY",
+        "NOPERM",
+        "MISCONF",
+        "LOADING",
+        "Function not found",
     ]
     .iter()
     .any(|p| error.contains(p))

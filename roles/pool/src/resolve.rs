@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ehash::{seen_key, SHARES_STREAM};
+use ehash::SHARES_STREAM;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::mpsc;
@@ -49,7 +49,11 @@ impl Resolver {
     }
 }
 
-async fn run(config: SinkConfig, mut rx: mpsc::UnboundedReceiver<Pending>, metrics: Arc<PoolMetrics>) {
+async fn run(
+    config: SinkConfig,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    metrics: Arc<PoolMetrics>,
+) {
     let mut queue: Vec<Pending> = Vec::new();
     let mut conn: Option<MultiplexedConnection> = None;
     let mut backoff = MIN_BACKOFF;
@@ -104,26 +108,25 @@ async fn attempt(
     };
     let mut by_tip: BTreeMap<Arc<str>, Vec<Pending>> = BTreeMap::new();
     for p in queue.drain(..) {
-        by_tip.entry(p.append.tip.clone()).or_default().push(p);
+        by_tip.entry(p.append.seen_key.clone()).or_default().push(p);
     }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for (tip, group) in &by_tip {
+    for (seen, group) in &by_tip {
         let sent = group.iter().map(|p| p.sent).min().unwrap_or(0);
         let cmd = pipe
             .cmd("FCALL")
             .arg("hashpool_resolve")
             .arg(2)
-            .arg(seen_key(tip))
+            .arg(&**seen)
             .arg(SHARES_STREAM)
             .arg(config.seen_idle_secs)
             .arg(sent);
         for p in group {
-            cmd.arg(&p.append.share_hash);
+            cmd.arg(&p.append.record.share_hash);
         }
     }
-    let answer =
-        tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(c)).await;
+    let answer = tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(c)).await;
     let values = match answer {
         Ok(Ok(v)) if v.len() == by_tip.len() => v,
         other => {
@@ -156,14 +159,14 @@ async fn attempt(
                 Value::SimpleString(s) => s,
                 other => format!("{other:?}"),
             };
-            let result = outcome(&value, &p.token);
+            let result = outcome(&value, p.token);
             let label = match &result {
                 Ok(Appended::Recorded) => "recorded",
                 Ok(_) => "duplicate",
                 Err(_) => "refused",
             };
             metrics.redis_resolved.with_label_values(&[label]).inc();
-            tracing::info!(share = %p.append.share_hash, "unknown append outcome resolved: {label}");
+            tracing::info!(share = %p.append.record.share_hash, "unknown append outcome resolved: {label}");
             let _ = p.done.send(result);
         }
     }
@@ -174,12 +177,13 @@ async fn attempt(
 }
 
 /// What the seen-hash value says of the append that carried `token`.
-fn outcome(value: &str, token: &str) -> Result<Appended, AppendError> {
+fn outcome(value: &str, token: u64) -> Result<Appended, AppendError> {
     match value.split_once(' ') {
         None => Err(AppendError::NotRecorded(
             "Redis did not answer in time; the record was fenced off".into(),
         )),
-        Some((_, t)) if t == token || t == "found" => Ok(Appended::Recorded),
+        Some((_, "found")) => Ok(Appended::Recorded),
+        Some((_, t)) if t.parse() == Ok(token) => Ok(Appended::Recorded),
         // Another append of the same share hash landed, not this one.
         Some(_) => Ok(Appended::Duplicate),
     }
@@ -191,9 +195,15 @@ mod tests {
 
     #[test]
     fn seen_values_settle_appends() {
-        assert!(matches!(outcome("refused", "7-1"), Err(AppendError::NotRecorded(_))));
-        assert!(matches!(outcome("1795-0 7-1", "7-1"), Ok(Appended::Recorded)));
-        assert!(matches!(outcome("1795-0 found", "7-1"), Ok(Appended::Recorded)));
-        assert!(matches!(outcome("1795-0 7-2", "7-1"), Ok(Appended::Duplicate)));
+        assert!(matches!(
+            outcome("refused", 71),
+            Err(AppendError::NotRecorded(_))
+        ));
+        assert!(matches!(outcome("1795-0 71", 71), Ok(Appended::Recorded)));
+        assert!(matches!(
+            outcome("1795-0 found", 71),
+            Ok(Appended::Recorded)
+        ));
+        assert!(matches!(outcome("1795-0 72", 71), Ok(Appended::Duplicate)));
     }
 }

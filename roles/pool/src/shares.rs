@@ -131,7 +131,7 @@ impl Connection {
             submit_block(ctx.clone(), tid, header, coinbase);
         }
 
-        let record = match (ch.locking_pubkey, template_id, ch.tip_display()) {
+        let record = match (ch.locking_pubkey, template_id, ch.seen_key()) {
             (Some(locking_pubkey), Some(template_id), Some(tip)) => {
                 let prefix = ch.channel.get_extranonce_prefix();
                 let Some(record) = share_record(
@@ -199,9 +199,8 @@ impl Connection {
             let result = ctx
                 .sink
                 .append(ShareAppend {
-                    tip,
-                    share_hash: record.share_hash.clone(),
-                    record: record.to_fields(),
+                    seen_key: tip,
+                    record,
                     audit: (template_id, audit.map(|a| a.to_fields())),
                 })
                 .await;
@@ -216,7 +215,6 @@ impl Connection {
                     tracing::info!(
                         channel = channel_id,
                         seq = sequence_number,
-                        share = %record.share_hash,
                         "share hash already recorded (replayed share): duplicate-share"
                     );
                     Answer::Reject(ERROR_DUPLICATE_SHARE)
@@ -294,13 +292,16 @@ pub fn share_record(
     share: &SubmitSharesExtendedOwned,
     extranonce_prefix: &[u8],
 ) -> Option<ShareRecord> {
-    let amount = share_amount(&hash.to_byte_array(), min_bits)?;
+    let internal = hash.to_byte_array();
+    let amount = share_amount(&internal, min_bits)?;
     let rolled = share.extranonce.as_bytes();
     let mut extranonce = String::with_capacity(2 * (extranonce_prefix.len() + rolled.len()));
-    extranonce.push_str(&hex::encode(extranonce_prefix));
-    extranonce.push_str(&hex::encode(rolled));
+    push_hex(&mut extranonce, extranonce_prefix.iter().chain(rolled));
+    let mut share_hash = String::with_capacity(64);
+    // Display order: the hash read as a number, most significant byte first.
+    push_hex(&mut share_hash, internal.iter().rev());
     Some(ShareRecord {
-        share_hash: hash.to_string(),
+        share_hash,
         template_id,
         channel_id: share.channel_id,
         locking_pubkey,
@@ -310,6 +311,26 @@ pub fn share_record(
         nonce: share.nonce,
         extranonce,
     })
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Append `bytes` to `out` as lower-case hex.
+fn push_hex<'a>(out: &mut String, bytes: impl Iterator<Item = &'a u8>) {
+    for b in bytes {
+        out.push(HEX_DIGITS[usize::from(b >> 4)] as char);
+        out.push(HEX_DIGITS[usize::from(b & 0xf)] as char);
+    }
+}
+
+/// `bytes` as lower-case hex in `buf` (which must hold twice their length).
+pub(crate) fn hex_into<'a>(bytes: &[u8], buf: &'a mut [u8]) -> &'a str {
+    let n = (2 * bytes.len()).min(buf.len());
+    for (i, b) in bytes.iter().take(n / 2).enumerate() {
+        buf[2 * i] = HEX_DIGITS[usize::from(b >> 4)];
+        buf[2 * i + 1] = HEX_DIGITS[usize::from(b & 0xf)];
+    }
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 /// Assemble and submit a found block in the background; the share is answered meanwhile.

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ehash::{seen_key, AUDIT_TASKS_STREAM, SHARES_STREAM};
+use ehash::{seen_key, FieldRef, AUDIT_TASKS_STREAM, SHARES_STREAM};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,12 +36,11 @@ const RENEW_CURRENT_TIP: Duration = Duration::from_secs(3600);
 /// One share's records.
 #[derive(Debug, Clone)]
 pub struct ShareAppend {
-    /// Previous block hash (display order) of the tip the share was validated on.
-    pub tip: Arc<str>,
-    /// The share hash (display order).
-    pub share_hash: String,
-    /// `ehash:shares` fields.
-    pub record: Vec<(&'static str, String)>,
+    /// Key of the seen share hashes of the tip the share was validated on
+    /// (`ehash:seen:<prev hash>`).
+    pub seen_key: Arc<str>,
+    /// The `ehash:shares` record.
+    pub record: ehash::ShareRecord,
     /// The template's audit task: its id, and its fields for the first share of a template.
     pub audit: (u64, Option<Vec<(&'static str, String)>>),
 }
@@ -87,7 +86,7 @@ pub struct SinkConfig {
 /// An append on its way, with the token that tells its entry from another append's.
 pub(crate) struct Pending {
     pub append: ShareAppend,
-    pub token: String,
+    pub token: u64,
     /// Unix time (s) before the append was sent.
     pub sent: u64,
     pub done: oneshot::Sender<Result<Appended, AppendError>>,
@@ -132,7 +131,14 @@ impl RecordSink {
     ) -> (Self, SinkTasks) {
         let (tx, rx) = mpsc::channel(config.batch_max * 64);
         let (resolver, resolver_task) = Resolver::spawn(config.clone(), metrics.clone());
-        let writer = tokio::spawn(writer(config, epoch, rx, templates, resolver, metrics.clone()));
+        let writer = tokio::spawn(writer(
+            config,
+            epoch,
+            rx,
+            templates,
+            resolver,
+            metrics.clone(),
+        ));
         (
             Self { tx, metrics },
             SinkTasks {
@@ -148,7 +154,7 @@ impl RecordSink {
         let (done, wait) = oneshot::channel();
         let pending = Pending {
             append,
-            token: String::new(),
+            token: 0,
             sent: 0,
             done,
         };
@@ -167,26 +173,46 @@ impl RecordSink {
 }
 
 /// Add the `hashpool_append` call of `a` to `pipe`.
-pub fn append_cmd(pipe: &mut redis::Pipeline, a: &ShareAppend, token: &str, c: &SinkConfig) {
-    let cmd = pipe
-        .cmd("FCALL")
+pub fn append_cmd(pipe: &mut redis::Pipeline, a: &ShareAppend, token: u64, c: &SinkConfig) {
+    let mut marker = [0u8; 48];
+    // Sized for a share record, so the command is built without reallocating.
+    let mut command = redis::Cmd::with_capacity(40, 512);
+    let cmd = command
+        .arg("FCALL")
         .arg("hashpool_append")
         .arg(4)
-        .arg(seen_key(&a.tip))
+        .arg(&*a.seen_key)
         .arg(SHARES_STREAM)
         .arg(AUDIT_TASKS_STREAM)
-        .arg(ehash::ids::audit_marker_key(a.audit.0))
-        .arg(&a.share_hash)
+        .arg(audit_marker(a.audit.0, &mut marker))
+        .arg(&a.record.share_hash)
         .arg(token)
         .arg(c.seen_idle_secs)
-        .arg(c.seen_after_new_tip_secs)
-        .arg(a.record.len() * 2);
-    for (k, v) in &a.record {
-        cmd.arg(*k).arg(v);
+        .arg(c.seen_after_new_tip_secs);
+    let fields = a.record.field_refs();
+    cmd.arg(fields.len() * 2);
+    let mut hex = [0u8; 2 * ehash::tlv::LOCKING_PUBKEY_LEN];
+    for (k, v) in fields {
+        cmd.arg(k);
+        match v {
+            FieldRef::Str(s) => cmd.arg(s),
+            FieldRef::Int(n) => cmd.arg(n),
+            FieldRef::Hex(b) => cmd.arg(crate::shares::hex_into(b, &mut hex)),
+        };
     }
     for (k, v) in a.audit.1.iter().flatten() {
         cmd.arg(*k).arg(v);
     }
+    pipe.add_command(command);
+}
+
+/// `ehash:audited:<template id>` (see [`ehash::ids::audit_marker_key`]) written into `buf`.
+fn audit_marker(template_id: u64, buf: &mut [u8; 48]) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{}{template_id}", ehash::ids::AUDIT_MARKER_PREFIX);
+    let n = cursor.position() as usize;
+    &buf[..n]
 }
 
 /// How one `hashpool_append` answer settles its share: `None` means unknown.
@@ -306,9 +332,11 @@ async fn writer(
             tips.add_commands(&mut pipe, &config);
         }
         for p in batch.iter_mut() {
-            p.token = format!("{epoch}-{}", NEXT_TOKEN.fetch_add(1, Ordering::Relaxed));
+            // Epoch in the high half: two pool processes never share a token.
+            p.token = (u64::from(epoch) << 32)
+                | (NEXT_TOKEN.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
             p.sent = sent;
-            append_cmd(&mut pipe, &p.append, &p.token, &config);
+            append_cmd(&mut pipe, &p.append, p.token, &config);
         }
         let answer = tokio::time::timeout(config.timeout, pipe.query_async::<Vec<Value>>(c)).await;
         match answer {
@@ -323,7 +351,7 @@ async fn writer(
                             let _ = p.done.send(result);
                         }
                         None => {
-                            tracing::warn!(share = %p.append.share_hash, "unexpected answer to hashpool_append ({v:?}): resolving");
+                            tracing::warn!(share = %p.append.record.share_hash, "unexpected answer to hashpool_append ({v:?}): resolving");
                             resolver.resolve(p);
                         }
                     }

@@ -142,7 +142,7 @@ impl HarnessWorld {
             for (process, how) in stack.unexpected_exits() {
                 exits.entry(process).or_default().push(how);
             }
-            for ((s, process), _) in &self.expected_exits {
+            for (s, process) in self.expected_exits.keys() {
                 if s == stack_name {
                     exits.entry(process.clone()).or_default();
                 }
