@@ -21,6 +21,9 @@ pub const SEEN_KEY_PREFIX: &str = "ehash:seen:";
 /// Prefix of the per-template markers that say the template's audit task is in.
 pub const AUDIT_MARKER_PREFIX: &str = "ehash:audited:";
 
+/// Prefix of the per-template markers that say the template's verdict was written.
+pub const VERDICT_MARKER_PREFIX: &str = "audit:verdict:";
+
 /// Value of a share hash that was fenced off (refused) rather than recorded.
 pub const REFUSED_MARK: &str = "refused";
 
@@ -42,6 +45,11 @@ pub fn seen_key(prev_hash: &str) -> String {
 /// Redis key marking that template `template_id`'s audit task was appended.
 pub fn audit_marker_key(template_id: u64) -> String {
     format!("{AUDIT_MARKER_PREFIX}{template_id}")
+}
+
+/// Redis key marking that template `template_id`'s verdict was written (once).
+pub fn verdict_marker_key(template_id: u64) -> String {
+    format!("{VERDICT_MARKER_PREFIX}{template_id}")
 }
 
 #[cfg(test)]

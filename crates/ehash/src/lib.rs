@@ -6,12 +6,15 @@
 
 pub mod amount;
 pub mod ids;
+pub mod lookup;
 pub mod records;
 pub mod tlv;
 
 pub use amount::{leading_zero_bits, share_amount, MAX_AMOUNT_EXPONENT};
 pub use ids::{seen_key, template_epoch, template_id};
-pub use records::{AuditTask, FieldRef, RecordError, ShareRecord, TemplateKind};
+pub use records::{
+    AuditResult, AuditTask, FieldRef, RecordError, ShareRecord, TemplateKind, Verdict,
+};
 pub use tlv::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 
 /// Redis stream of accepted shares (pool writes, mint reads).

@@ -11,6 +11,8 @@ use crate::tlv::LockingPubkey;
 pub const SHARE_RECORD_VERSION: u32 = 2;
 /// Schema version of [`AuditTask`] (2: `payout_sats` was added).
 pub const AUDIT_TASK_VERSION: u32 = 2;
+/// Schema version of [`AuditResult`].
+pub const AUDIT_RESULT_VERSION: u32 = 1;
 
 /// A record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,6 +103,75 @@ pub struct AuditTask {
     pub payout_script: String,
     /// What the coinbase must pay to `payout_script` at least, satoshis.
     pub payout_sats: u64,
+}
+
+/// An auditor's verdict on a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Bitcoin Core accepts the block (proof of work aside) and the pool policy holds: its
+    /// quotes are paid.
+    Valid,
+    /// Refused: its quotes are never paid.
+    Invalid,
+}
+
+impl Verdict {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Valid => "valid",
+            Verdict::Invalid => "invalid",
+        }
+    }
+}
+
+/// `audit:results`: the verdict on one template (and, for an invalid one, `audit:dead` holds
+/// the task with the same reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditResult {
+    /// Template id.
+    pub template_id: u64,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Bitcoin Core's reject string or the policy rule; for a valid template how it was
+    /// checked (`proposal` or `in-chain`).
+    pub reason: String,
+    /// Unix time (ms) of the audit.
+    pub audited_at: u64,
+}
+
+impl AuditResult {
+    /// Stream fields in a fixed order.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("v", AUDIT_RESULT_VERSION.to_string()),
+            ("template_id", self.template_id.to_string()),
+            ("verdict", self.verdict.as_str().to_string()),
+            ("reason", self.reason.clone()),
+            ("audited_at", self.audited_at.to_string()),
+        ]
+    }
+
+    /// Read a stream entry.
+    pub fn from_fields(f: &HashMap<String, String>) -> Result<Self, RecordError> {
+        check_version(f, AUDIT_RESULT_VERSION)?;
+        let verdict = match get(f, "verdict")? {
+            "valid" => Verdict::Valid,
+            "invalid" => Verdict::Invalid,
+            other => {
+                return Err(RecordError::Invalid {
+                    field: "verdict",
+                    reason: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(Self {
+            template_id: parse(f, "template_id")?,
+            verdict,
+            reason: get(f, "reason")?.to_string(),
+            audited_at: parse(f, "audited_at")?,
+        })
+    }
 }
 
 fn get<'a>(f: &'a HashMap<String, String>, k: &'static str) -> Result<&'a str, RecordError> {
@@ -314,6 +385,21 @@ mod tests {
             insta::assert_yaml_snapshot!("audit_tasks_record_v2", fields);
         });
         assert_eq!(AuditTask::from_fields(&map(&fields)).unwrap(), t);
+    }
+
+    #[test]
+    fn audit_result_format_is_pinned_and_round_trips() {
+        let r = AuditResult {
+            template_id: 7,
+            verdict: Verdict::Invalid,
+            reason: "bad-txns-inputs-missingorspent".into(),
+            audited_at: 1_795_000_000_123,
+        };
+        let fields = r.to_fields();
+        insta::with_settings!({snapshot_path => "../../../fixtures/snapshots"}, {
+            insta::assert_yaml_snapshot!("audit_results_record_v1", fields);
+        });
+        assert_eq!(AuditResult::from_fields(&map(&fields)).unwrap(), r);
     }
 
     #[test]

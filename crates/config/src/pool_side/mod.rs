@@ -226,3 +226,9 @@ impl PoolConfig {
         Ok(())
     }
 }
+
+mod auditor;
+mod mint;
+
+pub use auditor::{AuditorConfig, AUDITOR_ENV_PREFIX};
+pub use mint::{MintConfig, MINT_ENV_PREFIX};

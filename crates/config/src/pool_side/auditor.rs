@@ -1,0 +1,64 @@
+//! The auditor role's configuration (pool side: Redis and bitcoind credentials).
+
+use serde::{Deserialize, Serialize};
+
+use super::{BitcoindSection, RedisSection};
+
+/// Environment prefix: `HASHPOOL_AUDITOR__WORKERS=...`.
+pub const AUDITOR_ENV_PREFIX: &str = "HASHPOOL_AUDITOR";
+
+/// The auditor role.
+///
+/// | key | default | meaning |
+/// |---|---|---|
+/// | `listen` | 127.0.0.1:9185 | `/metrics` and `/health` |
+/// | `consumer` | `auditor-1` | this auditor's name in the `auditors` group (workers add `-<n>`) |
+/// | `workers` | 2 | concurrent audits |
+/// | `reclaim_idle_ms` | 5000 | tasks pending this long with a dead consumer are claimed |
+/// | `[bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password`, `chain` |
+/// | `[redis]` | | `url`, `append_timeout_ms` (used as the Redis command timeout) |
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuditorConfig {
+    /// Metrics and health listen address.
+    pub listen: String,
+    /// Consumer name prefix in the `auditors` group.
+    pub consumer: String,
+    /// Concurrent workers.
+    pub workers: usize,
+    /// Idle time after which another consumer's pending tasks are claimed, milliseconds.
+    pub reclaim_idle_ms: u64,
+    /// bitcoind (proposal checks).
+    pub bitcoind: BitcoindSection,
+    /// Redis.
+    pub redis: RedisSection,
+}
+
+impl Default for AuditorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9185".into(),
+            consumer: "auditor-1".into(),
+            workers: 2,
+            reclaim_idle_ms: 5_000,
+            bitcoind: BitcoindSection::default(),
+            redis: RedisSection::default(),
+        }
+    }
+}
+
+impl AuditorConfig {
+    /// Refuse values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.consumer.is_empty() {
+            return Err("`consumer` must not be empty".into());
+        }
+        if !(1..=64).contains(&self.workers) {
+            return Err(format!("`workers` must be 1..=64, got {}", self.workers));
+        }
+        if self.reclaim_idle_ms == 0 {
+            return Err("`reclaim_idle_ms` must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,332 @@
+//! The hashpool auditor role: consumer group `auditors` on `audit:tasks`, `workers`
+//! concurrent audits per process (several processes may share the group). Each task gets a
+//! verdict from Bitcoin Core and the pool policy (`check.rs`); the verdict goes to
+//! `audit:results` (an invalid one also to `audit:dead`, with the task, for analysis) in one
+//! Redis function that also acknowledges the task and writes each template's verdict once,
+//! so a task reclaimed from a dead auditor never gets a second verdict.
+//!
+//! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
+
+mod check;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use bitcoind_rpc::BitcoinRpc;
+use ehash::{AuditResult, AuditTask, Verdict, AUDIT_DEAD_STREAM, AUDIT_RESULTS_STREAM, AUDIT_TASKS_STREAM};
+use hashpool_config::pool_side::AuditorConfig;
+use hashpool_streams::{Consumer, Entry};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use tokio_util::sync::CancellationToken;
+
+pub use check::{audit, INCONCLUSIVE};
+
+/// Consumer group of the auditors.
+pub const GROUP: &str = "auditors";
+/// How long a read blocks for new tasks.
+const BLOCK: Duration = Duration::from_millis(500);
+/// How often tasks abandoned by a dead auditor are looked for.
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Verdict markers outlive any template's shares by far.
+const VERDICT_MARKER_TTL_SECS: u64 = 90 * 24 * 3600;
+
+/// The auditor's Redis function: write a template's verdict once, and acknowledge the task.
+const LIBRARY: &str = r#"#!lua name=hashpool_auditor
+
+-- KEYS: audit:results, audit:dead, audit:tasks, the template's verdict marker.
+-- ARGV: group, task entry id, marker ttl, number of result arguments n, n result
+--       field/value arguments, then the dead-letter record's arguments (if any).
+local function verdict(keys, args)
+  local n = tonumber(args[4])
+  local written = 0
+  if redis.call('SET', keys[4], '1', 'NX', 'EX', tonumber(args[3])) then
+    local result = {}
+    for i = 5, 4 + n do result[#result + 1] = args[i] end
+    redis.call('XADD', keys[1], '*', unpack(result))
+    if #args > 4 + n then
+      local dead = {}
+      for i = 5 + n, #args do dead[#dead + 1] = args[i] end
+      redis.call('XADD', keys[2], '*', unpack(dead))
+    end
+    written = 1
+  end
+  redis.call('XACK', keys[3], args[1], args[2])
+  return written
+end
+
+redis.register_function('hashpool_verdict', verdict)
+"#;
+
+struct Metrics {
+    registry: Registry,
+    verdicts: IntCounterVec,
+    audit_seconds: Histogram,
+    backlog: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> prometheus::Result<Self> {
+        let m = Self {
+            registry: Registry::new(),
+            verdicts: IntCounterVec::new(
+                Opts::new("hashpool_auditor_verdicts_total", "Verdicts written, by verdict"),
+                &["verdict"],
+            )?,
+            audit_seconds: Histogram::with_opts(
+                HistogramOpts::new("hashpool_auditor_audit_seconds", "Time to audit one template")
+                    .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0]),
+            )?,
+            backlog: IntGauge::with_opts(Opts::new(
+                "hashpool_auditor_stream_backlog",
+                "audit:tasks entries not yet audited by the group",
+            ))?,
+        };
+        m.registry.register(Box::new(m.verdicts.clone()))?;
+        m.registry.register(Box::new(m.audit_seconds.clone()))?;
+        m.registry.register(Box::new(m.backlog.clone()))?;
+        Ok(m)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Write `result` (and, if invalid, the dead-letter record) once per template, and
+/// acknowledge task entry `entry`. Returns whether this call wrote the verdict.
+async fn write_verdict(
+    conn: &mut redis::aio::MultiplexedConnection,
+    entry: &str,
+    task: Option<&AuditTask>,
+    result: &AuditResult,
+) -> anyhow::Result<bool> {
+    let fields = result.to_fields();
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("hashpool_verdict")
+        .arg(4)
+        .arg(AUDIT_RESULTS_STREAM)
+        .arg(AUDIT_DEAD_STREAM)
+        .arg(AUDIT_TASKS_STREAM)
+        .arg(ehash::ids::verdict_marker_key(result.template_id))
+        .arg(GROUP)
+        .arg(entry)
+        .arg(VERDICT_MARKER_TTL_SECS)
+        .arg(fields.len() * 2);
+    for (k, v) in &fields {
+        cmd.arg(*k).arg(v);
+    }
+    if result.verdict == Verdict::Invalid {
+        let mut dead = task.map(AuditTask::to_fields).unwrap_or_default();
+        dead.push(("reason", result.reason.clone()));
+        dead.push(("audited_at", result.audited_at.to_string()));
+        dead.push(("task_entry", entry.to_string()));
+        for (k, v) in &dead {
+            cmd.arg(*k).arg(v);
+        }
+    }
+    match cmd.query_async::<u64>(conn).await {
+        Ok(n) => Ok(n == 1),
+        Err(e) if e.to_string().contains("Function not found") => {
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(LIBRARY)
+                .query_async::<String>(conn)
+                .await?;
+            Ok(cmd.query_async::<u64>(conn).await? == 1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Audit one entry and write its verdict. `Err` leaves the task pending (retried).
+async fn handle(
+    rpc: &BitcoinRpc,
+    conn: &mut redis::aio::MultiplexedConnection,
+    metrics: &Metrics,
+    e: &Entry,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (task, template_id, verdict, reason) = match AuditTask::from_fields(&e.fields) {
+        Ok(t) => {
+            let (v, r) = audit(rpc, &t).await.context("bitcoind")?;
+            let id = t.template_id;
+            (Some(t), id, v, r)
+        }
+        Err(err) => {
+            // Unreadable: invalid if it names its template (its quotes must never be paid).
+            let Some(id) = e.fields.get("template_id").and_then(|t| t.parse().ok()) else {
+                tracing::error!(entry = %e.id, "audit task without a template id, dropped: {err}");
+                redis::cmd("XACK")
+                    .arg(AUDIT_TASKS_STREAM)
+                    .arg(GROUP)
+                    .arg(&e.id)
+                    .query_async::<u64>(conn)
+                    .await?;
+                return Ok(());
+            };
+            (None, id, Verdict::Invalid, format!("unreadable-task: {err}"))
+        }
+    };
+    let result = AuditResult {
+        template_id,
+        verdict,
+        reason,
+        audited_at: now_ms(),
+    };
+    let wrote = write_verdict(conn, &e.id, task.as_ref(), &result).await?;
+    metrics.audit_seconds.observe(started.elapsed().as_secs_f64());
+    if wrote {
+        metrics.verdicts.with_label_values(&[verdict.as_str()]).inc();
+        tracing::info!(
+            template = template_id,
+            verdict = verdict.as_str(),
+            reason = %result.reason,
+            "template audited"
+        );
+    } else {
+        tracing::info!(template = template_id, "verdict already written by another auditor: task acknowledged");
+    }
+    Ok(())
+}
+
+async fn worker(
+    config: AuditorConfig,
+    name: String,
+    rpc: Arc<BitcoinRpc>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
+    let mut backoff = Duration::from_millis(100);
+    let mut state: Option<(Consumer, redis::aio::MultiplexedConnection)> = None;
+    let mut last_reclaim = Instant::now() - RECLAIM_EVERY;
+    while !stop.is_cancelled() {
+        let result = async {
+            if state.is_none() {
+                let c = Consumer::join(&config.redis.url, AUDIT_TASKS_STREAM, GROUP, &name, timeout).await?;
+                let w = hashpool_streams::connect(&config.redis.url, timeout).await?;
+                state = Some((c, w));
+            }
+            let Some((c, w)) = state.as_mut() else {
+                return Ok(());
+            };
+            let mut entries = Vec::new();
+            if last_reclaim.elapsed() >= RECLAIM_EVERY {
+                last_reclaim = Instant::now();
+                entries = c
+                    .claim_abandoned(Duration::from_millis(config.reclaim_idle_ms), 1)
+                    .await?;
+                if !entries.is_empty() {
+                    tracing::info!(worker = %name, "claimed a task a dead auditor left pending");
+                }
+            }
+            if entries.is_empty() {
+                entries = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    e = c.next(1, BLOCK) => e?,
+                };
+            }
+            if entries.is_empty() {
+                metrics.backlog.set(c.backlog().await? as i64);
+            }
+            for e in &entries {
+                handle(&rpc, w, &metrics, e).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(worker = %name, "audit failed, the task stays pending; retrying in {backoff:?}: {e:#}");
+                state = None;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    // Backoff after bitcoind or Redis failed.
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn metrics_text(State(m): State<Arc<Metrics>>) -> String {
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&m.registry.gather(), &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Run the auditor until `shutdown` resolves.
+pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid auditor config: {e}"))?;
+    let rpc = Arc::new(BitcoinRpc::new(
+        &config.bitcoind.rpc_url,
+        &config.bitcoind.rpc_user,
+        config.bitcoind.rpc_password.expose(),
+    )?);
+    rpc.call::<u64>("getblockcount", &[])
+        .await
+        .with_context(|| format!("bitcoind at {} does not answer", config.bitcoind.rpc_url))?;
+    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
+    let mut conn = hashpool_streams::connect(&config.redis.url, timeout).await?;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+        .query_async::<String>(&mut conn)
+        .await
+        .context("loading the auditor's Redis function (Redis 7 or later is needed)")?;
+    // The group exists before the first worker reads (readiness probes look for it).
+    Consumer::join(&config.redis.url, AUDIT_TASKS_STREAM, GROUP, &config.consumer, timeout).await?;
+    let metrics = Arc::new(Metrics::new()?);
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..config.workers {
+        tasks.push(tokio::spawn(worker(
+            config.clone(),
+            format!("{}-{i}", config.consumer),
+            rpc.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )));
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        "auditor listening on http://{} with {} worker(s) as {}",
+        listener.local_addr()?,
+        config.workers,
+        config.consumer
+    );
+    let server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = server.await;
+    Ok(())
+}

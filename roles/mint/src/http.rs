@@ -1,0 +1,104 @@
+//! The mint's HTTP surface: cdk's Cashu routes (NUT-01..NUT-29 as cdk serves them, NUT-17
+//! websockets) plus the ehash endpoints, `/metrics` and `/health`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/ehash/quote/{id}` | one quote's audit status: `PENDING` (with `settle_at` once valid), `PAID`, `FAILED` + `reason` |
+//! | `POST /v1/ehash/quotes` | signed lookup of every quote of a key ([`ehash::lookup`]) |
+//! | `POST /v1/mint/quote/mining_share` | refused: quotes come only from share records |
+//!
+//! Errors are Cashu-style `{"code": N, "detail": "..."}`: 30001 quote creation refused,
+//! 30002 bad lookup signature or key, 30003 stale lookup, 30004 replayed lookup, 30005 no
+//! such quote.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ehash::lookup::{verify_lookup, LookupError, LookupRequest};
+use serde_json::json;
+
+use crate::backend::REFUSE_QUOTE;
+use crate::metrics::MintMetrics;
+use crate::store::Store;
+
+/// What the handlers share.
+pub struct Api {
+    /// The ledger.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<MintMetrics>,
+    /// Allowed lookup clock skew, ms.
+    pub max_skew_ms: u64,
+}
+
+fn error(status: StatusCode, code: u32, detail: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"code": code, "detail": detail.to_string()}))).into_response()
+}
+
+fn internal(e: anyhow::Error) -> Response {
+    tracing::warn!("ehash endpoint failed: {e:#}");
+    error(StatusCode::INTERNAL_SERVER_ERROR, 30000, format!("{e:#}"))
+}
+
+async fn refuse_quote() -> Response {
+    error(StatusCode::BAD_REQUEST, 30001, REFUSE_QUOTE)
+}
+
+async fn quote(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    match api.store.quote(&id).await {
+        Ok(Some(view)) => Json(view).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, 30005, format!("no ehash quote {id}")),
+        Err(e) => internal(e),
+    }
+}
+
+async fn lookup(State(api): State<Arc<Api>>, Json(req): Json<LookupRequest>) -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let key = match verify_lookup(&req, now, api.max_skew_ms) {
+        Ok(k) => k,
+        Err(e @ LookupError::Stale { .. }) => return error(StatusCode::UNAUTHORIZED, 30003, e),
+        Err(e) => return error(StatusCode::UNAUTHORIZED, 30002, e),
+    };
+    let pubkey = key.to_string();
+    match api.store.bump_lookup(&pubkey, req.timestamp).await {
+        Ok(Ok(())) => {}
+        Ok(Err(last)) => {
+            let e = LookupError::Replayed {
+                timestamp: req.timestamp,
+                last,
+            };
+            return error(StatusCode::UNAUTHORIZED, 30004, e);
+        }
+        Err(e) => return internal(e),
+    }
+    match api.store.quotes_of(&pubkey).await {
+        Ok(quotes) => Json(json!({"pubkey": pubkey, "quotes": quotes})).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    api.metrics.render()
+}
+
+async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// The ehash routes (merged with cdk's by the caller).
+pub fn routes(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/ehash/quote/{id}", get(quote))
+        .route("/v1/ehash/quotes", post(lookup))
+        .route("/v1/mint/quote/mining_share", post(refuse_quote))
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(api)
+}

@@ -1,0 +1,258 @@
+//! The mint's readers: consumer group `mint` on `ehash:shares` (one quote per record) and on
+//! `audit:results` (verdicts), and the settlement clock. Entries are acknowledged only after
+//! the database transaction that holds their effect committed; a crash before that makes the
+//! mint re-read them (its own pending entries first), and the effects are idempotent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cdk::mint::Mint;
+use ehash::{AuditResult, ShareRecord, AUDIT_RESULTS_STREAM, SHARES_STREAM};
+use hashpool_config::pool_side::MintConfig;
+use hashpool_streams::{Consumer, Entry};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::MintMetrics;
+use crate::store::{Changed, Store};
+
+/// Consumer group of the mint on both streams.
+pub const GROUP: &str = "mint";
+/// How long a read blocks waiting for new entries.
+const BLOCK: Duration = Duration::from_millis(500);
+/// How often entries abandoned by another consumer are looked for.
+const RECLAIM_EVERY: Duration = Duration::from_secs(2);
+/// How often valid templates are checked for their settlement time.
+const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// First pause after a Redis or database error; doubles up to 2 s.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Count paid quotes and push their state to NUT-17 subscribers (after commit).
+fn notify(mint: &Mint, metrics: &MintMetrics, changed: &Changed) {
+    let pubsub = mint.pubsub_manager();
+    let now = now_ms();
+    metrics
+        .quotes
+        .with_label_values(&["paid"])
+        .inc_by(changed.len() as u64);
+    for q in changed {
+        if let Some(at) = q
+            .extra_json
+            .as_ref()
+            .and_then(|j| j.get("recorded_at"))
+            .and_then(|v| v.as_u64())
+        {
+            metrics
+                .record_to_paid_seconds
+                .observe(now.saturating_sub(at) as f64 / 1000.0);
+        }
+        pubsub.mint_quote_payment(q, q.amount_paid());
+    }
+}
+
+/// What a reader does with a batch: its effect, committed; returns the quotes to notify.
+/// Entries it cannot read are logged and counted, and acknowledged with the rest (they can
+/// never be processed).
+#[async_trait::async_trait]
+trait Handler: Send + Sync {
+    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed>;
+}
+
+struct Shares {
+    store: Arc<Store>,
+    metrics: Arc<MintMetrics>,
+}
+
+#[async_trait::async_trait]
+impl Handler for Shares {
+    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed> {
+        let mut records = Vec::with_capacity(entries.len());
+        for e in entries {
+            match ShareRecord::from_fields(&e.fields) {
+                Ok(r) => records.push((e.millis(), r)),
+                Err(err) => {
+                    self.metrics.unreadable.with_label_values(&[SHARES_STREAM]).inc();
+                    tracing::error!(entry = %e.id, "unreadable ehash:shares record, no quote made: {err}");
+                }
+            }
+        }
+        let (created, paid) = self.store.add_shares(&records).await?;
+        self.metrics.quotes.with_label_values(&["created"]).inc_by(created as u64);
+        let now = now_ms();
+        for e in entries {
+            self.metrics
+                .record_to_quote_seconds
+                .observe(now.saturating_sub(e.millis()) as f64 / 1000.0);
+        }
+        Ok(paid)
+    }
+}
+
+struct Verdicts {
+    store: Arc<Store>,
+    metrics: Arc<MintMetrics>,
+    delay_ms: u64,
+}
+
+#[async_trait::async_trait]
+impl Handler for Verdicts {
+    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed> {
+        let mut results = Vec::with_capacity(entries.len());
+        for e in entries {
+            match AuditResult::from_fields(&e.fields) {
+                Ok(r) => {
+                    self.metrics
+                        .templates
+                        .with_label_values(&[r.verdict.as_str()])
+                        .inc();
+                    results.push(r);
+                }
+                Err(err) => {
+                    self.metrics
+                        .unreadable
+                        .with_label_values(&[AUDIT_RESULTS_STREAM])
+                        .inc();
+                    tracing::error!(entry = %e.id, "unreadable audit:results record: {err}");
+                }
+            }
+        }
+        self.store
+            .add_verdicts(&results, now_ms(), self.delay_ms)
+            .await
+    }
+}
+
+/// Read `stream` in group `mint` until `stop`: own pending first, then abandoned entries of
+/// dead consumers, then new ones.
+async fn read_loop(
+    config: MintConfig,
+    stream: &'static str,
+    handler: Arc<dyn Handler>,
+    mint: Arc<Mint>,
+    metrics: Arc<MintMetrics>,
+    stop: CancellationToken,
+) {
+    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
+    let mut backoff = MIN_BACKOFF;
+    let mut consumer: Option<Consumer> = None;
+    let mut last_reclaim = Instant::now();
+    while !stop.is_cancelled() {
+        let result = async {
+            if consumer.is_none() {
+                consumer = Some(
+                    Consumer::join(&config.redis.url, stream, GROUP, &config.consumer, timeout)
+                        .await?,
+                );
+            }
+            let Some(c) = consumer.as_mut() else {
+                return Ok(());
+            };
+            let mut entries = Vec::new();
+            if last_reclaim.elapsed() >= RECLAIM_EVERY {
+                last_reclaim = Instant::now();
+                entries = c
+                    .claim_abandoned(Duration::from_millis(config.reclaim_idle_ms), config.batch_max)
+                    .await?;
+                if !entries.is_empty() {
+                    tracing::info!(stream, n = entries.len(), "claimed entries a dead consumer left pending");
+                }
+            }
+            if entries.is_empty() {
+                entries = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    e = c.next(config.batch_max, BLOCK) => e?,
+                };
+            }
+            if entries.is_empty() {
+                metrics
+                    .backlog
+                    .with_label_values(&[stream])
+                    .set(c.backlog().await? as i64);
+                return Ok(());
+            }
+            let changed = handler.handle(&entries).await?;
+            let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+            c.ack(&ids).await?;
+            notify(&mint, &metrics, &changed);
+            anyhow::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => backoff = MIN_BACKOFF,
+            Err(e) => {
+                tracing::warn!(stream, "reading failed, retrying in {backoff:?}: {e:#}");
+                consumer = None;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    // Backoff after a Redis or database error.
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Pay valid templates whose settlement time has come, until `stop`.
+async fn settle_loop(
+    store: Arc<Store>,
+    mint: Arc<Mint>,
+    metrics: Arc<MintMetrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SETTLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.settle_due(now_ms()).await {
+            Ok(changed) => notify(&mint, &metrics, &changed),
+            Err(e) => tracing::warn!("settlement failed, retrying: {e:#}"),
+        }
+    }
+}
+
+/// Start the readers and the settlement clock.
+pub fn spawn(
+    config: &MintConfig,
+    store: Arc<Store>,
+    mint: Arc<Mint>,
+    metrics: Arc<MintMetrics>,
+    stop: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let shares: Arc<dyn Handler> = Arc::new(Shares {
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    let verdicts: Arc<dyn Handler> = Arc::new(Verdicts {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        delay_ms: config.settlement_delay_secs * 1000,
+    });
+    vec![
+        tokio::spawn(read_loop(
+            config.clone(),
+            SHARES_STREAM,
+            shares,
+            mint.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(read_loop(
+            config.clone(),
+            AUDIT_RESULTS_STREAM,
+            verdicts,
+            mint.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(settle_loop(store, mint, metrics, stop)),
+    ]
+}

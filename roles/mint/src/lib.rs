@@ -1,0 +1,126 @@
+//! The hashpool mint role: a Cashu mint (cdk 0.18) for the custom unit `ehash` whose only
+//! payment method, `mining_share`, is fed by the pool's share records:
+//!
+//! - every `ehash:shares` record becomes one quote, locked (NUT-20) to the record's key, for
+//!   the record's amount, PENDING until its template's audit;
+//! - an `audit:results` verdict `valid` pays the template's quotes (after the settlement
+//!   delay), `invalid` leaves them unpaid forever (FAILED with the reason);
+//! - the operator's wallet finds its quotes with a signed lookup and mints PAID ones with the
+//!   standard NUT-04/NUT-20 (and NUT-29 batch) endpoints; quote state changes are pushed over
+//!   NUT-17 websockets.
+//!
+//! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
+
+pub mod backend;
+pub mod http;
+mod ingest;
+mod metrics;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use cdk::mint::{MintBuilder, MintMeltLimits, UnitConfig};
+use cdk::nuts::nut17::SupportedMethods;
+use cdk_common::{CurrencyUnit, PaymentMethod};
+use cdk_sqlite::MintSqliteDatabase;
+use hashpool_config::pool_side::MintConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{ShareBackend, METHOD, UNIT};
+
+/// Largest quote a batch mint may cover at once (NUT-29).
+const MAX_BATCH: u64 = 1000;
+/// How long the mint's tasks get to finish at shutdown.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Run the mint until `shutdown` resolves.
+pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow!("invalid mint config: {e}"))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir))?;
+    let path = std::path::Path::new(&config.data_dir).join("mint.sqlite");
+    let db = Arc::new(
+        MintSqliteDatabase::new(&path)
+            .await
+            .map_err(|e| anyhow!("database {}: {e}", path.display()))?,
+    );
+    let unit = CurrencyUnit::custom(UNIT);
+    let method = PaymentMethod::Custom(METHOD.into());
+    let mut builder = MintBuilder::new(db.clone());
+    // ehash amounts are powers of two up to 2^63 (hashpool's rule).
+    builder.configure_unit(
+        unit.clone(),
+        UnitConfig {
+            amounts: (0..64).map(|i| 1u64 << i).collect(),
+            input_fee_ppk: 0,
+        },
+    )?;
+    builder
+        .add_payment_processor(
+            unit.clone(),
+            method.clone(),
+            MintMeltLimits::new(1, u64::MAX),
+            Arc::new(ShareBackend),
+        )
+        .await?;
+    let builder = builder
+        .with_name("hashpool ehash mint".into())
+        .with_description("ehash for every accepted share, paid once its template is audited".into())
+        .with_urls(vec![config.public_url()])
+        .with_supported_websockets(SupportedMethods::default_custom(method, unit))
+        .with_batch_minting(Some(MAX_BATCH), Some(vec![METHOD.into()]));
+    let seed = hex::decode(config.seed.expose()).context("seed is not hex")?;
+    let mint = Arc::new(
+        builder
+            .build_with_seed(db.clone(), &seed)
+            .await
+            .map_err(|e| anyhow!("building the mint: {e}"))?,
+    );
+    mint.start().await.map_err(|e| anyhow!("starting the mint: {e}"))?;
+
+    let metrics = Arc::new(metrics::MintMetrics::new()?);
+    let store = Arc::new(store::Store::new(mint.clone()));
+    let cashu = cdk_axum::create_mint_router(mint.clone(), vec![METHOD.into()])
+        .await
+        .map_err(|e| anyhow!("cashu routes: {e}"))?;
+    let api = Arc::new(http::Api {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        max_skew_ms: config.lookup_max_skew_ms,
+    });
+    let app = http::routes(api).merge(cashu);
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let stop = CancellationToken::new();
+    let tasks = ingest::spawn(&config, store, mint.clone(), metrics, stop.clone());
+    tracing::info!(
+        "mint listening on http://{} (unit {UNIT}, method {METHOD}, settlement delay {} s)",
+        listener.local_addr()?,
+        config.settlement_delay_secs
+    );
+    let server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down");
+    stop.cancel();
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = server.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+        tracing::warn!("mint tasks did not finish within {SHUTDOWN_GRACE:?} of shutdown");
+    }
+    mint.stop().await.map_err(|e| anyhow!("stopping the mint: {e}"))?;
+    Ok(())
+}

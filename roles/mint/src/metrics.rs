@@ -1,0 +1,88 @@
+//! Prometheus metrics of the mint (`hashpool_mint_*`), served on the mint's HTTP port.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric of the mint.
+pub struct MintMetrics {
+    registry: Registry,
+    /// Quotes by event: `created` (from a share record), `paid` (credited after a valid
+    /// audit). FAILED quotes are those of `invalid` templates.
+    pub quotes: IntCounterVec,
+    /// Verdicts read, by verdict.
+    pub templates: IntCounterVec,
+    /// Stream entries that could not be read, by stream.
+    pub unreadable: IntCounterVec,
+    /// Entries of a stream not yet processed by the mint's group (lag + pending).
+    pub backlog: IntGaugeVec,
+    /// Time from a share record's append to its quote being committed.
+    pub record_to_quote_seconds: Histogram,
+    /// Time from a share record's append to its quote being paid.
+    pub record_to_paid_seconds: Histogram,
+}
+
+impl MintMetrics {
+    /// Register everything.
+    pub fn new() -> prometheus::Result<Self> {
+        let buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+        let m = Self {
+            registry: Registry::new(),
+            quotes: IntCounterVec::new(
+                Opts::new("hashpool_mint_quotes_total", "ehash quotes, by event"),
+                &["event"],
+            )?,
+            templates: IntCounterVec::new(
+                Opts::new("hashpool_mint_verdicts_total", "Audit verdicts read, by verdict"),
+                &["verdict"],
+            )?,
+            unreadable: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_unreadable_records_total",
+                    "Stream entries that could not be read, by stream",
+                ),
+                &["stream"],
+            )?,
+            backlog: IntGaugeVec::new(
+                Opts::new(
+                    "hashpool_mint_stream_backlog",
+                    "Entries not yet processed by the mint, by stream",
+                ),
+                &["stream"],
+            )?,
+            record_to_quote_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "hashpool_mint_record_to_quote_seconds",
+                    "Share record appended to quote committed",
+                )
+                .buckets(buckets.clone()),
+            )?,
+            record_to_paid_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "hashpool_mint_settlement_seconds",
+                    "Share record appended to its quote paid",
+                )
+                .buckets(buckets),
+            )?,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.quotes.clone()),
+            Box::new(m.templates.clone()),
+            Box::new(m.unreadable.clone()),
+            Box::new(m.backlog.clone()),
+            Box::new(m.record_to_quote_seconds.clone()),
+            Box::new(m.record_to_paid_seconds.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c)?;
+        }
+        Ok(m)
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,403 @@
+//! The mint's ledger of ehash quotes, kept in cdk's own database so that a quote, its indexes
+//! and its payment are written in one transaction:
+//!
+//! - a share record becomes one quote (amount from the record, locked to its key, lookup id =
+//!   share hash), idempotent by share hash;
+//! - an audit verdict is stored once per template; a `valid` template's quotes are paid (the
+//!   backend's `PaymentReceived`, applied with cdk's own `pay_mint_quote`, payment id = share
+//!   hash, so each counts once) when its settlement time has come, and quotes of later shares
+//!   of that template are paid as they are created; an `invalid` template's quotes are never
+//!   paid and report FAILED with the reason.
+//!
+//! Key-value layout (primary namespace `ehash`): `share/<hash>` -> quote id,
+//! `quote/<quote id>` -> template id, `t<template id>/<quote id>` -> amount,
+//! `p<pubkey>/<quote id>`, `template/<id>` -> [`TemplateState`], `due/<template id>` ->
+//! settlement time, `lookup/<pubkey>` -> last signed-lookup timestamp.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use cdk::mint::Mint;
+use cdk_common::database::mint::DynMintTransaction;
+use cdk_common::mint::MintQuote;
+use cdk_common::payment::{PaymentIdentifier, WaitPaymentResponse};
+use cdk_common::{Amount, CurrencyUnit, MintQuoteState, PaymentMethod, PublicKey, QuoteId};
+use ehash::{AuditResult, ShareRecord, Verdict};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{METHOD, UNIT};
+
+const NS: &str = "ehash";
+/// Quotes never expire (a share stays owed until audited and minted).
+const QUOTE_EXPIRY: u64 = u64::MAX / 2;
+
+/// What the mint knows of a template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateState {
+    /// `valid` or `invalid`.
+    pub verdict: String,
+    /// The auditor's reason.
+    pub reason: String,
+    /// When the verdict was written (ms).
+    pub audited_at: u64,
+    /// When its quotes are (or were) paid (ms).
+    pub settle_at: u64,
+    /// Whether they were.
+    pub settled: bool,
+}
+
+/// A quote's audit status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "audit_status", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuditStatus {
+    /// No verdict yet, or a valid one whose settlement time has not come.
+    Pending {
+        /// When a valid template's quotes will be paid (ms).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        settle_at: Option<u64>,
+    },
+    /// Credited: the holder of the key can mint it.
+    Paid,
+    /// The template was found invalid: never paid.
+    Failed {
+        /// Bitcoin Core's reject string or the policy rule.
+        reason: String,
+    },
+}
+
+/// One quote as the ehash endpoints show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuoteView {
+    /// Quote id.
+    pub quote: String,
+    /// The share it pays for.
+    pub share_hash: String,
+    /// Its template.
+    pub template_id: u64,
+    /// ehash amount.
+    pub amount: u64,
+    /// cdk's state: UNPAID, PAID or ISSUED.
+    pub state: String,
+    /// Audit status (flattened: `audit_status`, `settle_at` / `reason`).
+    #[serde(flatten)]
+    pub audit: AuditStatus,
+}
+
+/// Quotes whose state changed, to push over NUT-17 once committed.
+pub type Changed = Vec<MintQuote>;
+
+/// The ledger.
+pub struct Store {
+    mint: Arc<Mint>,
+    unit: CurrencyUnit,
+    method: PaymentMethod,
+    /// One writer at a time: settlement reads a template's quotes and marks it settled
+    /// while new shares of it may arrive.
+    writer: tokio::sync::Mutex<()>,
+}
+
+fn json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
+impl Store {
+    /// A ledger on `mint`'s database.
+    pub fn new(mint: Arc<Mint>) -> Self {
+        Self {
+            mint,
+            unit: CurrencyUnit::custom(UNIT),
+            method: PaymentMethod::Custom(METHOD.into()),
+            writer: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn begin(&self) -> anyhow::Result<DynMintTransaction> {
+        self.mint
+            .localstore()
+            .begin_transaction()
+            .await
+            .map_err(|e| anyhow!("begin transaction: {e}"))
+    }
+
+    async fn template(
+        tx: &mut DynMintTransaction,
+        template_id: u64,
+    ) -> anyhow::Result<Option<TemplateState>> {
+        let raw = tx
+            .kv_read(NS, "template", &template_id.to_string())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        raw.map(|b| serde_json::from_slice(&b).context("template state"))
+            .transpose()
+    }
+
+    /// Pay quote `id` of the share it names if it is not paid yet; returns it if it changed.
+    async fn pay(&self, tx: &mut DynMintTransaction, id: &QuoteId) -> anyhow::Result<Option<MintQuote>> {
+        let Some(mut quote) = tx.get_mint_quote(id).await.map_err(|e| anyhow!("{e}"))? else {
+            return Ok(None);
+        };
+        if quote.amount_paid().value() > 0 {
+            return Ok(None);
+        }
+        let amount = quote.amount.clone().context("quote without amount")?;
+        let payment = WaitPaymentResponse {
+            payment_identifier: quote.request_lookup_id.clone(),
+            payment_amount: amount,
+            payment_id: quote.request.clone(),
+        };
+        let changed = self
+            .mint
+            .pay_mint_quote(tx, &mut quote, payment)
+            .await
+            .map_err(|e| anyhow!("pay quote {id}: {e}"))?;
+        Ok(changed.then(|| quote.inner()))
+    }
+
+    /// One quote per record not seen before (idempotent by share hash); quotes of templates
+    /// already settled valid are paid at once. Each record comes with the time (ms) it was
+    /// appended. Returns (quotes created, quotes paid).
+    pub async fn add_shares(
+        &self,
+        records: &[(u64, ShareRecord)],
+    ) -> anyhow::Result<(usize, Changed)> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        let now = cdk_common::util::unix_time();
+        let mut created = 0;
+        let mut paid = Vec::new();
+        let mut templates: HashMap<u64, Option<TemplateState>> = HashMap::new();
+        for (recorded_at, r) in records {
+            let id = QuoteId::new();
+            let fresh = tx
+                .kv_write_if_absent(NS, "share", &r.share_hash, id.to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if !fresh {
+                continue; // a replayed record: its quote exists
+            }
+            let pubkey = PublicKey::from_slice(r.locking_pubkey.as_bytes())
+                .map_err(|e| anyhow!("locking key of {}: {e}", r.share_hash))?;
+            let quote = MintQuote::new(
+                Some(id.clone()),
+                r.share_hash.clone(),
+                self.unit.clone(),
+                Some(Amount::new(r.amount, self.unit.clone())),
+                QUOTE_EXPIRY,
+                PaymentIdentifier::CustomId(r.share_hash.clone()),
+                Some(pubkey),
+                Amount::new(0, self.unit.clone()),
+                Amount::new(0, self.unit.clone()),
+                self.method.clone(),
+                now,
+                now,
+                vec![],
+                vec![],
+                Some(serde_json::json!({
+                    "share_hash": r.share_hash,
+                    "template_id": r.template_id,
+                    "recorded_at": recorded_at,
+                })),
+            );
+            tx.add_mint_quote(quote).await.map_err(|e| anyhow!("{e}"))?;
+            let qid = id.to_string();
+            tx.kv_write(NS, "quote", &qid, r.template_id.to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(NS, &format!("t{}", r.template_id), &qid, r.amount.to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(NS, &format!("p{}", r.locking_pubkey), &qid, b"")
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            created += 1;
+            if !templates.contains_key(&r.template_id) {
+                let t = Self::template(&mut tx, r.template_id).await?;
+                templates.insert(r.template_id, t);
+            }
+            if let Some(Some(t)) = templates.get(&r.template_id) {
+                if t.verdict == "valid" && t.settled {
+                    paid.extend(self.pay(&mut tx, &id).await?);
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
+        Ok((created, paid))
+    }
+
+    /// Store each verdict once per template. A valid template settles `delay_ms` after
+    /// `now_ms` (at once if 0). Returns the quotes paid.
+    pub async fn add_verdicts(
+        &self,
+        results: &[AuditResult],
+        now_ms: u64,
+        delay_ms: u64,
+    ) -> anyhow::Result<Changed> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        let mut paid = Vec::new();
+        for r in results {
+            let state = TemplateState {
+                verdict: r.verdict.as_str().into(),
+                reason: r.reason.clone(),
+                audited_at: r.audited_at,
+                settle_at: now_ms + delay_ms,
+                settled: false,
+            };
+            let tid = r.template_id.to_string();
+            if !tx
+                .kv_write_if_absent(NS, "template", &tid, &json(&state)?)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+            {
+                let first = Self::template(&mut tx, r.template_id).await?;
+                tracing::warn!(
+                    template = r.template_id,
+                    "second verdict ({} {}) ignored; the first stands: {first:?}",
+                    r.verdict.as_str(),
+                    r.reason
+                );
+                continue;
+            }
+            match r.verdict {
+                Verdict::Invalid => tracing::info!(
+                    template = r.template_id,
+                    "template invalid ({}): its quotes are FAILED",
+                    r.reason
+                ),
+                Verdict::Valid if delay_ms == 0 => {
+                    paid.extend(self.settle(&mut tx, r.template_id, state).await?);
+                }
+                Verdict::Valid => {
+                    tx.kv_write(NS, "due", &tid, (now_ms + delay_ms).to_string().as_bytes())
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?;
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
+        Ok(paid)
+    }
+
+    /// Pay every quote of a valid template and mark it settled.
+    async fn settle(
+        &self,
+        tx: &mut DynMintTransaction,
+        template_id: u64,
+        mut state: TemplateState,
+    ) -> anyhow::Result<Changed> {
+        let mut paid = Vec::new();
+        let quotes = tx
+            .kv_list(NS, &format!("t{template_id}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        for q in quotes {
+            let id: QuoteId = q.parse().map_err(|e| anyhow!("quote id {q}: {e:?}"))?;
+            paid.extend(self.pay(tx, &id).await?);
+        }
+        state.settled = true;
+        tx.kv_write(NS, "template", &template_id.to_string(), &json(&state)?)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        tx.kv_remove(NS, "due", &template_id.to_string())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        tracing::info!(template = template_id, quotes = paid.len(), "template settled: quotes PAID");
+        Ok(paid)
+    }
+
+    /// Settle every valid template whose time has come. Returns the quotes paid.
+    pub async fn settle_due(&self, now_ms: u64) -> anyhow::Result<Changed> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        let due = tx.kv_list(NS, "due").await.map_err(|e| anyhow!("{e}"))?;
+        let mut paid = Vec::new();
+        for tid in due {
+            let template_id: u64 = tid.parse().context("due template id")?;
+            let Some(state) = Self::template(&mut tx, template_id).await? else {
+                continue;
+            };
+            if state.settle_at <= now_ms && !state.settled {
+                paid.extend(self.settle(&mut tx, template_id, state).await?);
+            }
+        }
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
+        Ok(paid)
+    }
+
+    /// The view of quote `id`, or `None` if the mint has no such ehash quote.
+    pub async fn quote(&self, id: &str) -> anyhow::Result<Option<QuoteView>> {
+        let db = self.mint.localstore();
+        let Ok(qid) = id.parse::<QuoteId>() else {
+            return Ok(None);
+        };
+        let Some(quote) = db.get_mint_quote(&qid).await.map_err(|e| anyhow!("{e}"))? else {
+            return Ok(None);
+        };
+        let Some(tid) = db.kv_read(NS, "quote", id).await.map_err(|e| anyhow!("{e}"))? else {
+            return Ok(None);
+        };
+        let template_id: u64 = String::from_utf8_lossy(&tid).parse().context("template id")?;
+        let template = db
+            .kv_read(NS, "template", &template_id.to_string())
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .map(|b| serde_json::from_slice::<TemplateState>(&b))
+            .transpose()?;
+        let state = quote.state();
+        let audit = match (&template, state) {
+            (_, MintQuoteState::Paid | MintQuoteState::Issued) => AuditStatus::Paid,
+            (Some(t), _) if t.verdict == "invalid" => AuditStatus::Failed {
+                reason: t.reason.clone(),
+            },
+            (Some(t), _) => AuditStatus::Pending {
+                settle_at: Some(t.settle_at),
+            },
+            (None, _) => AuditStatus::Pending { settle_at: None },
+        };
+        Ok(Some(QuoteView {
+            quote: id.to_string(),
+            share_hash: quote.request.clone(),
+            template_id,
+            amount: quote.amount.as_ref().map(|a| a.value()).unwrap_or(0),
+            state: state.to_string(),
+            audit,
+        }))
+    }
+
+    /// Every quote locked to `pubkey` (hex).
+    pub async fn quotes_of(&self, pubkey: &str) -> anyhow::Result<Vec<QuoteView>> {
+        let ids = self
+            .mint
+            .localstore()
+            .kv_list(NS, &format!("p{pubkey}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.quote(&id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Accept a signed lookup's `timestamp` for `pubkey` if it is after the last one (and
+    /// remember it); `Err(last)` for a replay.
+    pub async fn bump_lookup(&self, pubkey: &str, timestamp: u64) -> anyhow::Result<Result<(), u64>> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        let last = tx
+            .kv_read(NS, "lookup", pubkey)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .and_then(|b| String::from_utf8_lossy(&b).parse::<u64>().ok());
+        if let Some(last) = last.filter(|l| *l >= timestamp) {
+            tx.rollback().await.map_err(|e| anyhow!("{e}"))?;
+            return Ok(Err(last));
+        }
+        tx.kv_write(NS, "lookup", pubkey, timestamp.to_string().as_bytes())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
+        Ok(Ok(()))
+    }
+}
