@@ -9,7 +9,7 @@
 //! and a timestamp not above the last one it accepted for the key (a replay).
 
 use bitcoin::hashes::{sha256, Hash, HashEngine};
-use bitcoin::secp256k1::{schnorr, Keypair, Message, Secp256k1, SecretKey, XOnlyPublicKey};
+use bitcoin::secp256k1::{schnorr, Keypair, Message, Secp256k1, SecretKey};
 use serde::{Deserialize, Serialize};
 
 use crate::tlv::LockingPubkey;
@@ -104,7 +104,7 @@ pub fn verify_lookup(
         .x_only_public_key();
     let msg = Message::from_digest(lookup_digest(&pubkey, req.timestamp));
     Secp256k1::verification_only()
-        .verify_schnorr(&sig, &msg, &XOnlyPublicKey::from(xonly))
+        .verify_schnorr(&sig, &msg, &xonly)
         .map_err(|_| LookupError::BadSignature)?;
     let skew_ms = now.abs_diff(req.timestamp);
     if skew_ms > max_skew_ms {

@@ -281,7 +281,12 @@ impl Consumer {
                 _ => continue,
             };
             if fields.get("name").and_then(text).as_deref() == Some(self.group.as_str()) {
-                let n = |k: &str| fields.get(k).and_then(text).and_then(|t| t.parse::<u64>().ok());
+                let n = |k: &str| {
+                    fields
+                        .get(k)
+                        .and_then(text)
+                        .and_then(|t| t.parse::<u64>().ok())
+                };
                 return Ok(n("lag").unwrap_or(0) + n("pending").unwrap_or(0));
             }
         }

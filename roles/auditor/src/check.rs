@@ -46,7 +46,10 @@ pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, Strin
             false => (Verdict::Invalid, INCONCLUSIVE.to_string()),
         },
         Ok(Value::String(s)) => (Verdict::Invalid, s),
-        Ok(other) => (Verdict::Invalid, format!("unexpected proposal answer {other}")),
+        Ok(other) => (
+            Verdict::Invalid,
+            format!("unexpected proposal answer {other}"),
+        ),
         // A JSON-RPC error is bitcoind's answer about this block (for instance -22, block
         // decode failed); a transport error is no answer.
         Err(RpcError::Node { code, message, .. }) => {

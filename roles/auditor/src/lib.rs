@@ -18,7 +18,9 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use bitcoind_rpc::BitcoinRpc;
-use ehash::{AuditResult, AuditTask, Verdict, AUDIT_DEAD_STREAM, AUDIT_RESULTS_STREAM, AUDIT_TASKS_STREAM};
+use ehash::{
+    AuditResult, AuditTask, Verdict, AUDIT_DEAD_STREAM, AUDIT_RESULTS_STREAM, AUDIT_TASKS_STREAM,
+};
 use hashpool_config::pool_side::AuditorConfig;
 use hashpool_streams::{Consumer, Entry};
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
@@ -74,12 +76,18 @@ impl Metrics {
         let m = Self {
             registry: Registry::new(),
             verdicts: IntCounterVec::new(
-                Opts::new("hashpool_auditor_verdicts_total", "Verdicts written, by verdict"),
+                Opts::new(
+                    "hashpool_auditor_verdicts_total",
+                    "Verdicts written, by verdict",
+                ),
                 &["verdict"],
             )?,
             audit_seconds: Histogram::with_opts(
-                HistogramOpts::new("hashpool_auditor_audit_seconds", "Time to audit one template")
-                    .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0]),
+                HistogramOpts::new(
+                    "hashpool_auditor_audit_seconds",
+                    "Time to audit one template",
+                )
+                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0]),
             )?,
             backlog: IntGauge::with_opts(Opts::new(
                 "hashpool_auditor_stream_backlog",
@@ -173,7 +181,12 @@ async fn handle(
                     .await?;
                 return Ok(());
             };
-            (None, id, Verdict::Invalid, format!("unreadable-task: {err}"))
+            (
+                None,
+                id,
+                Verdict::Invalid,
+                format!("unreadable-task: {err}"),
+            )
         }
     };
     let result = AuditResult {
@@ -183,9 +196,14 @@ async fn handle(
         audited_at: now_ms(),
     };
     let wrote = write_verdict(conn, &e.id, task.as_ref(), &result).await?;
-    metrics.audit_seconds.observe(started.elapsed().as_secs_f64());
+    metrics
+        .audit_seconds
+        .observe(started.elapsed().as_secs_f64());
     if wrote {
-        metrics.verdicts.with_label_values(&[verdict.as_str()]).inc();
+        metrics
+            .verdicts
+            .with_label_values(&[verdict.as_str()])
+            .inc();
         tracing::info!(
             template = template_id,
             verdict = verdict.as_str(),
@@ -193,7 +211,10 @@ async fn handle(
             "template audited"
         );
     } else {
-        tracing::info!(template = template_id, "verdict already written by another auditor: task acknowledged");
+        tracing::info!(
+            template = template_id,
+            "verdict already written by another auditor: task acknowledged"
+        );
     }
     Ok(())
 }
@@ -212,7 +233,9 @@ async fn worker(
     while !stop.is_cancelled() {
         let result = async {
             if state.is_none() {
-                let c = Consumer::join(&config.redis.url, AUDIT_TASKS_STREAM, GROUP, &name, timeout).await?;
+                let c =
+                    Consumer::join(&config.redis.url, AUDIT_TASKS_STREAM, GROUP, &name, timeout)
+                        .await?;
                 let w = hashpool_streams::connect(&config.redis.url, timeout).await?;
                 state = Some((c, w));
             }
@@ -289,7 +312,14 @@ pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> a
         .await
         .context("loading the auditor's Redis function (Redis 7 or later is needed)")?;
     // The group exists before the first worker reads (readiness probes look for it).
-    Consumer::join(&config.redis.url, AUDIT_TASKS_STREAM, GROUP, &config.consumer, timeout).await?;
+    Consumer::join(
+        &config.redis.url,
+        AUDIT_TASKS_STREAM,
+        GROUP,
+        &config.consumer,
+        timeout,
+    )
+    .await?;
     let metrics = Arc::new(Metrics::new()?);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();

@@ -9,8 +9,8 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use cdk_common::payment::{
     CreateIncomingPaymentResponse, Error, Event, IncomingPaymentOptions, MakePaymentResponse,
-    MintPayment, OutgoingPaymentOptions, PaymentIdentifier, PaymentQuoteResponse,
-    SettingsResponse, WaitPaymentResponse,
+    MintPayment, OutgoingPaymentOptions, PaymentIdentifier, PaymentQuoteResponse, SettingsResponse,
+    WaitPaymentResponse,
 };
 use cdk_common::CurrencyUnit;
 use futures::Stream;

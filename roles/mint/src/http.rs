@@ -36,7 +36,11 @@ pub struct Api {
 }
 
 fn error(status: StatusCode, code: u32, detail: impl std::fmt::Display) -> Response {
-    (status, Json(json!({"code": code, "detail": detail.to_string()}))).into_response()
+    (
+        status,
+        Json(json!({"code": code, "detail": detail.to_string()})),
+    )
+        .into_response()
 }
 
 fn internal(e: anyhow::Error) -> Response {

@@ -77,13 +77,19 @@ impl Handler for Shares {
             match ShareRecord::from_fields(&e.fields) {
                 Ok(r) => records.push((e.millis(), r)),
                 Err(err) => {
-                    self.metrics.unreadable.with_label_values(&[SHARES_STREAM]).inc();
+                    self.metrics
+                        .unreadable
+                        .with_label_values(&[SHARES_STREAM])
+                        .inc();
                     tracing::error!(entry = %e.id, "unreadable ehash:shares record, no quote made: {err}");
                 }
             }
         }
         let (created, paid) = self.store.add_shares(&records).await?;
-        self.metrics.quotes.with_label_values(&["created"]).inc_by(created as u64);
+        self.metrics
+            .quotes
+            .with_label_values(&["created"])
+            .inc_by(created as u64);
         let now = now_ms();
         for e in entries {
             self.metrics
@@ -157,10 +163,17 @@ async fn read_loop(
             if last_reclaim.elapsed() >= RECLAIM_EVERY {
                 last_reclaim = Instant::now();
                 entries = c
-                    .claim_abandoned(Duration::from_millis(config.reclaim_idle_ms), config.batch_max)
+                    .claim_abandoned(
+                        Duration::from_millis(config.reclaim_idle_ms),
+                        config.batch_max,
+                    )
                     .await?;
                 if !entries.is_empty() {
-                    tracing::info!(stream, n = entries.len(), "claimed entries a dead consumer left pending");
+                    tracing::info!(
+                        stream,
+                        n = entries.len(),
+                        "claimed entries a dead consumer left pending"
+                    );
                 }
             }
             if entries.is_empty() {

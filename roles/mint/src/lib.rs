@@ -69,7 +69,9 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
         .await?;
     let builder = builder
         .with_name("hashpool ehash mint".into())
-        .with_description("ehash for every accepted share, paid once its template is audited".into())
+        .with_description(
+            "ehash for every accepted share, paid once its template is audited".into(),
+        )
         .with_urls(vec![config.public_url()])
         .with_supported_websockets(SupportedMethods::default_custom(method, unit))
         .with_batch_minting(Some(MAX_BATCH), Some(vec![METHOD.into()]));
@@ -80,7 +82,9 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
             .await
             .map_err(|e| anyhow!("building the mint: {e}"))?,
     );
-    mint.start().await.map_err(|e| anyhow!("starting the mint: {e}"))?;
+    mint.start()
+        .await
+        .map_err(|e| anyhow!("starting the mint: {e}"))?;
 
     let metrics = Arc::new(metrics::MintMetrics::new()?);
     let store = Arc::new(store::Store::new(mint.clone()));
@@ -121,6 +125,8 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
         tracing::warn!("mint tasks did not finish within {SHUTDOWN_GRACE:?} of shutdown");
     }
-    mint.stop().await.map_err(|e| anyhow!("stopping the mint: {e}"))?;
+    mint.stop()
+        .await
+        .map_err(|e| anyhow!("stopping the mint: {e}"))?;
     Ok(())
 }

@@ -25,7 +25,9 @@ pub struct MintMetrics {
 impl MintMetrics {
     /// Register everything.
     pub fn new() -> prometheus::Result<Self> {
-        let buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+        let buckets = vec![
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+        ];
         let m = Self {
             registry: Registry::new(),
             quotes: IntCounterVec::new(
@@ -33,7 +35,10 @@ impl MintMetrics {
                 &["event"],
             )?,
             templates: IntCounterVec::new(
-                Opts::new("hashpool_mint_verdicts_total", "Audit verdicts read, by verdict"),
+                Opts::new(
+                    "hashpool_mint_verdicts_total",
+                    "Audit verdicts read, by verdict",
+                ),
                 &["verdict"],
             )?,
             unreadable: IntCounterVec::new(

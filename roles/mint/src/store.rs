@@ -133,7 +133,11 @@ impl Store {
     }
 
     /// Pay quote `id` of the share it names if it is not paid yet; returns it if it changed.
-    async fn pay(&self, tx: &mut DynMintTransaction, id: &QuoteId) -> anyhow::Result<Option<MintQuote>> {
+    async fn pay(
+        &self,
+        tx: &mut DynMintTransaction,
+        id: &QuoteId,
+    ) -> anyhow::Result<Option<MintQuote>> {
         let Some(mut quote) = tx.get_mint_quote(id).await.map_err(|e| anyhow!("{e}"))? else {
             return Ok(None);
         };
@@ -204,16 +208,21 @@ impl Store {
             tx.kv_write(NS, "quote", &qid, r.template_id.to_string().as_bytes())
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            tx.kv_write(NS, &format!("t{}", r.template_id), &qid, r.amount.to_string().as_bytes())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(
+                NS,
+                &format!("t{}", r.template_id),
+                &qid,
+                r.amount.to_string().as_bytes(),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
             tx.kv_write(NS, &format!("p{}", r.locking_pubkey), &qid, b"")
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             created += 1;
-            if !templates.contains_key(&r.template_id) {
-                let t = Self::template(&mut tx, r.template_id).await?;
-                templates.insert(r.template_id, t);
+            if let std::collections::hash_map::Entry::Vacant(slot) = templates.entry(r.template_id)
+            {
+                slot.insert(Self::template(&mut tx, r.template_id).await?);
             }
             if let Some(Some(t)) = templates.get(&r.template_id) {
                 if t.verdict == "valid" && t.settled {
@@ -302,7 +311,11 @@ impl Store {
         tx.kv_remove(NS, "due", &template_id.to_string())
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        tracing::info!(template = template_id, quotes = paid.len(), "template settled: quotes PAID");
+        tracing::info!(
+            template = template_id,
+            quotes = paid.len(),
+            "template settled: quotes PAID"
+        );
         Ok(paid)
     }
 
@@ -334,10 +347,16 @@ impl Store {
         let Some(quote) = db.get_mint_quote(&qid).await.map_err(|e| anyhow!("{e}"))? else {
             return Ok(None);
         };
-        let Some(tid) = db.kv_read(NS, "quote", id).await.map_err(|e| anyhow!("{e}"))? else {
+        let Some(tid) = db
+            .kv_read(NS, "quote", id)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+        else {
             return Ok(None);
         };
-        let template_id: u64 = String::from_utf8_lossy(&tid).parse().context("template id")?;
+        let template_id: u64 = String::from_utf8_lossy(&tid)
+            .parse()
+            .context("template id")?;
         let template = db
             .kv_read(NS, "template", &template_id.to_string())
             .await
@@ -382,7 +401,11 @@ impl Store {
 
     /// Accept a signed lookup's `timestamp` for `pubkey` if it is after the last one (and
     /// remember it); `Err(last)` for a replay.
-    pub async fn bump_lookup(&self, pubkey: &str, timestamp: u64) -> anyhow::Result<Result<(), u64>> {
+    pub async fn bump_lookup(
+        &self,
+        pubkey: &str,
+        timestamp: u64,
+    ) -> anyhow::Result<Result<(), u64>> {
         let _w = self.writer.lock().await;
         let mut tx = self.begin().await?;
         let last = tx
