@@ -24,9 +24,9 @@ test: roles
 scenario TAGS: roles
     cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
 
-# Build the role binaries the scenarios start (pool, proxy, miner).
+# Build the role binaries the scenarios start (pool, mint, auditor, proxy, miner).
 roles:
-    cargo build -p pool -p proxy -p miner
+    cargo build -p pool -p mint -p auditor -p proxy -p miner
 
 # Start a stack (bitcoind on CHAIN + Redis), print its endpoints, keep it until Ctrl-C.
 up CHAIN="signet":
@@ -56,7 +56,7 @@ backends:
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
-    cargo build --release -p pool -p proxy -p miner
+    cargo build --release -p pool -p mint -p auditor -p proxy -p miner
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench mining_e2e
 
 # cargo fmt --check and clippy with warnings denied.

@@ -10,12 +10,40 @@ use tokio::net::TcpStream;
 
 /// GET `path` from `addr` (`host:port`); returns status and body.
 pub async fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    request(addr, "GET", path, None, timeout).await
+}
+
+/// POST a JSON `body` to `path` at `addr`; returns status and body.
+pub async fn post_json(
+    addr: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    request(addr, "POST", path, Some(body), timeout).await
+}
+
+async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let fetch = async {
         let mut tcp = TcpStream::connect(addr)
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body.unwrap_or_default());
+        tcp.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         tcp.read_to_end(&mut buf).await?;
         let text = String::from_utf8_lossy(&buf).into_owned();
@@ -31,7 +59,7 @@ pub async fn get(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<(u
     };
     tokio::time::timeout(timeout, fetch)
         .await
-        .map_err(|_| anyhow!("GET http://{addr}{path}: no answer in {timeout:?}"))?
+        .map_err(|_| anyhow!("{method} http://{addr}{path}: no answer in {timeout:?}"))?
 }
 
 /// Prometheus text exposition parsed into `name{labels}` -> value.

@@ -142,6 +142,15 @@ pub async fn sweep_records(
         tasks.insert(task.template_id, task);
     }
     let best: String = rpc.call("getbestblockhash", &[]).await?;
+    // Templates an auditor found invalid are expected to fail Bitcoin Core's checks.
+    let mut invalid = std::collections::HashSet::new();
+    for (_, f) in stream_entries(&mut conn, ehash::AUDIT_RESULTS_STREAM).await? {
+        if let Ok(r) = ehash::AuditResult::from_fields(&f) {
+            if r.verdict == ehash::Verdict::Invalid {
+                invalid.insert(r.template_id);
+            }
+        }
+    }
     let mut mtp: HashMap<String, u64> = HashMap::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for (id, fields) in stream_entries(&mut conn, SHARES_STREAM).await? {
@@ -224,7 +233,10 @@ pub async fn sweep_records(
                 r.ntime
             ));
         }
-        if task.prev_hash == best && report.proposals < PROPOSAL_SAMPLE {
+        if task.prev_hash == best
+            && report.proposals < PROPOSAL_SAMPLE
+            && !invalid.contains(&r.template_id)
+        {
             let verdict: Value = rpc
                 .call(
                     "getblocktemplate",

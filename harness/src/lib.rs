@@ -16,6 +16,7 @@
 pub mod binaries;
 pub mod bitcoind;
 pub mod config;
+pub mod ehash_api;
 pub mod faucet;
 pub mod fault_proxy;
 pub mod http;
@@ -26,6 +27,7 @@ pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod roles;
+pub mod settlement_sweep;
 pub mod stack;
 pub mod supervisor;
 pub mod sv2_client;

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::Secret;
+
 /// Environment prefix: `HASHPOOL_PROXY__LISTEN=...`.
 pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 
@@ -13,7 +15,12 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `listen` | 127.0.0.1:34255 | SV1 for miners |
 /// | `pool_address` | (required) | the pool's SV2 address |
 /// | `pool_authority_public_key` | (required) | pool's Noise authority key, SRI base58 |
-/// | `locking_pubkey` | (empty: no ehash) | operator's Cashu locking key, 33-byte hex |
+/// | `locking_pubkey` | (empty) | operator's Cashu locking key, 33-byte hex (derived from `locking_secret_key` if that is set) |
+/// | `locking_secret_key` | (empty) | its secret (hex, 32 bytes): the wallet needs it to sign lookups and mints |
+/// | `mint_url` | (empty: no wallet) | the mint the wallet mints ehash at |
+/// | `data_dir` | `proxy-data` | the wallet's SQLite database |
+/// | `http_listen` | (empty: none) | wallet status endpoint `GET /wallet` |
+/// | `wallet_poll_ms` | 1000 | lookup interval when no NUT-17 notification comes |
 /// | `nominal_hashrate` | 5e6 | hashrate announced per miner, H/s |
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
@@ -39,6 +46,16 @@ pub struct ProxyConfig {
     pub reconnect_max_ms: u64,
     /// Time a miner waits for an upstream channel.
     pub upstream_wait_secs: u64,
+    /// The locking key's secret (hex); needed by the wallet.
+    pub locking_secret_key: Secret<String>,
+    /// Mint URL; empty means no wallet.
+    pub mint_url: String,
+    /// Wallet database directory.
+    pub data_dir: String,
+    /// Wallet status HTTP endpoint; empty means none.
+    pub http_listen: String,
+    /// Lookup interval of the wallet, milliseconds.
+    pub wallet_poll_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -53,6 +70,11 @@ impl Default for ProxyConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             upstream_wait_secs: 30,
+            locking_secret_key: Secret::new(String::new()),
+            mint_url: String::new(),
+            data_dir: "proxy-data".into(),
+            http_listen: String::new(),
+            wallet_poll_ms: 1000,
         }
     }
 }
@@ -77,6 +99,19 @@ impl ProxyConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err("`reconnect_min_ms` must be > 0 and <= `reconnect_max_ms`".into());
+        }
+        let secret = self.locking_secret_key.expose();
+        if !secret.is_empty() && (secret.len() != 64 || hex::decode(secret).is_err()) {
+            return Err("`locking_secret_key` must be 32 bytes of hex (64 characters)".into());
+        }
+        if !self.mint_url.is_empty() && secret.is_empty() {
+            return Err(
+                "`mint_url` needs `locking_secret_key`: the wallet signs lookups and mints with it"
+                    .into(),
+            );
+        }
+        if self.wallet_poll_ms == 0 {
+            return Err("`wallet_poll_ms` must be at least 1".into());
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Log to stdout (`RUST_LOG`, default `info`), load `T` from defaults, `file` and
+/// Log to stdout (`RUST_LOG`, default `info` with cdk-axum's websocket disconnect noise off), load `T` from defaults, `file` and
 /// `<env_prefix>__*`, then run `role(config, shutdown)`. Config errors exit with 2, role
 /// errors with 1.
 pub async fn run<T, F, Fut>(env_prefix: &str, file: Option<&Path>, role: F) -> ExitCode
@@ -40,7 +40,9 @@ where
 {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // cdk-axum logs a websocket client that went away at ERROR; nothing is wrong then.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,cdk_axum::ws=off".into()),
         )
         .with_ansi(false)
         .init();

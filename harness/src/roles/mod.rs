@@ -2,7 +2,9 @@
 //! only starts their binaries and talks to them over their wire interfaces (SV2, SV1, HTTP,
 //! Redis), so any implementation with the same binaries and configs can be swapped in.
 
+mod auditor;
 mod miner;
+mod mint;
 mod pool;
 mod proxy;
 
@@ -12,9 +14,11 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 
+pub use auditor::AuditorRole;
 pub use miner::{MinerLog, MinerOptions, MinerRole};
+pub use mint::{MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
-pub use proxy::ProxyRole;
+pub use proxy::{ProxyRole, WalletOptions, WalletStatus};
 
 use crate::supervisor::Readiness;
 
@@ -40,7 +44,7 @@ pub fn role_exe(name: &str, env_var: &str) -> anyhow::Result<PathBuf> {
         .ok_or_else(|| {
             anyhow!(
                 "role binary {name} not found (looked at ${env_var}, $HASHPOOL_BIN_DIR, {}): build it with \
-                 `cargo build -p pool -p proxy -p miner` (`just test` does)",
+                 `cargo build -p pool -p mint -p auditor -p proxy -p miner` (`just roles`; `just test` does)",
                 dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
             )
         })
@@ -95,4 +99,32 @@ pub(crate) fn write_config<T: serde::Serialize>(
     let path = dir.join(file);
     std::fs::write(&path, toml::to_string_pretty(config)?)?;
     Ok(path)
+}
+
+/// Whether consumer group `group` exists on `stream` (for readiness probes).
+pub(crate) async fn group_exists(redis_url: &str, stream: &str, group: &str) -> Result<(), String> {
+    let mut conn = crate::redis::connect(redis_url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("XINFO GROUPS {stream}: {e}"))?;
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    let named = |g: &redis::Value| match g {
+        redis::Value::Array(kv) => kv
+            .chunks(2)
+            .any(|c| c.len() == 2 && text(&c[0]) == "name" && text(&c[1]) == group),
+        _ => false,
+    };
+    match groups {
+        redis::Value::Array(gs) if gs.iter().any(named) => Ok(()),
+        _ => Err(format!("no group {group} on {stream} yet")),
+    }
 }

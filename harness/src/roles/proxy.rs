@@ -19,12 +19,47 @@ pub struct ProxyRole {
     pub sv1_addr: String,
     /// Operator's locking key (None: no ehash).
     pub locking_pubkey: Option<LockingPubkey>,
-    /// Its secret (hex), for the wallet later.
+    /// Its secret (hex): the proxy's wallet signs lookups and mints with it.
     pub locking_secret: Option<String>,
+    /// The wallet status endpoint (`host:port`), when the proxy has a wallet.
+    pub wallet_addr: Option<String>,
+}
+
+/// Where a proxy's wallet mints, and the port of its status endpoint.
+#[derive(Debug, Clone)]
+pub struct WalletOptions {
+    /// The mint's URL.
+    pub mint_url: String,
+    /// Port of `GET /wallet`.
+    pub http_port: u16,
+    /// Lookup interval when no NUT-17 notification comes.
+    pub poll_ms: u64,
+}
+
+/// What a proxy's wallet reports (`GET /wallet`).
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+pub struct WalletStatus {
+    /// ehash held in unspent proofs.
+    pub held: u64,
+    /// ehash minted so far.
+    pub minted: u64,
+    /// ehash of PENDING quotes.
+    pub pending: u64,
+    /// ehash of PAID quotes not minted yet.
+    pub paid_unminted: u64,
+    /// ehash of FAILED quotes.
+    pub failed: u64,
+    /// Quotes the last lookup returned.
+    pub quotes: usize,
+    /// Lookups done.
+    pub lookups: u64,
+    /// Why the last round failed.
+    pub last_error: Option<String>,
 }
 
 impl ProxyRole {
     /// Start a proxy in front of the pool at `pool_addr`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
         port: u16,
@@ -32,6 +67,7 @@ impl ProxyRole {
         pool_authority: &str,
         with_locking_key: bool,
         nominal_hashrate: f32,
+        wallet: Option<WalletOptions>,
         timeouts: (Duration, Duration),
     ) -> anyhow::Result<Self> {
         let exe = role_exe("hashpool-proxy", "HASHPOOL_PROXY_EXE")?;
@@ -46,7 +82,18 @@ impl ProxyRole {
             pool_address: pool_addr.into(),
             pool_authority_public_key: pool_authority.into(),
             locking_pubkey: public.map(|p| p.to_string()).unwrap_or_default(),
+            locking_secret_key: hashpool_config::Secret::new(secret.clone().unwrap_or_default()),
             nominal_hashrate,
+            data_dir: dir.join("data").display().to_string(),
+            mint_url: wallet
+                .as_ref()
+                .map(|w| w.mint_url.clone())
+                .unwrap_or_default(),
+            http_listen: wallet
+                .as_ref()
+                .map(|w| format!("127.0.0.1:{}", w.http_port))
+                .unwrap_or_default(),
+            wallet_poll_ms: wallet.as_ref().map(|w| w.poll_ms).unwrap_or(1000),
             ..ProxyConfig::default()
         };
         let file = write_config(dir, "proxy.toml", &config)?;
@@ -61,11 +108,13 @@ impl ProxyRole {
         let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
         let process =
             Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
+        let wallet_addr = (!config.http_listen.is_empty()).then(|| config.http_listen.clone());
         Ok(Self {
             process,
             sv1_addr: config.listen,
             locking_pubkey: public,
             locking_secret: secret,
+            wallet_addr,
         })
     }
 
@@ -77,6 +126,17 @@ impl ProxyRole {
     /// The proxy's log (stdout).
     pub fn log(&self) -> PathBuf {
         self.process.spec().stdout_log()
+    }
+
+    /// What the wallet reports now.
+    pub async fn wallet_status(&self) -> anyhow::Result<WalletStatus> {
+        let addr = self
+            .wallet_addr
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
+        let (code, body) = crate::http::get(addr, "/wallet", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/wallet answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// Every channel the pool opened for this proxy, as its log reports them:

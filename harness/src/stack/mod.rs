@@ -2,6 +2,7 @@
 //! in parallel and stopped together, plus the roles scenarios add (pool, proxies, miners; see
 //! `roles.rs`). Several stacks run side by side without sharing anything.
 
+mod pool_side;
 mod roles;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,8 @@ pub struct Stack {
     timeouts: (Duration, Duration),
     pool: Option<PoolRole>,
     redis_fault: Option<crate::fault_proxy::FaultProxy>,
+    mint: Option<crate::roles::MintRole>,
+    auditors: BTreeMap<String, crate::roles::AuditorRole>,
     proxies: BTreeMap<String, ProxyRole>,
     miners: BTreeMap<String, MinerRole>,
     done: bool,
@@ -217,6 +220,8 @@ impl<'a> StackBuilder<'a> {
             timeouts: (config.start_timeout(), config.stop_timeout()),
             pool: None,
             redis_fault: None,
+            mint: None,
+            auditors: BTreeMap::new(),
             proxies: BTreeMap::new(),
             miners: BTreeMap::new(),
             done: false,

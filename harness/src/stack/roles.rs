@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context};
 
 use super::{RoleSummary, Stack};
 use crate::fault_proxy::FaultProxy;
-use crate::roles::{MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole};
+use crate::roles::{MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole, WalletOptions};
 use crate::supervisor::Supervised;
 
 impl Stack {
@@ -59,6 +59,16 @@ impl Stack {
             "proxy {name:?} already exists"
         );
         let port = self.allocator.allocate()?;
+        let mut wallet = None;
+        if let (Some(mint), true) = (&self.mint, with_key) {
+            let http = self.allocator.allocate()?;
+            wallet = Some(WalletOptions {
+                mint_url: mint.url.clone(),
+                http_port: http.port(),
+                poll_ms: 500,
+            });
+            self.ports.push(http);
+        }
         let pool = self.pool()?;
         let proxy = ProxyRole::start(
             &self.dir.join(format!("proxy-{name}")),
@@ -67,6 +77,7 @@ impl Stack {
             &pool.authority.public,
             with_key,
             nominal_hashrate,
+            wallet,
             self.timeouts,
         )
         .await
@@ -153,6 +164,12 @@ impl Stack {
         }
         if let Some(pool) = &self.pool {
             out.push(("pool".to_string(), pool.process()));
+        }
+        if let Some(mint) = &self.mint {
+            out.push(("mint".to_string(), mint.process()));
+        }
+        for (name, a) in &self.auditors {
+            out.push((format!("auditor-{name}"), a.process()));
         }
         for (name, p) in &self.proxies {
             out.push((format!("proxy-{name}"), p.process()));
@@ -271,6 +288,13 @@ impl Stack {
         }
         if let Some(pool) = &self.pool {
             pool.process().stop().await?;
+        }
+        for r in futures::future::join_all(self.auditors.values().map(|a| a.process().stop())).await
+        {
+            r?;
+        }
+        if let Some(mint) = &self.mint {
+            mint.process().stop().await?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 mod session;
 pub mod sv1;
 pub mod upstream;
+pub mod wallet;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -45,15 +46,44 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         .map_err(|e| anyhow!("invalid proxy config: {e}"))?;
     let authority = Secp256k1PublicKey::from_str(&config.pool_authority_public_key)
         .map_err(|e| anyhow!("pool_authority_public_key is not an SRI base58 public key: {e:?}"))?;
-    let locking_pubkey = if config.locking_pubkey.is_empty() {
-        tracing::warn!("no locking_pubkey configured: shares through this proxy earn no ehash");
-        None
-    } else {
-        Some(
-            LockingPubkey::from_str(&config.locking_pubkey)
-                .map_err(|e| anyhow!("locking_pubkey: {e}"))?,
+    let locking_pubkey = locking_pubkey(&config)?;
+    if locking_pubkey.is_none() {
+        tracing::warn!("no locking key configured: shares through this proxy earn no ehash");
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut background = Vec::new();
+    if !config.mint_url.is_empty() {
+        let w = wallet::OperatorWallet::open(
+            &config.mint_url,
+            config.locking_secret_key.expose(),
+            std::path::Path::new(&config.data_dir),
         )
-    };
+        .await?;
+        let status = w.status.clone();
+        let poll = std::time::Duration::from_millis(config.wallet_poll_ms);
+        background.push(tokio::spawn(w.run(poll, stop.clone())));
+        if !config.http_listen.is_empty() {
+            let listener = TcpListener::bind(&config.http_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+            tracing::info!("wallet status on http://{}/wallet", listener.local_addr()?);
+            let app = axum::Router::new()
+                .route(
+                    "/wallet",
+                    axum::routing::get(move || {
+                        let s = status.read().map(|s| s.clone()).unwrap_or_default();
+                        async move { axum::Json(s) }
+                    }),
+                )
+                .route("/health", axum::routing::get(|| async { "ok" }));
+            let http_stop = stop.clone();
+            background.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                    .await;
+            }));
+        }
+    }
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -91,5 +121,40 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     tracing::info!("shutting down ({} miner connection(s))", sessions.len());
     sessions.abort_all();
     while sessions.join_next().await.is_some() {}
+    stop.cancel();
+    for t in background {
+        let _ = t.await;
+    }
     Ok(())
+}
+
+/// The operator's locking key: derived from `locking_secret_key` if set (and then
+/// `locking_pubkey`, if also set, must match), else `locking_pubkey`, else none.
+pub fn locking_pubkey(config: &ProxyConfig) -> anyhow::Result<Option<LockingPubkey>> {
+    let secret = config.locking_secret_key.expose();
+    let from_secret = if secret.is_empty() {
+        None
+    } else {
+        let sk = bitcoin::secp256k1::SecretKey::from_slice(
+            &hex::decode(secret).context("locking_secret_key is not hex")?,
+        )
+        .map_err(|e| anyhow!("locking_secret_key: {e}"))?;
+        let pk = sk.public_key(&bitcoin::secp256k1::Secp256k1::new());
+        Some(LockingPubkey::from_slice(&pk.serialize())?)
+    };
+    let given = if config.locking_pubkey.is_empty() {
+        None
+    } else {
+        Some(
+            LockingPubkey::from_str(&config.locking_pubkey)
+                .map_err(|e| anyhow!("locking_pubkey: {e}"))?,
+        )
+    };
+    match (from_secret, given) {
+        (Some(a), Some(b)) if a != b => {
+            anyhow::bail!("locking_pubkey {b} is not the key of locking_secret_key ({a})")
+        }
+        (Some(a), _) => Ok(Some(a)),
+        (None, b) => Ok(b),
+    }
 }

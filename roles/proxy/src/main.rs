@@ -2,25 +2,71 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use hashpool_config::miner_side::{ProxyConfig, PROXY_ENV_PREFIX};
 
-/// The hashpool proxy (SV1 for miners, one SV2 channel per miner to the pool).
+/// The hashpool proxy (SV1 for miners, one SV2 channel per miner to the pool) and the
+/// operator's ehash wallet.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-proxy", version)]
 struct Args {
     /// TOML config file; `HASHPOOL_PROXY__*` variables override it (e.g. HASHPOOL_PROXY__LISTEN).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The ehash wallet (needs `mint_url` and `locking_secret_key` in the config).
+    Wallet {
+        #[command(subcommand)]
+        action: WalletAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WalletAction {
+    /// Print ehash held, minted, pending, paid but not minted yet, and failed, as JSON (a
+    /// signed lookup at the mint; mints nothing).
+    Balance,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    hashpool_config::role_main::run(
-        PROXY_ENV_PREFIX,
-        args.config.as_deref(),
-        |c: ProxyConfig, stop| proxy::run(c, stop),
-    )
-    .await
+    match args.command {
+        None => {
+            hashpool_config::role_main::run(
+                PROXY_ENV_PREFIX,
+                args.config.as_deref(),
+                |c: ProxyConfig, stop| proxy::run(c, stop),
+            )
+            .await
+        }
+        Some(Command::Wallet {
+            action: WalletAction::Balance,
+        }) => {
+            hashpool_config::role_main::run(
+                PROXY_ENV_PREFIX,
+                args.config.as_deref(),
+                |c: ProxyConfig, _stop| async move {
+                    anyhow::ensure!(
+                        !c.mint_url.is_empty(),
+                        "no `mint_url` in the config: this proxy has no wallet"
+                    );
+                    let status = proxy::wallet::balance(
+                        &c.mint_url,
+                        c.locking_secret_key.expose(),
+                        std::path::Path::new(&c.data_dir),
+                    )
+                    .await?;
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                    Ok(())
+                },
+            )
+            .await
+        }
+    }
 }

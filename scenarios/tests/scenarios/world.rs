@@ -34,6 +34,8 @@ pub struct HarnessWorld {
     pub last_error: Option<String>,
     /// Pool settings used by the next pool start.
     pub pool_options: PoolOptions,
+    /// Mint settings used by the next mint start.
+    pub mint_options: harness::roles::MintOptions,
     /// A counter remembered before an action (accepted shares of a miner, disconnects...).
     pub counter_before: Option<f64>,
     /// Rates measured by the scenario, printed in the report (name, shares/s).
@@ -47,6 +49,8 @@ pub struct HarnessWorld {
     pub restarts_before: Option<u32>,
     /// Channels the pool opened for the harness's own SV2 clients: (id, extranonce prefix).
     pub sv2_channels: Vec<(u32, String)>,
+    /// The share hash and template id of a forged template's share.
+    pub forged: Option<(String, u64)>,
     /// The harness's SV2 clients, by name.
     pub clients: BTreeMap<String, crate::steps::accounting::Client>,
 }
@@ -64,6 +68,7 @@ impl HarnessWorld {
             stream_before: Vec::new(),
             last_error: None,
             pool_options: PoolOptions::default(),
+            mint_options: Default::default(),
             counter_before: None,
             rates: Vec::new(),
             expected_exits: HashMap::new(),
@@ -71,6 +76,7 @@ impl HarnessWorld {
             baseline_rate: None,
             sv2_channels: Vec::new(),
             clients: BTreeMap::new(),
+            forged: None,
         })
     }
 
@@ -173,6 +179,16 @@ impl HarnessWorld {
                 channels.extend(proxy.announced_channels());
                 keys.extend(proxy.locking_pubkey);
             }
+            if stack.mint().is_ok() {
+                match self.sweep_settlement(stack).await {
+                    Ok(p) => {
+                        problems.extend(p.into_iter().map(|p| format!("stack {stack_name}: {p}")))
+                    }
+                    Err(e) => problems.push(format!(
+                        "stack {stack_name}: settlement sweep failed: {e:#}"
+                    )),
+                }
+            }
             let min_bits = pool.config.min_bits;
             match harness::invariants::sweep_records(stack, min_bits, &channels, &keys).await {
                 Ok(report) => {
@@ -191,6 +207,36 @@ impl HarnessWorld {
             }
         }
         problems
+    }
+
+    /// The settlement invariants for every key the scenario knows (proxies' and clients').
+    async fn sweep_settlement(&self, stack: &Stack) -> anyhow::Result<Vec<String>> {
+        use harness::settlement_sweep::{sweep_settlement, KnownKey};
+        let mut keys = Vec::new();
+        for (name, proxy) in stack.proxies() {
+            let (Some(public), Some(secret)) = (proxy.locking_pubkey, &proxy.locking_secret) else {
+                continue;
+            };
+            let wallet_held = match proxy.wallet_status().await {
+                Ok(s) => Some(s.held),
+                Err(_) => None,
+            };
+            keys.push(KnownKey {
+                name: format!("proxy {name}"),
+                public: public.to_string(),
+                secret: secret.clone(),
+                wallet_held,
+            });
+        }
+        for (name, c) in &self.clients {
+            keys.push(KnownKey {
+                name: format!("client {name}"),
+                public: c.key.to_string(),
+                secret: c.secret.clone(),
+                wallet_held: None,
+            });
+        }
+        sweep_settlement(stack, &keys).await
     }
 
     /// Called after the scenario: stop every stack (a process that does not exit cleanly on

@@ -31,6 +31,8 @@ pub struct Client {
     miner: Sv2Miner,
     /// The locking key its channels carry.
     pub key: LockingPubkey,
+    /// Its secret (hex).
+    pub secret: String,
     /// The channel it mines on.
     channel: u32,
     /// Shares the pool accepted, in order.
@@ -84,13 +86,14 @@ async fn open(
 
 #[given(expr = "an SV2 client {string} with a locking key and a channel")]
 async fn new_client(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let (_, key) = harness::keys::locking_keys();
+    let (secret, key) = harness::keys::locking_keys();
     let (miner, channel) = connect(w, key).await?;
     w.clients.insert(
         name,
         Client {
             miner,
             key,
+            secret,
             channel,
             accepted: Vec::new(),
             replays: Vec::new(),

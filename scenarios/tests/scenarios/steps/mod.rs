@@ -3,8 +3,10 @@
 pub mod accounting;
 mod chain;
 pub mod faults;
+mod forged;
 pub mod mining;
 mod redis;
+mod settlement;
 mod supervisor;
 
 use std::str::FromStr;

@@ -1,0 +1,140 @@
+//! The mint's ehash endpoints from the harness's side: signed lookups (as any operator with
+//! its locking key would make them), quote status, and a real Cashu wallet (cdk) that tries to
+//! mint a quote with a given key, so scenarios can check what the mint refuses.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use cdk::amount::SplitTarget;
+use cdk::nuts::{CurrencyUnit, MintQuoteState, PaymentMethod, SecretKey};
+use cdk::wallet::WalletBuilder;
+use cdk::Amount;
+use ehash::lookup::{sign_lookup, LookupRequest};
+use serde::Deserialize;
+
+use crate::http;
+
+/// A quote as the mint's ehash endpoints report it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct QuoteInfo {
+    /// Quote id.
+    pub quote: String,
+    /// The share it pays for.
+    pub share_hash: String,
+    /// Its template.
+    pub template_id: u64,
+    /// ehash amount.
+    pub amount: u64,
+    /// cdk's state: UNPAID, PAID, ISSUED.
+    pub state: String,
+    /// PENDING, PAID or FAILED.
+    pub audit_status: String,
+    /// Why a FAILED quote failed.
+    pub reason: Option<String>,
+    /// When a valid template's quotes are paid (ms).
+    pub settle_at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct LookupAnswer {
+    quotes: Vec<QuoteInfo>,
+}
+
+/// The last lookup timestamp the harness used per key: timestamps must grow.
+fn last_timestamps() -> &'static Mutex<HashMap<String, u64>> {
+    static LAST: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+    LAST.get_or_init(Default::default)
+}
+
+/// A fresh signed lookup for `secret_hex` (its timestamp after any earlier one of the harness).
+pub fn signed_lookup(secret_hex: &str) -> anyhow::Result<LookupRequest> {
+    let secret = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(secret_hex)?)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut last = last_timestamps()
+        .lock()
+        .map_err(|_| anyhow!("lock poisoned"))?;
+    let entry = last.entry(secret_hex.to_string()).or_default();
+    *entry = now.max(*entry + 1);
+    Ok(sign_lookup(&secret, *entry))
+}
+
+/// POST a lookup body as is; returns status and body.
+pub async fn post_lookup(mint_addr: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    http::post_json(mint_addr, "/v1/ehash/quotes", body, Duration::from_secs(5)).await
+}
+
+/// Every quote of the key `secret_hex` (retried once if the key's own wallet used a later
+/// timestamp in the same millisecond).
+pub async fn lookup(mint_addr: &str, secret_hex: &str) -> anyhow::Result<Vec<QuoteInfo>> {
+    for _ in 0..3 {
+        let req = serde_json::to_string(&signed_lookup(secret_hex)?)?;
+        let (code, body) = post_lookup(mint_addr, &req).await?;
+        if code == 200 {
+            let a: LookupAnswer = serde_json::from_str(&body).context("lookup answer")?;
+            return Ok(a.quotes);
+        }
+        if !body.contains("30004") {
+            anyhow::bail!("lookup answered {code}: {body}");
+        }
+    }
+    anyhow::bail!("lookup refused as a replay three times")
+}
+
+/// One quote's status.
+pub async fn quote(mint_addr: &str, id: &str) -> anyhow::Result<QuoteInfo> {
+    let (code, body) = http::get(
+        mint_addr,
+        &format!("/v1/ehash/quote/{id}"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    anyhow::ensure!(code == 200, "quote {id}: {code} {body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Try to mint quote `q` (PAID at the mint) with the key `secret_hex` through a fresh cdk
+/// wallet; returns the amount minted, or the mint's refusal.
+pub async fn try_mint(
+    mint_url: &str,
+    q: &QuoteInfo,
+    secret_hex: &str,
+) -> anyhow::Result<Result<u64, String>> {
+    let secret = SecretKey::from_hex(secret_hex).map_err(|e| anyhow!("{e}"))?;
+    let db = cdk_sqlite::wallet::memory::empty()
+        .await
+        .map_err(|e| anyhow!("wallet db: {e}"))?;
+    let seed: [u8; 64] = std::array::from_fn(|_| rand::random());
+    let unit = CurrencyUnit::custom("ehash");
+    let wallet = WalletBuilder::new()
+        .mint_url(mint_url.parse().map_err(|e| anyhow!("{e}"))?)
+        .unit(unit.clone())
+        .localstore(Arc::new(db))
+        .seed(seed)
+        .build()
+        .map_err(|e| anyhow!("wallet: {e}"))?;
+    let mut quote = cdk_common::wallet::MintQuote::new(
+        q.quote.clone(),
+        wallet.mint_url.clone(),
+        PaymentMethod::Custom("mining_share".into()),
+        Some(Amount::from(q.amount)),
+        unit,
+        q.share_hash.clone(),
+        u64::MAX / 2,
+        Some(secret),
+    );
+    quote.state = MintQuoteState::Paid;
+    quote.amount_paid = Amount::from(q.amount);
+    wallet
+        .localstore
+        .add_mint_quote(quote)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    match wallet.mint(&q.quote, SplitTarget::default(), None).await {
+        Ok(proofs) => Ok(Ok(proofs.iter().map(|p| u64::from(p.amount)).sum())),
+        Err(e) => Ok(Err(e.to_string())),
+    }
+}

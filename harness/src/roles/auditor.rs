@@ -1,0 +1,96 @@
+//! The auditor role: audits every template that got a share with Bitcoin Core.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashpool_config::pool_side::{AuditorConfig, BitcoindSection, RedisSection};
+use hashpool_config::Secret;
+
+use super::{group_exists, role_exe, write_config};
+use crate::bitcoind::{Bitcoind, RPC_USER};
+use crate::http;
+use crate::process::ProcessSpec;
+use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
+
+/// A running auditor.
+#[derive(Debug)]
+pub struct AuditorRole {
+    process: Supervised,
+    /// Its name in the stack (`auditor-<name>`).
+    pub name: String,
+    /// `/metrics` address.
+    pub addr: String,
+}
+
+impl AuditorRole {
+    /// Write the config and start auditor `name` with `workers` workers; ready when `/health`
+    /// answers and the `auditors` group exists.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        port: u16,
+        bitcoind: &Bitcoind,
+        redis_url: &str,
+        workers: usize,
+        timeouts: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let exe = role_exe("hashpool-auditor", "HASHPOOL_AUDITOR_EXE")?;
+        let config = AuditorConfig {
+            listen: format!("127.0.0.1:{port}"),
+            consumer: format!("auditor-{name}"),
+            workers,
+            reclaim_idle_ms: 2_000,
+            bitcoind: BitcoindSection {
+                rpc_url: bitcoind.rpc_url(),
+                rpc_user: RPC_USER.into(),
+                rpc_password: Secret::new(bitcoind.rpc_password().into()),
+                chain: bitcoind.chain().name().into(),
+                ..Default::default()
+            },
+            redis: RedisSection {
+                url: redis_url.into(),
+                ..Default::default()
+            },
+        };
+        let file = write_config(dir, "auditor.toml", &config)?;
+        let spec = ProcessSpec::new(&format!("auditor-{name}"), &exe, dir)
+            .arg("--config")
+            .arg(&file)
+            .env("RUST_LOG", "info");
+        let addr = config.listen.clone();
+        let (probe_addr, probe_redis) = (addr.clone(), redis_url.to_string());
+        let readiness = Readiness {
+            what: format!("auditor /health on {addr} and the auditors group in Redis"),
+            probe: Arc::new(move || {
+                let (addr, redis) = (probe_addr.clone(), probe_redis.clone());
+                Box::pin(async move {
+                    match http::get(&addr, "/health", Duration::from_secs(1)).await {
+                        Ok((200, _)) => {}
+                        Ok((code, body)) => return Err(format!("/health: {code} {body}")),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    group_exists(&redis, ehash::AUDIT_TASKS_STREAM, "auditors").await
+                })
+            }),
+        };
+        let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
+        let process = Supervised::start(spec, readiness, options).await?;
+        Ok(Self {
+            process,
+            name: name.into(),
+            addr,
+        })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    /// The auditor's log (stdout).
+    pub fn log(&self) -> PathBuf {
+        self.process.spec().stdout_log()
+    }
+}

@@ -1,0 +1,109 @@
+//! The mint role: a Cashu mint fed by the pool's share records.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashpool_config::pool_side::{MintConfig, RedisSection};
+use hashpool_config::Secret;
+
+use super::{group_exists, role_exe, write_config};
+use crate::http;
+use crate::process::ProcessSpec;
+use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
+
+/// Knobs scenarios turn.
+#[derive(Debug, Clone, Default)]
+pub struct MintOptions {
+    /// Time between a valid verdict and paying its quotes.
+    pub settlement_delay_secs: u64,
+}
+
+/// A running mint.
+#[derive(Debug)]
+pub struct MintRole {
+    process: Supervised,
+    /// `host:port` of its HTTP API.
+    pub addr: String,
+    /// `http://host:port`.
+    pub url: String,
+    /// The config it runs with.
+    pub config: MintConfig,
+}
+
+impl MintRole {
+    /// Write the config and start the mint on Redis `redis_url`; ready when `/v1/info`
+    /// answers and its consumer groups exist on both streams.
+    pub async fn start(
+        dir: &Path,
+        port: u16,
+        redis_url: &str,
+        opts: &MintOptions,
+        timeouts: (Duration, Duration),
+    ) -> anyhow::Result<Self> {
+        let exe = role_exe("hashpool-mint", "HASHPOOL_MINT_EXE")?;
+        let seed: [u8; 64] = std::array::from_fn(|_| rand::random());
+        let config = MintConfig {
+            listen: format!("127.0.0.1:{port}"),
+            data_dir: dir.join("data").display().to_string(),
+            seed: Secret::new(hex::encode(seed)),
+            settlement_delay_secs: opts.settlement_delay_secs,
+            redis: RedisSection {
+                url: redis_url.into(),
+                ..Default::default()
+            },
+            ..MintConfig::default()
+        };
+        let file = write_config(dir, "mint.toml", &config)?;
+        let spec = ProcessSpec::new("mint", &exe, dir)
+            .arg("--config")
+            .arg(&file)
+            // cdk-axum logs a websocket client that went away (a wallet restarting its
+            // NUT-17 subscription) at ERROR; nothing is wrong then.
+            .env("RUST_LOG", "info,mint=debug,cdk_axum::ws=off");
+        let addr = config.listen.clone();
+        let (probe_addr, probe_redis) = (addr.clone(), redis_url.to_string());
+        let readiness = Readiness {
+            what: format!("mint /v1/info on {addr} and its consumer groups in Redis"),
+            probe: Arc::new(move || {
+                let (addr, redis) = (probe_addr.clone(), probe_redis.clone());
+                Box::pin(async move {
+                    match http::get(&addr, "/v1/info", Duration::from_secs(1)).await {
+                        Ok((200, _)) => {}
+                        Ok((code, body)) => return Err(format!("/v1/info: {code} {body}")),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    for stream in [ehash::SHARES_STREAM, ehash::AUDIT_RESULTS_STREAM] {
+                        group_exists(&redis, stream, "mint").await?;
+                    }
+                    Ok(())
+                })
+            }),
+        };
+        let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
+        let process = Supervised::start(spec, readiness, options).await?;
+        Ok(Self {
+            process,
+            url: format!("http://{addr}"),
+            addr,
+            config,
+        })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Supervised {
+        &self.process
+    }
+
+    /// The mint's log (stdout).
+    pub fn log(&self) -> PathBuf {
+        self.process.spec().stdout_log()
+    }
+
+    /// Scrape `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<http::Metrics> {
+        let (code, body) = http::get(&self.addr, "/metrics", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        Ok(http::Metrics::parse(&body))
+    }
+}

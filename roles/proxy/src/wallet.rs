@@ -1,0 +1,294 @@
+//! The operator's ehash wallet (cdk, SQLite in the proxy's data dir). It learns its quotes only
+//! through the mint's signed lookup, mints every quote the mint reports PAID (NUT-20 signed
+//! with the locking key, in NUT-29 batches), never asks for an unpaid one, and wakes on NUT-17
+//! quote notifications, polling as a fallback.
+//!
+//! Its seed is derived from the locking key (`SHA512("hashpool/wallet-seed/v1" || key)`), so
+//! the key alone restores the wallet.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bitcoin::hashes::{sha512, Hash, HashEngine};
+use cdk::amount::SplitTarget;
+use cdk::mint_url::MintUrl;
+use cdk::nuts::{CurrencyUnit, MintQuoteState, PaymentMethod, SecretKey};
+use cdk::wallet::{Wallet, WalletBuilder};
+use cdk::Amount;
+use cdk_common::wallet::MintQuote;
+use ehash::lookup::sign_lookup;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Unit and method the pool's mint uses.
+const UNIT: &str = "ehash";
+const METHOD: &str = "mining_share";
+/// Quotes per batch mint (the mint allows up to 1000).
+const BATCH: usize = 200;
+
+/// What the wallet reports (`GET /wallet`, `hashpool-proxy wallet balance`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WalletStatus {
+    /// ehash held in unspent proofs.
+    pub held: u64,
+    /// ehash minted by this wallet so far.
+    pub minted: u64,
+    /// ehash of quotes the mint reports PENDING (template not audited yet, or settling).
+    pub pending: u64,
+    /// ehash of quotes reported PAID and not minted yet.
+    pub paid_unminted: u64,
+    /// ehash of quotes whose template was found invalid (never paid).
+    pub failed: u64,
+    /// Quotes the last lookup returned.
+    pub quotes: usize,
+    /// Lookups done.
+    pub lookups: u64,
+    /// Why the last cycle failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// A quote as the mint's signed lookup reports it.
+#[derive(Debug, Clone, Deserialize)]
+struct LookupQuote {
+    quote: String,
+    share_hash: String,
+    amount: u64,
+    state: String,
+    audit_status: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct LookupAnswer {
+    quotes: Vec<LookupQuote>,
+}
+
+/// The operator's wallet.
+pub struct OperatorWallet {
+    wallet: Wallet,
+    mint_url: String,
+    secret: SecretKey,
+    http: cdk_common::HttpClient,
+    last_timestamp: u64,
+    /// Shared with the status endpoint.
+    pub status: Arc<RwLock<WalletStatus>>,
+}
+
+/// The wallet seed of a locking key.
+fn seed_of(secret: &SecretKey) -> [u8; 64] {
+    let mut engine = sha512::Hash::engine();
+    engine.input(b"hashpool/wallet-seed/v1");
+    engine.input(&secret.to_secret_bytes());
+    sha512::Hash::from_engine(engine).to_byte_array()
+}
+
+impl OperatorWallet {
+    /// Open (or create) the wallet in `data_dir` for `mint_url`, keyed by `secret_hex`.
+    pub async fn open(mint_url: &str, secret_hex: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data_dir {}", data_dir.display()))?;
+        let secret =
+            SecretKey::from_hex(secret_hex).map_err(|e| anyhow!("locking_secret_key: {e}"))?;
+        let path = data_dir.join("wallet.sqlite");
+        let db = cdk_sqlite::WalletSqliteDatabase::new(&path)
+            .await
+            .map_err(|e| anyhow!("wallet database {}: {e}", path.display()))?;
+        let url: MintUrl = mint_url
+            .parse()
+            .map_err(|e| anyhow!("mint_url {mint_url}: {e}"))?;
+        let wallet = WalletBuilder::new()
+            .mint_url(url)
+            .unit(CurrencyUnit::custom(UNIT))
+            .localstore(Arc::new(db))
+            .seed(seed_of(&secret))
+            .build()
+            .map_err(|e| anyhow!("wallet: {e}"))?;
+        Ok(Self {
+            wallet,
+            mint_url: mint_url.trim_end_matches('/').to_string(),
+            secret,
+            http: cdk_common::HttpClient::new(),
+            last_timestamp: 0,
+            status: Arc::default(),
+        })
+    }
+
+    /// Every quote of this key, from a signed lookup.
+    async fn lookup(&mut self) -> anyhow::Result<Vec<LookupQuote>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        // Strictly increasing, or the mint refuses it as a replay.
+        let timestamp = now.max(self.last_timestamp + 1);
+        self.last_timestamp = timestamp;
+        let secret = bitcoin::secp256k1::SecretKey::from_slice(&self.secret.to_secret_bytes())?;
+        let req = sign_lookup(&secret, timestamp);
+        let url = format!("{}/v1/ehash/quotes", self.mint_url);
+        let raw = self
+            .http
+            .post(&url)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| anyhow!("lookup at {url}: {e}"))?;
+        let status = raw.status();
+        let body = raw.bytes().await.map_err(|e| anyhow!("lookup body: {e}"))?;
+        anyhow::ensure!(
+            (200..300).contains(&status),
+            "lookup at {url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let answer: LookupAnswer = serde_json::from_slice(&body).context("lookup answer")?;
+        Ok(answer.quotes)
+    }
+
+    /// Make sure the wallet's store has `q` (PAID, with its signing key) so it can be minted.
+    async fn import(&self, q: &LookupQuote) -> anyhow::Result<()> {
+        if self
+            .wallet
+            .localstore
+            .get_mint_quote(&q.quote)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let unit = CurrencyUnit::custom(UNIT);
+        let mut quote = MintQuote::new(
+            q.quote.clone(),
+            self.wallet.mint_url.clone(),
+            PaymentMethod::Custom(METHOD.into()),
+            Some(Amount::from(q.amount)),
+            unit,
+            q.share_hash.clone(),
+            u64::MAX / 2,
+            Some(self.secret.clone()),
+        );
+        quote.state = MintQuoteState::Paid;
+        quote.amount_paid = Amount::from(q.amount);
+        self.wallet.localstore.add_mint_quote(quote).await?;
+        Ok(())
+    }
+
+    /// One round: look up, mint what is PAID, refresh the status. Returns the PENDING quote
+    /// ids (to listen for over NUT-17).
+    pub async fn cycle(&mut self) -> anyhow::Result<Vec<String>> {
+        let quotes = self.lookup().await?;
+        let (mut st, to_mint, pending) = classify(&quotes);
+        let mut minted_now = 0;
+        for chunk in to_mint.chunks(BATCH) {
+            for q in chunk {
+                self.import(q).await?;
+            }
+            let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
+            let proofs = self
+                .wallet
+                .batch_mint(&ids, SplitTarget::default(), None, None)
+                .await
+                .map_err(|e| anyhow!("batch mint of {} quote(s): {e}", ids.len()))?;
+            let amount: u64 = proofs.iter().map(|p| u64::from(p.amount)).sum();
+            tracing::info!(quotes = ids.len(), amount, "minted ehash");
+            minted_now += amount;
+        }
+        st.minted += minted_now;
+        st.paid_unminted -= minted_now.min(st.paid_unminted);
+        st.held = u64::from(self.wallet.total_balance().await?);
+        if let Ok(mut s) = self.status.write() {
+            st.lookups = s.lookups + 1;
+            *s = st;
+        }
+        Ok(pending)
+    }
+
+    /// Run cycles until `stop`: after each, wait for a NUT-17 notification on a pending quote
+    /// or the poll interval, whichever comes first.
+    pub async fn run(mut self, poll: Duration, stop: CancellationToken) {
+        let method = cdk_common::PaymentMethod::Custom(METHOD.into());
+        // One NUT-17 subscription for the pending quotes, renewed when that set changes.
+        let mut sub = None;
+        let mut subscribed: Vec<String> = Vec::new();
+        loop {
+            let pending = match self.cycle().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("wallet round failed (retrying): {e:#}");
+                    if let Ok(mut s) = self.status.write() {
+                        s.last_error = Some(format!("{e:#}"));
+                    }
+                    Vec::new()
+                }
+            };
+            if pending != subscribed {
+                sub = if pending.is_empty() {
+                    None
+                } else {
+                    self.wallet
+                        .subscribe_mint_quote_state(pending.clone(), method.clone())
+                        .await
+                        .ok()
+                };
+                subscribed = pending;
+            }
+            let notified = async {
+                match sub.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = notified => {}
+                // Poll interval: the fallback when a notification is missed.
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> WalletStatus {
+        self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// `hashpool-proxy wallet balance`: a lookup and the wallet's proofs, minting nothing (the
+/// running proxy mints).
+pub async fn balance(
+    mint_url: &str,
+    secret_hex: &str,
+    data_dir: &Path,
+) -> anyhow::Result<WalletStatus> {
+    let mut w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
+    let quotes = w.lookup().await?;
+    let (mut st, _, _) = classify(&quotes);
+    st.held = u64::from(w.wallet.total_balance().await?);
+    st.lookups = 1;
+    Ok(st)
+}
+
+/// Sort a lookup's quotes: the status totals, the quotes to mint, the pending quote ids.
+fn classify(quotes: &[LookupQuote]) -> (WalletStatus, Vec<&LookupQuote>, Vec<String>) {
+    let mut st = WalletStatus {
+        quotes: quotes.len(),
+        ..Default::default()
+    };
+    let mut to_mint = Vec::new();
+    let mut pending = Vec::new();
+    for q in quotes {
+        match (q.audit_status.as_str(), q.state.as_str()) {
+            ("PAID", "ISSUED") => st.minted += q.amount,
+            ("PAID", "PAID") => {
+                st.paid_unminted += q.amount;
+                to_mint.push(q);
+            }
+            ("FAILED", _) => st.failed += q.amount,
+            _ => {
+                st.pending += q.amount;
+                pending.push(q.quote.clone());
+            }
+        }
+    }
+    (st, to_mint, pending)
+}

@@ -1,0 +1,541 @@
+//! Settlement steps: the mint and the auditors, operators' wallets, signed lookups, and the
+//! faults of the pool side.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use cucumber::{given, then, when};
+use ehash::{AuditResult, AUDIT_RESULTS_STREAM, AUDIT_TASKS_STREAM};
+use harness::ehash_api::{self, QuoteInfo};
+use harness::invariants::{expected_amount, stream_entries};
+use harness::wait::wait_until;
+use harness::Chain;
+
+use super::mining::share_records;
+use crate::world::{HarnessWorld, DEFAULT_STACK};
+
+/// Time settlement gets after the miners stop (a verdict takes milliseconds).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[given(expr = "the mint pays quotes {int} seconds after a valid verdict")]
+async fn settlement_delay(w: &mut HarnessWorld, secs: u64) {
+    w.mint_options.settlement_delay_secs = secs;
+}
+
+#[given("a signet stack with the pool side")]
+async fn pool_side(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true)
+        .await?;
+    let (pool, mint) = (w.pool_options.clone(), w.mint_options.clone());
+    w.default_stack_mut()?.start_pool_side(&pool, &mint).await
+}
+
+#[given("a signet stack with a pool and a mint, and no auditor yet")]
+async fn pool_and_mint(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true)
+        .await?;
+    let (pool, mint) = (w.pool_options.clone(), w.mint_options.clone());
+    let stack = w.default_stack_mut()?;
+    stack.start_pool(&pool).await?;
+    stack.start_mint(&mint).await?;
+    Ok(())
+}
+
+#[given(expr = "auditor {string} with {int} worker(s)")]
+#[when(expr = "auditor {string} starts with {int} worker(s)")]
+async fn auditor(w: &mut HarnessWorld, name: String, workers: usize) -> anyhow::Result<()> {
+    w.default_stack_mut()?.start_auditor(&name, workers).await?;
+    Ok(())
+}
+
+/// The (name, secret) of a proxy's or client's key.
+fn secret_of(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
+    if let Some(c) = w.clients.get(who) {
+        return Ok(c.secret.clone());
+    }
+    w.default_stack()?
+        .proxy(who)?
+        .locking_secret
+        .clone()
+        .ok_or_else(|| anyhow!("{who} has no locking key"))
+}
+
+async fn quotes_of(w: &HarnessWorld, who: &str) -> anyhow::Result<Vec<QuoteInfo>> {
+    let mint = w.default_stack()?.mint()?;
+    ehash_api::lookup(&mint.addr, &secret_of(w, who)?).await
+}
+
+#[then(expr = "every quote of {string} is PENDING and its wallet has minted nothing")]
+async fn all_pending(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let records = share_records(w).await?;
+    let key = stack.proxy(&who)?.locking_pubkey.context("no key")?;
+    let expected = records.values().filter(|r| r.locking_pubkey == key).count();
+    let quotes = wait_until(
+        &format!("a quote for each of {expected} record(s) of {who}"),
+        Duration::from_secs(20),
+        || async {
+            let q = quotes_of(w, &who).await.map_err(|e| e.to_string())?;
+            if q.len() >= expected && expected > 0 {
+                Ok(q)
+            } else {
+                Err(format!("{} quote(s)", q.len()))
+            }
+        },
+    )
+    .await?;
+    for q in &quotes {
+        anyhow::ensure!(
+            q.audit_status == "PENDING" && q.state == "UNPAID",
+            "quote {} is {} / {} before any audit",
+            q.quote,
+            q.audit_status,
+            q.state
+        );
+    }
+    let status = stack.proxy(&who)?.wallet_status().await?;
+    anyhow::ensure!(
+        status.held == 0 && status.minted == 0,
+        "the wallet minted before any audit: {status:?}"
+    );
+    Ok(())
+}
+
+#[then(expr = "every quote of {string} becomes PAID and its wallet mints it")]
+async fn all_minted(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let proxy = stack.proxy(&who)?;
+    wait_until(
+        &format!("every quote of {who} to be PAID and minted by its wallet"),
+        SETTLE_TIMEOUT,
+        || async {
+            let q = quotes_of(w, &who).await.map_err(|e| e.to_string())?;
+            let s = proxy.wallet_status().await.map_err(|e| e.to_string())?;
+            let unminted = q.iter().filter(|q| q.state != "ISSUED").count();
+            if !q.is_empty() && unminted == 0 && s.paid_unminted == 0 && s.pending == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{unminted} of {} quote(s) not minted; wallet {s:?}",
+                    q.len()
+                ))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[then(expr = "the wallet of {string} holds exactly what its accepted shares were worth")]
+async fn balance_exact(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let proxy = stack.proxy(&who)?;
+    let key = proxy.locking_pubkey.context("no key")?;
+    let min_bits = stack.pool()?.config.min_bits;
+    // The oracle: the hashes the miners saw accepted, valued from their hex digits.
+    let records = share_records(w).await?;
+    let mut worth = 0u64;
+    for m in stack.miners() {
+        for hash in m.log().accepted {
+            let r = records
+                .get(&hash)
+                .with_context(|| format!("accepted share {hash} has no record"))?;
+            if r.locking_pubkey == key {
+                worth += expected_amount(&hash, min_bits).context("below min_bits")?;
+            }
+        }
+    }
+    let held = proxy.wallet_status().await?.held;
+    anyhow::ensure!(
+        held == worth && worth > 0,
+        "the wallet of {who} holds {held} ehash, its accepted shares were worth {worth}"
+    );
+    Ok(())
+}
+
+#[then(
+    expr = "no quote of {string} is PAID earlier than {int} seconds after its template's verdict"
+)]
+async fn paid_after_delay(w: &mut HarnessWorld, who: String, secs: u64) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mint = stack.mint()?;
+    let secret = secret_of(w, &who)?;
+    let delay_ms = secs * 1000;
+    let mut first_paid: HashMap<String, (u64, u64)> = HashMap::new();
+    let started = Instant::now();
+    // Poll often: a quote paid too early is caught within one poll of its payment.
+    loop {
+        let quotes = ehash_api::lookup(&mint.addr, &secret).await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        for q in &quotes {
+            if q.audit_status == "PAID" {
+                first_paid
+                    .entry(q.quote.clone())
+                    .or_insert((now, q.template_id));
+            }
+        }
+        if !quotes.is_empty() && first_paid.len() == quotes.len() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < harness::wait::scaled(SETTLE_TIMEOUT + Duration::from_secs(secs)),
+            "only {} of {} quote(s) PAID",
+            first_paid.len(),
+            quotes.len()
+        );
+        // Poll interval of this observation.
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    }
+    let mut conn = stack.redis()?.connect().await?;
+    let mut verdicts = HashMap::new();
+    for (_, f) in stream_entries(&mut conn, AUDIT_RESULTS_STREAM).await? {
+        let r = AuditResult::from_fields(&f)?;
+        verdicts.insert(r.template_id, r.audited_at);
+    }
+    for (quote, (seen_paid, template)) in first_paid {
+        let audited = verdicts
+            .get(&template)
+            .with_context(|| format!("template {template} has no verdict"))?;
+        anyhow::ensure!(
+            seen_paid >= audited + delay_ms,
+            "quote {quote} was PAID {} ms after its template's verdict, before the {delay_ms} ms delay",
+            seen_paid.saturating_sub(*audited)
+        );
+    }
+    Ok(())
+}
+
+#[then(
+    expr = "the lookups of {string}, {string} and {string} return disjoint quotes, each only for shares locked to its key"
+)]
+async fn disjoint(w: &mut HarnessWorld, a: String, b: String, c: String) -> anyhow::Result<()> {
+    let records = share_records(w).await?;
+    let mut seen: HashSet<String> = HashSet::new();
+    for who in [a, b, c] {
+        let secret = secret_of(w, &who)?;
+        let public = {
+            let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
+            hex::encode(
+                sk.public_key(&bitcoin::secp256k1::Secp256k1::new())
+                    .serialize(),
+            )
+        };
+        let quotes = quotes_of(w, &who).await?;
+        anyhow::ensure!(!quotes.is_empty(), "{who} has no quotes");
+        for q in quotes {
+            anyhow::ensure!(
+                seen.insert(q.quote.clone()),
+                "quote {} is returned to two operators",
+                q.quote
+            );
+            let r = records
+                .get(&q.share_hash)
+                .with_context(|| format!("quote {} names an unrecorded share", q.quote))?;
+            anyhow::ensure!(
+                r.locking_pubkey.to_string() == public,
+                "{who}'s lookup returned quote {} of a share locked to {}",
+                q.quote,
+                r.locking_pubkey
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A PAID quote of `owner`, waiting for settlement.
+async fn paid_quote_of(w: &HarnessWorld, owner: &str) -> anyhow::Result<QuoteInfo> {
+    Ok(wait_until(
+        &format!("a PAID, unminted quote of {owner}"),
+        SETTLE_TIMEOUT,
+        || async {
+            let q = quotes_of(w, owner).await.map_err(|e| e.to_string())?;
+            q.into_iter()
+                .find(|q| q.audit_status == "PAID" && q.state == "PAID")
+                .ok_or_else(|| "none yet".to_string())
+        },
+    )
+    .await?)
+}
+
+#[then(expr = "{string}'s key cannot mint a quote of {string}: the mint refuses the signature")]
+async fn cannot_mint_other(
+    w: &mut HarnessWorld,
+    thief: String,
+    owner: String,
+) -> anyhow::Result<()> {
+    let q = paid_quote_of(w, &owner).await?;
+    let mint = w.default_stack()?.mint()?;
+    let outcome = ehash_api::try_mint(&mint.url, &q, &secret_of(w, &thief)?).await?;
+    match outcome {
+        Err(e) if e.to_lowercase().contains("signature") => {}
+        other => anyhow::bail!("minting {owner}'s quote with {thief}'s key gave {other:?}"),
+    }
+    // Still PAID and unminted: the refusal spent nothing.
+    let after = ehash_api::quote(&mint.addr, &q.quote).await?;
+    anyhow::ensure!(
+        after.state == "PAID",
+        "after the refusal the quote is {}",
+        after.state
+    );
+    Ok(())
+}
+
+#[then(expr = "{string}'s own key mints that quote")]
+async fn owner_mints(w: &mut HarnessWorld, owner: String) -> anyhow::Result<()> {
+    let q = paid_quote_of(w, &owner).await?;
+    let mint = w.default_stack()?.mint()?;
+    match ehash_api::try_mint(&mint.url, &q, &secret_of(w, &owner)?).await? {
+        Ok(amount) if amount == q.amount => Ok(()),
+        other => anyhow::bail!("{owner} minting its own quote gave {other:?}"),
+    }
+}
+
+#[when("a client asks the mint for a mining_share quote over HTTP")]
+async fn http_quote(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let mint = w.default_stack()?.mint()?;
+    let (code, body) = harness::http::post_json(
+        &mint.addr,
+        "/v1/mint/quote/mining_share",
+        r#"{"amount": 1, "unit": "ehash"}"#,
+        Duration::from_secs(5),
+    )
+    .await?;
+    w.last_error = Some(format!("{code} {body}"));
+    Ok(())
+}
+
+#[then(expr = "the mint refuses it with status {int}, code {int} and a detail saying {string}")]
+async fn refused_with(
+    w: &mut HarnessWorld,
+    status: u16,
+    code: u32,
+    detail: String,
+) -> anyhow::Result<()> {
+    let got = w.last_error.take().context("no answer recorded")?;
+    let (s, body) = got.split_once(' ').context("answer")?;
+    let v: serde_json::Value =
+        serde_json::from_str(body).with_context(|| format!("body {body}"))?;
+    anyhow::ensure!(
+        s == status.to_string()
+            && v["code"] == code
+            && v["detail"].as_str().unwrap_or_default().contains(&detail),
+        "expected {status} / {code} / {detail:?}, got {got}"
+    );
+    Ok(())
+}
+
+#[when(
+    regex = r#"^a lookup for "([^"]+)"'s key is (replayed|signed five minutes ago|signed by another key)$"#
+)]
+async fn bad_lookup(w: &mut HarnessWorld, who: String, how: String) -> anyhow::Result<()> {
+    let mint = w.default_stack()?.mint()?;
+    let secret = secret_of(w, &who)?;
+    let mut req = ehash_api::signed_lookup(&secret)?;
+    match how.as_str() {
+        "replayed" => {
+            let body = serde_json::to_string(&req)?;
+            let (first, _) = ehash_api::post_lookup(&mint.addr, &body).await?;
+            anyhow::ensure!(first == 200, "the first lookup answered {first}");
+        }
+        "signed five minutes ago" => {
+            let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
+            req = ehash::lookup::sign_lookup(&sk, req.timestamp - 300_000);
+        }
+        _ => {
+            let (other, _) = harness::keys::locking_keys();
+            let forged = ehash_api::signed_lookup(&other)?;
+            req.signature = forged.signature;
+        }
+    }
+    let (code, body) = ehash_api::post_lookup(&mint.addr, &serde_json::to_string(&req)?).await?;
+    w.last_error = Some(format!("{code} {body}"));
+    Ok(())
+}
+
+#[when(expr = "the mint is killed with SIGKILL")]
+async fn kill_mint(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.expect_exit("mint");
+    let p = w.default_stack()?.mint()?.process();
+    let restarts = p.status().restarts;
+    let generation = p.kill9().await?;
+    w.restarts_before = Some(restarts);
+    w.killed_generation = Some(generation);
+    Ok(())
+}
+
+#[then("the supervisor restarts the mint")]
+async fn mint_restarted(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let generation = w.killed_generation.context("nothing killed")?;
+    let before = w.restarts_before.context("no restart count")?;
+    let status = w
+        .default_stack()?
+        .mint()?
+        .process()
+        .wait_ready_after(generation, Duration::from_secs(60))
+        .await?;
+    anyhow::ensure!(status.restarts == before + 1, "{status:?}");
+    Ok(())
+}
+
+#[when(expr = "auditor {string} is paused and the next audit task is delivered to it")]
+async fn deliver_to_paused(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let a = stack.auditor(&name)?;
+    a.process().pause()?;
+    let consumer = format!("auditor-{name}-0");
+    // What Redis does for a reader blocked in XREADGROUP: the next task is assigned to the
+    // paused auditor's worker and sits in its pending list. (A read the auditor left blocked
+    // when it was paused may take it first; either way it lands in the same list.)
+    let mut reader = stack.redis()?.connect().await?;
+    let read = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("auditors")
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(10)
+                .arg("BLOCK")
+                .arg(120_000)
+                .arg("STREAMS")
+                .arg(AUDIT_TASKS_STREAM)
+                .arg(">")
+                .query_async::<redis::Value>(&mut reader)
+                .await
+        })
+    };
+    let conn = stack.redis()?.connect().await?;
+    let held = wait_until(
+        &format!("an audit task pending on {consumer}"),
+        Duration::from_secs(120),
+        || {
+            let (mut conn, consumer) = (conn.clone(), consumer.clone());
+            async move {
+                let n: redis::Value = redis::cmd("XPENDING")
+                    .arg(AUDIT_TASKS_STREAM)
+                    .arg("auditors")
+                    .arg("-")
+                    .arg("+")
+                    .arg(10)
+                    .arg(&consumer)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match n {
+                    redis::Value::Array(v) if !v.is_empty() => Ok(v.len()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    read.abort();
+    held?;
+    Ok(())
+}
+
+#[when(expr = "auditor {string} is killed with SIGKILL")]
+async fn kill_auditor(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.expect_exit(&format!("auditor-{name}"));
+    let p = w.default_stack()?.auditor(&name)?.process();
+    let restarts = p.status().restarts;
+    let generation = p.kill9().await?;
+    w.restarts_before = Some(restarts);
+    w.killed_generation = Some(generation);
+    Ok(())
+}
+
+#[then("every audit task gets exactly one verdict and none stays pending")]
+async fn one_verdict_each(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mut conn = stack.redis()?.connect().await?;
+    wait_until(
+        "every audit task to be acknowledged",
+        SETTLE_TIMEOUT,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let pending: redis::Value = redis::cmd("XPENDING")
+                    .arg(AUDIT_TASKS_STREAM)
+                    .arg("auditors")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match pending {
+                    redis::Value::Array(ref v)
+                        if matches!(v.first(), Some(redis::Value::Int(0))) =>
+                    {
+                        Ok(())
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await?;
+    let tasks: HashSet<u64> = stream_entries(&mut conn, AUDIT_TASKS_STREAM)
+        .await?
+        .into_iter()
+        .filter_map(|(_, f)| f.get("template_id").and_then(|t| t.parse().ok()))
+        .collect();
+    let mut verdicts: HashMap<u64, usize> = HashMap::new();
+    for (_, f) in stream_entries(&mut conn, AUDIT_RESULTS_STREAM).await? {
+        *verdicts
+            .entry(AuditResult::from_fields(&f)?.template_id)
+            .or_default() += 1;
+    }
+    for t in &tasks {
+        anyhow::ensure!(
+            verdicts.get(t) == Some(&1),
+            "template {t} has {:?} verdict(s)",
+            verdicts.get(t)
+        );
+    }
+    Ok(())
+}
+
+const REMEMBERED: [&str; 3] = [
+    ehash::SHARES_STREAM,
+    AUDIT_TASKS_STREAM,
+    AUDIT_RESULTS_STREAM,
+];
+
+#[when("the share, task and verdict streams are remembered")]
+async fn remember_streams(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    let mut before = Vec::new();
+    for stream in REMEMBERED {
+        for (id, fields) in stream_entries(&mut conn, stream).await? {
+            let mut f: Vec<(String, String)> = fields.into_iter().collect();
+            f.sort();
+            before.push((format!("{stream} {id}"), f));
+        }
+    }
+    anyhow::ensure!(!before.is_empty(), "nothing to remember");
+    w.stream_before = before;
+    Ok(())
+}
+
+#[then("the share, task and verdict streams still hold every remembered entry")]
+async fn streams_kept(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    let mut now = HashMap::new();
+    for stream in REMEMBERED {
+        for (id, fields) in stream_entries(&mut conn, stream).await? {
+            let mut f: Vec<(String, String)> = fields.into_iter().collect();
+            f.sort();
+            now.insert(format!("{stream} {id}"), f);
+        }
+    }
+    for (key, fields) in &w.stream_before {
+        anyhow::ensure!(
+            now.get(key) == Some(fields),
+            "entry {key} was lost or changed across the Redis restart"
+        );
+    }
+    Ok(())
+}
