@@ -31,6 +31,9 @@ enum Command {
         /// Keep the data directory after Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Only bitcoind and Redis (no pool, mint, auditor, proxy or miner).
+        #[arg(long)]
+        bare: bool,
     },
     /// Mine N blocks on the running `up` stack (to the faucet, or to --address).
     GenerateBlocks {
@@ -87,7 +90,7 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HarnessConfig::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Up { chain, keep } => up(&config, chain, keep).await,
+        Command::Up { chain, keep, bare } => up(&config, chain, keep, bare).await,
         Command::GenerateBlocks { n, address } => generate(&config, n, address).await,
         Command::Logs { role, dir, lines } => logs(&config, role, dir, lines),
         Command::Clean { cache } => clean(&config, cache),
@@ -126,7 +129,7 @@ fn up_pointer(config: &HarnessConfig) -> PathBuf {
     config.run_dir.join("up.json")
 }
 
-async fn up(config: &HarnessConfig, chain: Chain, keep: bool) -> anyhow::Result<()> {
+async fn up(config: &HarnessConfig, chain: Chain, keep: bool, bare: bool) -> anyhow::Result<()> {
     if let Ok(summary) = running_up(config) {
         bail!(
             "an `up` stack is already running (harness pid {}, {}); stop it with Ctrl-C first",
@@ -140,11 +143,25 @@ async fn up(config: &HarnessConfig, chain: Chain, keep: bool) -> anyhow::Result<
             dir.display()
         );
     }
-    let stack = Stack::builder("up", config)
+    let mut stack = Stack::builder("up", config)
         .chain(chain)
         .redis()
         .start()
         .await?;
+    if !bare {
+        let started = std::time::Instant::now();
+        stack
+            .start_pool_side(&Default::default(), &Default::default())
+            .await?;
+        stack.start_proxy("operator", true, 500_000.0).await?;
+        stack
+            .start_miner("cpu", "operator", &harness::roles::MinerOptions::default())
+            .await?;
+        println!(
+            "pool, mint, auditor, proxy `operator` and miner `cpu` (500 kH/s) ready in {} ms",
+            started.elapsed().as_millis()
+        );
+    }
     let summary = stack.summary();
     std::fs::write(up_pointer(config), serde_json::to_vec_pretty(&summary)?)?;
     println!(
@@ -171,7 +188,7 @@ async fn up(config: &HarnessConfig, chain: Chain, keep: bool) -> anyhow::Result<
     if let Some(f) = &summary.faucet_address {
         println!("  faucet    {f}");
     }
-    println!("Ctrl-C stops the stack; meanwhile: `just generate-blocks N`, `just logs`.");
+    println!("Ctrl-C stops the stack; meanwhile: `just generate-blocks N`, `just logs [ROLE]`.");
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;

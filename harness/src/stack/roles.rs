@@ -260,14 +260,36 @@ impl Stack {
         if let Some(pool) = &self.pool {
             out.push(summary(
                 "pool".into(),
-                pool.sv2_addr.clone(),
+                format!(
+                    "{} (SV2, authority {}); http://{}/metrics",
+                    pool.sv2_addr, pool.authority.public, pool.metrics_addr
+                ),
                 pool.process(),
             ));
         }
+        if let Some(mint) = &self.mint {
+            out.push(summary(
+                "mint".into(),
+                format!("{} (Cashu; /v1/ehash/*, /metrics)", mint.url),
+                mint.process(),
+            ));
+        }
+        for (name, a) in &self.auditors {
+            out.push(summary(
+                format!("auditor-{name}"),
+                format!("http://{}/metrics", a.addr),
+                a.process(),
+            ));
+        }
         for (name, p) in &self.proxies {
+            let wallet = p
+                .wallet_addr
+                .as_ref()
+                .map(|w| format!("; wallet http://{w}/wallet"))
+                .unwrap_or_default();
             out.push(summary(
                 format!("proxy-{name}"),
-                p.sv1_addr.clone(),
+                format!("{} (SV1){wallet}", p.sv1_addr),
                 p.process(),
             ));
         }
