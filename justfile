@@ -52,12 +52,13 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share validation, stack start, end-to-end mining (release roles).
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement (release roles).
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
     cargo build --release -p pool -p mint -p auditor -p proxy -p miner
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench mining_e2e
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench settlement
 
 # cargo fmt --check and clippy with warnings denied.
 lint:

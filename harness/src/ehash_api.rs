@@ -96,13 +96,13 @@ pub async fn quote(mint_addr: &str, id: &str) -> anyhow::Result<QuoteInfo> {
     Ok(serde_json::from_str(&body)?)
 }
 
-/// Try to mint quote `q` (PAID at the mint) with the key `secret_hex` through a fresh cdk
-/// wallet; returns the amount minted, or the mint's refusal.
-pub async fn try_mint(
+/// A fresh cdk wallet (in memory) for the mint at `mint_url`, holding `quotes` as PAID quotes
+/// signed by `secret_hex` (as an operator's wallet imports what its lookup returned).
+async fn wallet_with(
     mint_url: &str,
-    q: &QuoteInfo,
+    quotes: &[QuoteInfo],
     secret_hex: &str,
-) -> anyhow::Result<Result<u64, String>> {
+) -> anyhow::Result<cdk::wallet::Wallet> {
     let secret = SecretKey::from_hex(secret_hex).map_err(|e| anyhow!("{e}"))?;
     let db = cdk_sqlite::wallet::memory::empty()
         .await
@@ -116,25 +116,59 @@ pub async fn try_mint(
         .seed(seed)
         .build()
         .map_err(|e| anyhow!("wallet: {e}"))?;
-    let mut quote = cdk_common::wallet::MintQuote::new(
-        q.quote.clone(),
-        wallet.mint_url.clone(),
-        PaymentMethod::Custom("mining_share".into()),
-        Some(Amount::from(q.amount)),
-        unit,
-        q.share_hash.clone(),
-        u64::MAX / 2,
-        Some(secret),
-    );
-    quote.state = MintQuoteState::Paid;
-    quote.amount_paid = Amount::from(q.amount);
-    wallet
-        .localstore
-        .add_mint_quote(quote)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    for q in quotes {
+        let mut quote = cdk_common::wallet::MintQuote::new(
+            q.quote.clone(),
+            wallet.mint_url.clone(),
+            PaymentMethod::Custom("mining_share".into()),
+            Some(Amount::from(q.amount)),
+            unit.clone(),
+            q.share_hash.clone(),
+            u64::MAX / 2,
+            Some(secret.clone()),
+        );
+        quote.state = MintQuoteState::Paid;
+        quote.amount_paid = Amount::from(q.amount);
+        wallet
+            .localstore
+            .add_mint_quote(quote)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(wallet)
+}
+
+/// Try to mint quote `q` (PAID at the mint) with the key `secret_hex` through a fresh cdk
+/// wallet; returns the amount minted, or the mint's refusal.
+pub async fn try_mint(
+    mint_url: &str,
+    q: &QuoteInfo,
+    secret_hex: &str,
+) -> anyhow::Result<Result<u64, String>> {
+    let wallet = wallet_with(mint_url, std::slice::from_ref(q), secret_hex).await?;
     match wallet.mint(&q.quote, SplitTarget::default(), None).await {
         Ok(proofs) => Ok(Ok(proofs.iter().map(|p| u64::from(p.amount)).sum())),
         Err(e) => Ok(Err(e.to_string())),
     }
+}
+
+/// Mint every quote of `quotes` with `secret_hex` in NUT-29 batches of `batch`; returns the
+/// amount minted.
+pub async fn mint_all(
+    mint_url: &str,
+    quotes: &[QuoteInfo],
+    secret_hex: &str,
+    batch: usize,
+) -> anyhow::Result<u64> {
+    let wallet = wallet_with(mint_url, quotes, secret_hex).await?;
+    let mut minted = 0;
+    for chunk in quotes.chunks(batch.max(1)) {
+        let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
+        let proofs = wallet
+            .batch_mint(&ids, SplitTarget::default(), None, None)
+            .await
+            .map_err(|e| anyhow!("batch mint: {e}"))?;
+        minted += proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>();
+    }
+    Ok(minted)
 }

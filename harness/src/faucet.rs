@@ -160,15 +160,39 @@ impl Faucet {
         own_script: &ScriptBuf,
         value: Amount,
     ) -> anyhow::Result<()> {
+        self.sign_input(tx, 0, own_script, value)
+    }
+
+    /// Sign input `index` of `tx`, which spends `value` from the faucet's address (P2WPKH).
+    pub fn sign_input(
+        &self,
+        tx: &mut Transaction,
+        index: usize,
+        own_script: &ScriptBuf,
+        value: Amount,
+    ) -> anyhow::Result<()> {
         let secp = Secp256k1::signing_only();
         let sighash = SighashCache::new(&*tx)
-            .p2wpkh_signature_hash(0, own_script, value, EcdsaSighashType::All)
+            .p2wpkh_signature_hash(index, own_script, value, EcdsaSighashType::All)
             .context("cannot compute the sighash")?;
         let msg = Message::from_digest(sighash.to_byte_array());
         let signature = bitcoin::ecdsa::Signature::sighash_all(secp.sign_ecdsa(&msg, &self.key));
         let pk = CompressedPublicKey(self.key.public_key(&secp));
-        tx.input[0].witness = Witness::p2wpkh(&signature, &pk.0);
+        tx.input[index].witness = Witness::p2wpkh(&signature, &pk.0);
         Ok(())
+    }
+
+    /// Take a spendable coin of at least `need` for a transaction the caller builds and signs
+    /// with [`sign_input`](Self::sign_input) (it is marked spent).
+    pub async fn take_coin(
+        &self,
+        rpc: &BitcoinRpc,
+        need: Amount,
+    ) -> anyhow::Result<(OutPoint, Amount)> {
+        let mut ledger = self.ledger.lock().await;
+        let coin = self.pick_coin(rpc, &mut ledger, need).await?;
+        ledger.spent.insert(coin.outpoint);
+        Ok((coin.outpoint, coin.value))
     }
 
     /// The smallest spendable coin worth at least `need`: a confirmed one (mature if a

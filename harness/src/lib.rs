@@ -15,6 +15,7 @@
 
 pub mod binaries;
 pub mod bitcoind;
+pub mod blocks;
 pub mod config;
 pub mod ehash_api;
 pub mod faucet;
