@@ -7,7 +7,10 @@
 //! - once settlement has caught up, the PAID amounts equal the amounts of the shares on
 //!   templates with a `valid` verdict, key by key;
 //! - a quote is FAILED exactly when its template's verdict is `invalid`, with its reason;
-//! - no wallet holds more than was paid to its key.
+//! - no wallet holds more than was paid to its key;
+//! - every quote names a recorded share of its key;
+//! - a verdict on a template of the current tip agrees with Bitcoin Core's proposal check
+//!   (the harness asks again).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -53,6 +56,7 @@ pub async fn sweep_settlement(stack: &Stack, keys: &[KnownKey]) -> anyhow::Resul
             .or_default()
             .push(r);
     }
+    problems.extend(recheck_verdicts(stack, &mut conn, &verdicts).await?);
     let delay = Duration::from_secs(mint.config.settlement_delay_secs);
     for key in keys {
         let mine = records.remove(&key.public).unwrap_or_default();
@@ -123,7 +127,15 @@ fn check_key(
             owed += r.amount;
         }
     }
+    let recorded: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.share_hash.as_str()).collect();
     for q in quotes {
+        if !recorded.contains(q.share_hash.as_str()) {
+            problems.push(format!(
+                "{}: quote {} names share {}, which has no record locked to this key",
+                key.name, q.quote, q.share_hash
+            ));
+        }
         let verdict = verdicts.get(&q.template_id);
         let is_paid = q.audit_status == "PAID" || q.state == "PAID" || q.state == "ISSUED";
         match verdict.map(|v| v.verdict) {
@@ -164,4 +176,44 @@ fn check_key(
         }
     }
     problems
+}
+
+/// Ask Bitcoin Core again about every audited template of the current tip: a `valid` verdict
+/// must be a block Core accepts in proposal mode, an `invalid` one a block it refuses.
+async fn recheck_verdicts(
+    stack: &Stack,
+    conn: &mut redis::aio::MultiplexedConnection,
+    verdicts: &HashMap<u64, AuditResult>,
+) -> anyhow::Result<Vec<String>> {
+    let rpc = stack.bitcoind()?.rpc();
+    let best: String = rpc.call("getbestblockhash", &[]).await?;
+    let mut problems = Vec::new();
+    for (id, f) in stream_entries(conn, ehash::AUDIT_TASKS_STREAM).await? {
+        let task =
+            ehash::AuditTask::from_fields(&f).map_err(|e| anyhow::anyhow!("task {id}: {e}"))?;
+        let Some(v) = verdicts.get(&task.template_id) else {
+            continue;
+        };
+        if task.prev_hash != best {
+            continue;
+        }
+        let answer: serde_json::Value = rpc
+            .call(
+                "getblocktemplate",
+                &[serde_json::json!({"mode": "proposal", "data": task.block})],
+            )
+            .await?;
+        let core_valid = answer.is_null();
+        // The policy part of a verdict (the pool's payout) is not Core's to judge.
+        let policy = v.reason.starts_with("policy:");
+        if core_valid != (v.verdict == Verdict::Valid) && !policy {
+            problems.push(format!(
+                "template {}: the verdict is {} ({}) but Bitcoin Core says {answer}",
+                task.template_id,
+                v.verdict.as_str(),
+                v.reason
+            ));
+        }
+    }
+    Ok(problems)
 }

@@ -24,9 +24,9 @@ Feature: Quote settlement: every recorded share becomes a quote, PENDING until i
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"
     When miner "m" has 3 accepted shares
+    And the miners stop
     Then no quote of "alice" is PAID earlier than 4 seconds after its template's verdict
-    When the miners stop
-    Then every quote of "alice" becomes PAID and its wallet mints it
+    And every quote of "alice" becomes PAID and its wallet mints it
 
   Scenario: one operator's lookup never shows another's quotes, and a key cannot mint another key's quote
     Given a signet stack with the pool side

@@ -17,6 +17,9 @@ use crate::tlv::LockingPubkey;
 /// BIP-340 tag of the lookup message.
 pub const LOOKUP_TAG: &str = "hashpool/ehash/quote-lookup/v1";
 
+/// How far ahead of the mint's clock a lookup's timestamp may be, at most (ms).
+pub const MAX_AHEAD_MS: u64 = 5_000;
+
 /// `POST /v1/ehash/quotes` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +30,9 @@ pub struct LookupRequest {
     pub timestamp: u64,
     /// BIP-340 signature (64 bytes, hex).
     pub signature: String,
+    /// Only quotes not minted yet (a filter: not signed, it reveals nothing more).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unissued_only: bool,
 }
 
 /// Why a lookup was refused.
@@ -81,6 +87,7 @@ pub fn sign_lookup(secret: &SecretKey, timestamp: u64) -> LookupRequest {
         pubkey: pubkey.to_string(),
         timestamp,
         signature: hex::encode(sig.serialize()),
+        unissued_only: false,
     }
 }
 
@@ -106,8 +113,10 @@ pub fn verify_lookup(
     Secp256k1::verification_only()
         .verify_schnorr(&sig, &msg, &xonly)
         .map_err(|_| LookupError::BadSignature)?;
+    // Ahead of the clock by at most a few seconds: a fast clock must not lock the key's other
+    // clients out (timestamps must grow) for long.
     let skew_ms = now.abs_diff(req.timestamp);
-    if skew_ms > max_skew_ms {
+    if skew_ms > max_skew_ms || req.timestamp > now + MAX_AHEAD_MS.min(max_skew_ms) {
         return Err(LookupError::Stale {
             timestamp: req.timestamp,
             skew_ms,

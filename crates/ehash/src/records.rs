@@ -222,7 +222,9 @@ fn hex_field(
             });
         }
     }
-    Ok(s.to_string())
+    // One spelling per value: keys derived from it (quotes by share hash) must not depend on
+    // the case a writer chose.
+    Ok(s.to_ascii_lowercase())
 }
 
 /// A field value borrowed from a record, for writers that encode it themselves (the pool
@@ -283,7 +285,15 @@ impl ShareRecord {
             template_id: parse(f, "template_id")?,
             channel_id: parse(f, "channel_id")?,
             locking_pubkey: parse(f, "locking_pubkey")?,
-            amount: parse(f, "amount")?,
+            amount: match parse::<u64>(f, "amount")? {
+                a if a.is_power_of_two() => a,
+                a => {
+                    return Err(RecordError::Invalid {
+                        field: "amount",
+                        reason: format!("{a} is not a power of two (2^(zero bits - min_bits))"),
+                    })
+                }
+            },
             ntime: parse(f, "ntime")?,
             version: parse(f, "version")?,
             nonce: parse(f, "nonce")?,
@@ -421,6 +431,22 @@ mod tests {
                 ..
             })
         ));
+        let mut f = map(&share().to_fields());
+        f.insert("amount".into(), "0".into());
+        assert!(matches!(
+            ShareRecord::from_fields(&f),
+            Err(RecordError::Invalid {
+                field: "amount",
+                ..
+            })
+        ));
+        let mut f = map(&share().to_fields());
+        let upper = share().share_hash.to_ascii_uppercase();
+        f.insert("share_hash".into(), upper);
+        assert_eq!(
+            ShareRecord::from_fields(&f).unwrap().share_hash,
+            share().share_hash
+        );
         let mut f = map(&share().to_fields());
         f.remove("ntime");
         assert_eq!(

@@ -3,17 +3,23 @@
 //!
 //! 1. `getblocktemplate {"mode":"proposal"}` on the task's block: `null` is valid; a reject
 //!    string is `invalid` with that string.
-//! 2. `inconclusive-not-best-prevblk` (the tip moved before the audit): the template is
-//!    `valid` (reason `in-chain`) only if the active chain holds a block at its height on its
-//!    parent with exactly its transactions and its coinbase outputs (so Bitcoin Core
-//!    validated that content when it connected the block); otherwise it is `invalid` with
-//!    reason `inconclusive-not-best-prevblk`. A template nobody verified is never paid.
+//! 2. `inconclusive-not-best-prevblk` (the template's parent is not the auditor node's tip):
+//!    if that node does not know the parent yet, or the parent is its tip again, there is no
+//!    verdict yet (the task stays pending and is retried: the node may lag the pool's).
+//!    Otherwise the tip moved on: the template is `valid` (reason `in-chain`) only if the
+//!    active chain holds a block at its height on its parent with exactly its transactions
+//!    and its coinbase outputs (so Bitcoin Core validated that content when it connected the
+//!    block); else it is `invalid` with reason `inconclusive-not-best-prevblk`. A template
+//!    nobody verified is never paid.
 //! 3. Policy (after a valid consensus check): the coinbase outputs paying the task's
 //!    `payout_script` sum to at least `payout_sats`, else `invalid` with reason
 //!    `policy: coinbase pays the pool X sat, it requires Y`.
 //!
-//! A block that does not decode is `invalid` (`undecodable-block`); bitcoind not answering is
-//! no verdict at all (the task stays pending and is retried).
+//! A block that does not decode is `invalid` (`undecodable-block`, or bitcoind's -22). Any
+//! other failure to get an answer (bitcoind down, slow, warming up) is no verdict at all: the
+//! task stays pending and is retried.
+
+use std::time::Duration;
 
 use bitcoin::consensus::encode::deserialize;
 use bitcoin::{Block, ScriptBuf};
@@ -23,9 +29,24 @@ use serde_json::{json, Value};
 
 /// Bitcoin Core's answer for a template whose parent is no longer the tip.
 pub const INCONCLUSIVE: &str = "inconclusive-not-best-prevblk";
+/// JSON-RPC code of a block bitcoind cannot decode (a verdict on the block itself).
+const RPC_DESERIALIZATION_ERROR: i32 = -22;
+/// Longest wait for one bitcoind answer (a 4 MB block takes well under a second).
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why there is no verdict yet: retry the task later.
+#[derive(Debug, thiserror::Error)]
+pub enum NotYet {
+    /// bitcoind did not answer usefully.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The auditor's node cannot decide yet (its chain lags the pool's).
+    #[error("no verdict yet: {0}")]
+    Lagging(String),
+}
 
 /// The verdict on a task, or why none could be reached now.
-pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, String), RpcError> {
+pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, String), NotYet> {
     let block: Block = match hex::decode(&task.block)
         .ok()
         .and_then(|b| deserialize(&b).ok())
@@ -34,28 +55,29 @@ pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, Strin
         None => return Ok((Verdict::Invalid, "undecodable-block".into())),
     };
     let answer: Result<Value, RpcError> = rpc
-        .call(
+        .call_timeout(
             "getblocktemplate",
             &[json!({"mode": "proposal", "data": task.block})],
+            RPC_TIMEOUT,
         )
         .await;
     let (verdict, reason) = match answer {
         Ok(Value::Null) => (Verdict::Valid, "proposal".to_string()),
-        Ok(Value::String(s)) if s == INCONCLUSIVE => match in_chain(rpc, task, &block).await? {
+        Ok(Value::String(s)) if s == INCONCLUSIVE => match inconclusive(rpc, task, &block).await? {
             true => (Verdict::Valid, "in-chain".to_string()),
             false => (Verdict::Invalid, INCONCLUSIVE.to_string()),
         },
         Ok(Value::String(s)) => (Verdict::Invalid, s),
-        Ok(other) => (
-            Verdict::Invalid,
-            format!("unexpected proposal answer {other}"),
-        ),
-        // A JSON-RPC error is bitcoind's answer about this block (for instance -22, block
-        // decode failed); a transport error is no answer.
-        Err(RpcError::Node { code, message, .. }) => {
+        Ok(other) => {
+            return Err(NotYet::Lagging(format!(
+                "unexpected proposal answer {other}"
+            )))
+        }
+        // Only bitcoind's "cannot decode this block" is an answer about the block itself.
+        Err(RpcError::Node { code, message, .. }) if code == RPC_DESERIALIZATION_ERROR => {
             (Verdict::Invalid, format!("rpc error {code}: {message}"))
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     if verdict == Verdict::Invalid {
         return Ok((verdict, reason));
@@ -84,15 +106,48 @@ pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, Strin
     Ok((verdict, reason))
 }
 
-/// Whether the active chain holds a block at the task's height on its parent with the same
-/// transactions (by wtxid, coinbase aside) and the same coinbase outputs.
-async fn in_chain(rpc: &BitcoinRpc, task: &AuditTask, block: &Block) -> Result<bool, RpcError> {
-    let hash: String = match rpc.call("getblockhash", &[json!(task.height)]).await {
+/// After `inconclusive-not-best-prevblk`: `Err(Lagging)` while the node does not know the
+/// parent or has it as its tip again, else whether the active chain holds a block at the
+/// task's height on its parent with the same transactions (by wtxid, coinbase aside) and the
+/// same coinbase outputs.
+async fn inconclusive(rpc: &BitcoinRpc, task: &AuditTask, block: &Block) -> Result<bool, NotYet> {
+    let parent: Value = match rpc
+        .call_timeout("getblockheader", &[json!(task.prev_hash)], RPC_TIMEOUT)
+        .await
+    {
         Ok(h) => h,
-        Err(RpcError::Node { .. }) => return Ok(false), // not that high (yet)
-        Err(e) => return Err(e),
+        Err(RpcError::Node { .. }) => {
+            return Err(NotYet::Lagging(format!(
+                "the auditor's bitcoind does not know block {} yet",
+                task.prev_hash
+            )))
+        }
+        Err(e) => return Err(e.into()),
     };
-    let hex_block: String = rpc.call("getblock", &[json!(hash), json!(0)]).await?;
+    let best: String = rpc
+        .call_timeout("getbestblockhash", &[], RPC_TIMEOUT)
+        .await?;
+    if best == task.prev_hash {
+        return Err(NotYet::Lagging(
+            "the parent became the tip: audit again".into(),
+        ));
+    }
+    if parent["confirmations"].as_i64().unwrap_or(-1) < 0 {
+        return Ok(false); // the parent is on a stale branch
+    }
+    let hash: String = match rpc
+        .call_timeout("getblockhash", &[json!(task.height)], RPC_TIMEOUT)
+        .await
+    {
+        Ok(h) => h,
+        // The parent is in the active chain and is not the tip, so its child exists; an
+        // error here is the node moving under us.
+        Err(RpcError::Node { message, .. }) => return Err(NotYet::Lagging(message)),
+        Err(e) => return Err(e.into()),
+    };
+    let hex_block: String = rpc
+        .call_timeout("getblock", &[json!(hash), json!(0)], RPC_TIMEOUT)
+        .await?;
     let Some(chain) = hex::decode(&hex_block)
         .ok()
         .and_then(|b| deserialize::<Block>(&b).ok())

@@ -26,7 +26,7 @@ use hashpool_streams::{Consumer, Entry};
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-pub use check::{audit, INCONCLUSIVE};
+pub use check::{audit, NotYet, INCONCLUSIVE};
 
 /// Consumer group of the auditors.
 pub const GROUP: &str = "auditors";
@@ -34,6 +34,8 @@ pub const GROUP: &str = "auditors";
 const BLOCK: Duration = Duration::from_millis(500);
 /// How often tasks abandoned by a dead auditor are looked for.
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for one Redis answer.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Verdict markers outlive any template's shares by far.
 const VERDICT_MARKER_TTL_SECS: u64 = 90 * 24 * 3600;
 
@@ -46,7 +48,7 @@ const LIBRARY: &str = r#"#!lua name=hashpool_auditor
 local function verdict(keys, args)
   local n = tonumber(args[4])
   local written = 0
-  if redis.call('SET', keys[4], '1', 'NX', 'EX', tonumber(args[3])) then
+  if redis.call('EXISTS', keys[4]) == 0 then
     local result = {}
     for i = 5, 4 + n do result[#result + 1] = args[i] end
     redis.call('XADD', keys[1], '*', unpack(result))
@@ -55,6 +57,8 @@ local function verdict(keys, args)
       for i = 5 + n, #args do dead[#dead + 1] = args[i] end
       redis.call('XADD', keys[2], '*', unpack(dead))
     end
+    -- The marker last: a failure before it leaves the task to be retried.
+    redis.call('SET', keys[4], '1', 'EX', tonumber(args[3]))
     written = 1
   end
   redis.call('XACK', keys[3], args[1], args[2])
@@ -140,7 +144,17 @@ async fn write_verdict(
             cmd.arg(*k).arg(v);
         }
     }
-    match cmd.query_async::<u64>(conn).await {
+    let timeout = REDIS_TIMEOUT;
+    let call = |conn: &mut redis::aio::MultiplexedConnection| {
+        let cmd = cmd.clone();
+        let mut conn = conn.clone();
+        async move {
+            tokio::time::timeout(timeout, cmd.query_async::<u64>(&mut conn))
+                .await
+                .map_err(|_| anyhow!("Redis did not answer within {timeout:?}"))
+        }
+    };
+    match call(conn).await? {
         Ok(n) => Ok(n == 1),
         Err(e) if e.to_string().contains("Function not found") => {
             redis::cmd("FUNCTION")
@@ -149,7 +163,7 @@ async fn write_verdict(
                 .arg(LIBRARY)
                 .query_async::<String>(conn)
                 .await?;
-            Ok(cmd.query_async::<u64>(conn).await? == 1)
+            Ok(call(conn).await?? == 1)
         }
         Err(e) => Err(e.into()),
     }
@@ -165,7 +179,9 @@ async fn handle(
     let started = Instant::now();
     let (task, template_id, verdict, reason) = match AuditTask::from_fields(&e.fields) {
         Ok(t) => {
-            let (v, r) = audit(rpc, &t).await.context("bitcoind")?;
+            let (v, r) = audit(rpc, &t)
+                .await
+                .with_context(|| format!("template {}", t.template_id))?;
             let id = t.template_id;
             (Some(t), id, v, r)
         }

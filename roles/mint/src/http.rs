@@ -9,7 +9,7 @@
 //!
 //! Errors are Cashu-style `{"code": N, "detail": "..."}`: 30001 quote creation refused,
 //! 30002 bad lookup signature or key, 30003 stale lookup, 30004 replayed lookup, 30005 no
-//! such quote.
+//! such quote, 30006 malformed lookup body.
 
 use std::sync::Arc;
 
@@ -60,7 +60,19 @@ async fn quote(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response 
     }
 }
 
-async fn lookup(State(api): State<Arc<Api>>, Json(req): Json<LookupRequest>) -> Response {
+async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Response {
+    let req: LookupRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                30006,
+                format!(
+                    "lookup body is not {{pubkey, timestamp, signature[, unissued_only]}}: {e}"
+                ),
+            )
+        }
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -82,7 +94,7 @@ async fn lookup(State(api): State<Arc<Api>>, Json(req): Json<LookupRequest>) -> 
         }
         Err(e) => return internal(e),
     }
-    match api.store.quotes_of(&pubkey).await {
+    match api.store.quotes_of(&pubkey, req.unissued_only).await {
         Ok(quotes) => Json(json!({"pubkey": pubkey, "quotes": quotes})).into_response(),
         Err(e) => internal(e),
     }

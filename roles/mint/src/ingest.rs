@@ -85,7 +85,35 @@ impl Handler for Shares {
                 }
             }
         }
-        let (created, paid) = self.store.add_shares(&records).await?;
+        let (created, paid) = match self.store.add_shares(&records).await {
+            Ok(r) => r,
+            Err(batch_error) if records.len() > 1 => {
+                // One record must not hold up the rest: retry them one by one.
+                tracing::warn!(
+                    "a batch of {} records failed ({batch_error:#}): one by one",
+                    records.len()
+                );
+                let mut created = 0;
+                let mut paid = Vec::new();
+                for r in &records {
+                    match self.store.add_shares(std::slice::from_ref(r)).await {
+                        Ok((c, p)) => {
+                            created += c;
+                            paid.extend(p);
+                        }
+                        Err(e) => {
+                            self.metrics
+                                .unreadable
+                                .with_label_values(&[SHARES_STREAM])
+                                .inc();
+                            tracing::error!(share = %r.1.share_hash, "record cannot become a quote, skipped: {e:#}");
+                        }
+                    }
+                }
+                (created, paid)
+            }
+            Err(e) => return Err(e),
+        };
         self.metrics
             .quotes
             .with_label_values(&["created"])
@@ -190,9 +218,10 @@ async fn read_loop(
                 return Ok(());
             }
             let changed = handler.handle(&entries).await?;
+            // Committed: tell subscribers now (a failed ack must not lose the push).
+            notify(&mint, &metrics, &changed);
             let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
             c.ack(&ids).await?;
-            notify(&mint, &metrics, &changed);
             anyhow::Ok(())
         }
         .await;
@@ -212,22 +241,34 @@ async fn read_loop(
     }
 }
 
-/// Pay valid templates whose settlement time has come, until `stop`.
+/// Pay valid templates whose settlement time has come, until `stop`: it looks every
+/// `SETTLE_EVERY` (a new delayed template may be due soon) or at the next due time.
 async fn settle_loop(
     store: Arc<Store>,
     mint: Arc<Mint>,
     metrics: Arc<MintMetrics>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(SETTLE_EVERY);
+    let mut backoff = MIN_BACKOFF;
     loop {
+        let wait = match store.settle_due(now_ms()).await {
+            Ok((changed, next)) => {
+                notify(&mint, &metrics, &changed);
+                backoff = MIN_BACKOFF;
+                next.map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
+                    .unwrap_or(SETTLE_EVERY)
+                    .min(SETTLE_EVERY)
+            }
+            Err(e) => {
+                tracing::warn!("settlement failed, retrying in {backoff:?}: {e:#}");
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match store.settle_due(now_ms()).await {
-            Ok(changed) => notify(&mint, &metrics, &changed),
-            Err(e) => tracing::warn!("settlement failed, retrying: {e:#}"),
+            // The settlement clock: the next due template, or a look for new ones.
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -35,6 +35,27 @@ const MAX_BATCH: u64 = 1000;
 /// How long the mint's tasks get to finish at shutdown.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// cdk advertises melting (NUT-05) and its websocket command for every payment processor;
+/// `mining_share` quotes can only be minted, so the mint's info says so.
+async fn advertise_minting_only(mint: &cdk::mint::Mint) -> anyhow::Result<()> {
+    let mut info = mint
+        .mint_info()
+        .await
+        .map_err(|e| anyhow!("mint info: {e}"))?;
+    let method = PaymentMethod::Custom(METHOD.into());
+    info.nuts.nut05.methods.retain(|m| m.method != method);
+    if info.nuts.nut05.methods.is_empty() {
+        info.nuts.nut05.disabled = true;
+    }
+    let melt = cdk::nuts::nut17::WsCommand::Custom(format!("{METHOD}_melt_quote"));
+    for s in &mut info.nuts.nut17.supported {
+        s.commands.retain(|c| *c != melt);
+    }
+    mint.set_mint_info(info)
+        .await
+        .map_err(|e| anyhow!("mint info: {e}"))
+}
+
 /// Run the mint until `shutdown` resolves.
 pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
@@ -85,6 +106,7 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
     mint.start()
         .await
         .map_err(|e| anyhow!("starting the mint: {e}"))?;
+    advertise_minting_only(&mint).await?;
 
     let metrics = Arc::new(metrics::MintMetrics::new()?);
     let store = Arc::new(store::Store::new(mint.clone()));

@@ -95,6 +95,8 @@ pub struct Store {
     /// One writer at a time: settlement reads a template's quotes and marks it settled
     /// while new shares of it may arrive.
     writer: tokio::sync::Mutex<()>,
+    /// Serialises the replay check of signed lookups.
+    lookups: tokio::sync::Mutex<()>,
 }
 
 fn json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
@@ -109,6 +111,7 @@ impl Store {
             unit: CurrencyUnit::custom(UNIT),
             method: PaymentMethod::Custom(METHOD.into()),
             writer: tokio::sync::Mutex::new(()),
+            lookups: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -319,23 +322,37 @@ impl Store {
         Ok(paid)
     }
 
-    /// Settle every valid template whose time has come. Returns the quotes paid.
-    pub async fn settle_due(&self, now_ms: u64) -> anyhow::Result<Changed> {
-        let _w = self.writer.lock().await;
-        let mut tx = self.begin().await?;
-        let due = tx.kv_list(NS, "due").await.map_err(|e| anyhow!("{e}"))?;
+    /// Settle the valid templates whose time has come, one transaction each. Returns the
+    /// quotes paid and when the next template is due (ms), if any.
+    pub async fn settle_due(&self, now_ms: u64) -> anyhow::Result<(Changed, Option<u64>)> {
+        let due = self
+            .mint
+            .localstore()
+            .kv_list(NS, "due")
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         let mut paid = Vec::new();
+        let mut next: Option<u64> = None;
         for tid in due {
             let template_id: u64 = tid.parse().context("due template id")?;
+            let _w = self.writer.lock().await;
+            let mut tx = self.begin().await?;
             let Some(state) = Self::template(&mut tx, template_id).await? else {
+                tx.rollback().await.map_err(|e| anyhow!("{e}"))?;
                 continue;
             };
-            if state.settle_at <= now_ms && !state.settled {
+            if state.settled {
+                tx.kv_remove(NS, "due", &tid)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+            } else if state.settle_at <= now_ms {
                 paid.extend(self.settle(&mut tx, template_id, state).await?);
+            } else {
+                next = Some(next.map_or(state.settle_at, |n| n.min(state.settle_at)));
             }
+            tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
         }
-        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
-        Ok(paid)
+        Ok((paid, next))
     }
 
     /// The view of quote `id`, or `None` if the mint has no such ehash quote.
@@ -384,8 +401,12 @@ impl Store {
         }))
     }
 
-    /// Every quote locked to `pubkey` (hex).
-    pub async fn quotes_of(&self, pubkey: &str) -> anyhow::Result<Vec<QuoteView>> {
+    /// Every quote locked to `pubkey` (hex), or only those not minted yet.
+    pub async fn quotes_of(
+        &self,
+        pubkey: &str,
+        unissued_only: bool,
+    ) -> anyhow::Result<Vec<QuoteView>> {
         let ids = self
             .mint
             .localstore()
@@ -394,7 +415,11 @@ impl Store {
             .map_err(|e| anyhow!("{e}"))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.extend(self.quote(&id).await?);
+            if let Some(q) = self.quote(&id).await? {
+                if !(unissued_only && q.state == MintQuoteState::Issued.to_string()) {
+                    out.push(q);
+                }
+            }
         }
         Ok(out)
     }
@@ -406,7 +431,8 @@ impl Store {
         pubkey: &str,
         timestamp: u64,
     ) -> anyhow::Result<Result<(), u64>> {
-        let _w = self.writer.lock().await;
+        // Lookups have their own lock: a burst of them never holds up share ingestion.
+        let _l = self.lookups.lock().await;
         let mut tx = self.begin().await?;
         let last = tx
             .kv_read(NS, "lookup", pubkey)

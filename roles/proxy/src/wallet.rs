@@ -27,6 +27,8 @@ const UNIT: &str = "ehash";
 const METHOD: &str = "mining_share";
 /// Quotes per batch mint (the mint allows up to 1000).
 const BATCH: usize = 200;
+/// The least time between two rounds woken by notifications.
+const MIN_ROUND_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the wallet reports (`GET /wallet`, `hashpool-proxy wallet balance`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -104,6 +106,10 @@ impl OperatorWallet {
             .seed(seed_of(&secret))
             .build()
             .map_err(|e| anyhow!("wallet: {e}"))?;
+        // A mint interrupted by a crash or a lost answer leaves its quotes reserved: settle it.
+        if let Err(e) = wallet.recover_incomplete_sagas().await {
+            tracing::warn!("recovering interrupted wallet operations failed: {e}");
+        }
         Ok(Self {
             wallet,
             mint_url: mint_url.trim_end_matches('/').to_string(),
@@ -123,7 +129,9 @@ impl OperatorWallet {
         let timestamp = now.max(self.last_timestamp + 1);
         self.last_timestamp = timestamp;
         let secret = bitcoin::secp256k1::SecretKey::from_slice(&self.secret.to_secret_bytes())?;
-        let req = sign_lookup(&secret, timestamp);
+        let mut req = sign_lookup(&secret, timestamp);
+        // Minted quotes are done with; the wallet's own store counts them.
+        req.unissued_only = true;
         let url = format!("{}/v1/ehash/quotes", self.mint_url);
         let raw = self
             .http
@@ -182,17 +190,36 @@ impl OperatorWallet {
                 self.import(q).await?;
             }
             let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
-            let proofs = self
+            let amount = match self
                 .wallet
                 .batch_mint(&ids, SplitTarget::default(), None, None)
                 .await
-                .map_err(|e| anyhow!("batch mint of {} quote(s): {e}", ids.len()))?;
-            let amount: u64 = proofs.iter().map(|p| u64::from(p.amount)).sum();
+            {
+                Ok(proofs) => proofs.iter().map(|p| u64::from(p.amount)).sum(),
+                Err(e) => {
+                    // One quote must not hold up the others: recover, then one by one.
+                    tracing::warn!(
+                        "batch mint of {} quote(s) failed ({e}): one by one",
+                        ids.len()
+                    );
+                    self.wallet.recover_incomplete_sagas().await?;
+                    let mut amount = 0;
+                    for id in &ids {
+                        match self.wallet.mint(id, SplitTarget::default(), None).await {
+                            Ok(proofs) => {
+                                amount += proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>()
+                            }
+                            Err(e) => tracing::warn!(quote = %id, "minting failed: {e}"),
+                        }
+                    }
+                    amount
+                }
+            };
             tracing::info!(quotes = ids.len(), amount, "minted ehash");
             minted_now += amount;
         }
-        st.minted += minted_now;
         st.paid_unminted -= minted_now.min(st.paid_unminted);
+        st.minted = self.minted().await?;
         st.held = u64::from(self.wallet.total_balance().await?);
         if let Ok(mut s) = self.status.write() {
             st.lookups = s.lookups + 1;
@@ -240,11 +267,35 @@ impl OperatorWallet {
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = notified => {}
+                _ = notified => {
+                    // One round for a burst of notifications (a whole template settles at
+                    // once, and a new subscription replays every quote's state).
+                    if let Some(s) = sub.as_mut() {
+                        while s.try_recv().is_some() {}
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        // The least time between two rounds.
+                        _ = tokio::time::sleep(MIN_ROUND_INTERVAL) => {}
+                    }
+                }
                 // Poll interval: the fallback when a notification is missed.
                 _ = tokio::time::sleep(poll) => {}
             }
         }
+    }
+
+    /// ehash minted so far, from the wallet's own quotes.
+    async fn minted(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .wallet
+            .localstore
+            .get_mint_quotes()
+            .await?
+            .iter()
+            .filter(|q| q.unit == CurrencyUnit::custom(UNIT))
+            .map(|q| u64::from(q.amount_issued))
+            .sum())
     }
 
     /// A snapshot of the status.
@@ -263,6 +314,7 @@ pub async fn balance(
     let mut w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
     let quotes = w.lookup().await?;
     let (mut st, _, _) = classify(&quotes);
+    st.minted = w.minted().await?;
     st.held = u64::from(w.wallet.total_balance().await?);
     st.lookups = 1;
     Ok(st)
@@ -278,7 +330,7 @@ fn classify(quotes: &[LookupQuote]) -> (WalletStatus, Vec<&LookupQuote>, Vec<Str
     let mut pending = Vec::new();
     for q in quotes {
         match (q.audit_status.as_str(), q.state.as_str()) {
-            ("PAID", "ISSUED") => st.minted += q.amount,
+            ("PAID", "ISSUED") => {}
             ("PAID", "PAID") => {
                 st.paid_unminted += q.amount;
                 to_mint.push(q);
