@@ -152,17 +152,20 @@ pub async fn try_mint(
     }
 }
 
-/// Mint every quote of `quotes` with `secret_hex` in NUT-29 batches of `batch`; returns the
-/// amount minted.
+/// Mint every quote of `quotes` with `secret_hex` in NUT-29 batches of `batch` (a fresh
+/// in-memory wallet per batch); returns the amount minted.
 pub async fn mint_all(
     mint_url: &str,
     quotes: &[QuoteInfo],
     secret_hex: &str,
     batch: usize,
 ) -> anyhow::Result<u64> {
-    let wallet = wallet_with(mint_url, quotes, secret_hex).await?;
     let mut minted = 0;
     for chunk in quotes.chunks(batch.max(1)) {
+        // A wallet per batch: cdk 0.18's wallet takes longer per mint the more quotes and
+        // proofs its store holds (measured: 0.17 s, 0.7 s, 1.3 s, 2.0 s for four batches of
+        // 250 in one wallet), which would measure the wallet's store, not the mint.
+        let wallet = wallet_with(mint_url, chunk, secret_hex).await?;
         let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
         let proofs = wallet
             .batch_mint(&ids, SplitTarget::default(), None, None)

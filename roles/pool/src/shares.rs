@@ -22,6 +22,10 @@ use crate::sink::{AppendError, Appended, ShareAppend};
 
 /// SV2 error code for a share refused because its record could not be stored.
 pub const ERROR_RECORD_UNAVAILABLE: &str = "ehash-record-unavailable";
+/// Shares of one connection waiting for their records; past this, shares are refused with
+/// `ehash-record-unavailable` until Redis catches up (memory stays bounded under overload).
+const MAX_PENDING_SHARES: usize = 4096;
+
 /// SV2 error code for a share whose hash was seen before (on any channel, connection or
 /// pool process).
 const ERROR_DUPLICATE_SHARE: &str = "duplicate-share";
@@ -86,6 +90,10 @@ impl Connection {
     pub(crate) fn on_submit(&mut self, s: SubmitSharesExtendedOwned) -> Result<(), Close> {
         let received = std::time::Instant::now();
         let ctx = self.ctx.clone();
+        if self.pending.len() >= MAX_PENDING_SHARES {
+            // Redis is not keeping up: refuse rather than queue without bound.
+            return self.reject(s.channel_id, s.sequence_number, ERROR_RECORD_UNAVAILABLE);
+        }
         let Some(ch) = self.channels.get_mut(&s.channel_id) else {
             return self.reject(s.channel_id, s.sequence_number, "invalid-channel-id");
         };
