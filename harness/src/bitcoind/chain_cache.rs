@@ -129,6 +129,9 @@ async fn premine(
         rpc_port: port.port(),
         seed: None,
         extra_args: Vec::new(),
+        name: "bitcoind".into(),
+        p2p_port: None,
+        connect: None,
         start_timeout: config.start_timeout(),
         stop_timeout: config.stop_timeout(),
     })

@@ -113,6 +113,12 @@ pub struct BitcoindOptions {
     pub seed: Option<PathBuf>,
     /// Extra command-line arguments.
     pub extra_args: Vec<String>,
+    /// Process name in the stack (`bitcoind`, `bitcoind-<operator>`).
+    pub name: String,
+    /// Listen for peers on 127.0.0.1 at this port (none: no P2P listening).
+    pub p2p_port: Option<u16>,
+    /// Connect to this peer only (`127.0.0.1:port`).
+    pub connect: Option<String>,
     /// Readiness deadline.
     pub start_timeout: Duration,
     /// SIGTERM grace.
@@ -165,14 +171,21 @@ impl Bitcoind {
         let url = format!("http://127.0.0.1:{}", opts.rpc_port);
         let rpc = BitcoinRpc::new(&url, RPC_USER, &rpc_password)?;
 
-        let mut spec = ProcessSpec::new("bitcoind", &opts.exe, &opts.dir);
+        let mut spec = ProcessSpec::new(&opts.name, &opts.exe, &opts.dir);
         for arg in opts.chain.bitcoind_args() {
             spec = spec.arg(*arg);
         }
         spec = spec
             .arg(format!("-datadir={}", datadir.display()))
             .arg("-server=1")
-            .arg("-listen=0")
+            .arg(match opts.p2p_port {
+                Some(port) => format!("-bind=127.0.0.1:{port}"),
+                None => "-listen=0".into(),
+            })
+            .arg(match &opts.connect {
+                Some(peer) => format!("-connect={peer}"),
+                None => "-connect=0".into(),
+            })
             .arg("-dnsseed=0")
             .arg("-fixedseeds=0")
             .arg(format!("-rpcport={}", opts.rpc_port))

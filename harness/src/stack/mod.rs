@@ -2,6 +2,7 @@
 //! in parallel and stopped together, plus the roles scenarios add (pool, proxies, miners; see
 //! `roles.rs`). Several stacks run side by side without sharing anything.
 
+mod nodes;
 mod pool_side;
 mod roles;
 
@@ -90,6 +91,9 @@ pub struct Stack {
     redis_fault: Option<crate::fault_proxy::FaultProxy>,
     mint: Option<crate::roles::MintRole>,
     auditors: BTreeMap<String, crate::roles::AuditorRole>,
+    /// How the pool's bitcoind was started (operators' nodes copy it).
+    node_options: Option<BitcoindOptions>,
+    operator_nodes: BTreeMap<String, Bitcoind>,
     proxies: BTreeMap<String, ProxyRole>,
     miners: BTreeMap<String, MinerRole>,
     done: bool,
@@ -137,6 +141,7 @@ impl<'a> StackBuilder<'a> {
                     format!("{} ({})", exe.display(), cached.bitcoind_version),
                 ));
                 let port = allocator.allocate()?;
+                let p2p = allocator.allocate()?;
                 let opts = BitcoindOptions {
                     exe,
                     chain,
@@ -144,10 +149,15 @@ impl<'a> StackBuilder<'a> {
                     rpc_port: port.port(),
                     seed: Some(cached.dir),
                     extra_args: self.bitcoind_args.clone(),
+                    name: "bitcoind".into(),
+                    // Operators' nodes connect here.
+                    p2p_port: Some(p2p.port()),
+                    connect: None,
                     start_timeout: config.start_timeout(),
                     stop_timeout: config.stop_timeout(),
                 };
                 ports.push(port);
+                ports.push(p2p);
                 Some(opts)
             }
             None => None,
@@ -170,6 +180,7 @@ impl<'a> StackBuilder<'a> {
         };
 
         let started = Instant::now();
+        let node_options = bitcoind_opts.clone();
         let (bitcoind, redis) = tokio::join!(
             async {
                 match bitcoind_opts {
@@ -222,6 +233,8 @@ impl<'a> StackBuilder<'a> {
             redis_fault: None,
             mint: None,
             auditors: BTreeMap::new(),
+            node_options,
+            operator_nodes: BTreeMap::new(),
             proxies: BTreeMap::new(),
             miners: BTreeMap::new(),
             done: false,

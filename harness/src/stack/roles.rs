@@ -159,6 +159,9 @@ impl Stack {
         if let Some(b) = &self.bitcoind {
             out.push(("bitcoind".to_string(), b.process()));
         }
+        for (name, n) in &self.operator_nodes {
+            out.push((format!("bitcoind-{name}"), n.process()));
+        }
         if let Some(r) = &self.redis {
             out.push(("redis".to_string(), r.process()));
         }
@@ -188,7 +191,7 @@ impl Stack {
         let mut problems = Vec::new();
         for (name, p) in self.processes() {
             let bad: fn(&str) -> bool = match name.as_str() {
-                "bitcoind" => bitcoind_error,
+                n if n.starts_with("bitcoind") => bitcoind_error,
                 "redis" => redis_error,
                 _ => role_error,
             };
@@ -317,6 +320,9 @@ impl Stack {
         }
         if let Some(mint) = &self.mint {
             mint.process().stop().await?;
+        }
+        for n in self.operator_nodes.values() {
+            n.process().stop().await?;
         }
         Ok(())
     }

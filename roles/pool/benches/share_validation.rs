@@ -29,6 +29,7 @@ fn template(transactions: usize) -> BlockTemplate {
             .collect(),
         coinbasevalue: 50_0000_0000,
         curtime: 1_795_000_000,
+        mintime: 1_794_999_000,
         bits: "1e0377ae".into(),
         height: 111,
         default_witness_commitment: Some(format!("6a24aa21a9ed{}", "00".repeat(32))),

@@ -7,9 +7,10 @@
 //! SIGTERM/SIGINT.
 
 mod block;
+/// Templates from `getblocktemplate` (the shared `sv2-templates` crate).
+pub use sv2_templates as gbt;
 mod channel;
 mod connection;
-pub mod gbt;
 mod limits;
 mod metrics;
 pub mod redis_store;

@@ -37,6 +37,8 @@ pub struct TemplateRecord {
     pub prev_hash_display: String,
     /// Block height.
     pub height: u64,
+    /// Smallest valid header time (median time past + 1).
+    pub mintime: u32,
     /// Compact target.
     pub nbits: u32,
     /// Coinbase merkle path (internal order).
@@ -226,6 +228,7 @@ impl TemplateSource {
             prev_hash: converted.prev_hash,
             prev_hash_display: gbt.previousblockhash.clone(),
             height: gbt.height,
+            mintime: gbt.mintime,
             nbits: converted.nbits,
             merkle_path: converted.merkle_path,
             transactions,

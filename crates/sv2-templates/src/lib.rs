@@ -31,6 +31,9 @@ pub struct BlockTemplate {
     pub coinbasevalue: u64,
     /// Current time (used as the minimum header time).
     pub curtime: u32,
+    /// Smallest valid header time (median time past + 1).
+    #[serde(default)]
+    pub mintime: u32,
     /// Compact target, hex.
     pub bits: String,
     /// Height of the block.
@@ -205,6 +208,7 @@ mod tests {
             transactions: vec![],
             coinbasevalue: 50_0000_0000,
             curtime: 1_700_000_000,
+            mintime: 1_699_999_000,
             bits: "1e0377ae".into(),
             height: 102,
             default_witness_commitment: Some(format!("6a24aa21a9ed{}", "00".repeat(32))),
