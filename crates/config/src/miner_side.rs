@@ -19,12 +19,16 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `locking_secret_key` | (empty) | its secret (hex, 32 bytes): the wallet needs it to sign lookups and mints |
 /// | `mint_url` | (empty: no wallet) | the mint the wallet mints ehash at |
 /// | `data_dir` | `proxy-data` | the wallet's SQLite database |
-/// | `http_listen` | (empty: none) | wallet status endpoint `GET /wallet` |
+/// | `http_listen` | (empty: none) | status endpoints: `GET /wallet` (with a wallet), `GET /declarations` (when declaring), `GET /health` |
 /// | `wallet_poll_ms` | 1000 | lookup interval when no NUT-17 notification comes |
 /// | `nominal_hashrate` | 5e6 | hashrate announced per miner, H/s |
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
 /// | `upstream_wait_secs` | 30 | how long a miner waits for the pool before it is disconnected |
+/// | `template_source` | `pool` | `pool`: mine the pool's templates; `miner`: build templates from `[node]`, declare them at `jd_address` and mine them as custom jobs |
+/// | `jd_address` | (empty) | the pool's job declaration address (`template_source = "miner"`) |
+/// | `[node]` | | the operator's own bitcoind (`template_source = "miner"`): `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms` (200) |
+/// | `fraud` | (empty) | for tests: make every declared template invalid in one way (a `template-fraud` kind, e.g. `double-spend`) |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ProxyConfig {
@@ -56,6 +60,42 @@ pub struct ProxyConfig {
     pub http_listen: String,
     /// Lookup interval of the wallet, milliseconds.
     pub wallet_poll_ms: u64,
+    /// `pool` or `miner` (declare templates built from `node`).
+    pub template_source: String,
+    /// The pool's job declaration address.
+    pub jd_address: String,
+    /// The operator's own bitcoind.
+    pub node: NodeSection,
+    /// A fraud kind to put into every declared template (tests); empty: none.
+    pub fraud: String,
+}
+
+/// `[node]`: the operator's own bitcoind, which its declared templates come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeSection {
+    /// JSON-RPC URL.
+    pub rpc_url: String,
+    /// RPC user.
+    pub rpc_user: String,
+    /// RPC password.
+    pub rpc_password: Secret<String>,
+    /// `signet` or `regtest`.
+    pub chain: String,
+    /// How often the tip is polled, milliseconds.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            rpc_url: String::new(),
+            rpc_user: String::new(),
+            rpc_password: Secret::new(String::new()),
+            chain: "signet".into(),
+            poll_interval_ms: 200,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -75,6 +115,10 @@ impl Default for ProxyConfig {
             data_dir: "proxy-data".into(),
             http_listen: String::new(),
             wallet_poll_ms: 1000,
+            template_source: "pool".into(),
+            jd_address: String::new(),
+            node: NodeSection::default(),
+            fraud: String::new(),
         }
     }
 }
@@ -112,6 +156,32 @@ impl ProxyConfig {
         }
         if self.wallet_poll_ms == 0 {
             return Err("`wallet_poll_ms` must be at least 1".into());
+        }
+        match self.template_source.as_str() {
+            "pool" => {
+                if !self.fraud.is_empty() {
+                    return Err("`fraud` needs `template_source = \"miner\"`: only declared templates can be made invalid".into());
+                }
+            }
+            "miner" => {
+                if self.jd_address.is_empty() {
+                    return Err("`template_source = \"miner\"` needs `jd_address`, the pool's job declaration port".into());
+                }
+                if self.node.rpc_url.is_empty() {
+                    return Err("`template_source = \"miner\"` needs `node.rpc_url`, the operator's own bitcoind".into());
+                }
+                if !matches!(self.node.chain.as_str(), "signet" | "regtest") {
+                    return Err(format!("`node.chain` must be signet or regtest, got {:?}", self.node.chain));
+                }
+                if self.node.poll_interval_ms == 0 {
+                    return Err("`node.poll_interval_ms` must be at least 1".into());
+                }
+            }
+            other => {
+                return Err(format!(
+                    "`template_source` must be \"pool\" or \"miner\", got {other:?}"
+                ))
+            }
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ pub use auditor::AuditorRole;
 pub use miner::{MinerLog, MinerOptions, MinerRole};
 pub use mint::{MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
-pub use proxy::{ProxyRole, WalletOptions, WalletStatus};
+pub use proxy::{DeclarationStatus, DeclareOptions, ProxyRole, WalletOptions, WalletStatus};
 
 use crate::supervisor::Readiness;
 

@@ -55,6 +55,8 @@ pub struct PoolRole {
     pub sv2_addr: String,
     /// Metrics/health address.
     pub metrics_addr: String,
+    /// Job declaration address.
+    pub jd_addr: String,
     /// Noise authority keys.
     pub authority: AuthorityKeys,
     /// Address the coinbase pays.
@@ -67,7 +69,7 @@ impl PoolRole {
     /// Write the config and start the pool; ready when `/health` answers 200 (it has a template).
     pub async fn start(
         dir: &Path,
-        ports: (u16, u16),
+        ports: (u16, u16, u16),
         bitcoind: &Bitcoind,
         redis_url: String,
         opts: &PoolOptions,
@@ -80,6 +82,7 @@ impl PoolRole {
         let config = PoolConfig {
             listen: format!("127.0.0.1:{}", ports.0),
             metrics_listen: format!("127.0.0.1:{}", ports.1),
+            jd_listen: format!("127.0.0.1:{}", ports.2),
             authority_public_key: authority.public.clone(),
             authority_secret_key: Secret::new(authority.secret.clone()),
             payout_address: payout_address.to_string(),
@@ -127,6 +130,7 @@ impl PoolRole {
             process,
             sv2_addr: config.listen.clone(),
             metrics_addr,
+            jd_addr: config.jd_listen.clone(),
             authority,
             payout_address,
             config,

@@ -23,6 +23,10 @@ pub struct ProxyRole {
     pub locking_secret: Option<String>,
     /// The wallet status endpoint (`host:port`), when the proxy has a wallet.
     pub wallet_addr: Option<String>,
+    /// Its status endpoint (`host:port`: `/wallet`, `/declarations`), if any.
+    pub http_addr: Option<String>,
+    /// Whether it declares its own templates.
+    pub declaring: bool,
 }
 
 /// Where a proxy's wallet mints, and the port of its status endpoint.
@@ -34,6 +38,36 @@ pub struct WalletOptions {
     pub http_port: u16,
     /// Lookup interval when no NUT-17 notification comes.
     pub poll_ms: u64,
+}
+
+/// A proxy that declares its own templates (`template_source = "miner"`).
+#[derive(Debug, Clone)]
+pub struct DeclareOptions {
+    /// The operator's node.
+    pub node_rpc_url: String,
+    /// Its RPC password (user [`crate::bitcoind::RPC_USER`]).
+    pub node_rpc_password: String,
+    /// Its chain.
+    pub chain: String,
+    /// A fraud kind for every declared template.
+    pub fraud: Option<String>,
+}
+
+/// What a declaring proxy reports (`GET /declarations`).
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+pub struct DeclarationStatus {
+    /// Declarations the pool accepted.
+    pub declared: u64,
+    /// Declarations refused, by SV2 error code.
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Custom jobs the pool accepted.
+    pub custom_jobs: u64,
+    /// Custom jobs refused, by SV2 error code.
+    pub custom_jobs_refused: std::collections::BTreeMap<String, u64>,
+    /// Templates that could not be built.
+    pub not_built: u64,
+    /// The last refusal or failure.
+    pub last_error: Option<String>,
 }
 
 /// What a proxy's wallet reports (`GET /wallet`).
@@ -58,16 +92,16 @@ pub struct WalletStatus {
 }
 
 impl ProxyRole {
-    /// Start a proxy in front of the pool at `pool_addr`.
+    /// Start a proxy in front of `pool`.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
         port: u16,
-        pool_addr: &str,
-        pool_authority: &str,
+        pool: &super::PoolRole,
         with_locking_key: bool,
         nominal_hashrate: f32,
         wallet: Option<WalletOptions>,
+        declare: Option<DeclareOptions>,
         timeouts: (Duration, Duration),
     ) -> anyhow::Result<Self> {
         let exe = role_exe("hashpool-proxy", "HASHPOOL_PROXY_EXE")?;
@@ -79,8 +113,8 @@ impl ProxyRole {
         };
         let config = ProxyConfig {
             listen: format!("127.0.0.1:{port}"),
-            pool_address: pool_addr.into(),
-            pool_authority_public_key: pool_authority.into(),
+            pool_address: pool.sv2_addr.clone(),
+            pool_authority_public_key: pool.authority.public.clone(),
             locking_pubkey: public.map(|p| p.to_string()).unwrap_or_default(),
             locking_secret_key: hashpool_config::Secret::new(secret.clone().unwrap_or_default()),
             nominal_hashrate,
@@ -94,6 +128,26 @@ impl ProxyRole {
                 .map(|w| format!("127.0.0.1:{}", w.http_port))
                 .unwrap_or_default(),
             wallet_poll_ms: wallet.as_ref().map(|w| w.poll_ms).unwrap_or(1000),
+            template_source: if declare.is_some() { "miner" } else { "pool" }.into(),
+            jd_address: if declare.is_some() {
+                pool.jd_addr.clone()
+            } else {
+                String::new()
+            },
+            node: match &declare {
+                Some(d) => hashpool_config::miner_side::NodeSection {
+                    rpc_url: d.node_rpc_url.clone(),
+                    rpc_user: crate::bitcoind::RPC_USER.into(),
+                    rpc_password: hashpool_config::Secret::new(d.node_rpc_password.clone()),
+                    chain: d.chain.clone(),
+                    ..Default::default()
+                },
+                None => Default::default(),
+            },
+            fraud: declare
+                .as_ref()
+                .and_then(|d| d.fraud.clone())
+                .unwrap_or_default(),
             ..ProxyConfig::default()
         };
         let file = write_config(dir, "proxy.toml", &config)?;
@@ -108,13 +162,16 @@ impl ProxyRole {
         let options = SupervisorOptions::new(RestartPolicy::OnCrash { max_restarts: 3 }, timeouts);
         let process =
             Supervised::start(spec, tcp_ready("proxy SV1", config.listen.clone()), options).await?;
-        let wallet_addr = (!config.http_listen.is_empty()).then(|| config.http_listen.clone());
+        let http_addr = (!config.http_listen.is_empty()).then(|| config.http_listen.clone());
+        let wallet_addr = http_addr.clone().filter(|_| !config.mint_url.is_empty());
         Ok(Self {
             process,
             sv1_addr: config.listen,
             locking_pubkey: public,
             locking_secret: secret,
             wallet_addr,
+            http_addr,
+            declaring: declare.is_some(),
         })
     }
 
@@ -126,6 +183,18 @@ impl ProxyRole {
     /// The proxy's log (stdout).
     pub fn log(&self) -> PathBuf {
         self.process.spec().stdout_log()
+    }
+
+    /// What the proxy's declarer reports now.
+    pub async fn declarations(&self) -> anyhow::Result<DeclarationStatus> {
+        let addr = self
+            .http_addr
+            .as_deref()
+            .filter(|_| self.declaring)
+            .ok_or_else(|| anyhow::anyhow!("this proxy does not declare templates"))?;
+        let (code, body) = crate::http::get(addr, "/declarations", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/declarations answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
     }
 
     /// What the wallet reports now.

@@ -5,7 +5,9 @@ use anyhow::{anyhow, Context};
 
 use super::{RoleSummary, Stack};
 use crate::fault_proxy::FaultProxy;
-use crate::roles::{MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole, WalletOptions};
+use crate::roles::{
+    DeclareOptions, MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole, WalletOptions,
+};
 use crate::supervisor::Supervised;
 
 impl Stack {
@@ -16,7 +18,11 @@ impl Stack {
             "stack {} already runs a pool",
             self.name
         );
-        let (sv2, metrics) = (self.allocator.allocate()?, self.allocator.allocate()?);
+        let (sv2, metrics, jd) = (
+            self.allocator.allocate()?,
+            self.allocator.allocate()?,
+            self.allocator.allocate()?,
+        );
         let mut redis_url = self.redis()?.url();
         if opts.redis_via_fault_proxy {
             let port = self.allocator.allocate()?;
@@ -29,7 +35,7 @@ impl Stack {
         let bitcoind = self.bitcoind()?;
         let pool = PoolRole::start(
             &self.dir.join("pool"),
-            (sv2.port(), metrics.port()),
+            (sv2.port(), metrics.port(), jd.port()),
             bitcoind,
             redis_url,
             opts,
@@ -37,7 +43,7 @@ impl Stack {
         )
         .await
         .context("starting the pool")?;
-        self.ports.extend([sv2, metrics]);
+        self.ports.extend([sv2, metrics, jd]);
         self.backends.push((
             "pool".into(),
             pool.process().spec().program.display().to_string(),
@@ -54,6 +60,19 @@ impl Stack {
         with_key: bool,
         nominal_hashrate: f32,
     ) -> anyhow::Result<&ProxyRole> {
+        self.start_proxy_declaring(name, with_key, nominal_hashrate, None)
+            .await
+    }
+
+    /// Start proxy `name`; with `declare`, it builds templates from operator node `node`,
+    /// declares them to the pool (with `fraud`, if given) and mines them as custom jobs.
+    pub async fn start_proxy_declaring(
+        &mut self,
+        name: &str,
+        with_key: bool,
+        nominal_hashrate: f32,
+        declare: Option<(&str, Option<&str>)>,
+    ) -> anyhow::Result<&ProxyRole> {
         anyhow::ensure!(
             !self.proxies.contains_key(name),
             "proxy {name:?} already exists"
@@ -69,15 +88,36 @@ impl Stack {
             });
             self.ports.push(http);
         }
+        let declaring = match declare {
+            Some((node, fraud)) => {
+                let node = self.operator_node(node)?;
+                Some(DeclareOptions {
+                    node_rpc_url: node.rpc_url(),
+                    node_rpc_password: node.rpc_password().to_string(),
+                    chain: node.chain().name().to_string(),
+                    fraud: fraud.map(str::to_string),
+                })
+            }
+            None => None,
+        };
+        if declaring.is_some() && wallet.is_none() {
+            let http = self.allocator.allocate()?;
+            wallet = Some(WalletOptions {
+                mint_url: String::new(),
+                http_port: http.port(),
+                poll_ms: 500,
+            });
+            self.ports.push(http);
+        }
         let pool = self.pool()?;
         let proxy = ProxyRole::start(
             &self.dir.join(format!("proxy-{name}")),
             port.port(),
-            &pool.sv2_addr,
-            &pool.authority.public,
+            pool,
             with_key,
             nominal_hashrate,
             wallet,
+            declaring,
             self.timeouts,
         )
         .await

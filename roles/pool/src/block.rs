@@ -23,28 +23,54 @@ pub struct ShareHeader {
     pub nonce: u32,
 }
 
-/// Serialize the block of `record` with this coinbase (full segwit serialization) and header
+/// What a block holds besides its coinbase and the share's header fields: a pool template's
+/// or a declared job's.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockBody<'a> {
+    /// Parent block hash (internal order).
+    pub prev_hash: [u8; 32],
+    /// Compact target.
+    pub nbits: u32,
+    /// Coinbase merkle path (internal order).
+    pub merkle_path: &'a [[u8; 32]],
+    /// Raw transactions after the coinbase, in block order.
+    pub transactions: &'a [Vec<u8>],
+}
+
+impl TemplateRecord {
+    /// This template's block body.
+    pub fn body(&self) -> BlockBody<'_> {
+        BlockBody {
+            prev_hash: self.prev_hash.prev_hash.to_array(),
+            nbits: self.nbits,
+            merkle_path: &self.merkle_path,
+            transactions: &self.transactions,
+        }
+    }
+}
+
+/// Serialize the block of `body` with this coinbase (full segwit serialization) and header
 /// fields. Returns the block bytes and its hash.
 pub fn assemble(
-    record: &TemplateRecord,
+    body: BlockBody<'_>,
     share: ShareHeader,
     coinbase: &[u8],
 ) -> anyhow::Result<(Vec<u8>, BlockHash)> {
     let tx: Transaction = deserialize(coinbase).context("the coinbase does not deserialize")?;
     let txid = tx.compute_txid().to_byte_array();
-    let root = gbt::merkle_root(txid, &record.merkle_path);
+    let root = gbt::merkle_root(txid, body.merkle_path);
     let header = Header {
         version: Version::from_consensus(share.version as i32),
-        prev_blockhash: BlockHash::from_byte_array(record.prev_hash.prev_hash.to_array()),
+        prev_blockhash: BlockHash::from_byte_array(body.prev_hash),
         merkle_root: TxMerkleNode::from_byte_array(root),
         time: share.ntime,
-        bits: CompactTarget::from_consensus(record.nbits),
+        bits: CompactTarget::from_consensus(body.nbits),
         nonce: share.nonce,
     };
     let mut block = serialize(&header);
-    block.extend(serialize(&VarInt(1 + record.transactions.len() as u64)));
+    block.extend(serialize(&VarInt(1 + body.transactions.len() as u64)));
     block.extend_from_slice(coinbase);
-    for t in &record.transactions {
+    for t in body.transactions {
         block.extend_from_slice(t);
     }
     Ok((block, header.block_hash()))

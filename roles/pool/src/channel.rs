@@ -1,6 +1,9 @@
 //! One extended channel: the `channels_sv2` state plus what the pool adds (locking key,
 //! vardiff, share-rate bucket, counters), and the job messages each template produces.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{anyhow, Context};
 use bitcoin::{Amount, ScriptBuf, Target, TxOut};
 use ehash::LockingPubkey;
@@ -9,12 +12,13 @@ use stratum_apps::stratum_core::channels_sv2::server::extended::ExtendedChannel;
 use stratum_apps::stratum_core::channels_sv2::server::jobs::JobOrigin;
 use stratum_apps::stratum_core::channels_sv2::{Vardiff, VardiffState};
 use stratum_apps::stratum_core::mining_sv2::{
-    SetNewPrevHashOwned as MiningSetNewPrevHash, SetTargetOwned,
+    SetCustomMiningJobOwned, SetNewPrevHashOwned as MiningSetNewPrevHash, SetTargetOwned,
 };
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 
 use crate::limits::TokenBucket;
-use crate::template::TemplateRecord;
+use crate::custom_job::DeclaredJob;
+use crate::template::{TemplateRecord, TemplateStore};
 
 /// A channel of a connection.
 pub struct ChannelState {
@@ -34,6 +38,43 @@ pub struct ChannelState {
     tip: Option<[u8; 32]>,
     /// Its seen-share-hashes key in Redis (`ehash:seen:<prev hash>`).
     seen_key: Option<std::sync::Arc<str>>,
+    /// Declared templates of this channel's custom jobs, by job id.
+    declared: HashMap<u32, Arc<DeclaredJob>>,
+}
+
+/// The template a job mines.
+#[derive(Debug, Clone)]
+pub enum JobTemplate {
+    /// One of the pool's (by id; the record is in the template store while kept).
+    Pool(u64),
+    /// One an operator declared.
+    Declared(Arc<DeclaredJob>),
+}
+
+impl JobTemplate {
+    /// Its template id.
+    pub fn template_id(&self) -> u64 {
+        match self {
+            JobTemplate::Pool(id) => *id,
+            JobTemplate::Declared(d) => d.template_id,
+        }
+    }
+
+    /// Claim its audit task (the first share's); see [`TemplateStore::claim_audit`].
+    pub fn claim_audit(&self, store: &TemplateStore) -> bool {
+        match self {
+            JobTemplate::Pool(id) => store.claim_audit(*id),
+            JobTemplate::Declared(d) => d.claim_audit(),
+        }
+    }
+
+    /// Give the claim back.
+    pub fn release_audit(&self, store: &TemplateStore) {
+        match self {
+            JobTemplate::Pool(id) => store.release_audit(*id),
+            JobTemplate::Declared(d) => d.release_audit(),
+        }
+    }
 }
 
 impl ChannelState {
@@ -53,6 +94,7 @@ impl ChannelState {
             accepted: 0,
             tip: None,
             seen_key: None,
+            declared: HashMap::new(),
         })
     }
 
@@ -153,16 +195,38 @@ impl ChannelState {
         Ok(out)
     }
 
-    /// Template id of job `job_id` (active or past).
-    pub fn template_of_job(&self, job_id: u32) -> Option<u64> {
+    /// The template job `job_id` (active or past) mines.
+    pub fn job_template(&self, job_id: u32) -> Option<JobTemplate> {
         let job = match self.channel.get_active_job() {
             Some(j) if j.get_job_id() == job_id => Some(j),
             _ => self.channel.get_past_job(job_id),
         }?;
         match job.get_origin() {
-            JobOrigin::NewTemplate(t) => Some(t.template_id),
-            JobOrigin::SetCustomMiningJob(_) => None,
+            JobOrigin::NewTemplate(t) => Some(JobTemplate::Pool(t.template_id)),
+            JobOrigin::SetCustomMiningJob(_) => {
+                self.declared.get(&job_id).cloned().map(JobTemplate::Declared)
+            }
         }
+    }
+
+    /// Install a custom job mining `declared`; returns its job id.
+    pub fn add_custom_job(
+        &mut self,
+        m: SetCustomMiningJobOwned,
+        declared: Arc<DeclaredJob>,
+    ) -> anyhow::Result<u32> {
+        let job_id = self
+            .channel
+            .on_set_custom_mining_job(m)
+            .map_err(|e| anyhow!("custom job on channel {}: {e:?}", self.id()))?;
+        self.declared.insert(job_id, declared);
+        // Forget declarations of jobs the channel no longer validates shares for.
+        let channel = &self.channel;
+        self.declared.retain(|id, _| {
+            channel.get_active_job().is_some_and(|j| j.get_job_id() == *id)
+                || channel.get_past_job(*id).is_some()
+        });
+        Ok(job_id)
     }
 
     /// The full segwit coinbase of a share on job `job_id` with this rollable extranonce.

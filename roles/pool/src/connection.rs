@@ -77,6 +77,9 @@ pub struct Connection {
     pub(crate) pending: FuturesUnordered<futures::future::BoxFuture<'static, ShareOutcome>>,
     pub(crate) setup_done: bool,
     pub(crate) negotiated: Vec<u16>,
+    /// The client selects its own work (`REQUIRES_WORK_SELECTION`): its channels mine only
+    /// the custom jobs it sets, never the pool's templates.
+    pub(crate) work_selection: bool,
 }
 
 /// Serve one accepted TCP connection until it closes; returns why.
@@ -141,6 +144,7 @@ pub async fn serve(
         pending: FuturesUnordered::new(),
         setup_done: false,
         negotiated: Vec::new(),
+        work_selection: false,
     };
     let mut templates = ctx.templates.clone();
     templates.mark_unchanged();
@@ -254,6 +258,9 @@ impl Connection {
             }
             AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(m)) => self.on_submit(m),
             AnyMessageOwned::Mining(MiningOwned::UpdateChannel(m)) => self.on_update_channel(m),
+            AnyMessageOwned::Mining(MiningOwned::SetCustomMiningJob(m)) => {
+                self.on_set_custom_job(m)
+            }
             AnyMessageOwned::Mining(MiningOwned::CloseChannel(m)) => {
                 if let Some(ch) = self.channels.remove(&m.channel_id) {
                     self.ctx.metrics.remove_channel(ch.id());
@@ -269,6 +276,9 @@ impl Connection {
     }
 
     fn on_template(&mut self, record: &crate::template::TemplateRecord) -> Result<(), Close> {
+        if self.work_selection {
+            return Ok(()); // the client mines its own templates
+        }
         let payout = self.ctx.payout.clone();
         let mut out = Vec::new();
         for ch in self.channels.values_mut() {
@@ -285,6 +295,11 @@ impl Connection {
     }
 
     fn on_vardiff(&mut self) -> Result<(), Close> {
+        if self.work_selection {
+            // A custom job keeps the target it was set under; a new one needs a new
+            // declaration, so channels that select their work keep the target they opened with.
+            return Ok(());
+        }
         let record = self.ctx.templates.borrow().clone();
         let payout = self.ctx.payout.clone();
         let mut out = Vec::new();

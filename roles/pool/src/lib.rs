@@ -11,6 +11,8 @@ mod block;
 pub use sv2_templates as gbt;
 mod channel;
 mod connection;
+mod custom_job;
+pub mod jd;
 mod limits;
 mod metrics;
 pub mod redis_store;
@@ -41,7 +43,7 @@ pub use sink::{append_cmd, ShareAppend, SinkConfig};
 
 /// Extranonce layout: 2 bytes of pool prefix + 2 bytes of channel index + 16 rollable.
 const EXTRANONCE_LOCAL_PREFIX: [u8; 2] = [0x48, 0x50];
-const EXTRANONCE_TOTAL_LEN: u8 = 20;
+pub(crate) const EXTRANONCE_TOTAL_LEN: u8 = 20;
 const MAX_CHANNELS: u32 = 65_536;
 
 /// What every connection shares.
@@ -58,6 +60,15 @@ pub struct PoolContext {
     pub(crate) payout: ScriptBuf,
     pub(crate) max_target: Target,
     pub(crate) authority: ([u8; 32], [u8; 32]),
+    pub(crate) template_ids: Arc<template::TemplateIds>,
+    pub(crate) jobs: jd::JobBook,
+}
+
+impl PoolContext {
+    /// A fresh template id (pool templates and declared jobs share the numbering).
+    pub(crate) fn next_template_id(&self) -> anyhow::Result<u64> {
+        self.template_ids.next()
+    }
 }
 
 fn network(chain: &str) -> Network {
@@ -154,6 +165,7 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
     };
     let store = Arc::new(template::TemplateStore::default());
     let kick = Arc::new(Notify::new());
+    let template_ids = Arc::new(template::TemplateIds::new(epoch));
     let (mut source, templates) = template::TemplateSource::new(
         rpc.clone(),
         rules,
@@ -162,7 +174,7 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         store.clone(),
         kick.clone(),
         metrics.clone(),
-        epoch,
+        template_ids.clone(),
     );
     let tip = source.first().await.with_context(|| {
         format!(
@@ -193,6 +205,15 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let (metrics_listener, metrics_addr) = metrics::bind(&config.metrics_listen).await?;
+    let jd_listener = if config.jd_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&config.jd_listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (jd_listen)", config.jd_listen))?,
+        )
+    };
     let ctx = Arc::new(PoolContext {
         max_target: Target::from_le_bytes(ehash::amount::max_target_le(config.min_bits)),
         config,
@@ -206,6 +227,8 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         next_channel_id: AtomicU32::new(1),
         payout,
         authority,
+        template_ids,
+        jobs: jd::JobBook::default(),
     });
     tracing::info!(
         "pool listening on {} (metrics on http://{metrics_addr}/metrics), min_bits {}, epoch {epoch}",
@@ -220,11 +243,21 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
     }));
     let stop_source = stop.clone();
     let source_task = tokio::spawn(source.run(async move { stop_source.cancelled().await }));
+    let jd_task = match jd_listener {
+        Some(l) => {
+            tracing::info!("job declaration on {}", l.local_addr()?);
+            Some(tokio::spawn(jd::serve(ctx.clone(), l, stop.clone())))
+        }
+        None => None,
+    };
     let accept_task = tokio::spawn(server::accept_loop(ctx, listener, stop.clone()));
     (&mut shutdown).await;
     tracing::info!("shutting down");
     stop.cancel();
     let _ = accept_task.await;
+    if let Some(t) = jd_task {
+        let _ = t.await;
+    }
     let _ = source_task.await;
     // Every connection is gone: let the record writer settle what it holds.
     sink_tasks.finish(SINK_GRACE).await;

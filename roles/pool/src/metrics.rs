@@ -44,6 +44,10 @@ pub struct PoolMetrics {
     pub disconnects: IntCounterVec,
     /// Connections refused at accept time, by reason.
     pub refused: IntCounterVec,
+    /// Job declarations, by result (`accepted` or the SV2 error code).
+    pub declarations: IntCounterVec,
+    /// `SetCustomMiningJob`s, by result (`accepted` or the SV2 error code).
+    pub custom_jobs: IntCounterVec,
     /// Open connections.
     pub connections: IntGauge,
     /// Open channels.
@@ -140,6 +144,20 @@ impl PoolMetrics {
                 ),
                 &["reason"],
             )?,
+            declarations: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_declarations_total",
+                    "Job declarations, by result (accepted or the SV2 error code)",
+                ),
+                &["result"],
+            )?,
+            custom_jobs: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_pool_custom_jobs_total",
+                    "SetCustomMiningJob messages, by result (accepted or the SV2 error code)",
+                ),
+                &["result"],
+            )?,
             connections: IntGauge::with_opts(Opts::new(
                 "hashpool_pool_connections",
                 "Open connections",
@@ -163,6 +181,8 @@ impl PoolMetrics {
             Box::new(m.redis_resolved.clone()),
             Box::new(m.disconnects.clone()),
             Box::new(m.refused.clone()),
+            Box::new(m.declarations.clone()),
+            Box::new(m.custom_jobs.clone()),
             Box::new(m.connections.clone()),
             Box::new(m.channels.clone()),
         ];

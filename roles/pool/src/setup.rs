@@ -6,7 +6,7 @@ use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 use stratum_apps::stratum_core::binary_sv2::{B032Owned, Seq064KOwned, Str0255Owned, U256Owned};
 use stratum_apps::stratum_core::channels_sv2::server::extended::ExtendedChannel;
 use stratum_apps::stratum_core::common_messages_sv2::{
-    has_requires_std_job, Protocol, SetupConnectionErrorOwned, SetupConnectionOwned,
+    has_requires_std_job, has_work_selection, Protocol, SetupConnectionErrorOwned, SetupConnectionOwned,
     SetupConnectionSuccess,
 };
 use stratum_apps::stratum_core::extensions_sv2::{
@@ -65,6 +65,16 @@ impl Connection {
             return Err(Close::Protocol(
                 "standard jobs requested; only extended channels are served".into(),
             ));
+        }
+        if has_work_selection(m.flags) {
+            if self.ctx.config.jd_listen.is_empty() {
+                self.send(refuse("unsupported-feature-flags"))?;
+                return Err(Close::Protocol(
+                    "work selection requested; this pool serves no job declaration (jd_listen)"
+                        .into(),
+                ));
+            }
+            self.work_selection = true;
         }
         self.setup_done = true;
         self.send(AnyMessageOwned::Common(
@@ -198,10 +208,12 @@ impl Connection {
             group_channel_id: 0,
         };
         let mut msgs = vec![MiningOwned::OpenExtendedMiningChannelSuccess(success)];
-        msgs.extend(state.on_template(&record, &ctx.payout).map_err(|e| {
-            tracing::error!(conn = self.id, "first job for channel {channel_id}: {e:#}");
-            "internal-error".to_string()
-        })?);
+        if !self.work_selection {
+            msgs.extend(state.on_template(&record, &ctx.payout).map_err(|e| {
+                tracing::error!(conn = self.id, "first job for channel {channel_id}: {e:#}");
+                "internal-error".to_string()
+            })?);
+        }
         tracing::info!(
             conn = self.id,
             channel = channel_id,
@@ -247,7 +259,7 @@ impl Connection {
             channel_id: m.channel_id,
             maximum_target: U256Owned::from(ch.channel.get_target().to_le_bytes()),
         })];
-        if let Some(record) = record {
+        if let (Some(record), false) = (record, self.work_selection) {
             msgs.extend(ch.on_template(&record, &payout)?);
         }
         self.send_mining(msgs)

@@ -17,6 +17,7 @@ use stratum_apps::stratum_core::mining_sv2::{
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 
 use crate::block::{self, ShareHeader};
+use crate::channel::JobTemplate;
 use crate::connection::{Close, Connection};
 use crate::sink::{AppendError, Appended, ShareAppend};
 
@@ -108,11 +109,18 @@ impl Connection {
             );
             return Err(Close::ShareRate(s.channel_id));
         }
-        let (hash, block) = match ch.channel.validate_share(s.clone()) {
-            Ok(ShareValidationResult::Valid(hash)) => (hash, None),
-            Ok(ShareValidationResult::BlockFound(hash, template_id, coinbase)) => {
-                (hash, Some((template_id, coinbase)))
+        let job = ch.job_template(s.job_id);
+        if let Some(JobTemplate::Declared(d)) = &job {
+            // A custom job on a tip that is no longer the pool's is stale: the pool has no
+            // future job to stale it with.
+            let current = ctx.templates.borrow().as_ref().map(|t| t.prev_hash.prev_hash.to_array());
+            if current != Some(d.prev_hash) {
+                return self.reject(s.channel_id, s.sequence_number, "stale-share");
             }
+        }
+        let (hash, found) = match ch.channel.validate_share(s.clone()) {
+            Ok(ShareValidationResult::Valid(hash)) => (hash, None),
+            Ok(ShareValidationResult::BlockFound(hash, _, coinbase)) => (hash, Some(coinbase)),
             Err(e) => {
                 let code = reject_code(&e);
                 let exhausted = matches!(e, ShareValidationError::SeenSharesBudgetExhausted);
@@ -125,26 +133,26 @@ impl Connection {
         };
         ch.count_for_vardiff();
         let work = ch.channel.get_share_accounting().get_last_batch_work_sum();
-        let template_id = block
-            .as_ref()
-            .and_then(|b| b.0)
-            .or_else(|| ch.template_of_job(s.job_id));
         let header = ShareHeader {
             version: s.version,
             ntime: s.ntime,
             nonce: s.nonce,
         };
 
-        if let Some((Some(tid), coinbase)) = block {
-            submit_block(ctx.clone(), tid, header, coinbase);
+        if let (Some(coinbase), Some(job)) = (found, &job) {
+            submit_block(ctx.clone(), job.clone(), header, coinbase);
         }
+        let seen_key = match &job {
+            Some(JobTemplate::Declared(d)) => Some(d.seen_key.clone()),
+            _ => ch.seen_key(),
+        };
 
-        let record = match (ch.locking_pubkey, template_id, ch.seen_key()) {
-            (Some(locking_pubkey), Some(template_id), Some(tip)) => {
+        let record = match (ch.locking_pubkey, &job, seen_key) {
+            (Some(locking_pubkey), Some(job), Some(tip)) => {
                 let prefix = ch.channel.get_extranonce_prefix();
                 let Some(record) = share_record(
                     &hash,
-                    template_id,
+                    job.template_id(),
                     locking_pubkey,
                     ctx.config.min_bits,
                     &s,
@@ -162,32 +170,24 @@ impl Connection {
             }
             _ => None,
         };
-        let audit = match (&record, template_id) {
-            (Some(_), Some(tid)) if ctx.store.claim_audit(tid) => {
-                let task = ctx.store.get(tid).and_then(|rec| {
-                    let coinbase = ch.coinbase(s.job_id, s.extranonce.as_bytes())?;
-                    let (bytes, _) = block::assemble(&rec, header, &coinbase).ok()?;
-                    Some(AuditTask {
-                        template_id: tid,
-                        kind: TemplateKind::Pool,
-                        prev_hash: rec.prev_hash_display.clone(),
-                        height: rec.height,
-                        block: hex::encode(bytes),
-                        payout_script: hex::encode(ctx.payout.as_bytes()),
-                        payout_sats: rec.coinbase_value,
-                    })
-                });
+        let audit = match (&record, &job) {
+            (Some(_), Some(job)) if job.claim_audit(&ctx.store) => {
+                let task = ch
+                    .coinbase(s.job_id, s.extranonce.as_bytes())
+                    .and_then(|coinbase| audit_task(&ctx, job, header, &coinbase));
                 if task.is_none() {
                     tracing::error!(
                         conn = self.id,
-                        "cannot build the audit task of template {tid}"
+                        "cannot build the audit task of template {}",
+                        job.template_id()
                     );
-                    ctx.store.release_audit(tid);
+                    job.release_audit(&ctx.store);
                 }
-                task
+                task.map(|t| (job.clone(), t))
             }
             _ => None,
         };
+        let template_id = job.as_ref().map(JobTemplate::template_id);
 
         let (channel_id, sequence_number) = (s.channel_id, s.sequence_number);
         let (Some((tip, record)), Some(template_id)) = (record, template_id) else {
@@ -203,18 +203,21 @@ impl Connection {
             return Ok(());
         };
         self.pending.push(Box::pin(async move {
-            let audit_template = audit.as_ref().map(|a| a.template_id);
+            let (claimed, fields) = match audit {
+                Some((job, task)) => (Some(job), Some(task.to_fields())),
+                None => (None, None),
+            };
             let result = ctx
                 .sink
                 .append(ShareAppend {
                     seen_key: tip,
                     record,
-                    audit: (template_id, audit.map(|a| a.to_fields())),
+                    audit: (template_id, fields),
                 })
                 .await;
             if !matches!(result, Ok(Appended::Recorded)) {
-                if let Some(tid) = audit_template {
-                    ctx.store.release_audit(tid);
+                if let Some(job) = claimed {
+                    job.release_audit(&ctx.store);
                 }
             }
             let answer = match result {
@@ -341,54 +344,100 @@ pub(crate) fn hex_into<'a>(bytes: &[u8], buf: &'a mut [u8]) -> &'a str {
     std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
+/// The audit task of `job`'s template from one share's coinbase and header.
+fn audit_task(
+    ctx: &crate::PoolContext,
+    job: &JobTemplate,
+    header: ShareHeader,
+    coinbase: &[u8],
+) -> Option<AuditTask> {
+    let payout_script = hex::encode(ctx.payout.as_bytes());
+    match job {
+        JobTemplate::Pool(tid) => {
+            let rec = ctx.store.get(*tid)?;
+            let (bytes, _) = block::assemble(rec.body(), header, coinbase).ok()?;
+            Some(AuditTask {
+                template_id: *tid,
+                kind: TemplateKind::Pool,
+                prev_hash: rec.prev_hash_display.clone(),
+                height: rec.height,
+                block: hex::encode(bytes),
+                payout_script,
+                payout_sats: rec.coinbase_value,
+            })
+        }
+        JobTemplate::Declared(d) => {
+            let (bytes, _) = block::assemble(d.body(), header, coinbase).ok()?;
+            Some(AuditTask {
+                template_id: d.template_id,
+                kind: TemplateKind::Declared,
+                prev_hash: d.prev_hash_display.clone(),
+                height: d.template.height,
+                block: hex::encode(bytes),
+                payout_script,
+                payout_sats: d.template.payout_sats,
+            })
+        }
+    }
+}
+
 /// Assemble and submit a found block in the background; the share is answered meanwhile.
 fn submit_block(
     ctx: std::sync::Arc<crate::PoolContext>,
-    template_id: u64,
+    job: JobTemplate,
     header: ShareHeader,
     coinbase: Vec<u8>,
 ) {
-    {
-        tokio::spawn(async move {
-            let Some(record) = ctx.store.get(template_id) else {
-                tracing::error!("block found on template {template_id}, which is no longer kept");
-                ctx.metrics
-                    .blocks_rejected
-                    .with_label_values(&["template-gone"])
-                    .inc();
-                return;
-            };
-            let (bytes, hash) = match block::assemble(&record, header, &coinbase) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("cannot assemble the found block: {e:#}");
+    tokio::spawn(async move {
+        let template_id = job.template_id();
+        let pool_record;
+        let (body, height) = match &job {
+            JobTemplate::Pool(tid) => {
+                let Some(record) = ctx.store.get(*tid) else {
+                    tracing::error!(
+                        "block found on template {template_id}, which is no longer kept"
+                    );
                     ctx.metrics
                         .blocks_rejected
-                        .with_label_values(&["assembly"])
+                        .with_label_values(&["template-gone"])
                         .inc();
                     return;
-                }
-            };
-            match block::submit(&ctx.rpc, &bytes).await {
-                Ok(()) => {
-                    ctx.metrics.blocks_found.inc();
-                    tracing::info!(%hash, height = record.height, template_id, "block found and accepted by bitcoind");
-                    ctx.kick.notify_one();
-                }
-                Err(reason) => {
-                    ctx.metrics
-                        .blocks_rejected
-                        .with_label_values(&[reason.as_str()])
-                        .inc();
-                    if reason == "inconclusive" {
-                        // Valid, but another block at this height reached bitcoind first: a
-                        // lost race (an orphan), not a fault of the pool.
-                        tracing::warn!(%hash, height = record.height, "found block is not on the best chain (inconclusive): another block at this height arrived first");
-                    } else {
-                        tracing::error!(%hash, height = record.height, "bitcoind refused the found block: {reason}");
-                    }
+                };
+                pool_record = record;
+                (pool_record.body(), pool_record.height)
+            }
+            JobTemplate::Declared(d) => (d.body(), d.template.height),
+        };
+        let (bytes, hash) = match block::assemble(body, header, &coinbase) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("cannot assemble the found block: {e:#}");
+                ctx.metrics
+                    .blocks_rejected
+                    .with_label_values(&["assembly"])
+                    .inc();
+                return;
+            }
+        };
+        match block::submit(&ctx.rpc, &bytes).await {
+            Ok(()) => {
+                ctx.metrics.blocks_found.inc();
+                tracing::info!(%hash, height, template_id, "block found and accepted by bitcoind");
+                ctx.kick.notify_one();
+            }
+            Err(reason) => {
+                ctx.metrics
+                    .blocks_rejected
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                if reason == "inconclusive" {
+                    // Valid, but another block at this height reached bitcoind first: a
+                    // lost race (an orphan), not a fault of the pool.
+                    tracing::warn!(%hash, height, "found block is not on the best chain (inconclusive): another block at this height arrived first");
+                } else {
+                    tracing::error!(%hash, height, template_id, "bitcoind refused the found block: {reason}");
                 }
             }
-        });
-    }
+        }
+    });
 }

@@ -100,6 +100,41 @@ impl TemplateStore {
     }
 }
 
+/// Template ids of this pool process: `epoch << 32 | sequence`, shared by the pool's own
+/// templates and the jobs operators declare.
+#[derive(Debug)]
+pub struct TemplateIds {
+    epoch: u32,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl TemplateIds {
+    /// Ids of pool epoch `epoch`, from sequence 1.
+    pub fn new(epoch: u32) -> Self {
+        Self {
+            epoch,
+            next: std::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    /// The next id; an error once the 32-bit sequence is spent.
+    pub fn next(&self) -> anyhow::Result<u64> {
+        let seq = self
+            .next
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| n.checked_add(1),
+            )
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "4 billion templates in one pool process: restart the pool for a new epoch"
+                )
+            })?;
+        Ok(ehash::template_id(self.epoch, seq))
+    }
+}
+
 /// Polls bitcoind and publishes templates.
 pub struct TemplateSource {
     rpc: Arc<BitcoinRpc>,
@@ -110,12 +145,11 @@ pub struct TemplateSource {
     tx: watch::Sender<Option<Arc<TemplateRecord>>>,
     kick: Arc<Notify>,
     metrics: Arc<PoolMetrics>,
-    epoch: u32,
-    next_sequence: u32,
+    ids: Arc<TemplateIds>,
 }
 
 impl TemplateSource {
-    /// A source numbering its templates in pool epoch `epoch`; `kick` makes it poll at once
+    /// A source numbering its templates with `ids`; `kick` makes it poll at once
     /// (after a block was submitted).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -126,7 +160,7 @@ impl TemplateSource {
         store: Arc<TemplateStore>,
         kick: Arc<Notify>,
         metrics: Arc<PoolMetrics>,
-        epoch: u32,
+        ids: Arc<TemplateIds>,
     ) -> (Self, watch::Receiver<Option<Arc<TemplateRecord>>>) {
         let (tx, rx) = watch::channel(None);
         (
@@ -139,8 +173,7 @@ impl TemplateSource {
                 tx,
                 kick,
                 metrics,
-                epoch,
-                next_sequence: 1,
+                ids,
             },
             rx,
         )
@@ -211,11 +244,7 @@ impl TemplateSource {
                 return Ok(false); // nothing new
             }
         }
-        let id = ehash::template_id(self.epoch, self.next_sequence);
-        self.next_sequence = self
-            .next_sequence
-            .checked_add(1)
-            .context("4 billion templates in one pool process: restart the pool for a new epoch")?;
+        let id = self.ids.next()?;
         let converted = gbt::convert(&gbt, id)?;
         let transactions = gbt
             .transactions

@@ -3,6 +3,8 @@
 //! TLV. It never learns the pool's Redis URL or secrets. Every share the pool refuses is logged
 //! with the pool's reason and answered to the miner with it.
 
+pub mod declare;
+pub mod node;
 mod session;
 pub mod sv1;
 pub mod upstream;
@@ -17,13 +19,19 @@ use anyhow::{anyhow, Context};
 use ehash::LockingPubkey;
 use hashpool_config::miner_side::ProxyConfig;
 use stratum_apps::key_utils::Secp256k1PublicKey;
+use template_fraud::FraudKind;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// What every miner session shares.
 pub struct ProxyShared {
     config: ProxyConfig,
     authority: Secp256k1PublicKey,
     locking_pubkey: Option<LockingPubkey>,
+    /// Templates of the operator's node (`template_source = "miner"`).
+    templates: Option<watch::Receiver<Option<Arc<node::NodeTemplate>>>>,
+    fraud: Option<FraudKind>,
+    declarations: declare::DeclarationStatus,
 }
 
 impl ProxyShared {
@@ -34,6 +42,16 @@ impl ProxyShared {
             locking_pubkey: self.locking_pubkey,
             nominal_hashrate: self.config.nominal_hashrate,
             min_extranonce_size: self.config.min_extranonce_size,
+            user_identity: format!("proxy-miner-{miner}"),
+            work_selection: self.templates.is_some(),
+        }
+    }
+
+    fn declare_params(&self, miner: u64) -> declare::DeclareParams {
+        declare::DeclareParams {
+            address: self.config.jd_address.clone(),
+            authority: self.authority,
+            fraud: self.fraud,
             user_identity: format!("proxy-miner-{miner}"),
         }
     }
@@ -50,8 +68,35 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     if locking_pubkey.is_none() {
         tracing::warn!("no locking key configured: shares through this proxy earn no ehash");
     }
+    let fraud = if config.fraud.is_empty() {
+        None
+    } else {
+        let kind: FraudKind = config.fraud.parse().map_err(|e| anyhow!("fraud: {e}"))?;
+        tracing::warn!("fraud {kind}: every declared template is made invalid on purpose");
+        Some(kind)
+    };
     let stop = tokio_util::sync::CancellationToken::new();
     let mut background = Vec::new();
+    let templates = if config.template_source == "miner" {
+        let (mut poller, rx) = node::NodePoller::new(&config.node)?;
+        poller.first().await?;
+        background.push(tokio::spawn(poller.run(stop.clone())));
+        Some(rx)
+    } else {
+        None
+    };
+    let declarations = declare::DeclarationStatus::default();
+    let mut app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+    if templates.is_some() {
+        let status = declarations.clone();
+        app = app.route(
+            "/declarations",
+            axum::routing::get(move || {
+                let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                async move { axum::Json(s) }
+            }),
+        );
+    }
     if !config.mint_url.is_empty() {
         let w = wallet::OperatorWallet::open(
             &config.mint_url,
@@ -62,27 +107,25 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         let status = w.status.clone();
         let poll = std::time::Duration::from_millis(config.wallet_poll_ms);
         background.push(tokio::spawn(w.run(poll, stop.clone())));
-        if !config.http_listen.is_empty() {
-            let listener = TcpListener::bind(&config.http_listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.http_listen))?;
-            tracing::info!("wallet status on http://{}/wallet", listener.local_addr()?);
-            let app = axum::Router::new()
-                .route(
-                    "/wallet",
-                    axum::routing::get(move || {
-                        let s = status.read().map(|s| s.clone()).unwrap_or_default();
-                        async move { axum::Json(s) }
-                    }),
-                )
-                .route("/health", axum::routing::get(|| async { "ok" }));
-            let http_stop = stop.clone();
-            background.push(tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                    .await;
-            }));
-        }
+        app = app.route(
+            "/wallet",
+            axum::routing::get(move || {
+                let s = status.read().map(|s| s.clone()).unwrap_or_default();
+                async move { axum::Json(s) }
+            }),
+        );
+    }
+    if !config.http_listen.is_empty() {
+        let listener = TcpListener::bind(&config.http_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        tracing::info!("status on http://{}/ (wallet, declarations, health)", listener.local_addr()?);
+        let http_stop = stop.clone();
+        background.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await;
+        }));
     }
     let listener = TcpListener::bind(&config.listen)
         .await
@@ -99,6 +142,9 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         config,
         authority,
         locking_pubkey,
+        templates,
+        fraud,
+        declarations,
     });
     let next = AtomicU64::new(1);
     let mut sessions = tokio::task::JoinSet::new();

@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use stratum_apps::stratum_core::binary_sv2::B032Owned;
+use stratum_apps::stratum_core::channels_sv2::server::jobs::factory::JobFactory;
 use stratum_apps::stratum_core::mining_sv2::{
-    NewExtendedMiningJobOwned, SetNewPrevHashOwned, SubmitSharesExtendedOwned,
+    NewExtendedMiningJobOwned, SetCustomMiningJobOwned, SetNewPrevHashOwned,
+    SubmitSharesExtendedOwned,
 };
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
+use crate::declare::{self, DeclaredWork};
 use crate::sv1::{self, Request};
 use crate::upstream::{self, Upstream};
 use crate::ProxyShared;
@@ -45,6 +49,13 @@ struct Session {
     version_mask: Option<u32>,
     accepted: u64,
     rejected: u64,
+    /// Declared jobs from this session's declarer (`template_source = "miner"`).
+    declared: Option<mpsc::Receiver<DeclaredWork>>,
+    declarer: Option<tokio::task::JoinHandle<()>>,
+    /// Custom jobs sent, by request id, waiting for the pool's answer.
+    custom_pending: HashMap<u32, SetCustomMiningJobOwned>,
+    next_request: u32,
+    shared: Arc<ProxyShared>,
 }
 
 /// Why the session ended.
@@ -75,6 +86,11 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
         version_mask: None,
         accepted: 0,
         rejected: 0,
+        declared: None,
+        declarer: None,
+        custom_pending: HashMap::new(),
+        next_request: 0,
+        shared: shared.clone(),
     };
     let cfg = &shared.config;
     let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
@@ -95,6 +111,9 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                 Ok(None) => break "miner disconnected".into(),
                 Err(e) => break format!("read error: {e}"),
             },
+            Some(work) = recv_declared(&mut s.declared), if s.declared.is_some() => {
+                if let Err(e) = s.on_declared(work) { break e }
+            }
             msg = recv_upstream(&mut s.upstream), if s.upstream.is_some() => match msg {
                 Some(m) => if let Err(e) = s.on_upstream(m).await { break e },
                 None => {
@@ -123,7 +142,18 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
             }
         }
     };
+    if let Some(d) = s.declarer.take() {
+        d.abort();
+    }
     log_end(id, peer, &why, &s);
+}
+
+/// The next declared job; pending forever without a declarer.
+async fn recv_declared(rx: &mut Option<mpsc::Receiver<DeclaredWork>>) -> Option<DeclaredWork> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next message from the pool; pending forever without an upstream.
@@ -330,6 +360,22 @@ impl Session {
                         .await?;
                 }
             }
+            MiningOwned::SetCustomMiningJobSuccess(ok) => {
+                let Some(set) = self.custom_pending.remove(&ok.request_id) else {
+                    return Ok(());
+                };
+                declare::count(&self.shared.declarations, |s| s.custom_jobs += 1);
+                self.on_custom_job(set, ok.job_id).await?;
+            }
+            MiningOwned::SetCustomMiningJobError(e) => {
+                self.custom_pending.remove(&e.request_id);
+                let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
+                tracing::warn!(miner = self.id, "custom job refused by the pool: {code}");
+                declare::count(&self.shared.declarations, |s| {
+                    *s.custom_jobs_refused.entry(code.clone()).or_default() += 1;
+                    s.last_error = Some(code);
+                });
+            }
             MiningOwned::CloseChannel(c) => {
                 return Err(format!(
                     "pool closed the channel: {}",
@@ -341,9 +387,76 @@ impl Session {
         Ok(())
     }
 
+    /// Set a declared job on the channel.
+    fn on_declared(&mut self, mut work: DeclaredWork) -> Result<(), String> {
+        let Some(up) = &self.upstream else {
+            return Ok(()); // the declarer of a lost channel; a new one starts with the next
+        };
+        self.next_request = self.next_request.wrapping_add(1);
+        work.set_custom.request_id = self.next_request;
+        work.set_custom.channel_id = self.channel_id;
+        tracing::debug!(miner = self.id, height = work.height, "setting a custom job");
+        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone())) {
+            self.custom_pending.insert(self.next_request, work.set_custom);
+        }
+        // Answers to older requests that never came are not waited for.
+        while self.custom_pending.len() > KEPT_JOBS {
+            if let Some(k) = self.custom_pending.keys().min().copied() {
+                self.custom_pending.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool accepted a custom job as `job_id`: give it to the miner.
+    async fn on_custom_job(&mut self, set: SetCustomMiningJobOwned, job_id: u32) -> Result<(), String> {
+        let full = self.extranonce1.len() + self.extranonce2_size;
+        let job = JobFactory::new(true, None, None)
+            .new_extended_job_from_custom_job(set.clone(), self.extranonce1.clone(), full)
+            .map_err(|e| format!("cannot rebuild the custom job: {e:?}"))?;
+        let mut msg = job.get_job_message().clone();
+        msg.job_id = job_id;
+        msg.channel_id = self.channel_id;
+        let new_tip = self
+            .prev_hash
+            .as_ref()
+            .is_none_or(|p| p.prev_hash.to_array() != set.prev_hash.to_array());
+        self.jobs.insert(job_id, msg);
+        while self.jobs.len() > KEPT_JOBS {
+            self.jobs.pop_first();
+        }
+        self.prev_hash = Some(SetNewPrevHashOwned {
+            channel_id: self.channel_id,
+            job_id,
+            prev_hash: set.prev_hash,
+            min_ntime: set.min_ntime,
+            nbits: set.nbits,
+        });
+        self.send_current_job(new_tip).await
+    }
+
     async fn on_channel(&mut self, mut up: Upstream) -> Result<(), String> {
         let reopened = !self.extranonce1.is_empty();
         let info = up.info.clone();
+        if let Some(templates) = self.shared.templates.clone() {
+            if let Some(d) = self.declarer.take() {
+                d.abort();
+            }
+            let (tx, rx) = mpsc::channel(4);
+            let shape = declare::ChannelShape {
+                channel_id: info.channel_id,
+                full_extranonce_size: info.extranonce_prefix.len() + info.extranonce_size,
+            };
+            self.declarer = Some(tokio::spawn(declare::run(
+                self.shared.declare_params(self.id),
+                shape,
+                templates,
+                tx,
+                self.shared.declarations.clone(),
+            )));
+            self.declared = Some(rx);
+            self.custom_pending.clear();
+        }
         tracing::info!(
             miner = self.id,
             channel = info.channel_id,

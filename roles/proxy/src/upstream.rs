@@ -75,6 +75,8 @@ pub struct OpenParams {
     pub min_extranonce_size: u16,
     /// `user_identity` of the channel.
     pub user_identity: String,
+    /// Ask for work selection (the proxy declares its own templates).
+    pub work_selection: bool,
 }
 
 fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
@@ -147,7 +149,8 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
             protocol: Protocol::MiningProtocol,
             min_version: 2,
             max_version: 2,
-            flags: 0b100, // version rolling
+            // Version rolling, and work selection when the proxy declares its own templates.
+            flags: 0b100 | if p.work_selection { 0b10 } else { 0 },
             endpoint_host: str0255(p.address.split(':').next().unwrap_or_default())?,
             endpoint_port: p
                 .address

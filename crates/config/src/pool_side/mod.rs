@@ -22,6 +22,7 @@ pub const DEFAULT_MIN_BITS: u32 = 32;
 /// |---|---|---|
 /// | `listen` | 127.0.0.1:34254 | SV2 (Noise NX over TCP) |
 /// | `metrics_listen` | 127.0.0.1:9184 | `/metrics` (Prometheus) and `/health` |
+/// | `jd_listen` | (empty: no job declaration) | job declaration (Noise, same authority key); set it to let operators declare their own templates |
 /// | `authority_public_key`, `authority_secret_key` | (required) | Noise authority key pair, SRI base58 |
 /// | `cert_validity_secs` | 3600 | validity of the Noise certificate |
 /// | `pool_tag` | "hashpool" | coinbase tag `Sv2/<tag>//` |
@@ -39,6 +40,8 @@ pub struct PoolConfig {
     pub listen: String,
     /// Prometheus and health endpoint.
     pub metrics_listen: String,
+    /// Job declaration listen address; empty: operators cannot declare templates.
+    pub jd_listen: String,
     /// Noise authority public key (SRI base58).
     pub authority_public_key: String,
     /// Noise authority secret key (SRI base58).
@@ -123,6 +126,7 @@ impl Default for PoolConfig {
         Self {
             listen: DEFAULT_POOL_LISTEN.into(),
             metrics_listen: DEFAULT_POOL_METRICS_LISTEN.into(),
+            jd_listen: String::new(),
             authority_public_key: String::new(),
             authority_secret_key: Secret::new(String::new()),
             cert_validity_secs: 3600,

@@ -1,0 +1,192 @@
+//! `SetCustomMiningJob`: an operator mines a job it declared (see [`crate::jd`]) on one of its
+//! extended channels. Checked inline, all cheap: the token names a declaration and is used
+//! once; the job builds on the pool's current tip with its nbits; `min_ntime` is between the
+//! tip's median time past + 1 and two hours ahead; version, coinbase outputs and merkle path
+//! are the declared ones (so the block the pool audits and submits is the block the operator
+//! hashes). Errors are the spec's `invalid-mining-job-token` and
+//! `invalid-job-param-value-<field>`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use stratum_apps::stratum_core::binary_sv2::Str0255Owned;
+use stratum_apps::stratum_core::mining_sv2::{
+    SetCustomMiningJobErrorOwned, SetCustomMiningJobOwned, SetCustomMiningJobSuccess,
+};
+use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
+
+use crate::block::BlockBody;
+use crate::connection::{Close, Connection};
+use crate::jd::DeclaredTemplate;
+use crate::template::TemplateRecord;
+
+/// How far ahead of the pool's clock `min_ntime` may be (consensus allows two hours).
+const MAX_FUTURE_NTIME_SECS: u64 = 7200;
+
+/// A declared template being mined on a channel, with its own template id.
+#[derive(Debug)]
+pub struct DeclaredJob {
+    /// Template id (same numbering as the pool's templates).
+    pub template_id: u64,
+    /// What the operator declared.
+    pub template: Arc<DeclaredTemplate>,
+    /// Parent block hash (internal order).
+    pub prev_hash: [u8; 32],
+    /// Parent block hash, display order.
+    pub prev_hash_display: String,
+    /// Compact target.
+    pub nbits: u32,
+    /// Seen-share-hashes key of its tip.
+    pub seen_key: Arc<str>,
+    audit_claimed: AtomicBool,
+}
+
+impl DeclaredJob {
+    /// The block body shares on this job complete.
+    pub fn body(&self) -> BlockBody<'_> {
+        BlockBody {
+            prev_hash: self.prev_hash,
+            nbits: self.nbits,
+            merkle_path: &self.template.merkle_path,
+            transactions: &self.template.transactions,
+        }
+    }
+
+    /// Claim the audit task (first caller only).
+    pub fn claim_audit(&self) -> bool {
+        !self.audit_claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Give the claim back after the append failed.
+    pub fn release_audit(&self) {
+        self.audit_claimed.store(false, Ordering::Release);
+    }
+}
+
+/// The checks of a custom job against the declaration and the current tip; `Err` is the SV2
+/// error code.
+pub fn check_custom_job(
+    m: &SetCustomMiningJobOwned,
+    declared: &DeclaredTemplate,
+    tip: &TemplateRecord,
+    now: u64,
+) -> Result<(), &'static str> {
+    if m.prev_hash.to_array() != tip.prev_hash.prev_hash.to_array() || declared.height != tip.height
+    {
+        return Err("invalid-job-param-value-prev-hash");
+    }
+    if m.nbits != tip.nbits {
+        return Err("invalid-job-param-value-nbits");
+    }
+    if m.min_ntime < tip.mintime || u64::from(m.min_ntime) > now + MAX_FUTURE_NTIME_SECS {
+        return Err("invalid-job-param-value-min-ntime");
+    }
+    if m.version != declared.version {
+        return Err("invalid-job-param-value-version");
+    }
+    if m.coinbase_tx_outputs.as_ref() != declared.coinbase_outputs.as_slice() {
+        return Err("invalid-job-param-value-coinbase-tx-outputs");
+    }
+    let path: Vec<[u8; 32]> = m
+        .merkle_path
+        .clone()
+        .into_inner()
+        .iter()
+        .map(|h| h.to_array())
+        .collect();
+    if path != declared.merkle_path {
+        return Err("invalid-job-param-value-merkle-path");
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Connection {
+    pub(crate) fn on_set_custom_job(&mut self, m: SetCustomMiningJobOwned) -> Result<(), Close> {
+        let (channel_id, request_id) = (m.channel_id, m.request_id);
+        let answer = match self.custom_job(m) {
+            Ok(job_id) => {
+                MiningOwned::SetCustomMiningJobSuccess(SetCustomMiningJobSuccess {
+                    channel_id,
+                    request_id,
+                    job_id,
+                })
+            }
+            Err(code) => {
+                tracing::info!(
+                    conn = self.id,
+                    channel = channel_id,
+                    "custom job refused: {code}"
+                );
+                MiningOwned::SetCustomMiningJobError(SetCustomMiningJobErrorOwned {
+                    channel_id,
+                    request_id,
+                    error_code: Str0255Owned::try_from(code.to_string())
+                        .map_err(|e| Close::Protocol(format!("{e:?}")))?,
+                })
+            }
+        };
+        let label = match &answer {
+            MiningOwned::SetCustomMiningJobError(e) => {
+                String::from_utf8_lossy(e.error_code.as_bytes()).into_owned()
+            }
+            _ => "accepted".into(),
+        };
+        self.ctx
+            .metrics
+            .custom_jobs
+            .with_label_values(&[&label])
+            .inc();
+        self.send_mining(vec![answer])
+    }
+
+    /// Install a custom job; `Err` is the SV2 error code.
+    fn custom_job(&mut self, m: SetCustomMiningJobOwned) -> Result<u32, &'static str> {
+        if !self.work_selection {
+            return Err("work-selection-not-negotiated");
+        }
+        let ctx = self.ctx.clone();
+        let Some(ch) = self.channels.get_mut(&m.channel_id) else {
+            return Err("invalid-channel-id");
+        };
+        let declared = ctx
+            .jobs
+            .take_declared(m.token.as_ref())
+            .ok_or("invalid-mining-job-token")?;
+        let tip = ctx.templates.borrow().clone().ok_or("stale-chain-tip")?;
+        check_custom_job(&m, &declared, &tip, unix_now())?;
+        let template_id = ctx.next_template_id().map_err(|e| {
+            tracing::error!("{e:#}");
+            "internal-error"
+        })?;
+        let job = Arc::new(DeclaredJob {
+            template_id,
+            template: declared,
+            prev_hash: tip.prev_hash.prev_hash.to_array(),
+            prev_hash_display: tip.prev_hash_display.clone(),
+            nbits: tip.nbits,
+            seen_key: ehash::seen_key(&tip.prev_hash_display).into(),
+            audit_claimed: AtomicBool::new(false),
+        });
+        let job_id = ch.add_custom_job(m, job.clone()).map_err(|e| {
+            tracing::info!(conn = self.id, "custom job: {e:#}");
+            "invalid-job-param-value-coinbase-prefix"
+        })?;
+        tracing::info!(
+            conn = self.id,
+            channel = ch.id(),
+            job_id,
+            template_id,
+            height = job.template.height,
+            txs = job.template.transactions.len(),
+            "custom job set"
+        );
+        Ok(job_id)
+    }
+}

@@ -1,0 +1,450 @@
+//! Job declaration, the operator's side (`template_source = "miner"`): for every template of
+//! the operator's node, ask the pool's job declarator for a token, declare the job (the full
+//! coinbase, then every transaction when asked), and hand the session a `SetCustomMiningJob`
+//! to set on its channel. With a `fraud` kind, the template is made invalid that way first.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bitcoin::consensus::encode::deserialize;
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, Transaction, TxOut};
+use serde::Serialize;
+use stratum_apps::key_utils::Secp256k1PublicKey;
+use stratum_apps::network_helpers::connect_with_noise;
+use stratum_apps::network_helpers::noise_stream::{NoiseTcpReadHalf, NoiseTcpWriteHalf};
+use stratum_apps::stratum_core::binary_sv2::{
+    B016MOwned, B064KOwned, Seq064KOwned, Str0255Owned, U256Owned,
+};
+use stratum_apps::stratum_core::channels_sv2::chain_tip::ChainTip;
+use stratum_apps::stratum_core::channels_sv2::server::jobs::factory::JobFactory;
+use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
+use stratum_apps::stratum_core::job_declaration_sv2::{
+    AllocateMiningJobTokenOwned, DeclareMiningJobOwned, ProvideMissingTransactionsSuccessOwned,
+};
+use stratum_apps::stratum_core::mining_sv2::SetCustomMiningJobOwned;
+use stratum_apps::stratum_core::parsers_sv2::{
+    AnyMessage, AnyMessageOwned, CommonMessagesOwned, JobDeclarationOwned,
+};
+use stratum_apps::utils::types::OutboundFrame;
+use template_fraud::{FraudInputs, FraudKind};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::node::NodeTemplate;
+
+/// Time allowed for one answer of the job declarator.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Declarations and custom jobs, as `GET /declarations` reports them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeclarationCounts {
+    /// Declarations the pool accepted.
+    pub declared: u64,
+    /// Declarations the pool refused, by SV2 error code.
+    pub refused: BTreeMap<String, u64>,
+    /// Custom jobs the pool accepted.
+    pub custom_jobs: u64,
+    /// Custom jobs the pool refused, by SV2 error code.
+    pub custom_jobs_refused: BTreeMap<String, u64>,
+    /// Templates that could not be built (with the fraud kind, for instance).
+    pub not_built: u64,
+    /// The last refusal or failure, with its detail.
+    pub last_error: Option<String>,
+}
+
+/// Shared counters.
+pub type DeclarationStatus = Arc<Mutex<DeclarationCounts>>;
+
+/// Record a change in the counters.
+pub fn count(status: &DeclarationStatus, f: impl FnOnce(&mut DeclarationCounts)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+/// Where and how to declare.
+#[derive(Debug, Clone)]
+pub struct DeclareParams {
+    /// The pool's job declaration address.
+    pub address: String,
+    /// The pool's authority key.
+    pub authority: Secp256k1PublicKey,
+    /// Fraud to put into every template.
+    pub fraud: Option<FraudKind>,
+    /// Who declares (logs).
+    pub user_identity: String,
+}
+
+/// The channel the jobs are for.
+#[derive(Debug, Clone)]
+pub struct ChannelShape {
+    /// Channel id.
+    pub channel_id: u32,
+    /// Full extranonce size (prefix plus rollable part).
+    pub full_extranonce_size: usize,
+}
+
+/// A declared job, ready to be set on the channel (`request_id` is the session's to fill).
+#[derive(Debug, Clone)]
+pub struct DeclaredWork {
+    /// The message.
+    pub set_custom: SetCustomMiningJobOwned,
+    /// Block height.
+    pub height: u64,
+}
+
+struct Jd {
+    reader: NoiseTcpReadHalf,
+    writer: NoiseTcpWriteHalf,
+    next_request: u32,
+}
+
+impl Jd {
+    async fn connect(p: &DeclareParams) -> anyhow::Result<Self> {
+        let tcp = TcpStream::connect(&p.address)
+            .await
+            .with_context(|| format!("cannot connect to the job declarator at {}", p.address))?;
+        tcp.set_nodelay(true)?;
+        let stream = connect_with_noise(tcp, Some(p.authority))
+            .await
+            .map_err(|e| anyhow!("noise handshake with the job declarator failed: {e:?}"))?;
+        let (reader, writer) = stream.into_split();
+        let mut jd = Self {
+            reader,
+            writer,
+            next_request: 1,
+        };
+        let s = |v: &str| Str0255Owned::try_from(v.to_string()).map_err(|e| anyhow!("{e:?}"));
+        jd.send(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnection(
+            SetupConnectionOwned {
+                protocol: Protocol::JobDeclarationProtocol,
+                min_version: 2,
+                max_version: 2,
+                flags: 0,
+                endpoint_host: s(p.address.split(':').next().unwrap_or_default())?,
+                endpoint_port: 0,
+                vendor: s("hashpool-harness")?,
+                hardware_version: s("proxy")?,
+                firmware: s(env!("CARGO_PKG_VERSION"))?,
+                device_id: s(&p.user_identity)?,
+            },
+        )))
+        .await?;
+        match jd.recv().await? {
+            AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => Ok(jd),
+            other => bail!("the job declarator refused the connection: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, m: AnyMessageOwned) -> anyhow::Result<()> {
+        let frame = OutboundFrame::from_message(m).map_err(|e| anyhow!("encode: {e:?}"))?;
+        self.writer
+            .write_frame(frame)
+            .await
+            .map_err(|e| anyhow!("write to the job declarator: {e:?}"))
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<AnyMessageOwned> {
+        let mut frame = tokio::time::timeout(ANSWER_TIMEOUT, self.reader.read_frame())
+            .await
+            .map_err(|_| anyhow!("the job declarator did not answer in {ANSWER_TIMEOUT:?}"))?
+            .map_err(|e| anyhow!("job declarator connection: {e:?}"))?;
+        let header = frame.header();
+        Ok(AnyMessage::try_from((header, frame.payload()))
+            .map_err(|e| anyhow!("undecodable answer from the job declarator: {e:?}"))?
+            .into_owned())
+    }
+
+    fn request_id(&mut self) -> u32 {
+        self.next_request = self.next_request.wrapping_add(1);
+        self.next_request
+    }
+
+    /// A token and the pool's payout outputs.
+    async fn allocate(&mut self, user: &str) -> anyhow::Result<(Vec<u8>, Vec<TxOut>)> {
+        let request_id = self.request_id();
+        self.send(AnyMessageOwned::JobDeclaration(
+            JobDeclarationOwned::AllocateMiningJobToken(AllocateMiningJobTokenOwned {
+                user_identifier: Str0255Owned::try_from(user.to_string())
+                    .map_err(|e| anyhow!("{e:?}"))?,
+                request_id,
+            }),
+        ))
+        .await?;
+        match self.recv().await? {
+            AnyMessageOwned::JobDeclaration(JobDeclarationOwned::AllocateMiningJobTokenSuccess(
+                s,
+            )) => {
+                let outputs: Vec<TxOut> = deserialize(s.coinbase_outputs.as_bytes())
+                    .context("the pool's coinbase outputs do not decode")?;
+                Ok((s.mining_job_token.as_bytes().to_vec(), outputs))
+            }
+            other => bail!("unexpected answer to AllocateMiningJobToken: {other:?}"),
+        }
+    }
+
+    /// Declare; `Ok(Ok(token))` for `SetCustomMiningJob`, `Ok(Err((code, detail)))` when the
+    /// pool refused.
+    async fn declare(
+        &mut self,
+        mut m: DeclareMiningJobOwned,
+        txs: &[Vec<u8>],
+    ) -> anyhow::Result<Result<Vec<u8>, (String, String)>> {
+        m.request_id = self.request_id();
+        self.send(AnyMessageOwned::JobDeclaration(
+            JobDeclarationOwned::DeclareMiningJob(m.clone()),
+        ))
+        .await?;
+        loop {
+            match self.recv().await? {
+                AnyMessageOwned::JobDeclaration(
+                    JobDeclarationOwned::ProvideMissingTransactions(p),
+                ) => {
+                    let list = p
+                        .unknown_tx_position_list
+                        .into_inner()
+                        .into_iter()
+                        .map(|i| {
+                            let raw = txs
+                                .get(usize::from(i))
+                                .with_context(|| format!("asked for transaction {i}"))?;
+                            B016MOwned::try_from(raw.clone()).map_err(|e| anyhow!("{e:?}"))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    self.send(AnyMessageOwned::JobDeclaration(
+                        JobDeclarationOwned::ProvideMissingTransactionsSuccess(
+                            ProvideMissingTransactionsSuccessOwned {
+                                request_id: p.request_id,
+                                transaction_list: Seq064KOwned::new(list)
+                                    .map_err(|e| anyhow!("{e:?}"))?,
+                            },
+                        ),
+                    ))
+                    .await?;
+                }
+                AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJobSuccess(s)) => {
+                    return Ok(Ok(s.new_mining_job_token.as_bytes().to_vec()))
+                }
+                AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJobError(e)) => {
+                    return Ok(Err((
+                        String::from_utf8_lossy(e.error_code.as_bytes()).into_owned(),
+                        String::from_utf8_lossy(e.error_details.as_bytes()).into_owned(),
+                    )))
+                }
+                other => bail!("unexpected answer to DeclareMiningJob: {other:?}"),
+            }
+        }
+    }
+}
+
+/// The job for one node template: the declaration and, once a token is known, the custom job.
+struct Job {
+    template: sv2_templates::Converted,
+    outputs: Vec<TxOut>,
+    declare: DeclareMiningJobOwned,
+    transactions: Vec<Vec<u8>>,
+    min_ntime: u32,
+    height: u64,
+}
+
+fn build(
+    t: &NodeTemplate,
+    fraud: Option<FraudKind>,
+    pool_outputs: Vec<TxOut>,
+    token: &[u8],
+    full_extranonce_size: usize,
+) -> anyhow::Result<Job> {
+    let mut gbt = t.gbt.clone();
+    if let Some(kind) = fraud {
+        let inputs = FraudInputs {
+            tip_coinbase: t.tip_coinbase,
+        };
+        template_fraud::apply(kind, &mut gbt, &inputs)?;
+    }
+    let template = sv2_templates::convert(&gbt, u64::from(gbt.curtime))?;
+    let mut outputs = pool_outputs;
+    let first = outputs
+        .first_mut()
+        .context("the pool named no payout output")?;
+    first.value = Amount::from_sat(template.template.coinbase_tx_value_remaining);
+    if fraud == Some(FraudKind::NoPoolPayout) {
+        first.script_pubkey = template_fraud::anyone_script();
+    }
+    outputs.truncate(1);
+    let factory = JobFactory::new(true, None, None);
+    let (prefix, suffix) = factory
+        .new_coinbase_tx_prefix_and_suffix(
+            template.template.clone(),
+            outputs.clone(),
+            full_extranonce_size,
+        )
+        .map_err(|e| anyhow!("coinbase: {e:?}"))?;
+    let transactions = gbt
+        .transactions
+        .iter()
+        .map(|x| hex::decode(&x.data).context("template transaction is not hex"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let wtxids = transactions
+        .iter()
+        .map(|raw| {
+            let tx: Transaction = deserialize(raw).context("template transaction does not decode")?;
+            Ok(U256Owned::from(tx.compute_wtxid().to_byte_array()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let declare = DeclareMiningJobOwned {
+        request_id: 0,
+        mining_job_token: token.to_vec().try_into().map_err(|e| anyhow!("{e:?}"))?,
+        version: gbt.version,
+        coinbase_tx_prefix: B064KOwned::try_from(prefix).map_err(|e| anyhow!("{e:?}"))?,
+        coinbase_tx_suffix: B064KOwned::try_from(suffix).map_err(|e| anyhow!("{e:?}"))?,
+        wtxid_list: Seq064KOwned::new(wtxids).map_err(|e| anyhow!("{e:?}"))?,
+        excess_data: B064KOwned::try_from(Vec::new()).map_err(|e| anyhow!("{e:?}"))?,
+    };
+    Ok(Job {
+        template,
+        outputs,
+        declare,
+        transactions,
+        min_ntime: gbt.curtime.max(gbt.mintime),
+        height: t.gbt.height,
+    })
+}
+
+impl Job {
+    fn custom(
+        self,
+        shape: &ChannelShape,
+        token: Vec<u8>,
+    ) -> anyhow::Result<DeclaredWork> {
+        let factory = JobFactory::new(true, None, None);
+        let tip = ChainTip::new(
+            self.template.prev_hash.prev_hash.clone(),
+            self.template.nbits,
+            self.min_ntime,
+        );
+        let set_custom = factory
+            .new_custom_job(
+                shape.channel_id,
+                0,
+                token.try_into().map_err(|e| anyhow!("{e:?}"))?,
+                tip,
+                self.template.template,
+                self.outputs,
+                shape.full_extranonce_size,
+            )
+            .map_err(|e| anyhow!("custom job: {e:?}"))?;
+        Ok(DeclaredWork {
+            set_custom,
+            height: self.height,
+        })
+    }
+}
+
+/// Declare one node template; `Ok(None)` when the pool refused it (counted and logged).
+async fn declare_one(
+    jd: &mut Jd,
+    p: &DeclareParams,
+    shape: &ChannelShape,
+    t: &NodeTemplate,
+    status: &DeclarationStatus,
+) -> anyhow::Result<Option<DeclaredWork>> {
+    let (token, pool_outputs) = jd.allocate(&p.user_identity).await?;
+    let job = match build(t, p.fraud, pool_outputs, &token, shape.full_extranonce_size) {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::warn!("cannot build a job from the node's template (waiting for the next one): {e:#}");
+            count(status, |s| {
+                s.not_built += 1;
+                s.last_error = Some(format!("{e:#}"));
+            });
+            return Ok(None);
+        }
+    };
+    let mut answer = jd.declare(job.declare.clone(), &job.transactions).await?;
+    if p.fraud == Some(FraudKind::ReusedToken) && answer.is_ok() {
+        // The same allocation token again, for a second declaration.
+        tracing::info!("fraud reused-token: declaring again with a used token");
+        count(status, |s| s.declared += 1);
+        answer = jd.declare(job.declare.clone(), &job.transactions).await?;
+        if answer.is_ok() {
+            tracing::error!("the pool accepted a reused job token");
+            count(status, |s| s.declared += 1);
+            return Ok(None);
+        }
+    }
+    match answer {
+        Ok(new_token) => {
+            count(status, |s| s.declared += 1);
+            tracing::info!(height = job.height, txs = job.transactions.len(), "job declared");
+            Ok(Some(job.custom(shape, new_token)?))
+        }
+        Err((code, detail)) => {
+            tracing::warn!(height = job.height, "declaration refused: {code}: {detail}");
+            count(status, |s| {
+                *s.refused.entry(code.clone()).or_default() += 1;
+                s.last_error = Some(format!("{code}: {detail}"));
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Declare every new template of the node for `shape`'s channel and send the jobs to the
+/// session, until the session goes away. A lost connection to the declarator is reopened
+/// with backoff.
+pub async fn run(
+    p: DeclareParams,
+    shape: ChannelShape,
+    mut templates: watch::Receiver<Option<Arc<NodeTemplate>>>,
+    out: mpsc::Sender<DeclaredWork>,
+    status: DeclarationStatus,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut jd: Option<Jd> = None;
+    let mut current = templates.borrow_and_update().clone();
+    loop {
+        if let Some(t) = current.clone() {
+            let result = async {
+                if jd.is_none() {
+                    jd = Some(Jd::connect(&p).await?);
+                }
+                let conn = jd.as_mut().context("no connection")?;
+                declare_one(conn, &p, &shape, &t, &status).await
+            }
+            .await;
+            match result {
+                Ok(Some(work)) => {
+                    backoff = Duration::from_millis(100);
+                    if out.send(work).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    jd = None;
+                    tracing::warn!("job declaration failed ({e:#}); retrying in {backoff:?}");
+                    count(&status, |s| s.last_error = Some(format!("{e:#}")));
+                    tokio::select! {
+                        _ = out.closed() => return,
+                        // Backoff before reconnecting to the job declarator.
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = out.closed() => return,
+            changed = templates.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = templates.borrow_and_update().clone();
+            }
+        }
+    }
+}
