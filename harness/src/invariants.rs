@@ -82,7 +82,17 @@ pub async fn stream_entries(
 /// The block of `record`: its template's audit-task block with the share's extranonce,
 /// version, time and nonce.
 pub fn share_block(task: &AuditTask, record: &ShareRecord) -> anyhow::Result<Block> {
-    let mut block: Block = deserialize(&hex::decode(&task.block)?).context("audit task block")?;
+    share_block_on(&task_block(task)?, record)
+}
+
+/// The block of an audit task, decoded.
+pub fn task_block(task: &AuditTask) -> anyhow::Result<Block> {
+    deserialize(&hex::decode(&task.block)?).context("audit task block")
+}
+
+/// [`share_block`] from an already decoded task block.
+pub fn share_block_on(block: &Block, record: &ShareRecord) -> anyhow::Result<Block> {
+    let mut block = block.clone();
     let extranonce = hex::decode(&record.extranonce)?;
     let coinbase = block.txdata.first_mut().context("block without coinbase")?;
     let input = coinbase
@@ -153,6 +163,8 @@ pub async fn sweep_records(
     }
     let mut mtp: HashMap<String, u64> = HashMap::new();
     let mut seen: HashMap<String, String> = HashMap::new();
+    // Each task's block decoded once (a declared template's can be megabytes).
+    let mut blocks: HashMap<u64, Block> = HashMap::new();
     for (id, fields) in stream_entries(&mut conn, SHARES_STREAM).await? {
         let r = ShareRecord::from_fields(&fields).with_context(|| format!("share record {id}"))?;
         report.records += 1;
@@ -201,7 +213,21 @@ pub async fn sweep_records(
                 r.share_hash
             )),
         }
-        let block = match share_block(task, &r) {
+        if !blocks.contains_key(&r.template_id) {
+            match task_block(task) {
+                Ok(b) => {
+                    blocks.insert(r.template_id, b);
+                }
+                Err(e) => {
+                    report.problems.push(format!("record {id}: {e:#}"));
+                    continue;
+                }
+            }
+        }
+        let Some(task_block) = blocks.get(&r.template_id) else {
+            continue;
+        };
+        let block = match share_block_on(task_block, &r) {
             Ok(b) => b,
             Err(e) => {
                 report.problems.push(format!("record {id}: {e:#}"));

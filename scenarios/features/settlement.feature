@@ -111,3 +111,10 @@ Feature: Quote settlement: every recorded share becomes a quote, PENDING until i
     When miner "m" has 2 accepted shares
     And the miners stop
     Then every quote of "alice" becomes PAID and its wallet mints it
+
+  Scenario: a template whose first share is itself a block is audited on its content, not refused as a duplicate (regtest: nearly every share is a block)
+    Given a regtest stack with the pool side
+    And an SV2 client "carol" with a locking key and a channel
+    When client "carol" has 1 shares accepted with ntime an hour ahead of the tip's minimum
+    Then the pool found a block
+    And every quote of client "carol" becomes PAID with its template's verdict "in-chain"

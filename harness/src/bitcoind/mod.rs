@@ -186,6 +186,8 @@ impl Bitcoind {
                 Some(peer) => format!("-connect={peer}"),
                 None => "-connect=0".into(),
             })
+            // Loopback peers are the stack's own nodes: relay to them at once (no trickle).
+            .arg("-whitelist=in,out,noban@127.0.0.1")
             .arg("-dnsseed=0")
             .arg("-fixedseeds=0")
             .arg(format!("-rpcport={}", opts.rpc_port))

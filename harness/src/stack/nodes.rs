@@ -38,7 +38,10 @@ impl Stack {
         .with_context(|| format!("starting the node of operator {name}"))?;
         self.ports.push(rpc);
         let pool = self.bitcoind()?.rpc();
-        let what = format!("the node of operator {name} to share the pool node's tip");
+        let expected_peers = self.operator_nodes.len() + 1;
+        let what = format!(
+            "the node of operator {name} to share the pool node's tip, both ends of their P2P connection past the version handshake"
+        );
         wait_until(&what, Duration::from_secs(60), || async {
             let a: String = pool
                 .call("getbestblockhash", &[])
@@ -49,15 +52,14 @@ impl Stack {
                 .call("getbestblockhash", &[])
                 .await
                 .map_err(|e| e.to_string())?;
-            let peers: u64 = node
-                .rpc()
-                .call("getconnectioncount", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            if a == b && peers > 0 {
+            let here = handshaken_peers(node.rpc()).await?;
+            let there = handshaken_peers(pool).await?;
+            if a == b && here > 0 && there >= expected_peers {
                 Ok(())
             } else {
-                Err(format!("pool tip {a}, operator tip {b}, {peers} peer(s)"))
+                Err(format!(
+                    "pool tip {a}, operator tip {b}; {here} peer(s) of the operator and {there} of the pool's node past the handshake"
+                ))
             }
         })
         .await?;
@@ -66,10 +68,27 @@ impl Stack {
         self.operator_node(name)
     }
 
+    /// Names of the operators' nodes.
+    pub fn operator_node_names(&self) -> Vec<String> {
+        self.operator_nodes.keys().cloned().collect()
+    }
+
     /// Operator `name`'s node.
     pub fn operator_node(&self, name: &str) -> anyhow::Result<&Bitcoind> {
         self.operator_nodes
             .get(name)
             .ok_or_else(|| anyhow!("no node of operator {name:?} on stack {}", self.name))
     }
+}
+
+/// Peers of a node whose version handshake is done (a transaction is relayed only to those).
+async fn handshaken_peers(rpc: &bitcoind_rpc::BitcoinRpc) -> Result<usize, String> {
+    let peers: Vec<serde_json::Value> = rpc
+        .call("getpeerinfo", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(peers
+        .iter()
+        .filter(|p| p["version"].as_u64().unwrap_or(0) > 0 && p["relaytxes"] == true)
+        .count())
 }

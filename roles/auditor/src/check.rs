@@ -2,7 +2,9 @@
 //! and does its coinbase pay the pool what the pool requires?
 //!
 //! 1. `getblocktemplate {"mode":"proposal"}` on the task's block: `null` is valid; a reject
-//!    string is `invalid` with that string.
+//!    string is `invalid` with that string. A block the node already has (`duplicate*`: the
+//!    template's first share was a block) is proposed again with another nonce, so that its
+//!    content is checked rather than its hash looked up.
 //! 2. `inconclusive-not-best-prevblk` (the template's parent is not the auditor node's tip):
 //!    if that node does not know the parent yet, or the parent is its tip again, there is no
 //!    verdict yet (the task stays pending and is retried: the node may lag the pool's).
@@ -54,13 +56,7 @@ pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, Strin
         Some(b) => b,
         None => return Ok((Verdict::Invalid, "undecodable-block".into())),
     };
-    let answer: Result<Value, RpcError> = rpc
-        .call_timeout(
-            "getblocktemplate",
-            &[json!({"mode": "proposal", "data": task.block})],
-            RPC_TIMEOUT,
-        )
-        .await;
+    let answer = propose(rpc, &task.block, &block).await;
     let (verdict, reason) = match answer {
         Ok(Value::Null) => (Verdict::Valid, "proposal".to_string()),
         Ok(Value::String(s)) if s == INCONCLUSIVE => match inconclusive(rpc, task, &block).await? {
@@ -104,6 +100,33 @@ pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> Result<(Verdict, Strin
         ));
     }
     Ok((verdict, reason))
+}
+
+/// `getblocktemplate` proposal mode on `hex_block`. A block the node already has (the
+/// template's first share was itself a block) answers `duplicate*` without checking
+/// anything: such a block is proposed again with another nonce (proof of work is not checked,
+/// so only its hash changes) to get the node's verdict on its content.
+async fn propose(rpc: &BitcoinRpc, hex_block: &str, block: &Block) -> Result<Value, RpcError> {
+    let mut data = hex_block.to_string();
+    let mut header = block.header;
+    for _ in 0..3 {
+        let answer: Value = rpc
+            .call_timeout(
+                "getblocktemplate",
+                &[json!({"mode": "proposal", "data": data})],
+                RPC_TIMEOUT,
+            )
+            .await?;
+        match &answer {
+            Value::String(s) if s.starts_with("duplicate") => {
+                header.nonce = header.nonce.wrapping_add(1);
+                let header_hex = hex::encode(bitcoin::consensus::encode::serialize(&header));
+                data = format!("{header_hex}{}", &hex_block[header_hex.len()..]);
+            }
+            _ => return Ok(answer),
+        }
+    }
+    Ok(Value::String("duplicate".into()))
 }
 
 /// After `inconclusive-not-best-prevblk`: `Err(Lagging)` while the node does not know the

@@ -212,7 +212,10 @@ impl Connection {
     pub(crate) fn send(&self, msg: AnyMessageOwned) -> Result<(), Close> {
         let frame = OutboundFrame::from_message(msg)
             .map_err(|e| Close::Protocol(format!("encode: {e:?}")))?;
-        self.out.try_send(frame).map_err(|_| Close::SlowClient)
+        self.out.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Close::SlowClient,
+            mpsc::error::TrySendError::Closed(_) => Close::PeerGone("socket closed".into()),
+        })
     }
 
     pub(crate) fn send_mining(&self, msgs: Vec<MiningOwned>) -> Result<(), Close> {

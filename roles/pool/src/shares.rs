@@ -434,6 +434,9 @@ fn submit_block(
                     // Valid, but another block at this height reached bitcoind first: a
                     // lost race (an orphan), not a fault of the pool.
                     tracing::warn!(%hash, height, "found block is not on the best chain (inconclusive): another block at this height arrived first");
+                } else if let JobTemplate::Declared(_) = job {
+                    // The operator's template, not the pool's: its audit fails it as well.
+                    tracing::warn!(%hash, height, template_id, "bitcoind refused a block on an operator's declared template: {reason}");
                 } else {
                     tracing::error!(%hash, height, template_id, "bitcoind refused the found block: {reason}");
                 }

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// Unit and method the pool's mint uses.
 const UNIT: &str = "ehash";
 const METHOD: &str = "mining_share";
+/// Pending quotes the wallet subscribes to (NUT-17) at once; cdk's mint allows 100
+/// subscriptions per websocket connection.
+const MAX_SUBSCRIBED_QUOTES: usize = 64;
 /// Quotes per batch mint (the mint allows up to 1000).
 const BATCH: usize = 200;
 /// The least time between two rounds woken by notifications.
@@ -246,6 +249,10 @@ impl OperatorWallet {
                     Vec::new()
                 }
             };
+            // cdk opens one remote subscription per quote and the mint allows 100 per
+            // connection: subscribe to the first few, polling covers the rest.
+            let mut pending = pending;
+            pending.truncate(MAX_SUBSCRIBED_QUOTES);
             if pending != subscribed {
                 sub = if pending.is_empty() {
                     None

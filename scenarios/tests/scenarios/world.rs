@@ -53,6 +53,8 @@ pub struct HarnessWorld {
     pub forged: Option<(String, u64)>,
     /// The harness's SV2 clients, by name.
     pub clients: BTreeMap<String, crate::steps::accounting::Client>,
+    /// Blocks bitcoind refused, by reason, as the pool counted them.
+    pub refused_blocks: BTreeMap<String, f64>,
 }
 
 impl HarnessWorld {
@@ -77,6 +79,7 @@ impl HarnessWorld {
             sv2_channels: Vec::new(),
             clients: BTreeMap::new(),
             forged: None,
+            refused_blocks: BTreeMap::new(),
         })
     }
 
@@ -207,6 +210,11 @@ impl HarnessWorld {
             }
         }
         problems
+    }
+
+    /// The settlement invariants of the default stack, now.
+    pub async fn settlement_problems(&self) -> anyhow::Result<Vec<String>> {
+        self.sweep_settlement(self.default_stack()?).await
     }
 
     /// The settlement invariants for every key the scenario knows (proxies' and clients').

@@ -17,7 +17,7 @@ use crate::world::{HarnessWorld, DEFAULT_STACK};
 /// Time given to miners to produce the shares a step waits for.
 const MINING_TIMEOUT: Duration = Duration::from_secs(90);
 /// Hashrate of a capped test miner.
-const CAPPED_HASHRATE: f64 = 500_000.0;
+pub(crate) const CAPPED_HASHRATE: f64 = 500_000.0;
 /// Hashrate of a slow test miner: about one block every 96 s on the private signet, so a
 /// scenario that needs the tip to stay put for a few seconds rarely sees it move.
 const SLOW_HASHRATE: f64 = 50_000.0;

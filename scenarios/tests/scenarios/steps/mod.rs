@@ -4,6 +4,7 @@ pub mod accounting;
 mod chain;
 pub mod faults;
 mod forged;
+mod fraud;
 pub mod mining;
 mod redis;
 mod settlement;

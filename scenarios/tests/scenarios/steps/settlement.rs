@@ -23,10 +23,9 @@ async fn settlement_delay(w: &mut HarnessWorld, secs: u64) {
     w.mint_options.settlement_delay_secs = secs;
 }
 
-#[given("a signet stack with the pool side")]
-async fn pool_side(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    w.start_stack(DEFAULT_STACK, Some(Chain::Signet), true)
-        .await?;
+#[given(expr = "a {chain} stack with the pool side")]
+async fn pool_side(w: &mut HarnessWorld, chain: super::ChainParam) -> anyhow::Result<()> {
+    w.start_stack(DEFAULT_STACK, Some(chain.0), true).await?;
     let (pool, mint) = (w.pool_options.clone(), w.mint_options.clone());
     w.default_stack_mut()?.start_pool_side(&pool, &mint).await
 }
@@ -50,7 +49,7 @@ async fn auditor(w: &mut HarnessWorld, name: String, workers: usize) -> anyhow::
 }
 
 /// The (name, secret) of a proxy's or client's key.
-fn secret_of(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
+pub(crate) fn secret_of(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
     if let Some(c) = w.clients.get(who) {
         return Ok(c.secret.clone());
     }
@@ -61,7 +60,7 @@ fn secret_of(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("{who} has no locking key"))
 }
 
-async fn quotes_of(w: &HarnessWorld, who: &str) -> anyhow::Result<Vec<QuoteInfo>> {
+pub(crate) async fn quotes_of(w: &HarnessWorld, who: &str) -> anyhow::Result<Vec<QuoteInfo>> {
     let mint = w.default_stack()?.mint()?;
     ehash_api::lookup(&mint.addr, &secret_of(w, who)?).await
 }
@@ -537,5 +536,56 @@ async fn streams_kept(w: &mut HarnessWorld) -> anyhow::Result<()> {
             "entry {key} was lost or changed across the Redis restart"
         );
     }
+    Ok(())
+}
+
+#[then(expr = "every quote of client {string} becomes PAID with its template's verdict {string}")]
+async fn client_quotes_paid(w: &mut HarnessWorld, who: String, reason: String) -> anyhow::Result<()> {
+    let quotes = wait_until(
+        &format!("every quote of client {who} to be PAID"),
+        SETTLE_TIMEOUT,
+        || async {
+            let q = quotes_of(w, &who).await.map_err(|e| e.to_string())?;
+            if !q.is_empty() && q.iter().all(|q| q.audit_status == "PAID") {
+                Ok(q)
+            } else {
+                Err(format!("{q:?}"))
+            }
+        },
+    )
+    .await?;
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    for q in quotes {
+        let verdict = harness::invariants::stream_entries(&mut conn, AUDIT_RESULTS_STREAM)
+            .await?
+            .into_iter()
+            .filter_map(|(_, f)| AuditResult::from_fields(&f).ok())
+            .find(|r| r.template_id == q.template_id)
+            .context("no verdict for the quote's template")?;
+        anyhow::ensure!(
+            verdict.reason == reason,
+            "template {} was judged {:?} ({}), expected {reason}",
+            q.template_id,
+            verdict.verdict,
+            verdict.reason
+        );
+    }
+    Ok(())
+}
+
+#[then("the pool found a block")]
+async fn pool_found_block(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    wait_until("the pool to have a block accepted", SETTLE_TIMEOUT, || async {
+        let m = pool.metrics().await.map_err(|e| e.to_string())?;
+        match m.get("hashpool_pool_blocks_found_total") {
+            n if n >= 1.0 => Ok(()),
+            _ => Err(format!(
+                "none yet (refused: {})",
+                m.sum("hashpool_pool_blocks_rejected_total")
+            )),
+        }
+    })
+    .await?;
     Ok(())
 }
