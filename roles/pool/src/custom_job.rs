@@ -190,3 +190,98 @@ impl Connection {
         Ok(job_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use stratum_apps::stratum_core::binary_sv2::{Seq0255Owned, U256Owned};
+
+    use super::*;
+
+    fn tip() -> TemplateRecord {
+        let gbt = sv2_templates::BlockTemplate {
+            version: 0x2000_0000,
+            previousblockhash: "11".repeat(32),
+            transactions: Vec::new(),
+            coinbasevalue: 5_000_000_000,
+            curtime: 1_700_000_100,
+            mintime: 1_700_000_000,
+            bits: "1e0377ae".into(),
+            height: 111,
+            default_witness_commitment: None,
+            target: "00".repeat(32),
+        };
+        TemplateRecord::from_gbt(&gbt, 7).unwrap()
+    }
+
+    fn declared() -> DeclaredTemplate {
+        DeclaredTemplate {
+            height: 111,
+            version: 0x2000_0000,
+            coinbase_outputs: vec![0, 1, 2],
+            transactions: Vec::new(),
+            merkle_path: vec![[5u8; 32]],
+            payout_sats: 5_000_000_000,
+        }
+    }
+
+    fn job(tip: &TemplateRecord) -> SetCustomMiningJobOwned {
+        SetCustomMiningJobOwned {
+            channel_id: 1,
+            request_id: 1,
+            token: vec![1u8; 16].try_into().unwrap(),
+            version: 0x2000_0000,
+            prev_hash: tip.prev_hash.prev_hash.clone(),
+            min_ntime: 1_700_000_100,
+            nbits: tip.nbits,
+            coinbase_tx_version: 2,
+            coinbase_prefix: vec![1u8, 111].try_into().unwrap(),
+            coinbase_tx_input_n_sequence: u32::MAX,
+            coinbase_tx_outputs: vec![0, 1, 2].try_into().unwrap(),
+            coinbase_tx_locktime: 0,
+            merkle_path: Seq0255Owned::new(vec![U256Owned::from([5u8; 32])]).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_job_matching_its_declaration_and_the_tip_passes() {
+        let tip = tip();
+        assert_eq!(check_custom_job(&job(&tip), &declared(), &tip, 1_700_000_200), Ok(()));
+    }
+
+    #[test]
+    fn each_field_off_names_itself() {
+        let tip = tip();
+        let now = 1_700_000_200;
+        let check = |m: SetCustomMiningJobOwned| check_custom_job(&m, &declared(), &tip, now);
+        let mut m = job(&tip);
+        m.prev_hash = U256Owned::from([9u8; 32]);
+        assert_eq!(check(m), Err("invalid-job-param-value-prev-hash"));
+        let mut m = job(&tip);
+        m.nbits = 0x207f_ffff;
+        assert_eq!(check(m), Err("invalid-job-param-value-nbits"));
+        let mut m = job(&tip);
+        m.min_ntime = tip.mintime - 1;
+        assert_eq!(check(m), Err("invalid-job-param-value-min-ntime"));
+        let mut m = job(&tip);
+        m.min_ntime = (now + MAX_FUTURE_NTIME_SECS + 1) as u32;
+        assert_eq!(check(m), Err("invalid-job-param-value-min-ntime"));
+        let mut m = job(&tip);
+        m.version = 0x2000_0004;
+        assert_eq!(check(m), Err("invalid-job-param-value-version"));
+        let mut m = job(&tip);
+        m.coinbase_tx_outputs = vec![0, 1, 3].try_into().unwrap();
+        assert_eq!(check(m), Err("invalid-job-param-value-coinbase-tx-outputs"));
+        let mut m = job(&tip);
+        m.merkle_path = Seq0255Owned::new(Vec::new()).unwrap();
+        assert_eq!(check(m), Err("invalid-job-param-value-merkle-path"));
+        let stale = DeclaredTemplate {
+            height: 110,
+            ..declared()
+        };
+        assert_eq!(
+            check_custom_job(&job(&tip), &stale, &tip, now),
+            Err("invalid-job-param-value-prev-hash"),
+            "declared for another height"
+        );
+    }
+}

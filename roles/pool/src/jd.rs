@@ -432,3 +432,6 @@ fn declare_error(request_id: u32, code: &str, detail: &str) -> anyhow::Result<An
         }),
     ))
 }
+
+#[cfg(test)]
+mod tests;

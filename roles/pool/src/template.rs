@@ -277,3 +277,24 @@ impl TemplateSource {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+impl TemplateRecord {
+    /// A record for `gbt` (unit tests).
+    pub fn from_gbt(gbt: &BlockTemplate, template_id: u64) -> anyhow::Result<Self> {
+        let converted = gbt::convert(gbt, template_id)?;
+        Ok(Self {
+            template_id,
+            template: converted.template,
+            prev_hash: converted.prev_hash,
+            prev_hash_display: gbt.previousblockhash.clone(),
+            height: gbt.height,
+            mintime: gbt.mintime,
+            nbits: converted.nbits,
+            merkle_path: converted.merkle_path,
+            transactions: Vec::new(),
+            txids: Vec::new(),
+            coinbase_value: gbt.coinbasevalue,
+        })
+    }
+}

@@ -144,6 +144,13 @@ impl HarnessWorld {
         let mut problems = Vec::new();
         for (stack_name, stack) in &self.stacks {
             stack.resume_paused();
+            // The sweep compares streams read at one moment with quotes looked up at the
+            // next: no new share may land in between.
+            for m in stack.miners() {
+                if let Err(e) = m.process().stop().await {
+                    problems.push(format!("stack {stack_name}: stopping a miner failed: {e:#}"));
+                }
+            }
             if !allow_errors {
                 problems.extend(stack.log_problems());
             }
