@@ -40,6 +40,14 @@ generate-blocks N:
 logs ROLE="":
     {{harness}} logs {{ROLE}}
 
+# Write a template with one kind of fraud on the running `just up` stack's tip as an audit task.
+fraud KIND OUT="fraud-task.json":
+    {{harness}} fraud {{KIND}} --out {{OUT}}
+
+# Print the auditor's verdict on a saved audit task (e.g. target/scenarios/fraud/KIND.json).
+audit FILE:
+    {{harness}} audit {{FILE}}
+
 # Remove stack data dirs and stop processes left over by earlier runs.
 clean:
     {{harness}} clean

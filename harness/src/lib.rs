@@ -20,6 +20,7 @@ pub mod config;
 pub mod ehash_api;
 pub mod faucet;
 pub mod fault_proxy;
+pub mod fraud_replay;
 pub mod http;
 pub mod invariants;
 pub mod keys;

@@ -77,7 +77,8 @@ pub enum TemplateKind {
 }
 
 impl TemplateKind {
-    fn as_str(self) -> &'static str {
+    /// Its name in records.
+    pub fn as_str(self) -> &'static str {
         match self {
             TemplateKind::Pool => "pool",
             TemplateKind::Declared => "declared",

@@ -66,6 +66,27 @@ enum Command {
         #[arg(long)]
         chain: Option<Chain>,
     },
+    /// Build a template with one kind of fraud on the running `up` stack's tip and write it as
+    /// an audit task (JSON), to replay with `harness audit`.
+    Fraud {
+        /// The fraud kind (missing-input, double-spend, coinbase-overclaim, over-weight,
+        /// wrong-witness-commitment, immature-coinbase-spend, non-final, no-pool-payout,
+        /// stale-tip, reused-token).
+        kind: String,
+        /// Where to write the task.
+        #[arg(long, default_value = "fraud-task.json")]
+        out: PathBuf,
+        /// Address the coinbase pays (the pool's; default: the harness faucet's).
+        #[arg(long)]
+        payout: Option<String>,
+    },
+    /// Print the auditor's verdict on a saved audit task (JSON of the task's fields, as the
+    /// fraud scenarios save them and `harness fraud` writes them), from the running `up`
+    /// stack's bitcoind.
+    Audit {
+        /// The task file.
+        file: PathBuf,
+    },
     /// Print which program backs each part of a stack.
     Backends,
     /// Print a fresh pool authority key pair (SRI base58) and a Cashu locking key pair.
@@ -110,6 +131,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Backends => backends(&config),
+        Command::Fraud { kind, out, payout } => fraud(&config, &kind, &out, payout).await,
+        Command::Audit { file } => audit(&config, &file).await,
         Command::Keys => {
             let a = harness::keys::authority_keys();
             let (locking_secret, locking_public) = harness::keys::locking_keys();
@@ -223,7 +246,8 @@ fn running_up(config: &HarnessConfig) -> anyhow::Result<StackSummary> {
     Ok(summary)
 }
 
-async fn generate(config: &HarnessConfig, n: u64, address: Option<String>) -> anyhow::Result<()> {
+/// The running `up` stack's summary and a client of its bitcoind.
+fn up_rpc(config: &HarnessConfig) -> anyhow::Result<(StackSummary, BitcoinRpc)> {
     let summary = running_up(config)?;
     let role = summary
         .roles
@@ -236,6 +260,55 @@ async fn generate(config: &HarnessConfig, n: u64, address: Option<String>) -> an
         .and_then(|c| c.strip_prefix(&format!("{RPC_USER}:")))
         .context("no bitcoind credentials in the stack summary")?;
     let rpc = BitcoinRpc::new(&role.endpoint, RPC_USER, password)?;
+    Ok((summary, rpc))
+}
+
+async fn fraud(
+    config: &HarnessConfig,
+    kind: &str,
+    out: &Path,
+    payout: Option<String>,
+) -> anyhow::Result<()> {
+    let kind: template_fraud::FraudKind = kind.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let (summary, rpc) = up_rpc(config)?;
+    let address = payout
+        .or(summary.faucet_address)
+        .context("no payout address: pass --payout")?;
+    let script = address
+        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()
+        .with_context(|| format!("{address} is not an address"))?
+        .assume_checked()
+        .script_pubkey();
+    let signet = summary.chain == Some(Chain::Signet);
+    let task = harness::fraud_replay::fraud_task(&rpc, signet, kind, script, 1).await?;
+    harness::fraud_replay::write_task(out, &task)?;
+    println!(
+        "{kind} template on {} (height {}) written to {}; replay: harness audit {}",
+        task.prev_hash,
+        task.height,
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+async fn audit(config: &HarnessConfig, file: &Path) -> anyhow::Result<()> {
+    let task = harness::fraud_replay::read_task(file)?;
+    let (_, rpc) = up_rpc(config)?;
+    let (verdict, reason) = harness::fraud_replay::audit(&rpc, &task).await?;
+    println!(
+        "template {} ({}, height {} on {}): {} ({reason})",
+        task.template_id,
+        task.kind.as_str(),
+        task.height,
+        task.prev_hash,
+        verdict.as_str()
+    );
+    Ok(())
+}
+
+async fn generate(config: &HarnessConfig, n: u64, address: Option<String>) -> anyhow::Result<()> {
+    let (summary, rpc) = up_rpc(config)?;
     let address = address
         .or(summary.faucet_address)
         .context("no address to mine to")?;

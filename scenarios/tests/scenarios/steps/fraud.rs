@@ -245,6 +245,16 @@ async fn verdict_snapshot(w: &mut HarnessWorld, fraud: String) -> anyhow::Result
         "submitblock_reason",
         w.refused_blocks.keys().cloned().collect::<Vec<_>>().join(","),
     );
+    // Saved for a replay by hand: `harness audit <file>` against `just up --bare`, which
+    // starts from the same cached chain tip these templates build on.
+    let dir = scenarios::report_dir().join("fraud");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{fraud}.json"));
+    let task: BTreeMap<&String, &String> = first
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "reason" | "audited_at" | "task_entry"))
+        .collect();
+    std::fs::write(&file, serde_json::to_vec_pretty(&task)?)?;
     insta::with_settings!({snapshot_path => "../../../../fixtures/snapshots", prepend_module_to_snapshot => false}, {
         insta::assert_yaml_snapshot!(format!("fraud_verdict_{fraud}"), pinned);
     });
