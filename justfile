@@ -28,9 +28,9 @@ scenario TAGS: roles
 roles:
     cargo build -p pool -p mint -p auditor -p proxy -p miner
 
-# Start a stack (bitcoind on CHAIN + Redis), print its endpoints, keep it until Ctrl-C.
-up CHAIN="signet":
-    {{harness}} up --chain {{CHAIN}}
+# Start the full stack on CHAIN, print its endpoints, keep it until Ctrl-C (FLAGS: --bare for bitcoind and Redis only, --keep).
+up CHAIN="signet" *FLAGS:
+    {{harness}} up --chain {{CHAIN}} {{FLAGS}}
 
 # Mine N blocks on the running `just up` stack (to the harness faucet).
 generate-blocks N:
@@ -60,13 +60,15 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement (release roles).
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits (release roles).
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
     cargo build --release -p pool -p mint -p auditor -p proxy -p miner
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench mining_e2e
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench settlement
+    cargo bench -p pool --bench declaration
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit
 
 # cargo fmt --check and clippy with warnings denied.
 lint:

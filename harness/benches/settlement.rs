@@ -6,17 +6,14 @@
 //!   (one blind signature with its DLEQ proof per ehash-1 quote) measured in this process;
 //! - latency from a share's record (appended before its ack) to its quote PAID, with zero
 //!   settlement delay, while a miner mines (the mint's histogram, bucket bounds);
-//! - auditor templates per second for blocks of 1 and 500 transactions (real, signed);
 //! - full stack start (bitcoind, Redis, pool, mint, auditor, proxy, miner), median of 5, and
 //!   the peak RSS of the whole stack under mining load.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use bitcoin::consensus::encode::serialize;
 use cdk_common::dhke::{blind_message, sign_message};
 use cdk_common::nuts::{BlindSignature, Id, SecretKey};
-use harness::blocks::{block_on_tip, fan_out};
 use harness::ehash_api;
 use harness::roles::{MinerOptions, MintOptions, PoolOptions};
 use harness::{Chain, HarnessConfig, Stack};
@@ -192,78 +189,6 @@ async fn full_stack(
     Ok((starts, p50, p99, rss as f64 / 1024.0))
 }
 
-/// Templates the auditor validates per second for blocks of `txs` transactions.
-async fn auditor_rate(config: &HarnessConfig, txs: usize) -> anyhow::Result<f64> {
-    const TASKS: u32 = 200;
-    let mut s = Stack::builder(&format!("bench-audit-{txs}"), config)
-        .chain(Chain::Signet)
-        .redis()
-        .start()
-        .await?;
-    let rpc = s.bitcoind()?.rpc();
-    let payout = s.faucet()?.address().script_pubkey();
-    let (extra, fees) = if txs > 1 {
-        fan_out(rpc, s.faucet()?, txs - 1).await?
-    } else {
-        (Vec::new(), bitcoin::Amount::ZERO)
-    };
-    let block = block_on_tip(rpc, &["segwit", "signet"], &payout, extra, fees).await?;
-    anyhow::ensure!(
-        block.txdata.len() == txs,
-        "{} transactions",
-        block.txdata.len()
-    );
-    let info: serde_json::Value = rpc.call("getblockchaininfo", &[]).await?;
-    let task = |i: u32| ehash::AuditTask {
-        template_id: ehash::template_id(7, i),
-        kind: ehash::TemplateKind::Pool,
-        prev_hash: block.header.prev_blockhash.to_string(),
-        height: info["blocks"].as_u64().unwrap_or(0) + 1,
-        block: hex::encode(serialize(&block)),
-        payout_script: hex::encode(payout.as_bytes()),
-        payout_sats: 0,
-    };
-    let mut conn = s.redis()?.connect().await?;
-    let mut pipe = redis::pipe();
-    for i in 0..TASKS {
-        let cmd = pipe.cmd("XADD").arg(ehash::AUDIT_TASKS_STREAM).arg("*");
-        for (k, v) in task(i).to_fields() {
-            cmd.arg(k).arg(v);
-        }
-        cmd.ignore();
-    }
-    pipe.query_async::<()>(&mut conn).await?;
-    let start = Instant::now();
-    s.start_auditor("bench", 2).await?;
-    harness::wait::wait_until("every template audited", Duration::from_secs(600), || {
-        let mut conn = conn.clone();
-        async move {
-            let n: u64 = redis::cmd("XLEN")
-                .arg(ehash::AUDIT_RESULTS_STREAM)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            if n >= u64::from(TASKS) {
-                Ok(())
-            } else {
-                Err(format!("{n} verdicts"))
-            }
-        }
-    })
-    .await?;
-    let rate = f64::from(TASKS) / start.elapsed().as_secs_f64();
-    let dead: u64 = redis::cmd("XLEN")
-        .arg(ehash::AUDIT_DEAD_STREAM)
-        .query_async(&mut conn)
-        .await?;
-    anyhow::ensure!(
-        dead == 0,
-        "{dead} templates found invalid: the bench block is broken"
-    );
-    s.shutdown(false).await?;
-    Ok(rate)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = HarnessConfig::load(None)?;
@@ -280,10 +205,6 @@ async fn main() -> anyhow::Result<()> {
         "| {QUOTES} quotes: records appended -> PAID -> minted (NUT-29 batches of 500), per second | {minted:.0} ({:.2} of the limit; floor 1,000, aim 2,000) |",
         minted / limit
     );
-    for txs in [1usize, 500] {
-        let rate = auditor_rate(&config, txs).await?;
-        println!("| auditor (2 workers): templates of {txs} transaction(s) validated per second | {rate:.0} |");
-    }
     let (starts, p50, p99, rss) = full_stack(&config, 5).await?;
     let median = starts[starts.len() / 2];
     println!(

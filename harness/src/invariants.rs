@@ -213,19 +213,15 @@ pub async fn sweep_records(
                 r.share_hash
             )),
         }
-        if !blocks.contains_key(&r.template_id) {
-            match task_block(task) {
-                Ok(b) => {
-                    blocks.insert(r.template_id, b);
-                }
-                Err(e) => {
-                    report.problems.push(format!("record {id}: {e:#}"));
+        let task_block = match blocks.entry(r.template_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match task_block(task) {
+                Ok(b) => e.insert(b),
+                Err(err) => {
+                    report.problems.push(format!("record {id}: {err:#}"));
                     continue;
                 }
-            }
-        }
-        let Some(task_block) = blocks.get(&r.template_id) else {
-            continue;
+            },
         };
         let block = match share_block_on(task_block, &r) {
             Ok(b) => b,

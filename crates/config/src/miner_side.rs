@@ -171,7 +171,10 @@ impl ProxyConfig {
                     return Err("`template_source = \"miner\"` needs `node.rpc_url`, the operator's own bitcoind".into());
                 }
                 if !matches!(self.node.chain.as_str(), "signet" | "regtest") {
-                    return Err(format!("`node.chain` must be signet or regtest, got {:?}", self.node.chain));
+                    return Err(format!(
+                        "`node.chain` must be signet or regtest, got {:?}",
+                        self.node.chain
+                    ));
                 }
                 if self.node.poll_interval_ms == 0 {
                     return Err("`node.poll_interval_ms` must be at least 1".into());

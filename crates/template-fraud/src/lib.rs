@@ -16,8 +16,8 @@ use bitcoin::consensus::encode::{deserialize, serialize};
 use bitcoin::hashes::Hash;
 use bitcoin::transaction::Version;
 use bitcoin::{
-    Amount, Block, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, WitnessMerkleNode,
-    Witness,
+    Amount, Block, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness,
+    WitnessMerkleNode,
 };
 use sv2_templates::{BlockTemplate, GbtTransaction};
 
@@ -126,7 +126,12 @@ pub fn anyone_script() -> ScriptBuf {
 }
 
 /// A transaction with one input and one output, both given.
-fn tx(previous_output: OutPoint, sequence: Sequence, lock_time: LockTime, witness: Witness) -> Transaction {
+fn tx(
+    previous_output: OutPoint,
+    sequence: Sequence,
+    lock_time: LockTime,
+    witness: Witness,
+) -> Transaction {
     Transaction {
         version: Version::TWO,
         lock_time,
@@ -180,9 +185,8 @@ pub fn set_transactions(gbt: &mut BlockTemplate, txs: &[Transaction]) {
 /// The coinbase witness commitment output script for these transactions (after the
 /// coinbase), with the all-zero witness reserved value every template here uses.
 pub fn witness_commitment(txs: &[Transaction]) -> ScriptBuf {
-    let leaves = std::iter::once(WitnessMerkleNode::all_zeros().to_raw_hash()).chain(
-        txs.iter().map(|t| t.compute_wtxid().to_raw_hash()),
-    );
+    let leaves = std::iter::once(WitnessMerkleNode::all_zeros().to_raw_hash())
+        .chain(txs.iter().map(|t| t.compute_wtxid().to_raw_hash()));
     let root = bitcoin::merkle_tree::calculate_root(leaves)
         .map(WitnessMerkleNode::from_raw_hash)
         .unwrap_or_else(WitnessMerkleNode::all_zeros);

@@ -35,7 +35,10 @@ fn names_round_trip_and_unknown_names_list_the_kinds() {
         assert_eq!(k.as_str().parse::<FraudKind>(), Ok(k));
     }
     let err = "nope".parse::<FraudKind>().unwrap_err();
-    assert!(err.contains("double-spend") && err.contains("nope"), "{err}");
+    assert!(
+        err.contains("double-spend") && err.contains("nope"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -60,11 +63,17 @@ fn each_kind_changes_exactly_what_it_names() {
         match kind {
             FraudKind::MissingInput | FraudKind::NonFinal | FraudKind::ImmatureCoinbaseSpend => {
                 assert_eq!(txs.len(), 2, "{kind}");
-                assert_eq!(gbt.default_witness_commitment, template(&txs).default_witness_commitment);
+                assert_eq!(
+                    gbt.default_witness_commitment,
+                    template(&txs).default_witness_commitment
+                );
             }
             FraudKind::DoubleSpend => {
                 assert_eq!(txs.len(), 2);
-                assert_eq!(txs[0].input[0].previous_output, txs[1].input[0].previous_output);
+                assert_eq!(
+                    txs[0].input[0].previous_output,
+                    txs[1].input[0].previous_output
+                );
                 assert_ne!(txs[0].compute_txid(), txs[1].compute_txid());
             }
             FraudKind::OverWeight => {
@@ -76,7 +85,10 @@ fn each_kind_changes_exactly_what_it_names() {
             FraudKind::CoinbaseOverclaim => assert_eq!(gbt.coinbasevalue, base.coinbasevalue + 1),
             FraudKind::WrongWitnessCommitment => {
                 assert_eq!(txs.len(), 1);
-                assert_ne!(gbt.default_witness_commitment, base.default_witness_commitment);
+                assert_ne!(
+                    gbt.default_witness_commitment,
+                    base.default_witness_commitment
+                );
             }
             FraudKind::StaleTip => assert_eq!(gbt.height, base.height - 1),
             FraudKind::NoPoolPayout | FraudKind::ReusedToken => {
@@ -89,7 +101,10 @@ fn each_kind_changes_exactly_what_it_names() {
             assert_eq!(txs[1].input[0].sequence, Sequence::ZERO);
         }
         if matches!(kind, FraudKind::ImmatureCoinbaseSpend) {
-            assert_eq!(txs[1].input[0].previous_output.txid, Txid::from_byte_array([9; 32]));
+            assert_eq!(
+                txs[1].input[0].previous_output.txid,
+                Txid::from_byte_array([9; 32])
+            );
         }
     }
 }

@@ -16,8 +16,8 @@ use stratum_apps::stratum_core::mining_sv2::{
 };
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 
-use crate::limits::TokenBucket;
 use crate::custom_job::DeclaredJob;
+use crate::limits::TokenBucket;
 use crate::template::{TemplateRecord, TemplateStore};
 
 /// A channel of a connection.
@@ -203,9 +203,11 @@ impl ChannelState {
         }?;
         match job.get_origin() {
             JobOrigin::NewTemplate(t) => Some(JobTemplate::Pool(t.template_id)),
-            JobOrigin::SetCustomMiningJob(_) => {
-                self.declared.get(&job_id).cloned().map(JobTemplate::Declared)
-            }
+            JobOrigin::SetCustomMiningJob(_) => self
+                .declared
+                .get(&job_id)
+                .cloned()
+                .map(JobTemplate::Declared),
         }
     }
 
@@ -223,7 +225,9 @@ impl ChannelState {
         // Forget declarations of jobs the channel no longer validates shares for.
         let channel = &self.channel;
         self.declared.retain(|id, _| {
-            channel.get_active_job().is_some_and(|j| j.get_job_id() == *id)
+            channel
+                .get_active_job()
+                .is_some_and(|j| j.get_job_id() == *id)
                 || channel.get_past_job(*id).is_some()
         });
         Ok(job_id)

@@ -111,13 +111,11 @@ impl Connection {
     pub(crate) fn on_set_custom_job(&mut self, m: SetCustomMiningJobOwned) -> Result<(), Close> {
         let (channel_id, request_id) = (m.channel_id, m.request_id);
         let answer = match self.custom_job(m) {
-            Ok(job_id) => {
-                MiningOwned::SetCustomMiningJobSuccess(SetCustomMiningJobSuccess {
-                    channel_id,
-                    request_id,
-                    job_id,
-                })
-            }
+            Ok(job_id) => MiningOwned::SetCustomMiningJobSuccess(SetCustomMiningJobSuccess {
+                channel_id,
+                request_id,
+                job_id,
+            }),
             Err(code) => {
                 tracing::info!(
                     conn = self.id,
@@ -245,7 +243,10 @@ mod tests {
     #[test]
     fn a_job_matching_its_declaration_and_the_tip_passes() {
         let tip = tip();
-        assert_eq!(check_custom_job(&job(&tip), &declared(), &tip, 1_700_000_200), Ok(()));
+        assert_eq!(
+            check_custom_job(&job(&tip), &declared(), &tip, 1_700_000_200),
+            Ok(())
+        );
     }
 
     #[test]

@@ -176,7 +176,10 @@ pub fn check_declaration(
     if height != tip_height + 1 {
         return Err((
             "stale-chain-tip",
-            format!("coinbase height {height}, the pool's next block is {}", tip_height + 1),
+            format!(
+                "coinbase height {height}, the pool's next block is {}",
+                tip_height + 1
+            ),
         ));
     }
     let required = block_subsidy(height);
@@ -189,20 +192,30 @@ pub fn check_declaration(
     if paid < required {
         return Err((
             "invalid-coinbase-tx",
-            format!("the coinbase pays the pool {paid} sat, it requires the block subsidy {required}"),
+            format!(
+                "the coinbase pays the pool {paid} sat, it requires the block subsidy {required}"
+            ),
         ));
     }
     let wtxids = m.wtxid_list.clone().into_inner();
     if wtxids.len() != txs.len() {
         return Err((
             "invalid-job",
-            format!("{} transactions for {} declared wtxids", txs.len(), wtxids.len()),
+            format!(
+                "{} transactions for {} declared wtxids",
+                txs.len(),
+                wtxids.len()
+            ),
         ));
     }
     let mut txids = Vec::with_capacity(txs.len());
     for (i, (raw, wtxid)) in txs.iter().zip(&wtxids).enumerate() {
-        let tx: Transaction = deserialize(raw)
-            .map_err(|e| ("invalid-job", format!("transaction {i} does not decode: {e}")))?;
+        let tx: Transaction = deserialize(raw).map_err(|e| {
+            (
+                "invalid-job",
+                format!("transaction {i} does not decode: {e}"),
+            )
+        })?;
         if tx.compute_wtxid().to_byte_array() != wtxid.to_array() {
             return Err((
                 "invalid-job",
@@ -322,7 +335,10 @@ async fn connection(
                             error_code: str0255("unsupported-protocol"),
                         },
                     ));
-                    writer.write_frame(send(err)?).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    writer
+                        .write_frame(send(err)?)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                     anyhow::bail!("protocol {:?} on the job declaration port", m.protocol);
                 }
                 setup = true;
@@ -340,22 +356,27 @@ async fn connection(
                     value: Amount::ZERO,
                     script_pubkey: ctx.payout.clone(),
                 }]);
-                AnyMessageOwned::JobDeclaration(
-                    JobDeclarationOwned::AllocateMiningJobTokenSuccess(
-                        AllocateMiningJobTokenSuccessOwned {
-                            request_id: m.request_id,
-                            mining_job_token: B0255Owned::try_from(token)
-                                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-                            coinbase_outputs: B064KOwned::try_from(outputs)
-                                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-                        },
-                    ),
-                )
+                AnyMessageOwned::JobDeclaration(JobDeclarationOwned::AllocateMiningJobTokenSuccess(
+                    AllocateMiningJobTokenSuccessOwned {
+                        request_id: m.request_id,
+                        mining_job_token: B0255Owned::try_from(token)
+                            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+                        coinbase_outputs: B064KOwned::try_from(outputs)
+                            .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+                    },
+                ))
             }
             AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJob(m)) => {
-                if !ctx.jobs.take_allocated(&m.mining_job_token.as_bytes().to_vec()) {
-                    ctx.metrics.declarations.with_label_values(&["invalid-mining-job-token"]).inc();
-                    declare_error(m.request_id, "invalid-mining-job-token", "unknown or used token")?
+                if !ctx.jobs.take_allocated(m.mining_job_token.as_bytes()) {
+                    ctx.metrics
+                        .declarations
+                        .with_label_values(&["invalid-mining-job-token"])
+                        .inc();
+                    declare_error(
+                        m.request_id,
+                        "invalid-mining-job-token",
+                        "unknown or used token",
+                    )?
                 } else {
                     let n = m.wtxid_list.clone().into_inner().len();
                     let request_id = m.request_id;
@@ -393,8 +414,15 @@ async fn connection(
                     .unwrap_or(0);
                 match check_declaration(&declared, &txs, tip_height, &ctx.payout) {
                     Ok(t) => {
-                        ctx.metrics.declarations.with_label_values(&["accepted"]).inc();
-                        tracing::info!(height = t.height, txs = t.transactions.len(), "job declared");
+                        ctx.metrics
+                            .declarations
+                            .with_label_values(&["accepted"])
+                            .inc();
+                        tracing::info!(
+                            height = t.height,
+                            txs = t.transactions.len(),
+                            "job declared"
+                        );
                         let token = ctx.jobs.declare(t);
                         AnyMessageOwned::JobDeclaration(
                             JobDeclarationOwned::DeclareMiningJobSuccess(

@@ -6,8 +6,8 @@ use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 use stratum_apps::stratum_core::binary_sv2::{B032Owned, Seq064KOwned, Str0255Owned, U256Owned};
 use stratum_apps::stratum_core::channels_sv2::server::extended::ExtendedChannel;
 use stratum_apps::stratum_core::common_messages_sv2::{
-    has_requires_std_job, has_work_selection, Protocol, SetupConnectionErrorOwned, SetupConnectionOwned,
-    SetupConnectionSuccess,
+    has_requires_std_job, has_work_selection, Protocol, SetupConnectionErrorOwned,
+    SetupConnectionOwned, SetupConnectionSuccess,
 };
 use stratum_apps::stratum_core::extensions_sv2::{
     RequestExtensionsOwned, RequestExtensionsSuccessOwned,

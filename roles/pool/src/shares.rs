@@ -113,7 +113,11 @@ impl Connection {
         if let Some(JobTemplate::Declared(d)) = &job {
             // A custom job on a tip that is no longer the pool's is stale: the pool has no
             // future job to stale it with.
-            let current = ctx.templates.borrow().as_ref().map(|t| t.prev_hash.prev_hash.to_array());
+            let current = ctx
+                .templates
+                .borrow()
+                .as_ref()
+                .map(|t| t.prev_hash.prev_hash.to_array());
             if current != Some(d.prev_hash) {
                 return self.reject(s.channel_id, s.sequence_number, "stale-share");
             }

@@ -118,8 +118,8 @@ impl Jd {
             next_request: 1,
         };
         let s = |v: &str| Str0255Owned::try_from(v.to_string()).map_err(|e| anyhow!("{e:?}"));
-        jd.send(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnection(
-            SetupConnectionOwned {
+        jd.send(AnyMessageOwned::Common(
+            CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
                 protocol: Protocol::JobDeclarationProtocol,
                 min_version: 2,
                 max_version: 2,
@@ -130,8 +130,8 @@ impl Jd {
                 hardware_version: s("proxy")?,
                 firmware: s(env!("CARGO_PKG_VERSION"))?,
                 device_id: s(&p.user_identity)?,
-            },
-        )))
+            }),
+        ))
         .await?;
         match jd.recv().await? {
             AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => Ok(jd),
@@ -175,9 +175,9 @@ impl Jd {
         ))
         .await?;
         match self.recv().await? {
-            AnyMessageOwned::JobDeclaration(JobDeclarationOwned::AllocateMiningJobTokenSuccess(
-                s,
-            )) => {
+            AnyMessageOwned::JobDeclaration(
+                JobDeclarationOwned::AllocateMiningJobTokenSuccess(s),
+            ) => {
                 let outputs: Vec<TxOut> = deserialize(s.coinbase_outputs.as_bytes())
                     .context("the pool's coinbase outputs do not decode")?;
                 Ok((s.mining_job_token.as_bytes().to_vec(), outputs))
@@ -225,9 +225,9 @@ impl Jd {
                     ))
                     .await?;
                 }
-                AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJobSuccess(s)) => {
-                    return Ok(Ok(s.new_mining_job_token.as_bytes().to_vec()))
-                }
+                AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJobSuccess(
+                    s,
+                )) => return Ok(Ok(s.new_mining_job_token.as_bytes().to_vec())),
                 AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJobError(e)) => {
                     return Ok(Err((
                         String::from_utf8_lossy(e.error_code.as_bytes()).into_owned(),
@@ -290,7 +290,8 @@ fn build(
     let wtxids = transactions
         .iter()
         .map(|raw| {
-            let tx: Transaction = deserialize(raw).context("template transaction does not decode")?;
+            let tx: Transaction =
+                deserialize(raw).context("template transaction does not decode")?;
             Ok(U256Owned::from(tx.compute_wtxid().to_byte_array()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -314,11 +315,7 @@ fn build(
 }
 
 impl Job {
-    fn custom(
-        self,
-        shape: &ChannelShape,
-        token: Vec<u8>,
-    ) -> anyhow::Result<DeclaredWork> {
+    fn custom(self, shape: &ChannelShape, token: Vec<u8>) -> anyhow::Result<DeclaredWork> {
         let factory = JobFactory::new(true, None, None);
         let tip = ChainTip::new(
             self.template.prev_hash.prev_hash.clone(),
@@ -355,7 +352,9 @@ async fn declare_one(
     let job = match build(t, p.fraud, pool_outputs, &token, shape.full_extranonce_size) {
         Ok(j) => j,
         Err(e) => {
-            tracing::warn!("cannot build a job from the node's template (waiting for the next one): {e:#}");
+            tracing::warn!(
+                "cannot build a job from the node's template (waiting for the next one): {e:#}"
+            );
             count(status, |s| {
                 s.not_built += 1;
                 s.last_error = Some(format!("{e:#}"));
@@ -378,7 +377,11 @@ async fn declare_one(
     match answer {
         Ok(new_token) => {
             count(status, |s| s.declared += 1);
-            tracing::info!(height = job.height, txs = job.transactions.len(), "job declared");
+            tracing::info!(
+                height = job.height,
+                txs = job.transactions.len(),
+                "job declared"
+            );
             Ok(Some(job.custom(shape, new_token)?))
         }
         Err((code, detail)) => {

@@ -119,7 +119,10 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         let listener = TcpListener::bind(&config.http_listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
-        tracing::info!("status on http://{}/ (wallet, declarations, health)", listener.local_addr()?);
+        tracing::info!(
+            "status on http://{}/ (wallet, declarations, health)",
+            listener.local_addr()?
+        );
         let http_stop = stop.clone();
         background.push(tokio::spawn(async move {
             let _ = axum::serve(listener, app)

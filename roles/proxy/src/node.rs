@@ -129,7 +129,9 @@ impl NodePoller {
             .await;
             match (result, failing) {
                 (Err(e), false) => {
-                    tracing::error!("the operator's node gives no template (keeping the last): {e:#}");
+                    tracing::error!(
+                        "the operator's node gives no template (keeping the last): {e:#}"
+                    );
                     failing = true;
                 }
                 (Ok(()), true) => {

@@ -395,9 +395,14 @@ impl Session {
         self.next_request = self.next_request.wrapping_add(1);
         work.set_custom.request_id = self.next_request;
         work.set_custom.channel_id = self.channel_id;
-        tracing::debug!(miner = self.id, height = work.height, "setting a custom job");
+        tracing::debug!(
+            miner = self.id,
+            height = work.height,
+            "setting a custom job"
+        );
         if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone())) {
-            self.custom_pending.insert(self.next_request, work.set_custom);
+            self.custom_pending
+                .insert(self.next_request, work.set_custom);
         }
         // Answers to older requests that never came are not waited for.
         while self.custom_pending.len() > KEPT_JOBS {
@@ -409,7 +414,11 @@ impl Session {
     }
 
     /// The pool accepted a custom job as `job_id`: give it to the miner.
-    async fn on_custom_job(&mut self, set: SetCustomMiningJobOwned, job_id: u32) -> Result<(), String> {
+    async fn on_custom_job(
+        &mut self,
+        set: SetCustomMiningJobOwned,
+        job_id: u32,
+    ) -> Result<(), String> {
         let full = self.extranonce1.len() + self.extranonce2_size;
         let job = JobFactory::new(true, None, None)
             .new_extended_job_from_custom_job(set.clone(), self.extranonce1.clone(), full)

@@ -148,7 +148,9 @@ impl HarnessWorld {
             // next: no new share may land in between.
             for m in stack.miners() {
                 if let Err(e) = m.process().stop().await {
-                    problems.push(format!("stack {stack_name}: stopping a miner failed: {e:#}"));
+                    problems.push(format!(
+                        "stack {stack_name}: stopping a miner failed: {e:#}"
+                    ));
                 }
             }
             if !allow_errors {

@@ -33,7 +33,12 @@ fn spend(n: u8) -> Transaction {
 
 /// A declaration: coinbase at `height` paying `to` `sats`, with `txs` (declared wtxids
 /// taken from `declared`).
-fn declaration(height: i64, to: ScriptBuf, sats: u64, declared: &[Transaction]) -> DeclareMiningJobOwned {
+fn declaration(
+    height: i64,
+    to: ScriptBuf,
+    sats: u64,
+    declared: &[Transaction],
+) -> DeclareMiningJobOwned {
     let mut script_sig = Builder::new().push_int(height).into_script().into_bytes();
     script_sig.push(DECLARED_EXTRANONCE_LEN as u8);
     script_sig.extend(std::iter::repeat_n(0u8, DECLARED_EXTRANONCE_LEN));
@@ -87,7 +92,11 @@ fn bip34_heights_decode_like_script_numbers() {
     assert_eq!(bip34_height(&[0x02, 0x80, 0x00]), Some(128));
     assert_eq!(bip34_height(&[0x03, 0x40, 0x0d, 0x03]), Some(200_000));
     assert_eq!(bip34_height(&[0x01, 0x80]), None, "negative");
-    assert_eq!(bip34_height(&[0x02, 0x01]), None, "push longer than the script");
+    assert_eq!(
+        bip34_height(&[0x02, 0x01]),
+        None,
+        "push longer than the script"
+    );
     assert_eq!(bip34_height(&[]), None);
     for h in [17i64, 127, 255, 256, 65_535, 840_000] {
         let script = Builder::new().push_int(h).into_script();
@@ -102,7 +111,10 @@ fn an_honest_declaration_gives_its_merkle_path_and_the_required_payout() {
     let t = check_declaration(&m, &raw(&txs), 110, &payout()).unwrap();
     assert_eq!(t.height, 111);
     assert_eq!(t.payout_sats, SUBSIDY);
-    let txids: Vec<[u8; 32]> = txs.iter().map(|t| t.compute_txid().to_byte_array()).collect();
+    let txids: Vec<[u8; 32]> = txs
+        .iter()
+        .map(|t| t.compute_txid().to_byte_array())
+        .collect();
     assert_eq!(t.merkle_path, sv2_templates::coinbase_merkle_path(&txids));
     assert_eq!(t.transactions, raw(&txs));
 }
@@ -114,15 +126,35 @@ fn declarations_are_refused_with_the_spec_codes() {
         check_declaration(m, given, tip, &payout()).unwrap_err().0
     };
     let honest = declaration(111, payout(), SUBSIDY, &txs);
-    assert_eq!(code(&honest, &raw(&txs), 111), "stale-chain-tip", "declared on the previous tip");
-    assert_eq!(code(&honest, &raw(&txs), 109), "stale-chain-tip", "a height ahead");
+    assert_eq!(
+        code(&honest, &raw(&txs), 111),
+        "stale-chain-tip",
+        "declared on the previous tip"
+    );
+    assert_eq!(
+        code(&honest, &raw(&txs), 109),
+        "stale-chain-tip",
+        "a height ahead"
+    );
     let elsewhere = declaration(111, ScriptBuf::new_op_return([1u8; 4]), SUBSIDY, &txs);
     assert_eq!(code(&elsewhere, &raw(&txs), 110), "invalid-coinbase-tx");
     let short = declaration(111, payout(), SUBSIDY - 1, &txs);
     assert_eq!(code(&short, &raw(&txs), 110), "invalid-coinbase-tx");
-    assert_eq!(code(&honest, &raw(&[spend(9)]), 110), "invalid-job", "another transaction");
-    assert_eq!(code(&honest, &[], 110), "invalid-job", "missing transaction");
-    assert_eq!(code(&honest, &[vec![0xde, 0xad]], 110), "invalid-job", "undecodable");
+    assert_eq!(
+        code(&honest, &raw(&[spend(9)]), 110),
+        "invalid-job",
+        "another transaction"
+    );
+    assert_eq!(
+        code(&honest, &[], 110),
+        "invalid-job",
+        "missing transaction"
+    );
+    assert_eq!(
+        code(&honest, &[vec![0xde, 0xad]], 110),
+        "invalid-job",
+        "undecodable"
+    );
     let mut garbled = honest.clone();
     garbled.coinbase_tx_suffix = vec![0u8; 3].try_into().unwrap();
     assert_eq!(code(&garbled, &raw(&txs), 110), "invalid-coinbase-tx");
@@ -139,6 +171,12 @@ fn tokens_are_used_once() {
     let t = check_declaration(&m, &raw(&txs), 110, &payout()).unwrap();
     let declared = book.declare(t);
     assert!(book.take_declared(&declared).is_some());
-    assert!(book.take_declared(&declared).is_none(), "a reused job token");
-    assert!(book.take_declared(&token).is_none(), "an allocation token is not a job token");
+    assert!(
+        book.take_declared(&declared).is_none(),
+        "a reused job token"
+    );
+    assert!(
+        book.take_declared(&token).is_none(),
+        "an allocation token is not a job token"
+    );
 }

@@ -42,7 +42,10 @@ async fn payment_everywhere(w: &mut HarnessWorld) -> anyhow::Result<()> {
         .await?;
     for name in stack.operator_node_names() {
         let rpc = stack.operator_node(&name)?.rpc();
-        let what = format!("payment {} to reach the node of operator {name} over P2P", payment.txid);
+        let what = format!(
+            "payment {} to reach the node of operator {name} over P2P",
+            payment.txid
+        );
         wait_until(&what, Duration::from_secs(30), || async {
             rpc.call::<serde_json::Value>("getmempoolentry", &[serde_json::json!(payment.txid)])
                 .await
@@ -73,7 +76,12 @@ async fn fraudulent_proxy(
     fraud: String,
 ) -> anyhow::Result<()> {
     w.default_stack_mut()?
-        .start_proxy_declaring(&name, true, CAPPED_HASHRATE as f32, Some((&node, Some(&fraud))))
+        .start_proxy_declaring(
+            &name,
+            true,
+            CAPPED_HASHRATE as f32,
+            Some((&node, Some(&fraud))),
+        )
         .await?;
     Ok(())
 }
@@ -81,10 +89,7 @@ async fn fraudulent_proxy(
 /// Template ids of the share records locked to `who`'s key.
 async fn templates_of(w: &HarnessWorld, who: &str) -> anyhow::Result<HashSet<u64>> {
     let stack = w.default_stack()?;
-    let key = stack
-        .proxy(who)?
-        .locking_pubkey
-        .context("no locking key")?;
+    let key = stack.proxy(who)?.locking_pubkey.context("no locking key")?;
     let mut conn = stack.redis()?.connect().await?;
     Ok(stream_entries(&mut conn, SHARES_STREAM)
         .await?
@@ -104,15 +109,14 @@ async fn block_refused(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> 
         BLOCK_TIMEOUT,
         || async {
             let m = pool.metrics().await.map_err(|e| e.to_string())?;
-            let refused: BTreeMap<String, f64> = m
-                .0
-                .iter()
-                .filter_map(|(k, v)| {
-                    k.strip_prefix("hashpool_pool_blocks_rejected_total{reason=\"")
-                        .and_then(|r| r.strip_suffix("\"}"))
-                        .map(|r| (r.to_string(), *v))
-                })
-                .collect();
+            let refused: BTreeMap<String, f64> =
+                m.0.iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix("hashpool_pool_blocks_rejected_total{reason=\"")
+                            .and_then(|r| r.strip_suffix("\"}"))
+                            .map(|r| (r.to_string(), *v))
+                    })
+                    .collect();
             if refused.is_empty() {
                 Err(format!(
                     "no block refused yet ({} accepted)",
@@ -136,8 +140,12 @@ async fn refused_with(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()
         w.refused_blocks
     );
     let stack = w.default_stack()?;
-    let (height, tip) = w.tip_before.clone().context("no tip remembered")?;
-    let found = stack.pool()?.metrics().await?.get("hashpool_pool_blocks_found_total");
+    let (height, tip) = w.tip_before.context("no tip remembered")?;
+    let found = stack
+        .pool()?
+        .metrics()
+        .await?
+        .get("hashpool_pool_blocks_found_total");
     anyhow::ensure!(found == 0.0, "the pool had {found} block(s) accepted");
     let mut nodes = vec![("pool".to_string(), stack.bitcoind()?.rpc())];
     for name in stack.operator_node_names() {
@@ -177,7 +185,10 @@ async fn all_failed(w: &mut HarnessWorld, who: String, reason: String) -> anyhow
             if !q.is_empty() && bad.is_empty() && s.failed > 0 {
                 Ok(())
             } else {
-                Err(format!("{} quote(s), not FAILED yet: {bad:?}; wallet {s:?}", q.len()))
+                Err(format!(
+                    "{} quote(s), not FAILED yet: {bad:?}; wallet {s:?}",
+                    q.len()
+                ))
             }
         },
     )
@@ -240,10 +251,17 @@ async fn verdict_snapshot(w: &mut HarnessWorld, fraud: String) -> anyhow::Result
     let mut pinned = BTreeMap::new();
     pinned.insert("fraud", fraud.clone());
     pinned.insert("task_kind", first.get("kind").cloned().unwrap_or_default());
-    pinned.insert("audit_reason", first.get("reason").cloned().unwrap_or_default());
+    pinned.insert(
+        "audit_reason",
+        first.get("reason").cloned().unwrap_or_default(),
+    );
     pinned.insert(
         "submitblock_reason",
-        w.refused_blocks.keys().cloned().collect::<Vec<_>>().join(","),
+        w.refused_blocks
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(","),
     );
     // Saved for a replay by hand: `harness audit <file>` against `just up --bare`, which
     // starts from the same cached chain tip these templates build on.
@@ -268,8 +286,14 @@ async fn sweep_holds(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[then(expr = "proxy {string} gets its declarations refused with {string}, as the pool counts them")]
-async fn declarations_refused(w: &mut HarnessWorld, who: String, code: String) -> anyhow::Result<()> {
+#[then(
+    expr = "proxy {string} gets its declarations refused with {string}, as the pool counts them"
+)]
+async fn declarations_refused(
+    w: &mut HarnessWorld,
+    who: String,
+    code: String,
+) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
     let pool = stack.pool()?;
@@ -279,7 +303,11 @@ async fn declarations_refused(w: &mut HarnessWorld, who: String, code: String) -
         DECLARE_TIMEOUT,
         || async {
             let s = proxy.declarations().await.map_err(|e| e.to_string())?;
-            let counted = pool.metrics().await.map_err(|e| e.to_string())?.get(&metric);
+            let counted = pool
+                .metrics()
+                .await
+                .map_err(|e| e.to_string())?
+                .get(&metric);
             if s.refused.get(&code).copied().unwrap_or(0) >= 1 && counted >= 1.0 {
                 Ok(())
             } else {

@@ -540,7 +540,11 @@ async fn streams_kept(w: &mut HarnessWorld) -> anyhow::Result<()> {
 }
 
 #[then(expr = "every quote of client {string} becomes PAID with its template's verdict {string}")]
-async fn client_quotes_paid(w: &mut HarnessWorld, who: String, reason: String) -> anyhow::Result<()> {
+async fn client_quotes_paid(
+    w: &mut HarnessWorld,
+    who: String,
+    reason: String,
+) -> anyhow::Result<()> {
     let quotes = wait_until(
         &format!("every quote of client {who} to be PAID"),
         SETTLE_TIMEOUT,
@@ -576,16 +580,20 @@ async fn client_quotes_paid(w: &mut HarnessWorld, who: String, reason: String) -
 #[then("the pool found a block")]
 async fn pool_found_block(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let pool = w.default_stack()?.pool()?;
-    wait_until("the pool to have a block accepted", SETTLE_TIMEOUT, || async {
-        let m = pool.metrics().await.map_err(|e| e.to_string())?;
-        match m.get("hashpool_pool_blocks_found_total") {
-            n if n >= 1.0 => Ok(()),
-            _ => Err(format!(
-                "none yet (refused: {})",
-                m.sum("hashpool_pool_blocks_rejected_total")
-            )),
-        }
-    })
+    wait_until(
+        "the pool to have a block accepted",
+        SETTLE_TIMEOUT,
+        || async {
+            let m = pool.metrics().await.map_err(|e| e.to_string())?;
+            match m.get("hashpool_pool_blocks_found_total") {
+                n if n >= 1.0 => Ok(()),
+                _ => Err(format!(
+                    "none yet (refused: {})",
+                    m.sum("hashpool_pool_blocks_rejected_total")
+                )),
+            }
+        },
+    )
     .await?;
     Ok(())
 }
