@@ -8,6 +8,7 @@ mod fraud;
 pub mod mining;
 mod redis;
 mod settlement;
+mod settlement_faults;
 mod supervisor;
 
 use std::str::FromStr;
