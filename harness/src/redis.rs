@@ -107,6 +107,22 @@ impl Redis {
     pub async fn connect(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         connect(&self.url()).await
     }
+
+    /// A connection for blocking commands (`XREADGROUP ... BLOCK`): no response timeout
+    /// (redis-rs gives up on an answer after 500 ms by default, and dropping the connection
+    /// unblocks the read on the server).
+    pub async fn connect_blocking(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let url = self.url();
+        let client = redis::Client::open(url.as_str()).with_context(|| format!("bad redis url {url}"))?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .with_context(|| format!("no connection to {url} within 2 s"))?
+        .with_context(|| format!("cannot connect to {url}"))
+    }
 }
 
 fn url(port: u16) -> String {

@@ -46,7 +46,7 @@ async fn deliver_to_paused(w: &mut HarnessWorld, name: String) -> anyhow::Result
     // What Redis does for a reader blocked in XREADGROUP: the next task is assigned to the
     // paused auditor's worker and sits in its pending list. (A read the auditor left blocked
     // when it was paused may take it first; either way it lands in the same list.)
-    let mut reader = stack.redis()?.connect().await?;
+    let mut reader = stack.redis()?.connect_blocking().await?;
     let read = {
         let consumer = consumer.clone();
         tokio::spawn(async move {
