@@ -113,7 +113,8 @@ impl Redis {
     /// unblocks the read on the server).
     pub async fn connect_blocking(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let url = self.url();
-        let client = redis::Client::open(url.as_str()).with_context(|| format!("bad redis url {url}"))?;
+        let client =
+            redis::Client::open(url.as_str()).with_context(|| format!("bad redis url {url}"))?;
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         tokio::time::timeout(
             Duration::from_secs(2),

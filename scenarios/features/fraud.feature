@@ -43,19 +43,20 @@ Feature: Template fraud: operators who declare their own templates are paid only
       | immature-coinbase-spend  | bad-txns-premature-spend-of-coinbase |
       | non-final                | bad-txns-nonfinal                    |
 
-  Scenario Outline: a declaration with <fraud> is refused inline with <code> and earns no quote; an honest declaring operator keeps mining and is paid
+  Scenario Outline: <refused> with <fraud> are refused inline with <code> and earn no quote; an honest declaring operator keeps mining and is paid
     Given a proxy "mallory" with a locking key declaring templates from node "mallory" with fraud "<fraud>"
     And an honest miner "x" behind proxy "mallory"
     And a proxy "dave" with a locking key declaring templates from node "dave"
     And an honest miner "d" behind proxy "dave"
-    Then proxy "mallory" gets its declarations refused with "<code>", as the pool counts them
+    Then proxy "mallory" gets its <refused> refused with "<code>", as the pool counts them
     When miner "d" has 3 accepted shares
     Then miner "x" has no accepted share and "mallory" has no quote
     When the miners stop
     Then every quote of "dave" becomes PAID and its wallet mints it
 
     Examples:
-      | fraud          | code                     |
-      | no-pool-payout | invalid-coinbase-tx      |
-      | stale-tip      | stale-chain-tip          |
-      | reused-token   | invalid-mining-job-token |
+      | fraud               | refused      | code                                    |
+      | no-pool-payout      | declarations | invalid-coinbase-tx                     |
+      | stale-tip           | declarations | stale-chain-tip                         |
+      | reused-token        | declarations | invalid-mining-job-token                |
+      | undeclared-coinbase | custom-jobs  | invalid-job-param-value-coinbase-prefix |

@@ -45,11 +45,14 @@ pub enum FraudKind {
     StaleTip,
     /// A job token used for a second declaration (refused inline).
     ReusedToken,
+    /// An honest declaration, then a `SetCustomMiningJob` whose coinbase differs from the
+    /// declared one (refused inline).
+    UndeclaredCoinbase,
 }
 
 impl FraudKind {
     /// Every kind.
-    pub const ALL: [FraudKind; 10] = [
+    pub const ALL: [FraudKind; 11] = [
         FraudKind::MissingInput,
         FraudKind::DoubleSpend,
         FraudKind::CoinbaseOverclaim,
@@ -60,6 +63,7 @@ impl FraudKind {
         FraudKind::NoPoolPayout,
         FraudKind::StaleTip,
         FraudKind::ReusedToken,
+        FraudKind::UndeclaredCoinbase,
     ];
 
     /// Its name in configs, scenarios and fixtures.
@@ -75,6 +79,7 @@ impl FraudKind {
             FraudKind::NoPoolPayout => "no-pool-payout",
             FraudKind::StaleTip => "stale-tip",
             FraudKind::ReusedToken => "reused-token",
+            FraudKind::UndeclaredCoinbase => "undeclared-coinbase",
         }
     }
 
@@ -82,7 +87,10 @@ impl FraudKind {
     pub fn refused_inline(&self) -> bool {
         matches!(
             self,
-            FraudKind::NoPoolPayout | FraudKind::StaleTip | FraudKind::ReusedToken
+            FraudKind::NoPoolPayout
+                | FraudKind::StaleTip
+                | FraudKind::ReusedToken
+                | FraudKind::UndeclaredCoinbase
         )
     }
 
@@ -200,9 +208,9 @@ pub fn witness_commitment(txs: &[Transaction]) -> ScriptBuf {
 /// (two, because no decoder takes a single element above 4,000,000 bytes).
 const OVERWEIGHT_WITNESS_BYTES: usize = 2_000_100;
 
-/// Put `kind` into `gbt`. Kinds that concern the declaration rather than the template
-/// ([`FraudKind::NoPoolPayout`], [`FraudKind::ReusedToken`]) leave it unchanged: the
-/// declaring side applies them.
+/// Put `kind` into `gbt`. Kinds that concern the declaration or the custom job rather than
+/// the template ([`FraudKind::NoPoolPayout`], [`FraudKind::ReusedToken`],
+/// [`FraudKind::UndeclaredCoinbase`]) leave it unchanged: the declaring side applies them.
 pub fn apply(kind: FraudKind, gbt: &mut BlockTemplate, inputs: &FraudInputs) -> anyhow::Result<()> {
     let mut txs = transactions(gbt)?;
     let height = gbt.height;
@@ -270,7 +278,9 @@ pub fn apply(kind: FraudKind, gbt: &mut BlockTemplate, inputs: &FraudInputs) -> 
             gbt.height = height.checked_sub(1).context("no block before genesis")?;
             return Ok(());
         }
-        FraudKind::NoPoolPayout | FraudKind::ReusedToken => return Ok(()),
+        FraudKind::NoPoolPayout | FraudKind::ReusedToken | FraudKind::UndeclaredCoinbase => {
+            return Ok(())
+        }
     }
     set_transactions(gbt, &txs);
     Ok(())

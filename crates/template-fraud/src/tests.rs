@@ -91,7 +91,7 @@ fn each_kind_changes_exactly_what_it_names() {
                 );
             }
             FraudKind::StaleTip => assert_eq!(gbt.height, base.height - 1),
-            FraudKind::NoPoolPayout | FraudKind::ReusedToken => {
+            FraudKind::NoPoolPayout | FraudKind::ReusedToken | FraudKind::UndeclaredCoinbase => {
                 assert_eq!(gbt.transactions.len(), 1);
                 assert_eq!(gbt.height, base.height);
             }

@@ -9,10 +9,12 @@
 //!    if that node does not know the parent yet, or the parent is its tip again, there is no
 //!    verdict yet (the task stays pending and is retried: the node may lag the pool's).
 //!    Otherwise the tip moved on: the template is `valid` (reason `in-chain`) only if the
-//!    active chain holds a block at its height on its parent with exactly its transactions
-//!    and its coinbase outputs (so Bitcoin Core validated that content when it connected the
-//!    block); else it is `invalid` with reason `inconclusive-not-best-prevblk`. A template
-//!    nobody verified is never paid.
+//!    active chain holds a block at its height on its parent with exactly its transactions,
+//!    a coinbase that differs from its own at most in the extranonce (same version, lock
+//!    time, sequence, witness, BIP34 height, script_sig length and outputs) and the same
+//!    header version outside the BIP320 bits (so Bitcoin Core validated that content when it
+//!    connected the block); else it is `invalid` with reason `inconclusive-not-best-prevblk`.
+//!    A template nobody verified is never paid.
 //! 3. Policy (after a valid consensus check): the coinbase outputs paying the task's
 //!    `payout_script` sum to at least `payout_sats`, else `invalid` with reason
 //!    `policy: coinbase pays the pool X sat, it requires Y`.
@@ -188,9 +190,96 @@ async fn inconclusive(rpc: &BitcoinRpc, task: &AuditTask, block: &Block) -> Resu
         .skip(1)
         .zip(block.txdata.iter().skip(1))
         .all(|(a, b)| a.compute_wtxid() == b.compute_wtxid());
-    let same_coinbase_outputs = match (chain.txdata.first(), block.txdata.first()) {
-        (Some(a), Some(b)) => a.output == b.output,
+    let same_coinbase = match (chain.txdata.first(), block.txdata.first()) {
+        (Some(a), Some(b)) => same_coinbase_but_extranonce(a, b),
         _ => false,
     };
-    Ok(same_txs && same_coinbase_outputs)
+    // Header version bits a miner may roll (BIP320) aside, the same version.
+    let rolled = 0x1fff_e000u32 as i32;
+    let same_version = chain.header.version.to_consensus() & !rolled
+        == block.header.version.to_consensus() & !rolled;
+    Ok(same_txs && same_coinbase && same_version)
+}
+
+/// Two coinbases that differ at most in the rest of their script_sig after its first push
+/// (the BIP34 height): same version, lock time, sequence, witness, outputs and height. What
+/// Bitcoin Core checked of one then holds for the other, whatever its extranonce.
+fn same_coinbase_but_extranonce(a: &bitcoin::Transaction, b: &bitcoin::Transaction) -> bool {
+    let (Some(ia), Some(ib)) = (a.input.first(), b.input.first()) else {
+        return false;
+    };
+    let height = |i: &bitcoin::TxIn| {
+        i.script_sig
+            .instructions()
+            .next()
+            .and_then(|x| x.ok())
+            .map(|x| format!("{x:?}"))
+    };
+    a.version == b.version
+        && a.lock_time == b.lock_time
+        && a.input.len() == 1
+        && b.input.len() == 1
+        && ia.sequence == ib.sequence
+        && ia.witness == ib.witness
+        && ia.script_sig.len() == ib.script_sig.len()
+        && height(ia).is_some()
+        && height(ia) == height(ib)
+        && a.output == b.output
+}
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::absolute::LockTime;
+    use bitcoin::script::Builder;
+    use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+
+    use super::same_coinbase_but_extranonce;
+
+    fn coinbase(height: i64, extranonce: [u8; 4]) -> Transaction {
+        let mut script = Builder::new().push_int(height).into_script().into_bytes();
+        script.push(4);
+        script.extend_from_slice(&extranonce);
+        Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::null(),
+                script_sig: ScriptBuf::from_bytes(script),
+                sequence: Sequence::MAX,
+                witness: Witness::from_slice(&[vec![0u8; 32]]),
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(50),
+                script_pubkey: ScriptBuf::new_op_return([1u8; 4]),
+            }],
+        }
+    }
+
+    #[test]
+    fn only_the_extranonce_may_differ() {
+        let a = coinbase(111, [1, 2, 3, 4]);
+        assert!(same_coinbase_but_extranonce(
+            &a,
+            &coinbase(111, [9, 9, 9, 9])
+        ));
+        assert!(
+            !same_coinbase_but_extranonce(&a, &coinbase(112, [1, 2, 3, 4])),
+            "height"
+        );
+        let mut b = a.clone();
+        b.lock_time = LockTime::from_consensus(500);
+        assert!(!same_coinbase_but_extranonce(&a, &b), "lock time");
+        let mut b = a.clone();
+        b.input[0].sequence = Sequence::ZERO;
+        assert!(!same_coinbase_but_extranonce(&a, &b), "sequence");
+        let mut b = a.clone();
+        b.version = bitcoin::transaction::Version::ONE;
+        assert!(!same_coinbase_but_extranonce(&a, &b), "version");
+        let mut b = a.clone();
+        b.input[0].witness = Witness::from_slice(&[vec![1u8; 32]]);
+        assert!(!same_coinbase_but_extranonce(&a, &b), "witness");
+        let mut b = a.clone();
+        b.output[0].value = Amount::from_sat(51);
+        assert!(!same_coinbase_but_extranonce(&a, &b), "outputs");
+    }
 }

@@ -256,6 +256,7 @@ fn build(
     pool_outputs: Vec<TxOut>,
     token: &[u8],
     full_extranonce_size: usize,
+    min_ntime: u32,
 ) -> anyhow::Result<Job> {
     let mut gbt = t.gbt.clone();
     if let Some(kind) = fraud {
@@ -309,13 +310,18 @@ fn build(
         outputs,
         declare,
         transactions,
-        min_ntime: gbt.curtime.max(gbt.mintime),
+        min_ntime,
         height: t.gbt.height,
     })
 }
 
 impl Job {
-    fn custom(self, shape: &ChannelShape, token: Vec<u8>) -> anyhow::Result<DeclaredWork> {
+    fn custom(
+        self,
+        shape: &ChannelShape,
+        token: Vec<u8>,
+        fraud: Option<FraudKind>,
+    ) -> anyhow::Result<DeclaredWork> {
         let factory = JobFactory::new(true, None, None);
         let tip = ChainTip::new(
             self.template.prev_hash.prev_hash.clone(),
@@ -333,6 +339,19 @@ impl Job {
                 shape.full_extranonce_size,
             )
             .map_err(|e| anyhow!("custom job: {e:?}"))?;
+        let mut set_custom = set_custom;
+        if fraud == Some(FraudKind::UndeclaredCoinbase) {
+            // Another coinbase than the declared one: one byte of the pool tag changed.
+            let mut prefix = set_custom.coinbase_prefix.as_bytes().to_vec();
+            let at = prefix.len().saturating_sub(2);
+            if let Some(b) = prefix.get_mut(at) {
+                *b ^= 0x20;
+            }
+            set_custom.coinbase_prefix = prefix.try_into().map_err(|e| anyhow!("{e:?}"))?;
+            tracing::info!(
+                "fraud undeclared-coinbase: the custom job's coinbase is not the declared one"
+            );
+        }
         Ok(DeclaredWork {
             set_custom,
             height: self.height,
@@ -346,10 +365,18 @@ async fn declare_one(
     p: &DeclareParams,
     shape: &ChannelShape,
     t: &NodeTemplate,
+    min_ntime: u32,
     status: &DeclarationStatus,
 ) -> anyhow::Result<Option<DeclaredWork>> {
     let (token, pool_outputs) = jd.allocate(&p.user_identity).await?;
-    let job = match build(t, p.fraud, pool_outputs, &token, shape.full_extranonce_size) {
+    let job = match build(
+        t,
+        p.fraud,
+        pool_outputs,
+        &token,
+        shape.full_extranonce_size,
+        min_ntime,
+    ) {
         Ok(j) => j,
         Err(e) => {
             tracing::warn!(
@@ -382,7 +409,7 @@ async fn declare_one(
                 txs = job.transactions.len(),
                 "job declared"
             );
-            Ok(Some(job.custom(shape, new_token)?))
+            Ok(Some(job.custom(shape, new_token, p.fraud)?))
         }
         Err((code, detail)) => {
             tracing::warn!(height = job.height, "declaration refused: {code}: {detail}");
@@ -408,14 +435,25 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut jd: Option<Jd> = None;
     let mut current = templates.borrow_and_update().clone();
+    // One min_ntime per tip: channels_sv2 treats a changed min_ntime as a new tip and would
+    // stale the shares in flight on the previous job.
+    let mut tip_ntime: Option<(String, u32)> = None;
     loop {
         if let Some(t) = current.clone() {
+            let min_ntime = match &tip_ntime {
+                Some((prev, n)) if *prev == t.gbt.previousblockhash => *n,
+                _ => {
+                    let n = t.gbt.curtime.max(t.gbt.mintime);
+                    tip_ntime = Some((t.gbt.previousblockhash.clone(), n));
+                    n
+                }
+            };
             let result = async {
                 if jd.is_none() {
                     jd = Some(Jd::connect(&p).await?);
                 }
                 let conn = jd.as_mut().context("no connection")?;
-                declare_one(conn, &p, &shape, &t, &status).await
+                declare_one(conn, &p, &shape, &t, min_ntime, &status).await
             }
             .await;
             match result {

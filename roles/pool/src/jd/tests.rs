@@ -5,6 +5,9 @@ use bitcoin::transaction::Version;
 use bitcoin::{OutPoint, ScriptBuf, Sequence, TxIn, Txid, Witness};
 use stratum_apps::stratum_core::binary_sv2::U256Owned;
 
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, Transaction, TxOut};
+
 use super::*;
 
 fn payout() -> ScriptBuf {
@@ -163,13 +166,17 @@ fn declarations_are_refused_with_the_spec_codes() {
 #[test]
 fn tokens_are_used_once() {
     let book = JobBook::default();
-    let token = book.allocate();
-    assert!(book.take_allocated(&token));
-    assert!(!book.take_allocated(&token), "a reused allocation token");
+    let token = book.allocate(1);
+    assert!(
+        !book.take_allocated(&token, 2),
+        "another connection's token"
+    );
+    assert!(book.take_allocated(&token, 1));
+    assert!(!book.take_allocated(&token, 1), "a reused allocation token");
     let txs = [spend(1)];
     let m = declaration(111, payout(), SUBSIDY, &txs);
     let t = check_declaration(&m, &raw(&txs), 110, &payout()).unwrap();
-    let declared = book.declare(t);
+    let declared = book.declare(t, 1).unwrap();
     assert!(book.take_declared(&declared).is_some());
     assert!(
         book.take_declared(&declared).is_none(),
@@ -179,4 +186,42 @@ fn tokens_are_used_once() {
         book.take_declared(&token).is_none(),
         "an allocation token is not a job token"
     );
+}
+
+#[test]
+fn a_connection_cannot_crowd_out_others() {
+    let book = JobBook::default();
+    let txs = [spend(1)];
+    let m = declaration(111, payout(), SUBSIDY, &txs);
+    let one = || check_declaration(&m, &raw(&txs), 110, &payout()).unwrap();
+    for _ in 0..book::MAX_DECLARED_PER_CONNECTION {
+        book.declare(one(), 1).unwrap();
+    }
+    assert_eq!(book.declare(one(), 1), Err(BookFull::Connection));
+    let other = book
+        .declare(one(), 2)
+        .expect("another connection still declares");
+    assert!(book.take_declared(&other).is_some());
+    // Tokens: a connection's extra allocations forget only its own oldest.
+    let theirs = book.allocate(3);
+    for _ in 0..=book::MAX_TOKENS_PER_CONNECTION {
+        book.allocate(1);
+    }
+    assert!(book.take_allocated(&theirs, 3));
+}
+
+#[test]
+fn the_extranonce_must_end_the_script_sig() {
+    let txs = [spend(1)];
+    let mut m = declaration(111, payout(), SUBSIDY, &txs);
+    // Move the split point one byte earlier: the zeros land inside the script_sig.
+    let mut prefix = m.coinbase_tx_prefix.as_bytes().to_vec();
+    let last = prefix.pop().unwrap();
+    let mut suffix = vec![last];
+    suffix.extend_from_slice(m.coinbase_tx_suffix.as_bytes());
+    suffix.remove(1);
+    m.coinbase_tx_prefix = prefix.try_into().unwrap();
+    m.coinbase_tx_suffix = suffix.try_into().unwrap();
+    let err = check_declaration(&m, &raw(&txs), 110, &payout()).unwrap_err();
+    assert_eq!(err.0, "invalid-coinbase-tx", "{err:?}");
 }

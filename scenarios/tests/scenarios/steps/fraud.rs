@@ -222,25 +222,35 @@ async fn dead_of(
 
 #[then(expr = "every template of {string} is in audit:dead as a declared template with {string}")]
 async fn all_dead(w: &mut HarnessWorld, who: String, reason: String) -> anyhow::Result<()> {
-    let templates = templates_of(w, &who).await?;
-    let dead = dead_of(w, &who).await?;
-    let covered: HashSet<u64> = dead
-        .iter()
-        .filter(|f| {
-            f.get("reason") == Some(&reason)
-                && f.get("kind").map(String::as_str) == Some("declared")
-                && f.get("block").is_some_and(|b| !b.is_empty())
-        })
-        .filter_map(|f| f.get("template_id")?.parse().ok())
-        .collect();
-    let missing: Vec<_> = templates.difference(&covered).collect();
-    anyhow::ensure!(
-        missing.is_empty(),
-        "templates {missing:?} of {who} have no declared audit:dead entry with {reason:?}: {:?}",
-        dead.iter()
-            .map(|f| (f.get("template_id"), f.get("kind"), f.get("reason")))
-            .collect::<Vec<_>>()
-    );
+    wait_until(
+        &format!("every template of {who} in audit:dead, declared, with {reason}"),
+        Duration::from_secs(30),
+        || async {
+            let templates = templates_of(w, &who).await.map_err(|e| e.to_string())?;
+            let dead = dead_of(w, &who).await.map_err(|e| e.to_string())?;
+            let covered: HashSet<u64> = dead
+                .iter()
+                .filter(|f| {
+                    f.get("reason") == Some(&reason)
+                        && f.get("kind").map(String::as_str) == Some("declared")
+                        && f.get("block").is_some_and(|b| !b.is_empty())
+                })
+                .filter_map(|f| f.get("template_id")?.parse().ok())
+                .collect();
+            let missing: Vec<_> = templates.difference(&covered).collect();
+            if missing.is_empty() && !templates.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "templates {missing:?} not covered; audit:dead holds {:?}",
+                    dead.iter()
+                        .map(|f| (f.get("template_id"), f.get("kind"), f.get("reason")))
+                        .collect::<Vec<_>>()
+                ))
+            }
+        },
+    )
+    .await?;
     Ok(())
 }
 
@@ -286,20 +296,24 @@ async fn sweep_holds(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[then(
-    expr = "proxy {string} gets its declarations refused with {string}, as the pool counts them"
-)]
-async fn declarations_refused(
+#[then(expr = "proxy {string} gets its {word} refused with {string}, as the pool counts them")]
+async fn refused_inline(
     w: &mut HarnessWorld,
     who: String,
+    what: String,
     code: String,
 ) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
     let pool = stack.pool()?;
-    let metric = format!("hashpool_pool_declarations_total{{result=\"{code}\"}}");
+    let (metric, custom) = match what.as_str() {
+        "declarations" => ("hashpool_pool_declarations_total", false),
+        "custom-jobs" => ("hashpool_pool_custom_jobs_total", true),
+        other => anyhow::bail!("refusals of {other:?}: declarations or custom-jobs"),
+    };
+    let metric = format!("{metric}{{result=\"{code}\"}}");
     wait_until(
-        &format!("{who}'s declarations to be refused with {code}"),
+        &format!("{who}'s {what} to be refused with {code}"),
         DECLARE_TIMEOUT,
         || async {
             let s = proxy.declarations().await.map_err(|e| e.to_string())?;
@@ -308,7 +322,12 @@ async fn declarations_refused(
                 .await
                 .map_err(|e| e.to_string())?
                 .get(&metric);
-            if s.refused.get(&code).copied().unwrap_or(0) >= 1 && counted >= 1.0 {
+            let seen = if custom {
+                &s.custom_jobs_refused
+            } else {
+                &s.refused
+            };
+            if seen.get(&code).copied().unwrap_or(0) >= 1 && counted >= 1.0 {
                 Ok(())
             } else {
                 Err(format!("proxy says {s:?}, the pool counted {counted}"))
@@ -318,8 +337,12 @@ async fn declarations_refused(
     .await?;
     let s = proxy.declarations().await?;
     anyhow::ensure!(
-        s.custom_jobs == 0 && s.refused.keys().all(|c| *c == code),
-        "{who} should have set no custom job and had only {code} refusals: {s:?}"
+        s.custom_jobs == 0
+            && s.refused
+                .keys()
+                .chain(s.custom_jobs_refused.keys())
+                .all(|c| *c == code),
+        "{who} should have no custom job accepted and only {code} refusals: {s:?}"
     );
     Ok(())
 }

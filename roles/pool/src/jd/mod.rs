@@ -4,19 +4,21 @@
 //! `ProvideMissingTransactions`: the pool keeps no mempool), and mines it with
 //! `SetCustomMiningJob` on its mining connection.
 //!
-//! Checks here are the cheap ones: the token was allocated here and is used once; the
-//! coinbase decodes, is at the height after the pool's tip (`stale-chain-tip`) and pays the
-//! pool's payout script at least the block subsidy (`invalid-coinbase-tx`); the transactions
-//! match the declared wtxids (`invalid-job`). Everything else is the auditor's: the declared
-//! template goes to `audit:tasks` with `kind = declared` at its first share.
+//! Checks here are the cheap ones (see [`check`]): the allocation token was given to this
+//! connection and is used once (`invalid-mining-job-token`), then the coinbase and the
+//! transactions. Everything else is the auditor's: the declared template goes to
+//! `audit:tasks` with `kind = declared` at its first share. Limits: connections in total and
+//! per IP, message sizes (small before `SetupConnection`), tokens and declarations per
+//! connection and bytes in total ([`book`]), checks run off the async runtime two at a time.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod book;
+mod check;
 
-use bitcoin::consensus::encode::deserialize;
-use bitcoin::hashes::Hash;
-use bitcoin::{Amount, Transaction, TxOut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::{Amount, TxOut};
 use stratum_apps::network_helpers::noise_stream::NoiseTcpStream;
 use stratum_apps::stratum_core::binary_sv2::{B0255Owned, B064KOwned, Seq064KOwned, Str0255Owned};
 use stratum_apps::stratum_core::common_messages_sv2::{
@@ -33,239 +35,39 @@ use stratum_apps::stratum_core::parsers_sv2::{
 use stratum_apps::tokio_util::sync::CancellationToken;
 use stratum_apps::utils::types::OutboundFrame;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+pub use book::{BookFull, DeclaredTemplate, JobBook};
+pub use check::{bip34_height, block_subsidy, check_declaration};
+
+use crate::limits::IpLimiter;
 use crate::PoolContext;
 
 /// Full extranonce length a declared coinbase is split around (the pool's channels' length).
 pub const DECLARED_EXTRANONCE_LEN: usize = crate::EXTRANONCE_TOTAL_LEN as usize;
-/// Largest job declaration message (a block's worth of transactions, with room for witness).
-pub const MAX_DECLARATION_BYTES: usize = 8 << 20;
-/// Tokens and declarations expire after this long unused.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(600);
-/// Unused tokens kept at most (the oldest is forgotten first).
-const MAX_ALLOCATED: usize = 4096;
-/// Declarations waiting for their `SetCustomMiningJob` kept at most (each holds a block's
-/// transactions; the oldest is forgotten first).
-const MAX_DECLARED: usize = 256;
-
-/// A job an operator declared and the pool accepted.
-#[derive(Debug)]
-pub struct DeclaredTemplate {
-    /// Block height (from the coinbase's BIP34 push).
-    pub height: u64,
-    /// Header version declared.
-    pub version: u32,
-    /// The coinbase's outputs, serialized as `SetCustomMiningJob` carries them.
-    pub coinbase_outputs: Vec<u8>,
-    /// Raw transactions in block order.
-    pub transactions: Vec<Vec<u8>>,
-    /// The coinbase's merkle path over their txids (internal order).
-    pub merkle_path: Vec<[u8; 32]>,
-    /// What the pool requires its payout script be paid (the block subsidy; the pool cannot
-    /// know the fees of transactions it has no inputs for).
-    pub payout_sats: u64,
-}
-
-#[derive(Default)]
-struct Book {
-    allocated: HashMap<Vec<u8>, Instant>,
-    declared: HashMap<Vec<u8>, (Instant, Arc<DeclaredTemplate>)>,
-}
-
-/// Tokens: allocated, then declared (a new token), then used once by `SetCustomMiningJob`.
-#[derive(Default)]
-pub struct JobBook {
-    inner: Mutex<Book>,
-}
-
-fn random_token() -> Vec<u8> {
-    (0..16).map(|_| rand_byte()).collect()
-}
-
-/// A random byte from the OS (the `bitcoin` crate's secp256k1 RNG).
-fn rand_byte() -> u8 {
-    bitcoin::secp256k1::rand::random()
-}
-
-impl JobBook {
-    /// A fresh token.
-    pub fn allocate(&self) -> Vec<u8> {
-        let token = random_token();
-        if let Ok(mut b) = self.inner.lock() {
-            b.allocated.retain(|_, t| t.elapsed() < TOKEN_LIFETIME);
-            b.declared.retain(|_, (t, _)| t.elapsed() < TOKEN_LIFETIME);
-            if b.allocated.len() >= MAX_ALLOCATED {
-                evict_oldest(&mut b.allocated, |t| *t);
-            }
-            b.allocated.insert(token.clone(), Instant::now());
-        }
-        token
-    }
-
-    /// Use an allocated token for a declaration (once).
-    fn take_allocated(&self, token: &[u8]) -> bool {
-        self.inner
-            .lock()
-            .map(|mut b| b.allocated.remove(token).is_some())
-            .unwrap_or(false)
-    }
-
-    /// Record a declaration; returns the token `SetCustomMiningJob` must carry.
-    fn declare(&self, t: DeclaredTemplate) -> Vec<u8> {
-        let token = random_token();
-        if let Ok(mut b) = self.inner.lock() {
-            if b.declared.len() >= MAX_DECLARED {
-                evict_oldest(&mut b.declared, |(t, _)| *t);
-            }
-            b.declared
-                .insert(token.clone(), (Instant::now(), Arc::new(t)));
-        }
-        token
-    }
-
-    /// The declaration a `SetCustomMiningJob` token names (once).
-    pub fn take_declared(&self, token: &[u8]) -> Option<Arc<DeclaredTemplate>> {
-        self.inner
-            .lock()
-            .ok()?
-            .declared
-            .remove(token)
-            .map(|(_, t)| t)
-    }
-}
-
-fn evict_oldest<V>(map: &mut HashMap<Vec<u8>, V>, at: impl Fn(&V) -> Instant) {
-    if let Some(oldest) = map
-        .iter()
-        .min_by_key(|(_, v)| at(v))
-        .map(|(k, _)| k.clone())
-    {
-        map.remove(&oldest);
-    }
-}
+/// Largest job declaration message: a block's worth of transactions (a block is at most
+/// 4,000,000 bytes) with room for framing.
+pub const MAX_DECLARATION_BYTES: usize = 5_000_000;
+/// Largest message before `SetupConnection`.
+const MAX_SETUP_BYTES: usize = 1024;
+/// Job declaration connections open at once, in total and per IP address.
+const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS_PER_IP: usize = 8;
+/// Declarations checked at once (each decodes and hashes up to a block's transactions, off
+/// the async runtime).
+const PARALLEL_CHECKS: usize = 2;
 
 fn str0255(s: &str) -> Str0255Owned {
     Str0255Owned::try_from(s.to_string())
         .unwrap_or_else(|_| Str0255Owned::try_from(String::new()).expect("empty string fits"))
 }
 
-/// A declared job's checks, in order; `Err` is the SV2 error code and a detail.
-pub fn check_declaration(
-    m: &DeclareMiningJobOwned,
-    txs: &[Vec<u8>],
-    tip_height: u64,
-    payout: &bitcoin::ScriptBuf,
-) -> Result<DeclaredTemplate, (&'static str, String)> {
-    let mut coinbase = m.coinbase_tx_prefix.as_bytes().to_vec();
-    coinbase.extend(std::iter::repeat_n(0u8, DECLARED_EXTRANONCE_LEN));
-    coinbase.extend_from_slice(m.coinbase_tx_suffix.as_bytes());
-    let cb: Transaction = deserialize(&coinbase).map_err(|e| {
-        (
-            "invalid-coinbase-tx",
-            format!("the coinbase around a {DECLARED_EXTRANONCE_LEN}-byte extranonce does not decode: {e}"),
-        )
-    })?;
-    let height = cb
-        .input
-        .first()
-        .and_then(|i| bip34_height(i.script_sig.as_bytes()))
-        .ok_or((
-            "invalid-coinbase-tx",
-            "the coinbase's script_sig does not start with a BIP34 height".to_string(),
-        ))?;
-    if height != tip_height + 1 {
-        return Err((
-            "stale-chain-tip",
-            format!(
-                "coinbase height {height}, the pool's next block is {}",
-                tip_height + 1
-            ),
-        ));
-    }
-    let required = block_subsidy(height);
-    let paid: u64 = cb
-        .output
-        .iter()
-        .filter(|o| o.script_pubkey == *payout)
-        .map(|o| o.value.to_sat())
-        .sum();
-    if paid < required {
-        return Err((
-            "invalid-coinbase-tx",
-            format!(
-                "the coinbase pays the pool {paid} sat, it requires the block subsidy {required}"
-            ),
-        ));
-    }
-    let wtxids = m.wtxid_list.clone().into_inner();
-    if wtxids.len() != txs.len() {
-        return Err((
-            "invalid-job",
-            format!(
-                "{} transactions for {} declared wtxids",
-                txs.len(),
-                wtxids.len()
-            ),
-        ));
-    }
-    let mut txids = Vec::with_capacity(txs.len());
-    for (i, (raw, wtxid)) in txs.iter().zip(&wtxids).enumerate() {
-        let tx: Transaction = deserialize(raw).map_err(|e| {
-            (
-                "invalid-job",
-                format!("transaction {i} does not decode: {e}"),
-            )
-        })?;
-        if tx.compute_wtxid().to_byte_array() != wtxid.to_array() {
-            return Err((
-                "invalid-job",
-                format!("transaction {i} is not the declared wtxid"),
-            ));
-        }
-        txids.push(tx.compute_txid().to_byte_array());
-    }
-    Ok(DeclaredTemplate {
-        height,
-        version: m.version,
-        coinbase_outputs: bitcoin::consensus::encode::serialize(&cb.output),
-        transactions: txs.to_vec(),
-        merkle_path: sv2_templates::coinbase_merkle_path(&txids),
-        payout_sats: required,
-    })
-}
-
-/// The block subsidy at `height` (mainnet, signet and regtest by default halve every 210,000
-/// blocks).
-pub fn block_subsidy(height: u64) -> u64 {
-    let halvings = height / u64::from(bitcoin::blockdata::constants::SUBSIDY_HALVING_INTERVAL);
-    if halvings >= 64 {
-        0
-    } else {
-        (50 * 100_000_000u64) >> halvings
-    }
-}
-
-/// The height a coinbase script_sig starts with (BIP34: a minimal push of the height, or
-/// `OP_1`..`OP_16` for heights 1 to 16).
-pub fn bip34_height(script_sig: &[u8]) -> Option<u64> {
-    let (&first, rest) = script_sig.split_first()?;
-    match first {
-        0x51..=0x60 => Some(u64::from(first - 0x50)),
-        1..=8 => {
-            let bytes = rest.get(..usize::from(first))?;
-            if bytes.last().is_some_and(|b| b & 0x80 != 0) {
-                return None; // negative
-            }
-            let mut v = [0u8; 8];
-            v[..bytes.len()].copy_from_slice(bytes);
-            Some(u64::from_le_bytes(v))
-        }
-        _ => None,
-    }
-}
-
 /// Accept job declaration connections until `stop`.
 pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: CancellationToken) {
+    let limiter = Arc::new(IpLimiter::default());
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let checks = Arc::new(Semaphore::new(PARALLEL_CHECKS));
+    let next_id = AtomicU64::new(1);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -279,12 +81,24 @@ pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: Cancellat
                 }
             },
         };
-        let ctx = ctx.clone();
-        let stop = stop.clone();
+        let (Some(slot), Ok(permit)) = (
+            limiter.acquire(peer.ip(), MAX_CONNECTIONS_PER_IP),
+            open.clone().try_acquire_owned(),
+        ) else {
+            tracing::warn!(%peer, "job declaration connection refused: {MAX_CONNECTIONS} open, or {MAX_CONNECTIONS_PER_IP} from this address");
+            ctx.metrics
+                .refused
+                .with_label_values(&["job-declaration-connections"])
+                .inc();
+            continue;
+        };
+        let (ctx, stop, checks) = (ctx.clone(), stop.clone(), checks.clone());
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            if let Err(e) = connection(ctx, tcp, stop).await {
+            if let Err(e) = connection(ctx, tcp, id, checks, stop).await {
                 tracing::info!(%peer, "job declaration connection closed: {e:#}");
             }
+            drop((slot, permit));
         });
     }
 }
@@ -292,6 +106,8 @@ pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: Cancellat
 async fn connection(
     ctx: Arc<PoolContext>,
     tcp: tokio::net::TcpStream,
+    conn: u64,
+    checks: Arc<Semaphore>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let (public, secret) = ctx.authority;
@@ -318,9 +134,14 @@ async fn connection(
                 .map_err(|e| anyhow::anyhow!("read: {e:?}"))?,
         };
         let header = frame.header();
+        let max = if setup {
+            MAX_DECLARATION_BYTES
+        } else {
+            MAX_SETUP_BYTES
+        };
         anyhow::ensure!(
-            header.payload_length() <= MAX_DECLARATION_BYTES,
-            "a {}-byte message",
+            header.payload_length() <= max,
+            "a {}-byte message (limit {max})",
             header.payload_length()
         );
         let msg = AnyMessage::try_from((header, frame.payload()))
@@ -351,7 +172,7 @@ async fn connection(
             }
             _ if !setup => anyhow::bail!("a message before SetupConnection"),
             AnyMessageOwned::JobDeclaration(JobDeclarationOwned::AllocateMiningJobToken(m)) => {
-                let token = ctx.jobs.allocate();
+                let token = ctx.jobs.allocate(conn);
                 let outputs = bitcoin::consensus::encode::serialize(&vec![TxOut {
                     value: Amount::ZERO,
                     script_pubkey: ctx.payout.clone(),
@@ -367,7 +188,7 @@ async fn connection(
                 ))
             }
             AnyMessageOwned::JobDeclaration(JobDeclarationOwned::DeclareMiningJob(m)) => {
-                if !ctx.jobs.take_allocated(m.mining_job_token.as_bytes()) {
+                if !ctx.jobs.take_allocated(m.mining_job_token.as_bytes(), conn) {
                     ctx.metrics
                         .declarations
                         .with_label_values(&["invalid-mining-job-token"])
@@ -412,18 +233,28 @@ async fn connection(
                     .as_ref()
                     .map(|t| t.height.saturating_sub(1))
                     .unwrap_or(0);
-                match check_declaration(&declared, &txs, tip_height, &ctx.payout) {
-                    Ok(t) => {
+                let payout = ctx.payout.clone();
+                let permit = checks.clone().acquire_owned().await?;
+                let (declared, checked) = tokio::task::spawn_blocking(move || {
+                    let checked = check_declaration(&declared, &txs, tip_height, &payout);
+                    drop(permit);
+                    (declared, checked)
+                })
+                .await?;
+                let kept = checked.and_then(|t| {
+                    let (height, n) = (t.height, t.transactions.len());
+                    ctx.jobs.declare(t, conn).map(|token| (token, height, n)).map_err(|full| match full {
+                        BookFull::Connection => ("invalid-job", format!("{} declarations of this connection already wait for SetCustomMiningJob", book::MAX_DECLARED_PER_CONNECTION)),
+                        BookFull::Pool => ("invalid-job", "the pool holds as many declared transactions as it keeps: declare again later".to_string()),
+                    })
+                });
+                match kept {
+                    Ok((token, height, n)) => {
                         ctx.metrics
                             .declarations
                             .with_label_values(&["accepted"])
                             .inc();
-                        tracing::info!(
-                            height = t.height,
-                            txs = t.transactions.len(),
-                            "job declared"
-                        );
-                        let token = ctx.jobs.declare(t);
+                        tracing::info!(height, txs = n, "job declared");
                         AnyMessageOwned::JobDeclaration(
                             JobDeclarationOwned::DeclareMiningJobSuccess(
                                 DeclareMiningJobSuccessOwned {
