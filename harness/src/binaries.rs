@@ -11,6 +11,18 @@ pub enum Program {
     BitcoinCli,
     /// Redis.
     RedisServer,
+    /// Core Lightning's daemon.
+    Lightningd,
+}
+
+impl Program {
+    /// Every program, in the order `harness backends` lists them.
+    pub const ALL: [Program; 4] = [
+        Program::Bitcoind,
+        Program::BitcoinCli,
+        Program::RedisServer,
+        Program::Lightningd,
+    ];
 }
 
 impl Program {
@@ -20,6 +32,7 @@ impl Program {
             Program::Bitcoind => "bitcoind",
             Program::BitcoinCli => "bitcoin-cli",
             Program::RedisServer => "redis-server",
+            Program::Lightningd => "lightningd",
         }
     }
 
@@ -29,6 +42,7 @@ impl Program {
             Program::Bitcoind => "BITCOIND_EXE",
             Program::BitcoinCli => "BITCOIN_CLI_EXE",
             Program::RedisServer => "REDIS_SERVER_EXE",
+            Program::Lightningd => "LIGHTNINGD_EXE",
         }
     }
 }
@@ -47,8 +61,8 @@ pub enum MissingProgram {
     /// Not in the variable, PATH or the bootstrap cache.
     #[error(
         "{name} not found (looked at ${var}, PATH{cache}): run `nix develop` (Nix provides it) \
-         or `ci/bootstrap` (installs Debian packages and builds bitcoind into the cache), \
-         or set {var}=/path/to/{name}"
+         or `ci/bootstrap` (installs Debian packages and builds bitcoind, and lightningd from \
+         CLN_SOURCE_TARBALL, into the cache), or set {var}=/path/to/{name}"
     )]
     NotFound {
         /// The program name.
@@ -81,6 +95,12 @@ pub fn find(program: Program, cache_dir: &Path) -> Result<PathBuf, MissingProgra
             return Ok(found);
         }
     }
+    if program == Program::Lightningd {
+        cache = format!(", {}/lightning-*/bin", cache_dir.display());
+        if let Some(found) = lightning_cache(cache_dir) {
+            return Ok(found);
+        }
+    }
     Err(MissingProgram::NotFound {
         name: program.file_name(),
         var,
@@ -103,6 +123,21 @@ fn bootstrap_cache(cache_dir: &Path, name: &str) -> Option<PathBuf> {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("bitcoin-core-"))
         .map(|e| e.path().join("bin").join(name))
+        .filter(|p| is_executable(p))
+        .collect();
+    builds.sort();
+    builds.pop()
+}
+
+/// The newest complete `lightning-*/bin/lightningd` under the cache (`ci/bootstrap` writes
+/// `.complete` after `make install`).
+fn lightning_cache(cache_dir: &Path) -> Option<PathBuf> {
+    let mut builds: Vec<PathBuf> = std::fs::read_dir(cache_dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lightning-"))
+        .filter(|e| e.path().join(".complete").is_file())
+        .map(|e| e.path().join("bin").join("lightningd"))
         .filter(|p| is_executable(p))
         .collect();
     builds.sort();

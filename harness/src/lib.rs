@@ -24,6 +24,7 @@ pub mod fraud_replay;
 pub mod http;
 pub mod invariants;
 pub mod keys;
+pub mod lightning;
 pub mod logs;
 pub mod ports;
 pub mod process;

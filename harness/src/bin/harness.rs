@@ -394,7 +394,7 @@ fn clean(config: &HarnessConfig, cache: bool) -> anyhow::Result<()> {
 }
 
 fn backends(config: &HarnessConfig) -> anyhow::Result<()> {
-    for program in [Program::Bitcoind, Program::BitcoinCli, Program::RedisServer] {
+    for program in Program::ALL {
         match find(program, &config.cache_dir) {
             Ok(path) => println!("{:<13} {}", program.file_name(), path.display()),
             Err(e) => println!("{:<13} MISSING: {e}", program.file_name()),
