@@ -256,6 +256,43 @@ impl Supervised {
         Ok(how)
     }
 
+    /// Graceful stop through the program's own request (`ask`, e.g. lightningd's `stop` RPC):
+    /// not restarted; if it has not exited within the stop timeout, SIGTERM then SIGKILL.
+    /// Returns how it exited.
+    pub async fn stop_with(
+        &self,
+        ask: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<String> {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let running = self
+            .inner
+            .current
+            .lock()
+            .map_err(|_| anyhow!("lock poisoned"))?
+            .take();
+        let how = match running {
+            Some(running) => {
+                ask.await;
+                let status =
+                    match tokio::time::timeout(self.inner.stop_timeout, running.exited()).await {
+                        Ok(status) => status,
+                        Err(_) => running.terminate(self.inner.stop_timeout).await?,
+                    };
+                describe_exit(status)
+            }
+            None => "not running".to_string(),
+        };
+        self.inner.status.send_modify(|s| {
+            s.phase = Phase::Stopped;
+            s.pid = None;
+            s.last_exit = Some(how.clone());
+            if how != "not running" {
+                s.stop_exits.push(how.clone());
+            }
+        });
+        Ok(how)
+    }
+
     /// Start again after [`stop`](Self::stop) (same spec, same data).
     pub async fn start_again(&self) -> anyhow::Result<()> {
         anyhow::ensure!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -125,12 +125,12 @@ async fn serve(mut client: TcpStream, upstream: &str, answered: &AtomicU64) -> a
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if request["method"] == "estimatesmartfee" {
         answered.fetch_add(1, Ordering::Relaxed);
-        let reply = json!({
-            "result": {"feerate": FIXED_FEERATE_BTC_PER_KVB, "blocks": 2},
-            "error": null,
-            "id": request["id"],
-        })
-        .to_string();
+        // Bitcoin Core prints amounts with exactly 8 decimals, and lightningd's parser
+        // insists on that.
+        let reply = format!(
+            r#"{{"result":{{"feerate":{FIXED_FEERATE_BTC_PER_KVB:.8},"blocks":2}},"error":null,"id":{}}}"#,
+            request["id"]
+        );
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
             reply.len()

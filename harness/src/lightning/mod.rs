@@ -120,7 +120,10 @@ impl LightningNode {
         )?);
         let probe_path = rpc_path.clone();
         let readiness = Readiness {
-            what: format!("lightningd {} answering getinfo at bitcoind's height", opts.name),
+            what: format!(
+                "lightningd {} answering getinfo at bitcoind's height",
+                opts.name
+            ),
             probe: Arc::new(move || {
                 let (path, rpc) = (probe_path.clone(), probe_rpc.clone());
                 Box::pin(async move {
@@ -159,6 +162,19 @@ impl LightningNode {
         &self.process
     }
 
+    /// Stop through its `stop` command (lightningd does not exit cleanly on SIGTERM); returns
+    /// how it exited.
+    pub async fn stop(&self) -> anyhow::Result<String> {
+        let path = self.rpc_path.clone();
+        self.process
+            .stop_with(async move {
+                if let Err(e) = call(&path, "stop", json!({})).await {
+                    tracing::debug!("lightningd stop: {e:#}");
+                }
+            })
+            .await
+    }
+
     /// Its RPC socket (`<lightning-dir>/<network>/lightning-rpc`).
     pub fn rpc_path(&self) -> &Path {
         &self.rpc_path
@@ -176,14 +192,17 @@ impl LightningNode {
 
     /// A fresh on-chain address (bech32).
     pub async fn new_address(&self) -> anyhow::Result<String> {
-        let r = self.call("newaddr", json!({"addresstype": "bech32"})).await?;
+        let r = self
+            .call("newaddr", json!({"addresstype": "bech32"}))
+            .await?;
         Ok(r["bech32"]
             .as_str()
             .context("newaddr without bech32")?
             .to_string())
     }
 
-    /// Confirmed on-chain sats the wallet can spend, and sats it holds in channels.
+    /// Confirmed on-chain sats the wallet can spend, and sats it holds in normal channels
+    /// (`to_us_msat`, rounded down).
     pub async fn balances(&self) -> anyhow::Result<(u64, u64)> {
         let f = self.call("listfunds", json!({})).await?;
         let onchain = f["outputs"]
@@ -196,12 +215,13 @@ impl LightningNode {
                     / 1000
             })
             .unwrap_or(0);
-        let channels = f["channels"]
+        let c = self.call("listpeerchannels", json!({})).await?;
+        let channels = c["channels"]
             .as_array()
             .map(|c| {
                 c.iter()
                     .filter(|c| c["state"] == "CHANNELD_NORMAL")
-                    .filter_map(|c| c["our_amount_msat"].as_u64())
+                    .filter_map(|c| c["to_us_msat"].as_u64())
                     .sum::<u64>()
                     / 1000
             })

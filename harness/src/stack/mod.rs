@@ -2,6 +2,7 @@
 //! in parallel and stopped together, plus the roles scenarios add (pool, proxies, miners; see
 //! `roles.rs`). Several stacks run side by side without sharing anything.
 
+mod lightning;
 mod nodes;
 mod pool_side;
 mod roles;
@@ -94,6 +95,9 @@ pub struct Stack {
     /// How the pool's bitcoind was started (operators' nodes copy it).
     node_options: Option<BitcoindOptions>,
     operator_nodes: BTreeMap<String, Bitcoind>,
+    lightning_nodes: BTreeMap<String, crate::lightning::LightningNode>,
+    /// The `ci/bootstrap` cache (where lightningd is found).
+    cache_dir: PathBuf,
     proxies: BTreeMap<String, ProxyRole>,
     miners: BTreeMap<String, MinerRole>,
     done: bool,
@@ -235,6 +239,8 @@ impl<'a> StackBuilder<'a> {
             auditors: BTreeMap::new(),
             node_options,
             operator_nodes: BTreeMap::new(),
+            lightning_nodes: BTreeMap::new(),
+            cache_dir: config.cache_dir.clone(),
             proxies: BTreeMap::new(),
             miners: BTreeMap::new(),
             done: false,

@@ -202,6 +202,9 @@ impl Stack {
         for (name, n) in &self.operator_nodes {
             out.push((format!("bitcoind-{name}"), n.process()));
         }
+        for (name, n) in &self.lightning_nodes {
+            out.push((format!("lightning-{name}"), n.process()));
+        }
         if let Some(r) = &self.redis {
             out.push(("redis".to_string(), r.process()));
         }
@@ -232,6 +235,7 @@ impl Stack {
         for (name, p) in self.processes() {
             let bad: fn(&str) -> bool = match name.as_str() {
                 n if n.starts_with("bitcoind") => bitcoind_error,
+                n if n.starts_with("lightning") => lightning_error,
                 "redis" => redis_error,
                 _ => role_error,
             };
@@ -339,6 +343,18 @@ impl Stack {
         for (name, m) in &self.miners {
             out.push(summary(format!("miner-{name}"), String::new(), m.process()));
         }
+        for (name, n) in &self.lightning_nodes {
+            out.push(summary(
+                format!("lightning-{name}"),
+                format!(
+                    "{} (peer {}, id {})",
+                    n.rpc_path().display(),
+                    n.p2p_addr,
+                    n.id
+                ),
+                n.process(),
+            ));
+        }
         out
     }
 
@@ -361,11 +377,19 @@ impl Stack {
         if let Some(mint) = &self.mint {
             mint.process().stop().await?;
         }
+        for n in self.lightning_nodes.values() {
+            n.stop().await?;
+        }
         for n in self.operator_nodes.values() {
             n.process().stop().await?;
         }
         Ok(())
     }
+}
+
+/// lightningd marks what must not happen `**BROKEN**`.
+fn lightning_error(line: &str) -> bool {
+    line.contains("**BROKEN**")
 }
 
 fn role_error(line: &str) -> bool {

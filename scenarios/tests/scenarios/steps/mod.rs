@@ -5,6 +5,7 @@ mod chain;
 pub mod faults;
 mod forged;
 mod fraud;
+mod lightning;
 pub mod mining;
 mod redis;
 mod settlement;

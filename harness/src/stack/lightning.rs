@@ -1,0 +1,96 @@
+//! Lightning nodes on a stack: `lightningd` on the stack's bitcoind (each behind its own fee
+//! proxy), funded from the faucet, with blocks mined by the harness when a step needs them.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use bitcoin::{Address, Amount};
+
+use super::Stack;
+use crate::binaries::{find, Program};
+use crate::lightning::{LightningNode, LightningOptions};
+use crate::wait::wait_until;
+
+impl Stack {
+    /// Start Lightning node `name` (with a fixed wallet seed if given) and wait until it has
+    /// synced to bitcoind's tip.
+    pub async fn start_lightning(
+        &mut self,
+        name: &str,
+        hsm_secret: Option<[u8; 32]>,
+    ) -> anyhow::Result<&LightningNode> {
+        anyhow::ensure!(
+            !self.lightning_nodes.contains_key(name),
+            "lightning node {name:?} already exists"
+        );
+        let (p2p, proxy) = (self.allocator.allocate()?, self.allocator.allocate()?);
+        let node = LightningNode::start(
+            LightningOptions {
+                name: format!("lightning-{name}"),
+                dir: self.dir.join(format!("lightning-{name}")),
+                exe: find(Program::Lightningd, &self.cache_dir)?,
+                bitcoin_cli: find(Program::BitcoinCli, &self.cache_dir)?,
+                p2p_port: p2p.port(),
+                proxy_port: proxy.port(),
+                hsm_secret,
+                timeouts: self.timeouts,
+            },
+            self.bitcoind()?,
+        )
+        .await
+        .map_err(|e| anyhow!("starting lightning node {name}: {e:#}"))?;
+        // The proxy listens on its own socket; the lease only reserved the number.
+        self.ports.extend([p2p, proxy]);
+        self.backends.push((
+            format!("lightning-{name}"),
+            node.process().spec().program.display().to_string(),
+        ));
+        self.lightning_nodes.insert(name.to_string(), node);
+        self.write_summary()?;
+        self.lightning(name)
+    }
+
+    /// Lightning node `name`.
+    pub fn lightning(&self, name: &str) -> anyhow::Result<&LightningNode> {
+        self.lightning_nodes
+            .get(name)
+            .ok_or_else(|| anyhow!("no lightning node {name:?} on stack {}", self.name))
+    }
+
+    /// Mine `n` blocks to the faucet (the harness's blocks, not the pool's).
+    pub async fn mine_blocks(&self, n: u64) -> anyhow::Result<()> {
+        let to: Address = self.faucet()?.address().clone();
+        self.bitcoind()?.generate_to_address(n, &to).await?;
+        Ok(())
+    }
+
+    /// Pay `sats` from the faucet to node `name`'s wallet, confirm it, and wait until the
+    /// node counts it.
+    pub async fn fund_lightning(&self, name: &str, sats: u64) -> anyhow::Result<()> {
+        let node = self.lightning(name)?;
+        let before = node.balances().await?.0;
+        let address: Address = node
+            .new_address()
+            .await?
+            .parse::<Address<bitcoin::address::NetworkUnchecked>>()?
+            .assume_checked();
+        self.faucet()?
+            .send(self.bitcoind()?.rpc(), &address, Amount::from_sat(sats))
+            .await?;
+        self.mine_blocks(1).await?;
+        wait_until(
+            &format!("lightning node {name} to count {sats} sat more on chain"),
+            Duration::from_secs(30),
+            || async {
+                let now = node.balances().await.map_err(|e| e.to_string())?.0;
+                if now >= before + sats {
+                    Ok(())
+                } else {
+                    Err(format!("{now} sat confirmed"))
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}
