@@ -105,18 +105,28 @@ async fn all_pending(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
 async fn all_minted(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
+    // One quote per record locked to the key: without it the step would pass
+    // while the mint still lags behind the last records.
+    let key = proxy.locking_pubkey.context("no key")?;
+    let records = share_records(w).await?;
+    let expected = records.values().filter(|r| r.locking_pubkey == key).count();
     wait_until(
-        &format!("every quote of {who} to be PAID and minted by its wallet"),
+        &format!("a quote for each of the {expected} record(s) of {who}, each PAID and minted"),
         SETTLE_TIMEOUT,
         || async {
             let q = quotes_of(w, &who).await.map_err(|e| e.to_string())?;
             let s = proxy.wallet_status().await.map_err(|e| e.to_string())?;
             let unminted = q.iter().filter(|q| q.state != "ISSUED").count();
-            if !q.is_empty() && unminted == 0 && s.paid_unminted == 0 && s.pending == 0 {
+            if q.len() >= expected
+                && expected > 0
+                && unminted == 0
+                && s.paid_unminted == 0
+                && s.pending == 0
+            {
                 Ok(())
             } else {
                 Err(format!(
-                    "{unminted} of {} quote(s) not minted; wallet {s:?}",
+                    "{unminted} of {} quote(s) not minted, {expected} record(s); wallet {s:?}",
                     q.len()
                 ))
             }
