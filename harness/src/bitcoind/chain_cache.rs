@@ -180,7 +180,7 @@ fn read_manifest(dir: &Path, chain: Chain, blocks: u64, version: &str) -> Option
     valid.then_some(cached)
 }
 
-async fn lock_exclusive(path: &Path) -> anyhow::Result<Flock<File>> {
+pub(crate) async fn lock_exclusive(path: &Path) -> anyhow::Result<Flock<File>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use bitcoind_rpc::{BitcoinRpc, RpcError};
+pub(crate) use chain_cache::lock_exclusive;
 pub use chain_cache::{
     bitcoind_version, ensure_chain_cache, faucet_secret_key, CachedChain, FAUCET_SECRET,
 };

@@ -4,6 +4,7 @@
 //! second, one confirmation for channels).
 
 mod fee_proxy;
+mod rewards_cache;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 
 pub use fee_proxy::{FeeProxy, FIXED_FEERATE_BTC_PER_KVB};
+pub use rewards_cache::{ensure_rewards_chain, pool_hsm_secret, RewardsChain, REWARD_BLOCKS};
 
 use crate::bitcoind::{Bitcoind, RPC_USER};
 use crate::process::ProcessSpec;
@@ -36,6 +38,8 @@ pub struct LightningOptions {
     pub proxy_port: u16,
     /// A fixed wallet seed (`hsm_secret`), so addresses are known in advance.
     pub hsm_secret: Option<[u8; 32]>,
+    /// A lightning directory to start from (copied in before the first start).
+    pub seed_dir: Option<PathBuf>,
     /// Readiness deadline and SIGTERM grace.
     pub timeouts: (Duration, Duration),
 }
@@ -76,6 +80,10 @@ impl LightningNode {
         let net = network(bitcoind.chain());
         let ln_dir = opts.dir.join("ln");
         let net_dir = ln_dir.join(net);
+        if let (Some(seed), false) = (&opts.seed_dir, ln_dir.exists()) {
+            crate::bitcoind::copy_dir(seed, &ln_dir)
+                .with_context(|| format!("cannot copy {} into {}", seed.display(), ln_dir.display()))?;
+        }
         std::fs::create_dir_all(&net_dir)
             .with_context(|| format!("cannot create {}", net_dir.display()))?;
         if let Some(secret) = opts.hsm_secret {
@@ -96,6 +104,10 @@ impl LightningNode {
         )
         .await?;
         let p2p_addr = format!("127.0.0.1:{}", opts.p2p_port);
+        // A Unix socket path holds at most 107 bytes: the socket lives in the temp dir under
+        // the node's port (unique among running harnesses), not in a deep data dir.
+        let rpc_path = std::env::temp_dir().join(format!("hashpool-ln-{}.rpc", opts.p2p_port));
+        let _ = std::fs::remove_file(&rpc_path);
         let spec = ProcessSpec::new(&opts.name, &opts.exe, &opts.dir)
             .arg(format!("--lightning-dir={}", ln_dir.display()))
             .arg(format!("--network={net}"))
@@ -110,9 +122,9 @@ impl LightningNode {
             .arg("--dev-bitcoind-poll=1")
             .arg("--dev-fast-gossip")
             .arg("--funding-confirms=1")
+            .arg(format!("--rpc-file={}", rpc_path.display()))
             .arg("--log-level=info")
             .arg("--log-file=-");
-        let rpc_path = net_dir.join("lightning-rpc");
         let probe_rpc = Arc::new(bitcoind_rpc::BitcoinRpc::new(
             &bitcoind.rpc_url(),
             RPC_USER,
@@ -175,7 +187,7 @@ impl LightningNode {
             .await
     }
 
-    /// Its RPC socket (`<lightning-dir>/<network>/lightning-rpc`).
+    /// Its RPC socket (`<temp dir>/hashpool-ln-<p2p port>.rpc`).
     pub fn rpc_path(&self) -> &Path {
         &self.rpc_path
     }

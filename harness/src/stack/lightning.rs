@@ -19,6 +19,15 @@ impl Stack {
         name: &str,
         hsm_secret: Option<[u8; 32]>,
     ) -> anyhow::Result<&LightningNode> {
+        self.start_lightning_seeded(name, hsm_secret, None).await
+    }
+
+    async fn start_lightning_seeded(
+        &mut self,
+        name: &str,
+        hsm_secret: Option<[u8; 32]>,
+        seed_dir: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<&LightningNode> {
         anyhow::ensure!(
             !self.lightning_nodes.contains_key(name),
             "lightning node {name:?} already exists"
@@ -33,6 +42,7 @@ impl Stack {
                 p2p_port: p2p.port(),
                 proxy_port: proxy.port(),
                 hsm_secret,
+                seed_dir,
                 timeouts: self.timeouts,
             },
             self.bitcoind()?,
@@ -48,6 +58,22 @@ impl Stack {
         self.lightning_nodes.insert(name.to_string(), node);
         self.write_summary()?;
         self.lightning(name)
+    }
+
+    /// Start the pool's Lightning node `pool` from the rewards chain's (its matured rewards
+    /// in its wallet); the stack must have been built with `rewards()`.
+    pub async fn start_pool_lightning(&mut self) -> anyhow::Result<&LightningNode> {
+        let r = self
+            .rewards
+            .clone()
+            .ok_or_else(|| anyhow!("stack {} was not started from the rewards chain", self.name))?;
+        self.start_lightning_seeded("pool", Some(crate::lightning::pool_hsm_secret()), Some(r.pool_ln_dir))
+            .await
+    }
+
+    /// The rewards chain the stack started from.
+    pub fn rewards(&self) -> Option<&crate::lightning::RewardsChain> {
+        self.rewards.as_ref()
     }
 
     /// Lightning node `name`.

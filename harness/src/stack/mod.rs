@@ -35,6 +35,7 @@ pub struct StackBuilder<'a> {
     redis: bool,
     bitcoind_args: Vec<String>,
     keep_on_failure: bool,
+    rewards: bool,
 }
 
 /// Endpoints, processes and directories of a running stack (also written as `stack.json`).
@@ -96,6 +97,8 @@ pub struct Stack {
     node_options: Option<BitcoindOptions>,
     operator_nodes: BTreeMap<String, Bitcoind>,
     lightning_nodes: BTreeMap<String, crate::lightning::LightningNode>,
+    /// The rewards chain this stack started from, if any.
+    rewards: Option<crate::lightning::RewardsChain>,
     /// The `ci/bootstrap` cache (where lightningd is found).
     cache_dir: PathBuf,
     proxies: BTreeMap<String, ProxyRole>,
@@ -122,6 +125,14 @@ impl<'a> StackBuilder<'a> {
         self
     }
 
+    /// Start the private signet from the rewards chain: matured coinbases held by the pool's
+    /// Lightning node (see [`crate::lightning::ensure_rewards_chain`]); implies signet.
+    pub fn rewards(mut self) -> Self {
+        self.rewards = true;
+        self.chain = Some(Chain::Signet);
+        self
+    }
+
     /// Whether a stack that fails to start keeps its directory (default: yes, for debugging).
     pub fn keep_on_failure(mut self, keep: bool) -> Self {
         self.keep_on_failure = keep;
@@ -136,10 +147,16 @@ impl<'a> StackBuilder<'a> {
         let mut backends = Vec::new();
         let mut ports = Vec::new();
 
+        let mut rewards = None;
         let bitcoind_opts = match self.chain {
             Some(chain) => {
                 let exe = find(Program::Bitcoind, &config.cache_dir)?;
-                let cached = ensure_chain_cache(&exe, chain, config).await?;
+                let mut cached = ensure_chain_cache(&exe, chain, config).await?;
+                if self.rewards {
+                    let r = crate::lightning::ensure_rewards_chain(config).await?;
+                    cached.dir = r.chain_dir.clone();
+                    rewards = Some(r);
+                }
                 backends.push((
                     "bitcoin".into(),
                     format!("{} ({})", exe.display(), cached.bitcoind_version),
@@ -241,6 +258,7 @@ impl<'a> StackBuilder<'a> {
             operator_nodes: BTreeMap::new(),
             lightning_nodes: BTreeMap::new(),
             cache_dir: config.cache_dir.clone(),
+            rewards,
             proxies: BTreeMap::new(),
             miners: BTreeMap::new(),
             done: false,
@@ -260,6 +278,7 @@ impl Stack {
             redis: false,
             bitcoind_args: Vec::new(),
             keep_on_failure: true,
+            rewards: false,
         }
     }
 

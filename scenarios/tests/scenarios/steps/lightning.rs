@@ -81,3 +81,69 @@ async fn fee_answered(w: &mut HarnessWorld) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[given("a signet stack with matured rewards for the pool's Lightning node")]
+async fn rewards_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = harness::Stack::builder(crate::world::DEFAULT_STACK, &w.config)
+        .rewards()
+        .redis()
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    w.stacks.insert(crate::world::DEFAULT_STACK.to_string(), stack);
+    w.default_stack_mut()?.start_pool_lightning().await?;
+    Ok(())
+}
+
+#[given(expr = "lightning node {string}")]
+async fn one_node(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.default_stack_mut()?.start_lightning(&name, None).await?;
+    Ok(())
+}
+
+/// Matured coinbase outputs paying `address`, as bitcoind's UTXO set shows them (sat).
+pub(crate) async fn matured_coinbases(
+    rpc: &harness::bitcoind::BitcoinRpc,
+    address: &str,
+) -> anyhow::Result<u64> {
+    let tip: u64 = rpc.call("getblockcount", &[]).await?;
+    let scan: serde_json::Value = rpc
+        .call(
+            "scantxoutset",
+            &[serde_json::json!("start"), serde_json::json!([format!("addr({address})")])],
+        )
+        .await?;
+    let sats = scan["unspents"]
+        .as_array()
+        .map(|u| {
+            u.iter()
+                .filter(|u| u["coinbase"] == true)
+                .filter(|u| u["height"].as_u64().is_some_and(|h| tip + 1 - h >= 100))
+                .filter_map(|u| u["amount"].as_f64())
+                .map(|btc| (btc * 1e8).round() as u64)
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(sats)
+}
+
+#[then(
+    "the pool's Lightning node holds every matured reward, as Bitcoin Core counts coinbases 100 blocks deep that pay it"
+)]
+async fn holds_rewards(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let rewards = stack.rewards().ok_or_else(|| anyhow::anyhow!("no rewards chain"))?;
+    let matured = matured_coinbases(stack.bitcoind()?.rpc(), &rewards.pool_address).await?;
+    anyhow::ensure!(
+        matured == rewards.rewards_sats && matured > 0,
+        "Bitcoin Core counts {matured} sat of matured coinbases for {}, the cache says {}",
+        rewards.pool_address,
+        rewards.rewards_sats
+    );
+    let (onchain, _) = stack.lightning("pool")?.balances().await?;
+    anyhow::ensure!(
+        onchain >= matured,
+        "the pool node counts {onchain} sat on chain, Bitcoin Core {matured}"
+    );
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! Matured block rewards for the pool's Lightning node, pre-mined once per machine.
+//!
+//! Rewards count only after 100 confirmations, and no scenario can wait for 100 signet
+//! blocks (about 1.6 s each here). So the harness builds, once, a chain on top of the cached
+//! signet chain in which [`REWARD_BLOCKS`] coinbases pay the pool node's wallet (a
+//! `lightningd` with the fixed seed [`pool_hsm_secret`]) and 100 more blocks mature them,
+//! and keeps that node's lightning directory with it: every stack that wants rewards starts
+//! from a copy of both, as a pool node that has been mining for a while would be.
+//! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<bitcoind version>-<lightningd version>/`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use bitcoin::hashes::{sha256, Hash};
+use serde::{Deserialize, Serialize};
+
+use super::{LightningNode, LightningOptions};
+use crate::binaries::{find, Program};
+use crate::bitcoind::{copy_dir, ensure_chain_cache, Bitcoind, BitcoindOptions, Chain};
+use crate::config::HarnessConfig;
+use crate::ports::PortAllocator;
+use crate::wait::wait_until;
+
+/// Bump when the layout or content changes.
+const FORMAT: u32 = 1;
+/// Coinbases paid to the pool node (50 BTC each on this young chain).
+pub const REWARD_BLOCKS: u64 = 3;
+/// Blocks that mature them.
+const MATURITY: u64 = 100;
+/// Seed of the pool node's `hsm_secret`.
+const POOL_LN_SEED: &str = "hashpool-harness pool lightning node v1";
+
+/// The pool node's fixed wallet seed.
+pub fn pool_hsm_secret() -> [u8; 32] {
+    sha256::Hash::hash(POOL_LN_SEED.as_bytes()).to_byte_array()
+}
+
+/// A chain with matured rewards and the pool node that holds them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardsChain {
+    /// Tip height.
+    pub blocks: u64,
+    /// The pool node's address the reward coinbases pay (the pool's payout address).
+    pub pool_address: String,
+    /// Their total, satoshis.
+    pub rewards_sats: u64,
+    /// Versions it was built with.
+    pub bitcoind_version: String,
+    /// `lightningd --version`.
+    pub lightningd_version: String,
+    /// Format.
+    pub format: u32,
+    /// Chain directory to seed a node's datadir with (`signet/`).
+    #[serde(skip)]
+    pub chain_dir: PathBuf,
+    /// The pool node's lightning directory.
+    #[serde(skip)]
+    pub pool_ln_dir: PathBuf,
+}
+
+fn version_of(exe: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {} --version", exe.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn read(dir: &Path, bitcoind: &str, lightningd: &str) -> Option<RewardsChain> {
+    let mut r: RewardsChain =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).ok()?).ok()?;
+    let ok = r.format == FORMAT
+        && r.bitcoind_version == bitcoind
+        && r.lightningd_version == lightningd
+        && dir.join("chain").join("blocks").is_dir()
+        && dir.join("pool-ln").is_dir();
+    r.chain_dir = dir.join("chain");
+    r.pool_ln_dir = dir.join("pool-ln");
+    ok.then_some(r)
+}
+
+/// The rewards chain, built first if this machine has none.
+pub async fn ensure_rewards_chain(config: &HarnessConfig) -> anyhow::Result<RewardsChain> {
+    let bitcoind_exe = find(Program::Bitcoind, &config.cache_dir)?;
+    let lightningd = find(Program::Lightningd, &config.cache_dir)?;
+    let base = ensure_chain_cache(&bitcoind_exe, Chain::Signet, config).await?;
+    let ln_version = version_of(&lightningd)?;
+    let key = format!(
+        "signet-rewards-v{FORMAT}-{}-{}",
+        sanitize(&base.bitcoind_version),
+        sanitize(&ln_version)
+    );
+    let chains = config.cache_dir.join("chains");
+    let final_dir = chains.join(&key);
+    if let Some(r) = read(&final_dir, &base.bitcoind_version, &ln_version) {
+        return Ok(r);
+    }
+    let _lock = crate::bitcoind::lock_exclusive(&chains.join(format!("{key}.lock"))).await?;
+    if let Some(r) = read(&final_dir, &base.bitcoind_version, &ln_version) {
+        return Ok(r);
+    }
+    let tmp = chains.join(format!("{key}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let manifest = build(config, &base, &tmp, &bitcoind_exe, &lightningd, &ln_version)
+        .await
+        .with_context(|| format!("building the rewards chain (work dir kept: {})", tmp.display()))?;
+    std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)?;
+    read(&final_dir, &base.bitcoind_version, &ln_version)
+        .ok_or_else(|| anyhow!("rewards chain {} unreadable after writing it", final_dir.display()))
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .collect::<String>()
+        .chars()
+        .take(40)
+        .collect()
+}
+
+async fn build(
+    config: &HarnessConfig,
+    base: &crate::bitcoind::CachedChain,
+    tmp: &Path,
+    bitcoind_exe: &Path,
+    lightningd: &Path,
+    ln_version: &str,
+) -> anyhow::Result<RewardsChain> {
+    let ports = PortAllocator::new(&config.port_lock_dir, config.port_min, config.port_max);
+    let (rpc, p2p, proxy) = (ports.allocate()?, ports.allocate()?, ports.allocate()?);
+    let start = Instant::now();
+    let node = Bitcoind::start(BitcoindOptions {
+        exe: bitcoind_exe.to_path_buf(),
+        chain: Chain::Signet,
+        dir: tmp.join("node"),
+        rpc_port: rpc.port(),
+        seed: Some(base.dir.clone()),
+        extra_args: Vec::new(),
+        name: "bitcoind".into(),
+        p2p_port: None,
+        connect: None,
+        start_timeout: config.start_timeout(),
+        stop_timeout: config.stop_timeout(),
+    })
+    .await?;
+    let ln = LightningNode::start(
+        LightningOptions {
+            name: "lightning-pool".into(),
+            dir: tmp.join("ln-node"),
+            exe: lightningd.to_path_buf(),
+            bitcoin_cli: find(Program::BitcoinCli, &config.cache_dir)?,
+            p2p_port: p2p.port(),
+            proxy_port: proxy.port(),
+            hsm_secret: Some(pool_hsm_secret()),
+            seed_dir: None,
+            timeouts: (config.start_timeout(), config.stop_timeout()),
+        },
+        &node,
+    )
+    .await?;
+    let pool_address = ln.new_address().await?;
+    let address: bitcoin::Address = pool_address
+        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
+        .assume_checked();
+    let faucet: bitcoin::Address = base
+        .faucet_address
+        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
+        .assume_checked();
+    eprintln!(
+        "[harness] building the rewards chain once for this machine: {REWARD_BLOCKS} blocks to the pool's Lightning node, {MATURITY} to mature them (about 3 minutes)"
+    );
+    node.generate_to_address(REWARD_BLOCKS, &address).await?;
+    let mut mined = 0;
+    while mined < MATURITY {
+        let n = 10.min(MATURITY - mined);
+        node.generate_to_address(n, &faucet).await?;
+        mined += n;
+        eprintln!(
+            "[harness]   rewards chain: {mined}/{MATURITY} maturing blocks ({:.0} s)",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let height = node.height().await?;
+    let rewards_sats = REWARD_BLOCKS * 50 * 100_000_000;
+    wait_until(
+        "the pool's Lightning node to count its matured rewards",
+        Duration::from_secs(120),
+        || async {
+            let info = ln.call("getinfo", serde_json::json!({})).await.map_err(|e| e.to_string())?;
+            let (onchain, _) = ln.balances().await.map_err(|e| e.to_string())?;
+            if info["blockheight"].as_u64() == Some(height) && onchain >= rewards_sats {
+                Ok(())
+            } else {
+                Err(format!("at {:?}, {onchain} sat", info["blockheight"]))
+            }
+        },
+    )
+    .await?;
+    ln.stop().await?;
+    node.process().stop().await?;
+    let data = node.datadir().join(Chain::Signet.datadir_subdir());
+    for transient in [".lock", "debug.log", "peers.dat", "anchors.dat", "settings.json"] {
+        let _ = std::fs::remove_file(data.join(transient));
+    }
+    std::fs::rename(&data, tmp.join("chain"))?;
+    let ln_dir = tmp.join("ln-node").join("ln");
+    copy_dir(&ln_dir, &tmp.join("pool-ln"))?;
+    std::fs::remove_dir_all(tmp.join("node"))?;
+    std::fs::remove_dir_all(tmp.join("ln-node"))?;
+    eprintln!(
+        "[harness] rewards chain built in {:.0} s: height {height}, {rewards_sats} sat matured for {pool_address}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(RewardsChain {
+        blocks: height,
+        pool_address,
+        rewards_sats,
+        bitcoind_version: base.bitcoind_version.clone(),
+        lightningd_version: ln_version.to_string(),
+        format: FORMAT,
+        chain_dir: PathBuf::new(),
+        pool_ln_dir: PathBuf::new(),
+    })
+}
