@@ -17,6 +17,8 @@ use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions}
 pub struct MintOptions {
     /// Time between a valid verdict and paying its quotes.
     pub settlement_delay_secs: u64,
+    /// Lightning redemption through the pool's node (off when None).
+    pub redemption: Option<hashpool_config::pool_side::RedemptionSection>,
 }
 
 /// A running mint.
@@ -32,6 +34,14 @@ pub struct MintRole {
 }
 
 impl MintRole {
+    /// The Lightning redemption reserve and rate (`GET /v1/ehash/redemption`).
+    pub async fn redemption_reserve(&self) -> anyhow::Result<serde_json::Value> {
+        let (code, body) =
+            http::get(&self.addr, "/v1/ehash/redemption", Duration::from_secs(5)).await?;
+        anyhow::ensure!(code == 200, "/v1/ehash/redemption answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
     /// Write the config and start the mint on Redis `redis_url`; ready when `/v1/info`
     /// answers and its consumer groups exist on both streams.
     pub async fn start(
@@ -48,6 +58,7 @@ impl MintRole {
             data_dir: dir.join("data").display().to_string(),
             seed: Secret::new(hex::encode(seed)),
             settlement_delay_secs: opts.settlement_delay_secs,
+            redemption: opts.redemption.clone().unwrap_or_default(),
             redis: RedisSection {
                 url: redis_url.into(),
                 ..Default::default()

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use bitcoin::{Address, Network};
 use hashpool_config::pool_side::{PoolConfig, PoolLimits};
 use hashpool_config::Secret;
@@ -30,6 +31,9 @@ pub struct PoolOptions {
     pub append_timeout_ms: u64,
     /// Put a fault proxy between the pool and Redis (`Stack::redis_fault_proxy`).
     pub redis_via_fault_proxy: bool,
+    /// The address the coinbase pays (default: a fresh one nobody holds the key of); the
+    /// pool's Lightning node's address when the stack redeems over Lightning.
+    pub payout_address: Option<String>,
 }
 
 impl Default for PoolOptions {
@@ -43,6 +47,7 @@ impl Default for PoolOptions {
             append_timeout_ms: hashpool_config::pool_side::RedisSection::default()
                 .append_timeout_ms,
             redis_via_fault_proxy: false,
+            payout_address: None,
         }
     }
 }
@@ -78,7 +83,14 @@ impl PoolRole {
         let exe = role_exe("hashpool-pool", "HASHPOOL_POOL_EXE")?;
         let authority = authority_keys();
         let network = bitcoind.chain().network();
-        let payout_address = payout_address(network);
+        let payout_address = match &opts.payout_address {
+            Some(a) => a
+                .parse::<Address<bitcoin::address::NetworkUnchecked>>()
+                .context("pool payout address")?
+                .require_network(network)
+                .context("pool payout address")?,
+            None => payout_address(network),
+        };
         let config = PoolConfig {
             listen: format!("127.0.0.1:{}", ports.0),
             metrics_listen: format!("127.0.0.1:{}", ports.1),

@@ -208,6 +208,27 @@ impl ProxyRole {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Redeem ehash against `invoice` through the proxy's `POST /wallet/redeem`: Ok(the
+    /// redemption it reports) or Err(the proxy's error text), within `timeout`.
+    pub async fn redeem(
+        &self,
+        invoice: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        let addr = self
+            .wallet_addr
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
+        let body = serde_json::json!({ "invoice": invoice }).to_string();
+        let (code, body) = crate::http::post_json(addr, "/wallet/redeem", &body, timeout).await?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| anyhow::anyhow!("/wallet/redeem answered {code} {body}: {e}"))?;
+        Ok(match code {
+            200 => Ok(v),
+            _ => Err(v["error"].as_str().unwrap_or(&body).to_string()),
+        })
+    }
+
     /// Every channel the pool opened for this proxy, as its log reports them:
     /// (channel id, extranonce prefix hex).
     pub fn announced_channels(&self) -> Vec<(u32, String)> {

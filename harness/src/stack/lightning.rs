@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context};
 use bitcoin::{Address, Amount};
 
 use super::Stack;
@@ -69,6 +69,40 @@ impl Stack {
             .ok_or_else(|| anyhow!("stack {} was not started from the rewards chain", self.name))?;
         self.start_lightning_seeded("pool", Some(crate::lightning::pool_hsm_secret()), Some(r.pool_ln_dir))
             .await
+    }
+
+    /// The pool side of a stack that redeems over Lightning: the pool's node from the rewards
+    /// chain, the pool paying that node's address, the mint redeeming through that node (its
+    /// matured rewards counted from this stack's bitcoind), and auditor `a`.
+    pub async fn start_redemption_side(
+        &mut self,
+        pool: &crate::roles::PoolOptions,
+        mint: &crate::roles::MintOptions,
+        pool_fee_ppm: u64,
+    ) -> anyhow::Result<()> {
+        self.start_pool_lightning().await?;
+        let rewards = self.rewards.clone().context("no rewards chain")?;
+        let mut pool = pool.clone();
+        pool.payout_address = Some(rewards.pool_address.clone());
+        self.start_pool(&pool).await?;
+        let bitcoind = self.bitcoind()?;
+        let mut mint = mint.clone();
+        mint.redemption = Some(hashpool_config::pool_side::RedemptionSection {
+            lightning_rpc: self.lightning("pool")?.rpc_path().display().to_string(),
+            payout_address: rewards.pool_address.clone(),
+            pool_fee_ppm,
+            bitcoind: hashpool_config::pool_side::BitcoindSection {
+                rpc_url: bitcoind.rpc_url(),
+                rpc_user: crate::bitcoind::RPC_USER.into(),
+                rpc_password: hashpool_config::Secret::new(bitcoind.rpc_password().into()),
+                chain: bitcoind.chain().name().into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        self.start_mint(&mint).await?;
+        self.start_auditor("a", 2).await?;
+        Ok(())
     }
 
     /// The rewards chain the stack started from.

@@ -6,10 +6,12 @@
 //! | `GET /v1/ehash/quote/{id}` | one quote's audit status: `PENDING` (with `settle_at` once valid), `PAID`, `FAILED` + `reason` |
 //! | `POST /v1/ehash/quotes` | signed lookup of every quote of a key ([`ehash::lookup`]) |
 //! | `POST /v1/mint/quote/mining_share` | refused: quotes come only from share records |
+//! | `GET /v1/ehash/redemption` | the Lightning redemption reserve and rate ([`Reserve`]) |
 //!
 //! Errors are Cashu-style `{"code": N, "detail": "..."}`: 30001 quote creation refused,
 //! 30002 bad lookup signature or key, 30003 stale lookup, 30004 replayed lookup, 30005 no
-//! such quote, 30006 malformed lookup body.
+//! such quote, 30006 malformed lookup body, 30007 redemption is off, 30008 a bolt11 melt quote
+//! refused (no amount, or above the redeemable reserve).
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ use serde_json::json;
 
 use crate::backend::REFUSE_QUOTE;
 use crate::metrics::MintMetrics;
+use crate::redeem::ledger::{Ledger, Reserve};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -33,6 +36,41 @@ pub struct Api {
     pub metrics: Arc<MintMetrics>,
     /// Allowed lookup clock skew, ms.
     pub max_skew_ms: u64,
+    /// The redemption ledger (None: redemption is off).
+    pub redemption: Option<Arc<Ledger>>,
+}
+
+/// The reserve as served: [`Reserve`] plus the rate.
+#[derive(serde::Serialize)]
+struct ReserveView {
+    #[serde(flatten)]
+    reserve: Reserve,
+    available_sat: u64,
+    redeemed_sat: u64,
+    rate_msat_per_ehash: f64,
+}
+
+async fn redemption(State(api): State<Arc<Api>>) -> Response {
+    let Some(ledger) = &api.redemption else {
+        return error(
+            StatusCode::NOT_FOUND,
+            30007,
+            "Lightning redemption is off on this mint (no `redemption.lightning_rpc`)",
+        );
+    };
+    match ledger.reserve().await {
+        Ok(reserve) => {
+            api.metrics.observe_reserve(&reserve);
+            Json(ReserveView {
+                available_sat: reserve.available_msat / 1000,
+                redeemed_sat: reserve.redeemed_msat / 1000,
+                rate_msat_per_ehash: reserve.rate_msat_per_ehash(),
+                reserve,
+            })
+            .into_response()
+        }
+        Err(e) => internal(e),
+    }
 }
 
 fn error(status: StatusCode, code: u32, detail: impl std::fmt::Display) -> Response {
@@ -101,11 +139,70 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> impl IntoResponse {
+    if let Some(ledger) = &api.redemption {
+        match ledger.reserve().await {
+            Ok(r) => api.metrics.observe_reserve(&r),
+            Err(e) => tracing::warn!("redemption reserve unavailable for /metrics: {e:#}"),
+        }
+    }
     api.metrics.render()
 }
 
 async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
+}
+
+/// Decide a bolt11 melt quote against the reserve before cdk sees it: cdk hides a payment
+/// backend's reason behind "Payment backend error", and an operator must learn why (the
+/// backend checks again, atomically, when it pays).
+pub async fn melt_quote_guard(
+    State(api): State<Arc<Api>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(ledger) = api.redemption.clone() else {
+        return next.run(req).await;
+    };
+    if req.method() != axum::http::Method::POST || req.uri().path() != "/v1/melt/quote/bolt11" {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, 30008, format!("melt quote body: {e}")),
+    };
+    let request: Option<String> = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["request"].as_str().map(str::to_string));
+    if let Some(invoice) = request.and_then(|r| r.parse::<cdk_common::Bolt11Invoice>().ok()) {
+        let Some(msat) = invoice.amount_milli_satoshis() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                30008,
+                "the invoice has no amount: ask for one with an amount",
+            );
+        };
+        match ledger.reserve().await {
+            Ok(r) if msat > r.available_msat => {
+                let detail = format!(
+                    "{}: the invoice asks {} sat, the pool can pay at most {} sat now (matured rewards {} sat - pool fee {} sat - redeemed {} sat - held {} sat)",
+                    crate::redeem::OVER_RESERVE,
+                    msat / 1000,
+                    r.available_msat / 1000,
+                    r.matured_sat,
+                    r.pool_fee_sat,
+                    r.redeemed_msat / 1000,
+                    r.held_msat / 1000
+                );
+                tracing::info!("melt quote refused: {detail}");
+                return error(StatusCode::BAD_REQUEST, 30008, detail);
+            }
+            Ok(_) => {}
+            Err(e) => return internal(e),
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// The ehash routes (merged with cdk's by the caller).
@@ -114,6 +211,7 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/v1/ehash/quote/{id}", get(quote))
         .route("/v1/ehash/quotes", post(lookup))
         .route("/v1/mint/quote/mining_share", post(refuse_quote))
+        .route("/v1/ehash/redemption", get(redemption))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .with_state(api)

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod http;
 mod ingest;
 mod metrics;
+pub mod redeem;
 pub mod store;
 
 use std::future::Future;
@@ -56,6 +57,60 @@ async fn advertise_minting_only(mint: &cdk::mint::Mint) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("mint info: {e}"))
 }
 
+/// The (`ehash`, `bolt11`) processor and its ledger, paying through the pool's node.
+async fn redemption_backend(
+    config: &MintConfig,
+    db: Arc<MintSqliteDatabase>,
+) -> anyhow::Result<(redeem::RedeemBackend, Arc<redeem::ledger::Ledger>)> {
+    let r = &config.redemption;
+    let network = match r.bitcoind.chain.as_str() {
+        "regtest" => bitcoin::Network::Regtest,
+        "signet" => bitcoin::Network::Signet,
+        "testnet" => bitcoin::Network::Testnet,
+        "main" | "mainnet" | "bitcoin" => bitcoin::Network::Bitcoin,
+        other => anyhow::bail!("`redemption.bitcoind.chain` {other:?}: use signet, regtest, testnet or main"),
+    };
+    let script = r
+        .payout_address
+        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()
+        .context("`redemption.payout_address` is not an address")?
+        .require_network(network)
+        .context("`redemption.payout_address` is for another network than `redemption.bitcoind.chain`")?
+        .script_pubkey();
+    let rpc = bitcoind_rpc::BitcoinRpc::new(
+        &r.bitcoind.rpc_url,
+        &r.bitcoind.rpc_user,
+        r.bitcoind.rpc_password.expose(),
+    )
+    .map_err(|e| anyhow!("`redemption.bitcoind`: {e}"))?;
+    let kv: cdk_common::database::DynKVStore = db;
+    let ledger = Arc::new(redeem::ledger::Ledger::new(
+        kv.clone(),
+        rpc,
+        hex::encode(script.as_bytes()),
+        r.pool_fee_ppm,
+    ));
+    let cln = cdk_cln::Cln::new(
+        r.lightning_rpc.clone().into(),
+        cdk_common::common::FeeReserve {
+            min_fee_reserve: r.min_routing_fee_reserve_sat.into(),
+            percent_fee_reserve: r.routing_fee_reserve_ppm as f32 / 1_000_000.0,
+        },
+        false,
+        kv,
+    )
+    .await
+    .map_err(|e| anyhow!("`redemption.lightning_rpc`: {e}"))?
+    .with_bolt12(false);
+    let backend = redeem::RedeemBackend::new(
+        cln,
+        ledger.clone(),
+        r.routing_fee_reserve_ppm,
+        r.min_routing_fee_reserve_sat,
+    );
+    Ok((backend, ledger))
+}
+
 /// Run the mint until `shutdown` resolves.
 pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
@@ -88,6 +143,21 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
             Arc::new(ShareBackend),
         )
         .await?;
+    let ledger = match config.redemption.enabled() {
+        true => {
+            let (backend, ledger) = redemption_backend(&config, db.clone()).await?;
+            builder
+                .add_payment_processor(
+                    unit.clone(),
+                    PaymentMethod::Known(cdk_common::nuts::nut00::KnownMethod::Bolt11),
+                    MintMeltLimits::new(1, u64::MAX),
+                    Arc::new(backend),
+                )
+                .await?;
+            Some(ledger)
+        }
+        false => None,
+    };
     let builder = builder
         .with_name("hashpool ehash mint".into())
         .with_description(
@@ -107,27 +177,41 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
         .await
         .map_err(|e| anyhow!("starting the mint: {e}"))?;
     advertise_minting_only(&mint).await?;
+    if let Some(l) = &ledger {
+        l.set_mint(mint.clone());
+    }
 
     let metrics = Arc::new(metrics::MintMetrics::new()?);
     let store = Arc::new(store::Store::new(mint.clone()));
-    let cashu = cdk_axum::create_mint_router(mint.clone(), vec![METHOD.into()])
+    let mut methods = vec![METHOD.to_string()];
+    if ledger.is_some() {
+        methods.push("bolt11".into());
+    }
+    let cashu = cdk_axum::create_mint_router(mint.clone(), methods)
         .await
         .map_err(|e| anyhow!("cashu routes: {e}"))?;
     let api = Arc::new(http::Api {
         store: store.clone(),
         metrics: metrics.clone(),
         max_skew_ms: config.lookup_max_skew_ms,
+        redemption: ledger.clone(),
     });
-    let app = http::routes(api).merge(cashu);
+    let app = http::routes(api.clone())
+        .merge(cashu)
+        .layer(axum::middleware::from_fn_with_state(api, http::melt_quote_guard));
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let stop = CancellationToken::new();
     let tasks = ingest::spawn(&config, store, mint.clone(), metrics, stop.clone());
     tracing::info!(
-        "mint listening on http://{} (unit {UNIT}, method {METHOD}, settlement delay {} s)",
+        "mint listening on http://{} (unit {UNIT}, method {METHOD}, settlement delay {} s, Lightning redemption {})",
         listener.local_addr()?,
-        config.settlement_delay_secs
+        config.settlement_delay_secs,
+        match &ledger {
+            Some(_) => format!("through {}", config.redemption.lightning_rpc),
+            None => "off".into(),
+        }
     );
     let server_stop = stop.clone();
     let server = tokio::spawn(async move {

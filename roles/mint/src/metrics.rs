@@ -20,6 +20,8 @@ pub struct MintMetrics {
     pub record_to_quote_seconds: Histogram,
     /// Time from a share record's append to its quote being paid.
     pub record_to_paid_seconds: Histogram,
+    /// The Lightning redemption reserve, by quantity.
+    pub redemption: IntGaugeVec,
 }
 
 impl MintMetrics {
@@ -69,6 +71,13 @@ impl MintMetrics {
                 )
                 .buckets(buckets),
             )?,
+            redemption: IntGaugeVec::new(
+                Opts::new(
+                    "hashpool_mint_redemption",
+                    "Lightning redemption: matured_sat, pool_fee_sat, redeemed_msat, held_msat, available_msat, outstanding_ehash, rate_msat_per_ehash",
+                ),
+                &["quantity"],
+            )?,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.quotes.clone()),
@@ -77,11 +86,28 @@ impl MintMetrics {
             Box::new(m.backlog.clone()),
             Box::new(m.record_to_quote_seconds.clone()),
             Box::new(m.record_to_paid_seconds.clone()),
+            Box::new(m.redemption.clone()),
         ];
         for c in collectors {
             m.registry.register(c)?;
         }
         Ok(m)
+    }
+
+    /// Record the redemption reserve.
+    pub fn observe_reserve(&self, r: &crate::redeem::ledger::Reserve) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (q, v) in [
+            ("matured_sat", r.matured_sat),
+            ("pool_fee_sat", r.pool_fee_sat),
+            ("redeemed_msat", r.redeemed_msat),
+            ("held_msat", r.held_msat),
+            ("available_msat", r.available_msat),
+            ("outstanding_ehash", r.outstanding_ehash),
+            ("rate_msat_per_ehash", r.rate_msat_per_ehash() as u64),
+        ] {
+            self.redemption.with_label_values(&[q]).set(clamp(v));
+        }
     }
 
     /// The text exposition.

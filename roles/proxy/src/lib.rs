@@ -10,6 +10,13 @@ pub mod sv1;
 pub mod upstream;
 pub mod wallet;
 
+/// `POST /wallet/redeem` body.
+#[derive(Debug, serde::Deserialize)]
+pub struct RedeemRequest {
+    /// A BOLT11 invoice with an amount, from the operator's own node.
+    pub invoice: String,
+}
+
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,15 +112,32 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         )
         .await?;
         let status = w.status.clone();
+        let cdk_wallet = w.cdk_wallet();
         let poll = std::time::Duration::from_millis(config.wallet_poll_ms);
         background.push(tokio::spawn(w.run(poll, stop.clone())));
-        app = app.route(
-            "/wallet",
-            axum::routing::get(move || {
-                let s = status.read().map(|s| s.clone()).unwrap_or_default();
-                async move { axum::Json(s) }
-            }),
-        );
+        app = app
+            .route(
+                "/wallet",
+                axum::routing::get(move || {
+                    let s = status.read().map(|s| s.clone()).unwrap_or_default();
+                    async move { axum::Json(s) }
+                }),
+            )
+            .route(
+                "/wallet/redeem",
+                axum::routing::post(move |body: axum::Json<RedeemRequest>| {
+                    let w = cdk_wallet.clone();
+                    async move {
+                        match wallet::redeem(&w, &body.invoice).await {
+                            Ok(r) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r))),
+                            Err(e) => (
+                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                            ),
+                        }
+                    }
+                }),
+            );
     }
     if !config.http_listen.is_empty() {
         let listener = TcpListener::bind(&config.http_listen)

@@ -31,6 +31,13 @@ enum WalletAction {
     /// Print ehash held, minted, pending, paid but not minted yet, and failed, as JSON (a
     /// signed lookup at the mint; mints nothing).
     Balance,
+    /// Redeem ehash for sats: melt (NUT-05) against a BOLT11 invoice of your own Lightning
+    /// node, paid by the pool's node at the mint's rate; prints what was spent as JSON.
+    Redeem {
+        /// The invoice (it must carry an amount).
+        #[arg(long)]
+        invoice: String,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -63,6 +70,30 @@ async fn main() -> std::process::ExitCode {
                     )
                     .await?;
                     println!("{}", serde_json::to_string_pretty(&status)?);
+                    Ok(())
+                },
+            )
+            .await
+        }
+        Some(Command::Wallet {
+            action: WalletAction::Redeem { invoice },
+        }) => {
+            hashpool_config::role_main::run(
+                PROXY_ENV_PREFIX,
+                args.config.as_deref(),
+                |c: ProxyConfig, _stop| async move {
+                    anyhow::ensure!(
+                        !c.mint_url.is_empty(),
+                        "no `mint_url` in the config: this proxy has no wallet"
+                    );
+                    let r = proxy::wallet::redeem_with(
+                        &c.mint_url,
+                        c.locking_secret_key.expose(),
+                        std::path::Path::new(&c.data_dir),
+                        &invoice,
+                    )
+                    .await?;
+                    println!("{}", serde_json::to_string_pretty(&r)?);
                     Ok(())
                 },
             )

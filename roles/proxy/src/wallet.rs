@@ -351,3 +351,103 @@ fn classify(quotes: &[LookupQuote]) -> (WalletStatus, Vec<&LookupQuote>, Vec<Str
     }
     (st, to_mint, pending)
 }
+
+/// What a redemption did (`POST /wallet/redeem`, `hashpool-proxy wallet redeem`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Redemption {
+    /// The mint's melt quote.
+    pub quote: String,
+    /// `PAID`, `PENDING`, `UNPAID`, `FAILED` or `UNKNOWN` (NUT-05).
+    pub state: String,
+    /// The invoice's amount, sats.
+    pub invoice_sat: u64,
+    /// ehash the invoice cost at the quote's rate.
+    pub amount_ehash: u64,
+    /// ehash set aside for routing fees.
+    pub fee_reserve_ehash: u64,
+    /// ehash the routing fees cost.
+    pub fee_paid_ehash: u64,
+    /// The payment's preimage, once paid.
+    pub preimage: Option<String>,
+    /// ehash held before and after.
+    pub held_before: u64,
+    /// ehash held after.
+    pub held_after: u64,
+}
+
+/// Melt ehash against a BOLT11 invoice (NUT-05): a quote at the mint's rate, then the melt;
+/// cdk's melt saga keeps the proofs reserved while the payment is in flight and returns them
+/// if it fails.
+pub async fn redeem(wallet: &Wallet, invoice: &str) -> anyhow::Result<Redemption> {
+    let bolt11: cdk::Bolt11Invoice = invoice
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("not a BOLT11 invoice: {e}"))?;
+    let invoice_sat = bolt11
+        .amount_milli_satoshis()
+        .context("the invoice has no amount: ask for one with an amount")?
+        / 1000;
+    let held_before = u64::from(wallet.total_balance().await?);
+    let quote = wallet
+        .melt_quote(
+            PaymentMethod::Known(cdk::nuts::nut00::KnownMethod::Bolt11),
+            invoice.trim(),
+            None,
+            None,
+        )
+        .await
+        .map_err(|e| anyhow!("the mint refused the melt quote: {e}"))?;
+    let needed = u64::from(quote.amount) + u64::from(quote.fee_reserve);
+    anyhow::ensure!(
+        needed <= held_before,
+        "the invoice costs {} ehash plus {} ehash of fee reserve at the mint's rate, the wallet holds {held_before}: nothing was spent",
+        quote.amount,
+        quote.fee_reserve
+    );
+    let prepared = wallet
+        .prepare_melt(&quote.id, std::collections::HashMap::new())
+        .await
+        .map_err(|e| anyhow!("preparing the melt of quote {}: {e}", quote.id))?;
+    let done = prepared
+        .confirm()
+        .await
+        .map_err(|e| anyhow!("melt of quote {}: {e}", quote.id))?;
+    let held_after = u64::from(wallet.total_balance().await?);
+    tracing::info!(
+        quote = %quote.id,
+        state = %done.state(),
+        invoice_sat,
+        amount = %done.amount(),
+        fee = %done.fee_paid(),
+        "redemption"
+    );
+    Ok(Redemption {
+        quote: quote.id.clone(),
+        state: done.state().to_string(),
+        invoice_sat,
+        amount_ehash: u64::from(quote.amount),
+        fee_reserve_ehash: u64::from(quote.fee_reserve),
+        fee_paid_ehash: u64::from(done.fee_paid()),
+        preimage: done.payment_proof().map(str::to_string),
+        held_before,
+        held_after,
+    })
+}
+
+/// `hashpool-proxy wallet redeem`: open the wallet and redeem.
+pub async fn redeem_with(
+    mint_url: &str,
+    secret_hex: &str,
+    data_dir: &Path,
+    invoice: &str,
+) -> anyhow::Result<Redemption> {
+    let w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
+    redeem(&w.wallet, invoice).await
+}
+
+impl OperatorWallet {
+    /// The cdk wallet (for redemptions beside the minting loop).
+    pub fn cdk_wallet(&self) -> Wallet {
+        self.wallet.clone()
+    }
+}

@@ -55,6 +55,12 @@ pub struct HarnessWorld {
     pub clients: BTreeMap<String, crate::steps::accounting::Client>,
     /// Blocks bitcoind refused, by reason, as the pool counted them.
     pub refused_blocks: BTreeMap<String, f64>,
+    /// Redemptions tried: (operator, what was seen before, the redemption or None if refused).
+    pub redemptions: Vec<(
+        String,
+        crate::steps::redemption::BeforeRedemption,
+        Option<serde_json::Value>,
+    )>,
 }
 
 impl HarnessWorld {
@@ -80,6 +86,7 @@ impl HarnessWorld {
             clients: BTreeMap::new(),
             forged: None,
             refused_blocks: BTreeMap::new(),
+            redemptions: Vec::new(),
         })
     }
 

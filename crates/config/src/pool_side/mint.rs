@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::RedisSection;
+use super::{BitcoindSection, RedisSection};
 use crate::Secret;
 
 /// Environment prefix: `HASHPOOL_MINT__LISTEN=...`.
@@ -25,6 +25,7 @@ pub const DEFAULT_MINT_LISTEN: &str = "127.0.0.1:3338";
 /// | `batch_max` | 512 | records read and written per database transaction |
 /// | `reclaim_idle_ms` | 5000 | entries pending this long with a dead consumer are claimed |
 /// | `[redis]` | | `url`, `append_timeout_ms` (used as the Redis command timeout) |
+/// | `[redemption]` | off | NUT-05 melts of ehash for sats over Lightning, see [`RedemptionSection`] |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MintConfig {
@@ -48,6 +49,74 @@ pub struct MintConfig {
     pub reclaim_idle_ms: u64,
     /// Redis.
     pub redis: RedisSection,
+    /// Lightning redemption (off unless `lightning_rpc` is set).
+    pub redemption: RedemptionSection,
+}
+
+/// `[redemption]`: ehash melted (NUT-05, `bolt11`) for sats paid by the pool's Lightning node.
+///
+/// | key | default | meaning |
+/// |---|---|---|
+/// | `lightning_rpc` | (empty: off) | the pool node's `lightningd` RPC socket |
+/// | `payout_address` | (required when on) | the pool's payout address: its coinbases 100 blocks deep are the rewards |
+/// | `pool_fee_ppm` | 20000 | the pool's share of the matured rewards, parts per million |
+/// | `routing_fee_reserve_ppm` | 10000 | Lightning fee reserve per melt, parts per million of the invoice |
+/// | `min_routing_fee_reserve_sat` | 10 | the smallest fee reserve, sats |
+/// | `[redemption.bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password` of a node that sees the pool's blocks |
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedemptionSection {
+    /// The pool node's RPC socket; empty turns redemption off.
+    pub lightning_rpc: String,
+    /// The pool's payout address.
+    pub payout_address: String,
+    /// The pool's fee, parts per million of the matured rewards.
+    pub pool_fee_ppm: u64,
+    /// Fee reserve per melt, parts per million of the invoice.
+    pub routing_fee_reserve_ppm: u64,
+    /// Smallest fee reserve, sats.
+    pub min_routing_fee_reserve_sat: u64,
+    /// Where matured rewards are counted.
+    pub bitcoind: BitcoindSection,
+}
+
+impl Default for RedemptionSection {
+    fn default() -> Self {
+        Self {
+            lightning_rpc: String::new(),
+            payout_address: String::new(),
+            pool_fee_ppm: 20_000,
+            routing_fee_reserve_ppm: 10_000,
+            min_routing_fee_reserve_sat: 10,
+            bitcoind: BitcoindSection::default(),
+        }
+    }
+}
+
+impl RedemptionSection {
+    /// Whether redemption is on.
+    pub fn enabled(&self) -> bool {
+        !self.lightning_rpc.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if self.payout_address.is_empty() {
+            return Err("`redemption.payout_address` is required when `redemption.lightning_rpc` is set: the rewards it counts are that address's matured coinbases".into());
+        }
+        if self.pool_fee_ppm >= 1_000_000 {
+            return Err("`redemption.pool_fee_ppm` must be below 1000000 (100 %)".into());
+        }
+        if self.routing_fee_reserve_ppm >= 1_000_000 {
+            return Err("`redemption.routing_fee_reserve_ppm` must be below 1000000 (100 %)".into());
+        }
+        if self.bitcoind.rpc_url.is_empty() {
+            return Err("`redemption.bitcoind.rpc_url` is required when redemption is on".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for MintConfig {
@@ -63,6 +132,7 @@ impl Default for MintConfig {
             batch_max: 512,
             reclaim_idle_ms: 5_000,
             redis: RedisSection::default(),
+            redemption: RedemptionSection::default(),
         }
     }
 }
@@ -83,7 +153,7 @@ impl MintConfig {
         if self.lookup_max_skew_ms == 0 {
             return Err("`lookup_max_skew_ms` must be at least 1".into());
         }
-        Ok(())
+        self.redemption.validate()
     }
 
     /// The URL the mint announces.

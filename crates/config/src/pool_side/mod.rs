@@ -235,4 +235,4 @@ mod auditor;
 mod mint;
 
 pub use auditor::{AuditorConfig, AUDITOR_ENV_PREFIX};
-pub use mint::{MintConfig, MINT_ENV_PREFIX};
+pub use mint::{MintConfig, RedemptionSection, MINT_ENV_PREFIX};

@@ -8,6 +8,7 @@ mod fraud;
 mod lightning;
 pub mod mining;
 mod redis;
+pub mod redemption;
 mod settlement;
 mod settlement_faults;
 mod supervisor;
