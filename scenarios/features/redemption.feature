@@ -30,3 +30,27 @@ Feature: Lightning redemption: ehash is redeemed for sats the pool's Lightning n
     When "alice" redeems ehash against an invoice of its node for 20000 sat
     Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
     And every PAID redemption is one payment of the pool's node, and the sats redeemed never exceed the matured rewards minus the pool fee
+
+  Scenario: two operators redeem at the same time: both are paid and the totals are exact
+    Given a proxy "bob" with a locking key
+    And an honest miner "b" behind proxy "bob"
+    And lightning node "bob"
+    When lightning node "pool" opens a 10000000 sat channel to "bob"
+    Then the channel between "pool" and "bob" is normal
+    When miner "b" has 2 accepted shares
+    And the miners stop
+    Then every quote of "bob" becomes PAID and its wallet mints it
+    When "alice" and "bob" redeem at the same time, 15000 sat each
+    Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
+    And the redemption of "bob" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
+    And every PAID redemption is one payment of the pool's node, and the sats redeemed never exceed the matured rewards minus the pool fee
+
+  Scenario: the operator's node is down during the payment: the melt does not complete, no ehash is lost, and it completes once the node is back
+    When "alice" makes an invoice of 12000 sat on its node
+    And lightning node "alice" stops
+    And "alice" redeems against that invoice while its node is down
+    Then the redemption does not complete and "alice"'s wallet gets every ehash back
+    When lightning node "alice" starts again and the pool's node reconnects to it
+    And "alice" redeems that invoice again
+    Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
+    And every PAID redemption is one payment of the pool's node, and the sats redeemed never exceed the matured rewards minus the pool fee

@@ -48,6 +48,7 @@ pub struct LightningOptions {
 #[derive(Debug)]
 pub struct LightningNode {
     process: Supervised,
+    options: LightningOptions,
     rpc_path: PathBuf,
     proxy: FeeProxy,
     /// Node id (hex public key).
@@ -162,6 +163,7 @@ impl LightningNode {
             .to_string();
         Ok(Self {
             process,
+            options: opts,
             rpc_path,
             proxy,
             id,
@@ -190,6 +192,11 @@ impl LightningNode {
     /// Its RPC socket (`<temp dir>/hashpool-ln-<p2p port>.rpc`).
     pub fn rpc_path(&self) -> &Path {
         &self.rpc_path
+    }
+
+    /// How it was started (to start it again on the same directory and ports).
+    pub fn options(&self) -> &LightningOptions {
+        &self.options
     }
 
     /// The fee proxy in front of bitcoind.

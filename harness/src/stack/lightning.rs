@@ -105,6 +105,43 @@ impl Stack {
         Ok(())
     }
 
+    /// Stop Lightning node `name` cleanly (its `stop` command); `restart_lightning` starts it
+    /// again on the same directory and ports.
+    pub async fn stop_lightning(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self
+            .lightning_nodes
+            .remove(name)
+            .ok_or_else(|| anyhow!("no lightning node {name:?} on stack {}", self.name))?;
+        node.stop().await?;
+        self.lightning_stopped.insert(name.into(), node.options().clone());
+        Ok(())
+    }
+
+    /// Kill Lightning node `name` with SIGKILL (its subdaemons die with it).
+    pub async fn kill_lightning(&mut self, name: &str) -> anyhow::Result<()> {
+        let node = self
+            .lightning_nodes
+            .remove(name)
+            .ok_or_else(|| anyhow!("no lightning node {name:?} on stack {}", self.name))?;
+        node.process().kill9().await?;
+        self.lightning_stopped.insert(name.into(), node.options().clone());
+        Ok(())
+    }
+
+    /// Start a stopped or killed Lightning node again and wait until it has synced.
+    pub async fn restart_lightning(&mut self, name: &str) -> anyhow::Result<&LightningNode> {
+        let opts = self
+            .lightning_stopped
+            .remove(name)
+            .ok_or_else(|| anyhow!("lightning node {name:?} was not stopped"))?;
+        let node = LightningNode::start(opts, self.bitcoind()?)
+            .await
+            .map_err(|e| anyhow!("restarting lightning node {name}: {e:#}"))?;
+        self.lightning_nodes.insert(name.to_string(), node);
+        self.write_summary()?;
+        self.lightning(name)
+    }
+
     /// The rewards chain the stack started from.
     pub fn rewards(&self) -> Option<&crate::lightning::RewardsChain> {
         self.rewards.as_ref()

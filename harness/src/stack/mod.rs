@@ -97,6 +97,8 @@ pub struct Stack {
     node_options: Option<BitcoindOptions>,
     operator_nodes: BTreeMap<String, Bitcoind>,
     lightning_nodes: BTreeMap<String, crate::lightning::LightningNode>,
+    /// Lightning nodes stopped or killed by a step, to start again.
+    lightning_stopped: BTreeMap<String, crate::lightning::LightningOptions>,
     /// The rewards chain this stack started from, if any.
     rewards: Option<crate::lightning::RewardsChain>,
     /// The `ci/bootstrap` cache (where lightningd is found).
@@ -257,6 +259,7 @@ impl<'a> StackBuilder<'a> {
             node_options,
             operator_nodes: BTreeMap::new(),
             lightning_nodes: BTreeMap::new(),
+            lightning_stopped: BTreeMap::new(),
             cache_dir: config.cache_dir.clone(),
             rewards,
             proxies: BTreeMap::new(),

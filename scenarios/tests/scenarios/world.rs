@@ -61,6 +61,10 @@ pub struct HarnessWorld {
         crate::steps::redemption::BeforeRedemption,
         Option<serde_json::Value>,
     )>,
+    /// Invoices an operator's node made, kept for a later step: (bolt11, sats).
+    pub invoices: HashMap<String, (String, u64)>,
+    /// Error log lines a step caused on purpose (a substring each): the sweep skips them.
+    pub expected_log_errors: Vec<String>,
 }
 
 impl HarnessWorld {
@@ -87,6 +91,8 @@ impl HarnessWorld {
             forged: None,
             refused_blocks: BTreeMap::new(),
             redemptions: Vec::new(),
+            invoices: HashMap::new(),
+            expected_log_errors: Vec::new(),
         })
     }
 
@@ -161,7 +167,12 @@ impl HarnessWorld {
                 }
             }
             if !allow_errors {
-                problems.extend(stack.log_problems());
+                problems.extend(
+                    stack
+                        .log_problems()
+                        .into_iter()
+                        .filter(|l| !self.expected_log_errors.iter().any(|e| l.contains(e))),
+                );
             }
             let mut exits: HashMap<String, Vec<String>> = HashMap::new();
             for (process, how) in stack.unexpected_exits() {

@@ -284,3 +284,105 @@ async fn accounted(w: &mut HarnessWorld) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[when(expr = "lightning node {string} stops")]
+async fn node_stops(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.default_stack_mut()?.stop_lightning(&name).await
+}
+
+#[when(expr = "lightning node {string} is killed with SIGKILL")]
+async fn node_killed(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    w.default_stack_mut()?.kill_lightning(&name).await
+}
+
+#[when(expr = "lightning node {string} starts again and the pool's node reconnects to it")]
+async fn node_back(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let stack = w.default_stack_mut()?;
+    stack.restart_lightning(&name).await?;
+    let (pool, node) = (stack.lightning("pool")?, stack.lightning(&name)?);
+    pool.connect(node).await?;
+    pool.wait_channel_normal(&node.id, Duration::from_secs(60)).await?;
+    node.wait_channel_normal(&pool.id, Duration::from_secs(60)).await
+}
+
+#[when(expr = "{string} makes an invoice of {int} sat on its node")]
+async fn invoice_made(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let invoice = stack
+        .lightning(&who)?
+        .invoice(sats, &format!("kept-{who}-{}", w.redemptions.len()))
+        .await?;
+    w.invoices.insert(who, (invoice, sats));
+    Ok(())
+}
+
+#[when(expr = "{string} redeems against that invoice while its node is down")]
+async fn redeem_while_down(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
+    let before = BeforeRedemption {
+        channel_sat: 0,
+        held: stack.proxy(&who)?.wallet_status().await?.held,
+        outstanding: 0,
+        invoice_sat: sats,
+    };
+    let out = stack
+        .proxy(&who)?
+        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
+        .await?;
+    // cdk's mint logs the failed payment at ERROR.
+    w.expected_log_errors
+        .push("Background melt completion failed for quote".into());
+    match out {
+        Ok(r) if r["state"] == "PAID" => anyhow::bail!("paid while the payee was down: {r}"),
+        Ok(r) => w.last_error = Some(format!("state {}", r["state"])),
+        Err(e) => w.last_error = Some(e),
+    }
+    w.redemptions.push((who, before, None));
+    Ok(())
+}
+
+#[then(expr = "the redemption does not complete and {string}'s wallet gets every ehash back")]
+async fn not_lost(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let (_, before, _) = w
+        .redemptions
+        .iter()
+        .rev()
+        .find(|(n, _, _)| *n == who)
+        .cloned()
+        .context("no redemption")?;
+    let proxy = w.default_stack()?.proxy(&who)?;
+    harness::wait::wait_until(
+        &format!("{who}'s wallet to hold its {} ehash again", before.held),
+        Duration::from_secs(30),
+        || async {
+            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
+            if held == before.held {
+                Ok(())
+            } else {
+                Err(format!("{held} ehash"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[when(expr = "{string} redeems that invoice again")]
+async fn redeem_again(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
+    let before = BeforeRedemption {
+        channel_sat: channel_sat(w, &who).await?,
+        held: stack.proxy(&who)?.wallet_status().await?.held,
+        outstanding: u(&stack.mint()?.redemption_reserve().await?, "outstanding_ehash")?,
+        invoice_sat: sats,
+    };
+    let r = stack
+        .proxy(&who)?
+        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
+        .await?
+        .map_err(|e| anyhow::anyhow!("the redemption of {who} failed: {e}"))?;
+    w.redemptions.push((who, before, Some(r)));
+    Ok(())
+}
