@@ -54,3 +54,12 @@ Feature: Lightning redemption: ehash is redeemed for sats the pool's Lightning n
     And "alice" redeems that invoice again
     Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
     And every PAID redemption is one payment of the pool's node, and the sats redeemed never exceed the matured rewards minus the pool fee
+
+  Scenario: the pool's node is killed with SIGKILL during a payment: after it restarts the invoice is paid exactly once and no ehash is lost
+    When "alice" makes an invoice of 13000 sat on its node
+    And lightning node "alice" is paused
+    And "alice" starts redeeming that invoice
+    Then the pool's node has the payment to "alice" in flight
+    When lightning node "pool" is killed with SIGKILL
+    And lightning node "pool" starts again and lightning node "alice" resumes
+    Then the redemption of "alice" completes exactly once at the quoted rate and no ehash is lost

@@ -80,6 +80,14 @@ impl FeeProxy {
     }
 }
 
+impl FeeProxy {
+    /// Stop listening, and return once the port is free (dropping only asks the task to end).
+    pub async fn close(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
 impl Drop for FeeProxy {
     fn drop(&mut self) {
         self.task.abort();

@@ -65,14 +65,23 @@ fn network(chain: crate::Chain) -> &'static str {
     }
 }
 
+/// Longest a call may take (a payment retries for up to 60 s; a paused node never answers).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// One JSON-RPC call over the node's socket.
 pub async fn call(rpc_path: &Path, method: &str, params: Value) -> anyhow::Result<Value> {
-    let mut rpc = cln_rpc::ClnRpc::new(rpc_path)
+    let timeout = crate::wait::scaled(CALL_TIMEOUT);
+    let call = async {
+        let mut rpc = cln_rpc::ClnRpc::new(rpc_path)
+            .await
+            .with_context(|| format!("cannot open {}", rpc_path.display()))?;
+        rpc.call_raw::<Value, Value>(method, &params)
+            .await
+            .map_err(|e| anyhow!("lightningd {method}: {e}"))
+    };
+    tokio::time::timeout(timeout, call)
         .await
-        .with_context(|| format!("cannot open {}", rpc_path.display()))?;
-    rpc.call_raw::<Value, Value>(method, &params)
-        .await
-        .map_err(|e| anyhow!("lightningd {method}: {e}"))
+        .map_err(|_| anyhow!("lightningd {method}: no answer within {timeout:?} on {}", rpc_path.display()))?
 }
 
 impl LightningNode {
@@ -192,6 +201,11 @@ impl LightningNode {
     /// Its RPC socket (`<temp dir>/hashpool-ln-<p2p port>.rpc`).
     pub fn rpc_path(&self) -> &Path {
         &self.rpc_path
+    }
+
+    /// Close its fee proxy (after the node stopped), freeing the port for a restart.
+    pub async fn close_fee_proxy(&mut self) {
+        self.proxy.close().await;
     }
 
     /// How it was started (to start it again on the same directory and ports).

@@ -112,7 +112,9 @@ impl Stack {
             .lightning_nodes
             .remove(name)
             .ok_or_else(|| anyhow!("no lightning node {name:?} on stack {}", self.name))?;
+        let mut node = node;
         node.stop().await?;
+        node.close_fee_proxy().await;
         self.lightning_stopped.insert(name.into(), node.options().clone());
         Ok(())
     }
@@ -123,7 +125,9 @@ impl Stack {
             .lightning_nodes
             .remove(name)
             .ok_or_else(|| anyhow!("no lightning node {name:?} on stack {}", self.name))?;
+        let mut node = node;
         node.process().kill9().await?;
+        node.close_fee_proxy().await;
         self.lightning_stopped.insert(name.into(), node.options().clone());
         Ok(())
     }

@@ -112,7 +112,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         )
         .await?;
         let status = w.status.clone();
-        let cdk_wallet = w.cdk_wallet();
+        let redeemer = w.redeemer();
         let poll = std::time::Duration::from_millis(config.wallet_poll_ms);
         background.push(tokio::spawn(w.run(poll, stop.clone())));
         app = app
@@ -126,9 +126,9 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
             .route(
                 "/wallet/redeem",
                 axum::routing::post(move |body: axum::Json<RedeemRequest>| {
-                    let w = cdk_wallet.clone();
+                    let r = redeemer.clone();
                     async move {
-                        match wallet::redeem(&w, &body.invoice).await {
+                        match r.redeem(&body.invoice).await {
                             Ok(r) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r))),
                             Err(e) => (
                                 axum::http::StatusCode::UNPROCESSABLE_ENTITY,

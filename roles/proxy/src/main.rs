@@ -90,6 +90,7 @@ async fn main() -> std::process::ExitCode {
                         &c.mint_url,
                         c.locking_secret_key.expose(),
                         std::path::Path::new(&c.data_dir),
+                        &c.http_listen,
                         &invoice,
                     )
                     .await?;

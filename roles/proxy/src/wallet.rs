@@ -78,6 +78,24 @@ pub struct OperatorWallet {
     last_timestamp: u64,
     /// Shared with the status endpoint.
     pub status: Arc<RwLock<WalletStatus>>,
+    /// Held by a redemption while it melts: the minting loop recovers interrupted melts only
+    /// when none is running (recovery must not compensate a melt still in flight).
+    melt_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Redeems beside the minting loop (`POST /wallet/redeem`).
+#[derive(Clone)]
+pub struct Redeemer {
+    wallet: Wallet,
+    melt_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Redeemer {
+    /// Melt against `invoice`, one redemption at a time.
+    pub async fn redeem(&self, invoice: &str) -> anyhow::Result<Redemption> {
+        let _g = self.melt_lock.lock().await;
+        redeem(&self.wallet, invoice).await
+    }
 }
 
 /// The wallet seed of a locking key.
@@ -120,6 +138,7 @@ impl OperatorWallet {
             http: cdk_common::HttpClient::new(),
             last_timestamp: 0,
             status: Arc::default(),
+            melt_lock: Arc::default(),
         })
     }
 
@@ -185,6 +204,7 @@ impl OperatorWallet {
     /// One round: look up, mint what is PAID, refresh the status. Returns the PENDING quote
     /// ids (to listen for over NUT-17).
     pub async fn cycle(&mut self) -> anyhow::Result<Vec<String>> {
+        self.recover_melts().await;
         let quotes = self.lookup().await?;
         let (mut st, to_mint, pending) = classify(&quotes);
         let mut minted_now = 0;
@@ -408,46 +428,138 @@ pub async fn redeem(wallet: &Wallet, invoice: &str) -> anyhow::Result<Redemption
         .prepare_melt(&quote.id, std::collections::HashMap::new())
         .await
         .map_err(|e| anyhow!("preparing the melt of quote {}: {e}", quote.id))?;
-    let done = prepared
-        .confirm()
+    let outcome = prepared
+        .confirm_prefer_async()
         .await
         .map_err(|e| anyhow!("melt of quote {}: {e}", quote.id))?;
+    let (state, preimage) = match outcome {
+        cdk::wallet::MeltOutcome::Paid(done) => {
+            (done.state(), done.payment_proof().map(str::to_string))
+        }
+        cdk::wallet::MeltOutcome::Pending(pending) => {
+            drop(pending);
+            // The mint learns the payment's outcome when asked (its Lightning node may be
+            // restarting): ask until it is final or the wait is over; the wallet's loop keeps
+            // asking after that.
+            let deadline = tokio::time::Instant::now() + PENDING_MELT_WAIT;
+            loop {
+                let q = wallet
+                    .check_melt_quote_status(&quote.id)
+                    .await
+                    .map_err(|e| anyhow!("melt quote {} status: {e}", quote.id))?;
+                // Final only once the melt's saga is over (until then the local state is
+                // the one from before the melt).
+                let done = q.used_by_operation.is_none()
+                    && !matches!(
+                        q.state,
+                        cdk::nuts::MeltQuoteState::Pending | cdk::nuts::MeltQuoteState::Unknown
+                    );
+                if done {
+                    break (q.state, q.payment_proof.clone());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break (cdk::nuts::MeltQuoteState::Pending, None);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let held_after = u64::from(wallet.total_balance().await?);
+    let paid = state == cdk::nuts::MeltQuoteState::Paid;
+    // Spent = amount + fee; the change came back.
+    let fee_paid = if paid {
+        (held_before - held_after).saturating_sub(u64::from(quote.amount))
+    } else {
+        0
+    };
     tracing::info!(
         quote = %quote.id,
-        state = %done.state(),
+        state = %state,
         invoice_sat,
-        amount = %done.amount(),
-        fee = %done.fee_paid(),
+        amount = %quote.amount,
+        fee_paid,
         "redemption"
     );
     Ok(Redemption {
         quote: quote.id.clone(),
-        state: done.state().to_string(),
+        state: state.to_string(),
         invoice_sat,
         amount_ehash: u64::from(quote.amount),
         fee_reserve_ehash: u64::from(quote.fee_reserve),
-        fee_paid_ehash: u64::from(done.fee_paid()),
-        preimage: done.payment_proof().map(str::to_string),
+        fee_paid_ehash: fee_paid,
+        preimage,
         held_before,
         held_after,
     })
 }
 
-/// `hashpool-proxy wallet redeem`: open the wallet and redeem.
+/// How long a redemption waits for a payment the mint reports pending.
+const PENDING_MELT_WAIT: Duration = Duration::from_secs(30);
+
+/// `hashpool-proxy wallet redeem`: through the running proxy's `POST /wallet/redeem` when it
+/// answers on `http_listen` (one melt at a time with its minting loop), else by opening the
+/// wallet here.
 pub async fn redeem_with(
     mint_url: &str,
     secret_hex: &str,
     data_dir: &Path,
+    http_listen: &str,
     invoice: &str,
 ) -> anyhow::Result<Redemption> {
+    if !http_listen.is_empty() {
+        let url = format!("http://{http_listen}/wallet/redeem");
+        let client = cdk_common::HttpClient::new();
+        match client
+            .post(&url)
+            .json(&serde_json::json!({ "invoice": invoice }))
+            .send()
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.bytes().await.map_err(|e| anyhow!("{url}: {e}"))?;
+                if status == 200 {
+                    return serde_json::from_slice(&body).context("redemption answer");
+                }
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                anyhow::bail!(
+                    "{}",
+                    v["error"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
+                );
+            }
+            Err(e) => tracing::debug!("no running proxy at {url} ({e}); opening the wallet"),
+        }
+    }
     let w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
-    redeem(&w.wallet, invoice).await
+    w.redeemer().redeem(invoice).await
 }
 
 impl OperatorWallet {
-    /// The cdk wallet (for redemptions beside the minting loop).
-    pub fn cdk_wallet(&self) -> Wallet {
-        self.wallet.clone()
+    /// What redeems beside the minting loop.
+    pub fn redeemer(&self) -> Redeemer {
+        Redeemer {
+            wallet: self.wallet.clone(),
+            melt_lock: self.melt_lock.clone(),
+        }
+    }
+
+    /// A melt whose payment outcome was unknown (the mint or its Lightning node went away)
+    /// leaves proofs pending: ask the mint again each round until it settles, paid (change
+    /// back) or failed (proofs back).
+    async fn recover_melts(&self) {
+        let Ok(_g) = self.melt_lock.try_lock() else {
+            return; // a redemption is running
+        };
+        match self.wallet.total_pending_balance().await {
+            Ok(p) if u64::from(p) > 0 => {}
+            _ => return,
+        }
+        match self.wallet.recover_incomplete_sagas().await {
+            Ok(report) => tracing::info!(?report, "interrupted melts checked with the mint"),
+            Err(e) => tracing::warn!("checking interrupted melts with the mint failed: {e}"),
+        }
     }
 }

@@ -65,6 +65,12 @@ pub struct HarnessWorld {
     pub invoices: HashMap<String, (String, u64)>,
     /// Error log lines a step caused on purpose (a substring each): the sweep skips them.
     pub expected_log_errors: Vec<String>,
+    /// An operator's channel balance (sat) when its node made the kept invoice.
+    pub channel_before: HashMap<String, u64>,
+    /// The mint's redemption reserve remembered before a redemption.
+    pub reserve_before: Option<serde_json::Value>,
+    /// A redemption running in the background: the proxy's HTTP answer.
+    pub redeem_in_flight: Option<tokio::task::JoinHandle<Result<(u16, String), String>>>,
 }
 
 impl HarnessWorld {
@@ -93,6 +99,9 @@ impl HarnessWorld {
             redemptions: Vec::new(),
             invoices: HashMap::new(),
             expected_log_errors: Vec::new(),
+            reserve_before: None,
+            channel_before: HashMap::new(),
+            redeem_in_flight: None,
         })
     }
 
