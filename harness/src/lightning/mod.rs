@@ -79,9 +79,12 @@ pub async fn call(rpc_path: &Path, method: &str, params: Value) -> anyhow::Resul
             .await
             .map_err(|e| anyhow!("lightningd {method}: {e}"))
     };
-    tokio::time::timeout(timeout, call)
-        .await
-        .map_err(|_| anyhow!("lightningd {method}: no answer within {timeout:?} on {}", rpc_path.display()))?
+    tokio::time::timeout(timeout, call).await.map_err(|_| {
+        anyhow!(
+            "lightningd {method}: no answer within {timeout:?} on {}",
+            rpc_path.display()
+        )
+    })?
 }
 
 impl LightningNode {
@@ -91,8 +94,9 @@ impl LightningNode {
         let ln_dir = opts.dir.join("ln");
         let net_dir = ln_dir.join(net);
         if let (Some(seed), false) = (&opts.seed_dir, ln_dir.exists()) {
-            crate::bitcoind::copy_dir(seed, &ln_dir)
-                .with_context(|| format!("cannot copy {} into {}", seed.display(), ln_dir.display()))?;
+            crate::bitcoind::copy_dir(seed, &ln_dir).with_context(|| {
+                format!("cannot copy {} into {}", seed.display(), ln_dir.display())
+            })?;
         }
         std::fs::create_dir_all(&net_dir)
             .with_context(|| format!("cannot create {}", net_dir.display()))?;

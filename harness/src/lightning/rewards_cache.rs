@@ -106,19 +106,37 @@ pub async fn ensure_rewards_chain(config: &HarnessConfig) -> anyhow::Result<Rewa
     }
     let manifest = build(config, &base, &tmp, &bitcoind_exe, &lightningd, &ln_version)
         .await
-        .with_context(|| format!("building the rewards chain (work dir kept: {})", tmp.display()))?;
-    std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+        .with_context(|| {
+            format!(
+                "building the rewards chain (work dir kept: {})",
+                tmp.display()
+            )
+        })?;
+    std::fs::write(
+        tmp.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir)?;
-    read(&final_dir, &base.bitcoind_version, &ln_version)
-        .ok_or_else(|| anyhow!("rewards chain {} unreadable after writing it", final_dir.display()))
+    read(&final_dir, &base.bitcoind_version, &ln_version).ok_or_else(|| {
+        anyhow!(
+            "rewards chain {} unreadable after writing it",
+            final_dir.display()
+        )
+    })
 }
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect::<String>()
         .chars()
         .take(40)
@@ -193,7 +211,10 @@ async fn build(
         "the pool's Lightning node to count its matured rewards",
         Duration::from_secs(120),
         || async {
-            let info = ln.call("getinfo", serde_json::json!({})).await.map_err(|e| e.to_string())?;
+            let info = ln
+                .call("getinfo", serde_json::json!({}))
+                .await
+                .map_err(|e| e.to_string())?;
             let (onchain, _) = ln.balances().await.map_err(|e| e.to_string())?;
             if info["blockheight"].as_u64() == Some(height) && onchain >= rewards_sats {
                 Ok(())
@@ -206,7 +227,13 @@ async fn build(
     ln.stop().await?;
     node.process().stop().await?;
     let data = node.datadir().join(Chain::Signet.datadir_subdir());
-    for transient in [".lock", "debug.log", "peers.dat", "anchors.dat", "settings.json"] {
+    for transient in [
+        ".lock",
+        "debug.log",
+        "peers.dat",
+        "anchors.dat",
+        "settings.json",
+    ] {
         let _ = std::fs::remove_file(data.join(transient));
     }
     std::fs::rename(&data, tmp.join("chain"))?;

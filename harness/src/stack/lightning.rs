@@ -67,8 +67,12 @@ impl Stack {
             .rewards
             .clone()
             .ok_or_else(|| anyhow!("stack {} was not started from the rewards chain", self.name))?;
-        self.start_lightning_seeded("pool", Some(crate::lightning::pool_hsm_secret()), Some(r.pool_ln_dir))
-            .await
+        self.start_lightning_seeded(
+            "pool",
+            Some(crate::lightning::pool_hsm_secret()),
+            Some(r.pool_ln_dir),
+        )
+        .await
     }
 
     /// The pool side of a stack that redeems over Lightning: the pool's node from the rewards
@@ -115,7 +119,8 @@ impl Stack {
         let mut node = node;
         node.stop().await?;
         node.close_fee_proxy().await;
-        self.lightning_stopped.insert(name.into(), node.options().clone());
+        self.lightning_stopped
+            .insert(name.into(), node.options().clone());
         Ok(())
     }
 
@@ -128,7 +133,8 @@ impl Stack {
         let mut node = node;
         node.process().kill9().await?;
         node.close_fee_proxy().await;
-        self.lightning_stopped.insert(name.into(), node.options().clone());
+        self.lightning_stopped
+            .insert(name.into(), node.options().clone());
         Ok(())
     }
 

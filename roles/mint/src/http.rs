@@ -169,7 +169,13 @@ pub async fn melt_quote_guard(
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, 64 * 1024).await {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, 30008, format!("melt quote body: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                30008,
+                format!("melt quote body: {e}"),
+            )
+        }
     };
     let request: Option<String> = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
@@ -201,8 +207,11 @@ pub async fn melt_quote_guard(
             Err(e) => return internal(e),
         }
     }
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// The ehash routes (merged with cdk's by the caller).

@@ -68,14 +68,18 @@ async fn redemption_backend(
         "signet" => bitcoin::Network::Signet,
         "testnet" => bitcoin::Network::Testnet,
         "main" | "mainnet" | "bitcoin" => bitcoin::Network::Bitcoin,
-        other => anyhow::bail!("`redemption.bitcoind.chain` {other:?}: use signet, regtest, testnet or main"),
+        other => anyhow::bail!(
+            "`redemption.bitcoind.chain` {other:?}: use signet, regtest, testnet or main"
+        ),
     };
     let script = r
         .payout_address
         .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()
         .context("`redemption.payout_address` is not an address")?
         .require_network(network)
-        .context("`redemption.payout_address` is for another network than `redemption.bitcoind.chain`")?
+        .context(
+            "`redemption.payout_address` is for another network than `redemption.bitcoind.chain`",
+        )?
         .script_pubkey();
     let rpc = bitcoind_rpc::BitcoinRpc::new(
         &r.bitcoind.rpc_url,
@@ -198,7 +202,10 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
     });
     let app = http::routes(api.clone())
         .merge(cashu)
-        .layer(axum::middleware::from_fn_with_state(api, http::melt_quote_guard));
+        .layer(axum::middleware::from_fn_with_state(
+            api,
+            http::melt_quote_guard,
+        ));
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

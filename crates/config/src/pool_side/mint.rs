@@ -110,7 +110,9 @@ impl RedemptionSection {
             return Err("`redemption.pool_fee_ppm` must be below 1000000 (100 %)".into());
         }
         if self.routing_fee_reserve_ppm >= 1_000_000 {
-            return Err("`redemption.routing_fee_reserve_ppm` must be below 1000000 (100 %)".into());
+            return Err(
+                "`redemption.routing_fee_reserve_ppm` must be below 1000000 (100 %)".into(),
+            );
         }
         if self.bitcoind.rpc_url.is_empty() {
             return Err("`redemption.bitcoind.rpc_url` is required when redemption is on".into());

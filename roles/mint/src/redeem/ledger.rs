@@ -230,14 +230,22 @@ impl Ledger {
 
     /// A quote's terms.
     pub async fn terms(&self, quote_id: &str) -> anyhow::Result<Option<QuoteTerms>> {
-        let raw = self.kv.kv_read(NS, "quote", quote_id).await.map_err(kv_err)?;
+        let raw = self
+            .kv
+            .kv_read(NS, "quote", quote_id)
+            .await
+            .map_err(kv_err)?;
         raw.map(|b| serde_json::from_slice(&b).context("quote terms"))
             .transpose()
     }
 
     /// The quote paying `payment_hash`.
     pub async fn quote_of_hash(&self, payment_hash: &str) -> anyhow::Result<Option<String>> {
-        let raw = self.kv.kv_read(NS, "hash", payment_hash).await.map_err(kv_err)?;
+        let raw = self
+            .kv
+            .kv_read(NS, "hash", payment_hash)
+            .await
+            .map_err(kv_err)?;
         Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
@@ -252,7 +260,11 @@ impl Ledger {
 
     /// Whether the quote's payment has been recorded as paid.
     pub async fn paid(&self, quote_id: &str) -> anyhow::Result<Option<u64>> {
-        let raw = self.kv.kv_read(NS, "paid", quote_id).await.map_err(kv_err)?;
+        let raw = self
+            .kv
+            .kv_read(NS, "paid", quote_id)
+            .await
+            .map_err(kv_err)?;
         Ok(raw.map(|b| String::from_utf8_lossy(&b).parse().unwrap_or(0)))
     }
 

@@ -154,7 +154,9 @@ impl MintPayment for RedeemBackend {
             .max(u128::from(self.min_fee_reserve_msat)) as u64;
         let reserve = self.ledger.reserve().await.map_err(Self::custom)?;
         if reserve.outstanding_ehash == 0 {
-            return Err(Error::Custom("no ehash is outstanding: nothing to redeem".into()));
+            return Err(Error::Custom(
+                "no ehash is outstanding: nothing to redeem".into(),
+            ));
         }
         let needed = invoice_msat + fee_reserve_msat;
         if needed > reserve.available_msat {

@@ -90,7 +90,8 @@ async fn rewards_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
         .start()
         .await
         .map_err(|e| anyhow::anyhow!("{e:#}"))?;
-    w.stacks.insert(crate::world::DEFAULT_STACK.to_string(), stack);
+    w.stacks
+        .insert(crate::world::DEFAULT_STACK.to_string(), stack);
     w.default_stack_mut()?.start_pool_lightning().await?;
     Ok(())
 }
@@ -110,7 +111,10 @@ pub(crate) async fn matured_coinbases(
     let scan: serde_json::Value = rpc
         .call(
             "scantxoutset",
-            &[serde_json::json!("start"), serde_json::json!([format!("addr({address})")])],
+            &[
+                serde_json::json!("start"),
+                serde_json::json!([format!("addr({address})")]),
+            ],
         )
         .await?;
     let sats = scan["unspents"]
@@ -132,7 +136,9 @@ pub(crate) async fn matured_coinbases(
 )]
 async fn holds_rewards(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
-    let rewards = stack.rewards().ok_or_else(|| anyhow::anyhow!("no rewards chain"))?;
+    let rewards = stack
+        .rewards()
+        .ok_or_else(|| anyhow::anyhow!("no rewards chain"))?;
     let matured = matured_coinbases(stack.bitcoind()?.rpc(), &rewards.pool_address).await?;
     anyhow::ensure!(
         matured == rewards.rewards_sats && matured > 0,

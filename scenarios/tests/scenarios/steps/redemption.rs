@@ -41,9 +41,7 @@ async fn redemption_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
 }
 
 fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
-    v[key]
-        .as_u64()
-        .with_context(|| format!("no {key} in {v}"))
+    v[key].as_u64().with_context(|| format!("no {key} in {v}"))
 }
 
 async fn channel_sat(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
@@ -61,7 +59,10 @@ async fn redeem(
     let before = BeforeRedemption {
         channel_sat: channel_sat(w, who).await?,
         held: stack.proxy(who)?.wallet_status().await?.held,
-        outstanding: u(&stack.mint()?.redemption_reserve().await?, "outstanding_ehash")?,
+        outstanding: u(
+            &stack.mint()?.redemption_reserve().await?,
+            "outstanding_ehash",
+        )?,
         invoice_sat: sats,
     };
     let out = stack
@@ -193,7 +194,9 @@ async fn outstanding_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[then(expr = "the redemption is refused with {string} and {string}'s wallet and node are unchanged")]
+#[then(
+    expr = "the redemption is refused with {string} and {string}'s wallet and node are unchanged"
+)]
 async fn refused(w: &mut HarnessWorld, text: String, who: String) -> anyhow::Result<()> {
     let err = w.last_error.clone().context("no refusal")?;
     anyhow::ensure!(err.contains(&text), "the refusal says {err:?}");
@@ -226,9 +229,15 @@ async fn pool_payments(w: &HarnessWorld) -> anyhow::Result<HashMap<String, u64>>
     let mut out = HashMap::new();
     for p in pays["pays"].as_array().into_iter().flatten() {
         if p["status"] == "complete" {
-            let hash = p["payment_hash"].as_str().context("payment_hash")?.to_string();
+            let hash = p["payment_hash"]
+                .as_str()
+                .context("payment_hash")?
+                .to_string();
             let sent = p["amount_sent_msat"].as_u64().context("amount_sent_msat")?;
-            anyhow::ensure!(out.insert(hash.clone(), sent).is_none(), "{hash} paid twice");
+            anyhow::ensure!(
+                out.insert(hash.clone(), sent).is_none(),
+                "{hash} paid twice"
+            );
         }
     }
     Ok(out)
@@ -253,7 +262,10 @@ async fn accounted(w: &mut HarnessWorld) -> anyhow::Result<()> {
         let preimage = hex::decode(r["preimage"].as_str().context("preimage")?)?;
         use bitcoin::hashes::{sha256, Hash};
         let hash = sha256::Hash::hash(&preimage).to_string();
-        anyhow::ensure!(pays.contains_key(&hash), "no complete payment for preimage of {hash}");
+        anyhow::ensure!(
+            pays.contains_key(&hash),
+            "no complete payment for preimage of {hash}"
+        );
         anyhow::ensure!(hashes.insert(hash.clone()), "two redemptions paid {hash}");
     }
     anyhow::ensure!(
@@ -307,8 +319,10 @@ async fn node_back(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     stack.restart_lightning(&name).await?;
     let (pool, node) = (stack.lightning("pool")?, stack.lightning(&name)?);
     pool.connect(node).await?;
-    pool.wait_channel_normal(&node.id, Duration::from_secs(60)).await?;
-    node.wait_channel_normal(&pool.id, Duration::from_secs(60)).await
+    pool.wait_channel_normal(&node.id, Duration::from_secs(60))
+        .await?;
+    node.wait_channel_normal(&pool.id, Duration::from_secs(60))
+        .await
 }
 
 #[when(expr = "{string} makes an invoice of {int} sat on its node")]
@@ -383,7 +397,10 @@ async fn redeem_again(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     let before = BeforeRedemption {
         channel_sat: channel_sat(w, &who).await?,
         held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: u(&stack.mint()?.redemption_reserve().await?, "outstanding_ehash")?,
+        outstanding: u(
+            &stack.mint()?.redemption_reserve().await?,
+            "outstanding_ehash",
+        )?,
         invoice_sat: sats,
     };
     let r = stack
@@ -407,7 +424,10 @@ async fn start_redeeming(w: &mut HarnessWorld, who: String) -> anyhow::Result<()
     let reserve = stack.mint()?.redemption_reserve().await?;
     // The payee's node may be paused: its channel was read when it made the invoice.
     let before = BeforeRedemption {
-        channel_sat: *w.channel_before.get(&who).context("no channel remembered")?,
+        channel_sat: *w
+            .channel_before
+            .get(&who)
+            .context("no channel remembered")?,
         held: stack.proxy(&who)?.wallet_status().await?.held,
         outstanding: u(&reserve, "outstanding_ehash")?,
         invoice_sat: sats,
@@ -441,7 +461,10 @@ async fn payment_hash(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
         .lightning("pool")?
         .call("decode", serde_json::json!({ "string": invoice }))
         .await?;
-    Ok(d["payment_hash"].as_str().context("payment_hash")?.to_string())
+    Ok(d["payment_hash"]
+        .as_str()
+        .context("payment_hash")?
+        .to_string())
 }
 
 #[then(expr = "the pool's node has the payment to {string} in flight")]
@@ -459,7 +482,10 @@ async fn in_flight(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
                 .call("listpeerchannels", serde_json::json!({}))
                 .await
                 .map_err(|e| e.to_string())?;
-            let htlcs = c["channels"][0]["htlcs"].as_array().cloned().unwrap_or_default();
+            let htlcs = c["channels"][0]["htlcs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             htlcs
                 .iter()
                 .find(|h| {
@@ -483,7 +509,8 @@ async fn pool_back(w: &mut HarnessWorld, pool: String, payee: String) -> anyhow:
     stack.lightning(&payee)?.process().resume()?;
     let (p, n) = (stack.lightning(&pool)?, stack.lightning(&payee)?);
     p.connect(n).await?;
-    p.wait_channel_normal(&n.id, Duration::from_secs(60)).await?;
+    p.wait_channel_normal(&n.id, Duration::from_secs(60))
+        .await?;
     n.wait_channel_normal(&p.id, Duration::from_secs(60)).await
 }
 
@@ -523,7 +550,10 @@ async fn completes_once(w: &mut HarnessWorld, who: String) -> anyhow::Result<()>
                         .await
                         .map(|c| c["channels"][0]["htlcs"].to_string())
                         .unwrap_or_default();
-                    Err(format!("pays {}, htlcs {htlcs}", serde_json::Value::Array(pays)))
+                    Err(format!(
+                        "pays {}, htlcs {htlcs}",
+                        serde_json::Value::Array(pays)
+                    ))
                 }
                 more => Err(format!("{} complete payments", more.len())),
             }
@@ -539,7 +569,10 @@ async fn completes_once(w: &mut HarnessWorld, who: String) -> anyhow::Result<()>
     );
     // The wallet ends with what it held less what was spent, at the rate quoted before the
     // payment: ceil(sent msat * outstanding / available).
-    let (avail, outstanding) = (u(&reserve, "available_msat")?, u(&reserve, "outstanding_ehash")?);
+    let (avail, outstanding) = (
+        u(&reserve, "available_msat")?,
+        u(&reserve, "outstanding_ehash")?,
+    );
     let melted = (u128::from(sent) * u128::from(outstanding)).div_ceil(u128::from(avail)) as u64;
     let want = before.held - melted;
     let proxy = stack.proxy(&who)?;
