@@ -218,6 +218,14 @@ impl HarnessWorld {
                 channels.extend(proxy.announced_channels());
                 keys.extend(proxy.locking_pubkey);
             }
+            if let (Ok(mint), Ok(node)) = (stack.mint(), stack.lightning("pool")) {
+                if mint.config.redemption.enabled() {
+                    match crate::steps::redemption::sweep(stack, mint, node).await {
+                        Ok(summary) => println!("[sweep] stack {stack_name}: {summary}"),
+                        Err(e) => problems.push(format!("stack {stack_name}: redemption: {e:#}")),
+                    }
+                }
+            }
             if stack.mint().is_ok() {
                 match self.sweep_settlement(stack).await {
                     Ok(p) => {

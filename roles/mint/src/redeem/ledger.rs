@@ -72,6 +72,8 @@ pub struct Reserve {
     pub redeemed_msat: u64,
     /// Held for payments in flight, msat.
     pub held_msat: u64,
+    /// Redemptions paid (one Lightning payment each).
+    pub payments: u64,
     /// What may still be redeemed, msat.
     pub available_msat: u64,
     /// ehash issued and not yet spent.
@@ -163,15 +165,16 @@ impl Ledger {
         Ok((tip, scan.matured_sat))
     }
 
-    async fn sum(&self, secondary: &str) -> anyhow::Result<u64> {
+    /// (entries, sum of their values) of a secondary namespace.
+    async fn sum(&self, secondary: &str) -> anyhow::Result<(u64, u64)> {
         let keys = self.kv.kv_list(NS, secondary).await.map_err(kv_err)?;
         let mut total = 0u64;
-        for k in keys {
-            if let Some(v) = self.kv.kv_read(NS, secondary, &k).await.map_err(kv_err)? {
+        for k in &keys {
+            if let Some(v) = self.kv.kv_read(NS, secondary, k).await.map_err(kv_err)? {
                 total += String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0);
             }
         }
-        Ok(total)
+        Ok((keys.len() as u64, total))
     }
 
     async fn outstanding(&self) -> anyhow::Result<u64> {
@@ -199,8 +202,8 @@ impl Ledger {
         let pool_fee_sat =
             u64::try_from(u128::from(matured_sat) * u128::from(self.pool_fee_ppm) / 1_000_000)
                 .unwrap_or(u64::MAX);
-        let redeemed_msat = self.sum("paid").await?;
-        let held_msat = self.sum("held").await?;
+        let (payments, redeemed_msat) = self.sum("paid").await?;
+        let (_, held_msat) = self.sum("held").await?;
         let available_msat = (matured_sat - pool_fee_sat)
             .saturating_mul(1000)
             .saturating_sub(redeemed_msat)
@@ -211,6 +214,7 @@ impl Ledger {
             pool_fee_sat,
             redeemed_msat,
             held_msat,
+            payments,
             available_msat,
             outstanding_ehash: self.outstanding().await?,
         })

@@ -8,6 +8,7 @@ mod fraud;
 mod lightning;
 pub mod mining;
 pub mod redemption;
+mod redemption_faults;
 mod redis;
 mod settlement;
 mod settlement_faults;

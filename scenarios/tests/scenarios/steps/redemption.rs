@@ -14,15 +14,15 @@ use crate::world::{HarnessWorld, DEFAULT_STACK};
 /// The pool's fee in redemption stacks (2 %).
 const POOL_FEE_PPM: u64 = 20_000;
 /// Time a redemption may take (quote, melt, Lightning payment).
-const REDEEM_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REDEEM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one step saw before a redemption, to compare after it.
 #[derive(Debug, Clone)]
 pub struct BeforeRedemption {
-    channel_sat: u64,
-    held: u64,
-    outstanding: u64,
-    invoice_sat: u64,
+    pub(crate) channel_sat: u64,
+    pub(crate) held: u64,
+    pub(crate) outstanding: u64,
+    pub(crate) invoice_sat: u64,
 }
 
 #[given("a signet stack with matured rewards and the pool side redeeming over Lightning")]
@@ -40,11 +40,11 @@ async fn redemption_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
         .await
 }
 
-fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
+pub(crate) fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
     v[key].as_u64().with_context(|| format!("no {key} in {v}"))
 }
 
-async fn channel_sat(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
+pub(crate) async fn channel_sat(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
     Ok(w.default_stack()?.lightning(who)?.balances().await?.1)
 }
 
@@ -219,13 +219,55 @@ async fn refused(w: &mut HarnessWorld, text: String, who: String) -> anyhow::Res
     Ok(())
 }
 
+/// The sweep's redemption check (stacks that redeem): the mint counts one redemption per
+/// payment the pool's node completed and exactly the msat it sent, and never more than the
+/// matured rewards Bitcoin Core counted minus the pool fee.
+pub async fn sweep(
+    stack: &harness::Stack,
+    mint: &harness::roles::MintRole,
+    node: &harness::lightning::LightningNode,
+) -> anyhow::Result<String> {
+    let pays = node_payments(node).await?;
+    let reserve = mint.redemption_reserve().await?;
+    let sent: u64 = pays.values().sum();
+    anyhow::ensure!(
+        u(&reserve, "payments")? == pays.len() as u64 && u(&reserve, "redeemed_msat")? == sent,
+        "the mint counts {} redemption(s) and {} msat, the pool's node completed {} payment(s) of {sent} msat",
+        reserve["payments"],
+        reserve["redeemed_msat"],
+        pays.len()
+    );
+    let rewards = stack.rewards().context("no rewards chain")?;
+    let rpc = stack.bitcoind()?.rpc();
+    let tip: u64 = rpc.call("getblockcount", &[]).await?;
+    // Rewards the pool's own blocks added can only mature 100 blocks later: none in a
+    // scenario, so the rewards chain's (checked against Bitcoin Core) are all there are.
+    anyhow::ensure!(
+        u(&reserve, "matured_sat")? == rewards.rewards_sats && tip < rewards.blocks + 100,
+        "the mint counts {} sat matured at height {tip}, the rewards chain {}",
+        reserve["matured_sat"],
+        rewards.rewards_sats
+    );
+    let fee = u(&reserve, "pool_fee_sat")?;
+    anyhow::ensure!(
+        sent <= (rewards.rewards_sats - fee) * 1000,
+        "{sent} msat redeemed, more than matured rewards minus the pool fee"
+    );
+    Ok(format!(
+        "{} redemption(s), {sent} msat, each one payment of the pool's node, within the matured rewards minus the pool fee",
+        pays.len()
+    ))
+}
+
 /// Every complete payment of the pool's node, by payment hash: msat sent.
 async fn pool_payments(w: &HarnessWorld) -> anyhow::Result<HashMap<String, u64>> {
-    let pays = w
-        .default_stack()?
-        .lightning("pool")?
-        .call("listpays", serde_json::json!({}))
-        .await?;
+    node_payments(w.default_stack()?.lightning("pool")?).await
+}
+
+async fn node_payments(
+    node: &harness::lightning::LightningNode,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let pays = node.call("listpays", serde_json::json!({})).await?;
     let mut out = HashMap::new();
     for p in pays["pays"].as_array().into_iter().flatten() {
         if p["status"] == "complete" {
@@ -294,311 +336,5 @@ async fn accounted(w: &mut HarnessWorld) -> anyhow::Result<()> {
         sent <= ceiling,
         "{sent} msat redeemed, more than matured rewards minus the pool fee ({ceiling} msat)"
     );
-    Ok(())
-}
-
-#[when(expr = "lightning node {string} stops")]
-async fn node_stops(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    w.default_stack_mut()?.stop_lightning(&name).await
-}
-
-#[when(expr = "lightning node {string} is killed with SIGKILL")]
-async fn node_killed(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    // cdk's mint logs the payment it can no longer follow at ERROR (and keeps it pending).
-    w.expected_log_errors.extend([
-        "payment status check failed; quote and proofs remain pending".to_string(),
-        "Background melt completion failed for quote".to_string(),
-        "Failed to check payment status for quote".to_string(),
-    ]);
-    w.default_stack_mut()?.kill_lightning(&name).await
-}
-
-#[when(expr = "lightning node {string} starts again and the pool's node reconnects to it")]
-async fn node_back(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let stack = w.default_stack_mut()?;
-    stack.restart_lightning(&name).await?;
-    let (pool, node) = (stack.lightning("pool")?, stack.lightning(&name)?);
-    pool.connect(node).await?;
-    pool.wait_channel_normal(&node.id, Duration::from_secs(60))
-        .await?;
-    node.wait_channel_normal(&pool.id, Duration::from_secs(60))
-        .await
-}
-
-#[when(expr = "{string} makes an invoice of {int} sat on its node")]
-async fn invoice_made(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let invoice = stack
-        .lightning(&who)?
-        .invoice(sats, &format!("kept-{who}-{}", w.redemptions.len()))
-        .await?;
-    let channel = channel_sat(w, &who).await?;
-    w.channel_before.insert(who.clone(), channel);
-    w.invoices.insert(who, (invoice, sats));
-    Ok(())
-}
-
-#[when(expr = "{string} redeems against that invoice while its node is down")]
-async fn redeem_while_down(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
-    let before = BeforeRedemption {
-        channel_sat: 0,
-        held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: 0,
-        invoice_sat: sats,
-    };
-    let out = stack
-        .proxy(&who)?
-        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
-        .await?;
-    // cdk's mint logs the failed payment at ERROR.
-    w.expected_log_errors
-        .push("Background melt completion failed for quote".into());
-    match out {
-        Ok(r) if r["state"] == "PAID" => anyhow::bail!("paid while the payee was down: {r}"),
-        Ok(r) => w.last_error = Some(format!("state {}", r["state"])),
-        Err(e) => w.last_error = Some(e),
-    }
-    w.redemptions.push((who, before, None));
-    Ok(())
-}
-
-#[then(expr = "the redemption does not complete and {string}'s wallet gets every ehash back")]
-async fn not_lost(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
-    let proxy = w.default_stack()?.proxy(&who)?;
-    harness::wait::wait_until(
-        &format!("{who}'s wallet to hold its {} ehash again", before.held),
-        Duration::from_secs(30),
-        || async {
-            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
-            if held == before.held {
-                Ok(())
-            } else {
-                Err(format!("{held} ehash"))
-            }
-        },
-    )
-    .await?;
-    Ok(())
-}
-
-#[when(expr = "{string} redeems that invoice again")]
-async fn redeem_again(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
-    let before = BeforeRedemption {
-        channel_sat: channel_sat(w, &who).await?,
-        held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: u(
-            &stack.mint()?.redemption_reserve().await?,
-            "outstanding_ehash",
-        )?,
-        invoice_sat: sats,
-    };
-    let r = stack
-        .proxy(&who)?
-        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
-        .await?
-        .map_err(|e| anyhow::anyhow!("the redemption of {who} failed: {e}"))?;
-    w.redemptions.push((who, before, Some(r)));
-    Ok(())
-}
-
-#[when(expr = "lightning node {string} is paused")]
-async fn node_paused(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    w.default_stack()?.lightning(&name)?.process().pause()
-}
-
-#[when(expr = "{string} starts redeeming that invoice")]
-async fn start_redeeming(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
-    let reserve = stack.mint()?.redemption_reserve().await?;
-    // The payee's node may be paused: its channel was read when it made the invoice.
-    let before = BeforeRedemption {
-        channel_sat: *w
-            .channel_before
-            .get(&who)
-            .context("no channel remembered")?,
-        held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: u(&reserve, "outstanding_ehash")?,
-        invoice_sat: sats,
-    };
-    let addr = stack
-        .proxy(&who)?
-        .wallet_addr
-        .clone()
-        .context("no wallet")?;
-    w.reserve_before = Some(reserve);
-    w.redemptions.push((who.clone(), before, None));
-    let body = serde_json::json!({ "invoice": invoice }).to_string();
-    w.redeem_in_flight = Some(tokio::spawn(async move {
-        harness::http::post_json(
-            &addr,
-            "/wallet/redeem",
-            &body,
-            harness::wait::scaled(Duration::from_secs(300)),
-        )
-        .await
-        .map_err(|e| format!("{e:#}"))
-    }));
-    Ok(())
-}
-
-async fn payment_hash(w: &HarnessWorld, who: &str) -> anyhow::Result<String> {
-    let (invoice, _) = w.invoices.get(who).cloned().context("no invoice")?;
-    // Decoded by the pool's node: the payee's may be paused.
-    let d = w
-        .default_stack()?
-        .lightning("pool")?
-        .call("decode", serde_json::json!({ "string": invoice }))
-        .await?;
-    Ok(d["payment_hash"]
-        .as_str()
-        .context("payment_hash")?
-        .to_string())
-}
-
-#[then(expr = "the pool's node has the payment to {string} in flight")]
-async fn in_flight(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let hash = payment_hash(w, &who).await?;
-    let pool = w.default_stack()?.lightning("pool")?;
-    // In flight: an HTLC for it committed to (signed for) on the channel, not only offered;
-    // an HTLC only offered (SENT_ADD_HTLC) is forgotten by a node killed then, and its
-    // payment stays pending with nothing on the wire.
-    let state = harness::wait::wait_until(
-        &format!("the pool's node to have signed for an HTLC of payment {hash}"),
-        Duration::from_secs(30),
-        || async {
-            let c = pool
-                .call("listpeerchannels", serde_json::json!({}))
-                .await
-                .map_err(|e| e.to_string())?;
-            let htlcs = c["channels"][0]["htlcs"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            htlcs
-                .iter()
-                .find(|h| {
-                    h["payment_hash"] == hash.as_str()
-                        && h["direction"] == "out"
-                        && h["state"] != "SENT_ADD_HTLC"
-                })
-                .map(|h| h["state"].to_string())
-                .ok_or_else(|| format!("htlcs {}", serde_json::Value::Array(htlcs.clone())))
-        },
-    )
-    .await?;
-    eprintln!("[redemption] the HTLC is in state {state} when the pool's node is killed");
-    Ok(())
-}
-
-#[when(expr = "lightning node {string} starts again and lightning node {string} resumes")]
-async fn pool_back(w: &mut HarnessWorld, pool: String, payee: String) -> anyhow::Result<()> {
-    let stack = w.default_stack_mut()?;
-    stack.restart_lightning(&pool).await?;
-    stack.lightning(&payee)?.process().resume()?;
-    let (p, n) = (stack.lightning(&pool)?, stack.lightning(&payee)?);
-    p.connect(n).await?;
-    p.wait_channel_normal(&n.id, Duration::from_secs(60))
-        .await?;
-    n.wait_channel_normal(&p.id, Duration::from_secs(60)).await
-}
-
-#[then(
-    expr = "the redemption of {string} completes exactly once at the quoted rate and no ehash is lost"
-)]
-async fn completes_once(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let hash = payment_hash(w, &who).await?;
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
-    let reserve = w.reserve_before.clone().context("no reserve remembered")?;
-    let stack = w.default_stack()?;
-    let pool = stack.lightning("pool")?;
-    // Lightning's word: one complete payment for the invoice.
-    let sent = harness::wait::wait_until(
-        &format!("the pool's node to complete payment {hash}"),
-        Duration::from_secs(60),
-        || async {
-            let p = pool
-                .call("listpays", serde_json::json!({ "payment_hash": hash }))
-                .await
-                .map_err(|e| e.to_string())?;
-            let pays = p["pays"].as_array().cloned().unwrap_or_default();
-            let complete: Vec<_> = pays.iter().filter(|p| p["status"] == "complete").collect();
-            match complete.as_slice() {
-                [one] => one["amount_sent_msat"]
-                    .as_u64()
-                    .ok_or_else(|| "no amount_sent_msat".to_string()),
-                [] => {
-                    let htlcs = pool
-                        .call("listpeerchannels", serde_json::json!({}))
-                        .await
-                        .map(|c| c["channels"][0]["htlcs"].to_string())
-                        .unwrap_or_default();
-                    Err(format!(
-                        "pays {}, htlcs {htlcs}",
-                        serde_json::Value::Array(pays)
-                    ))
-                }
-                more => Err(format!("{} complete payments", more.len())),
-            }
-        },
-    )
-    .await?;
-    let channel = channel_sat(w, &who).await?;
-    anyhow::ensure!(
-        channel == before.channel_sat + before.invoice_sat,
-        "{who}'s channel went from {} to {channel} sat for a {} sat invoice",
-        before.channel_sat,
-        before.invoice_sat
-    );
-    // The wallet ends with what it held less what was spent, at the rate quoted before the
-    // payment: ceil(sent msat * outstanding / available).
-    let (avail, outstanding) = (
-        u(&reserve, "available_msat")?,
-        u(&reserve, "outstanding_ehash")?,
-    );
-    let melted = (u128::from(sent) * u128::from(outstanding)).div_ceil(u128::from(avail)) as u64;
-    let want = before.held - melted;
-    let proxy = stack.proxy(&who)?;
-    harness::wait::wait_until(
-        &format!("{who}'s wallet to hold {want} ehash (melted {melted})"),
-        Duration::from_secs(60),
-        || async {
-            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
-            if held == want {
-                Ok(())
-            } else {
-                Err(format!("{held} ehash"))
-            }
-        },
-    )
-    .await?;
-    let now = stack.mint()?.redemption_reserve().await?;
-    anyhow::ensure!(
-        u(&now, "redeemed_msat")? == sent && u(&now, "held_msat")? == 0,
-        "the mint counts {} msat redeemed and {} held, the pool's node sent {sent}",
-        now["redeemed_msat"],
-        now["held_msat"]
-    );
-    if let Some(task) = w.redeem_in_flight.take() {
-        let answer = task.await?;
-        eprintln!("[redemption] the interrupted redemption's own answer: {answer:?}");
-    }
     Ok(())
 }
