@@ -28,6 +28,10 @@ scenario TAGS: roles
 roles:
     cargo build -p pool -p mint -p auditor -p proxy -p miner
 
+# The whole story on a fresh signet stack, narrated, ending with a summary table (--keep: leave it running).
+demo *FLAGS: roles
+    {{harness}} demo {{FLAGS}}
+
 # Start the full stack on CHAIN, print its endpoints, keep it until Ctrl-C (FLAGS: --bare for bitcoind and Redis only, --keep).
 up CHAIN="signet" *FLAGS:
     {{harness}} up --chain {{CHAIN}} {{FLAGS}}

@@ -23,7 +23,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a stack, print its endpoints and keep it running until Ctrl-C.
+    /// Tell the whole story on a fresh signet stack: shares, quotes PENDING -> PAID, a
+    /// fraudulent operator's FAILED quotes, a block, matured rewards, a channel, ehash redeemed
+    /// over Lightning, then a summary table.
+    Demo {
+        /// Leave the stack running afterwards (endpoints printed) until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Start a stack, print its endpoints and keep it running until Ctrl-C (on signet with
+    /// lightningd: the Lightning nodes and redemption too).
     Up {
         /// Chain: `signet` (private, real difficulty; where miners mine) or `regtest`.
         #[arg(long, default_value = "signet")]
@@ -60,7 +69,8 @@ enum Command {
         #[arg(long)]
         cache: bool,
     },
-    /// Pre-mine and cache the chains now (otherwise the first stack of each chain does it).
+    /// Pre-mine and cache the chains now, and the rewards chain when lightningd is found
+    /// (otherwise the first stack that needs one does it).
     Premine {
         /// Only this chain (default: both).
         #[arg(long)]
@@ -111,6 +121,17 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HarnessConfig::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Demo { keep } => {
+            let report = harness::demo::run(&config, keep).await?;
+            eprintln!(
+                "demo: fresh stack to completed redemption {:.1} s, peak memory RSS {} MB (PSS {} MB) over {} processes",
+                report.to_redemption.as_secs_f64(),
+                report.peak.rss / 1_000_000,
+                report.peak.pss / 1_000_000,
+                report.peak.processes
+            );
+            Ok(())
+        }
         Command::Up { chain, keep, bare } => up(&config, chain, keep, bare).await,
         Command::GenerateBlocks { n, address } => generate(&config, n, address).await,
         Command::Logs { role, dir, lines } => logs(&config, role, dir, lines),
@@ -126,6 +147,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "{chain}: {} blocks cached in {}",
                     cached.blocks,
                     cached.dir.display()
+                );
+            }
+            if chain.is_none_or(|c| c == Chain::Signet)
+                && find(Program::Lightningd, &config.cache_dir).is_ok()
+            {
+                let r = harness::lightning::ensure_rewards_chain(&config).await?;
+                println!(
+                    "signet rewards: {} blocks, {} sat matured for the pool's Lightning node ({})",
+                    r.blocks,
+                    r.rewards_sats,
+                    r.chain_dir.display()
                 );
             }
             Ok(())
@@ -166,25 +198,26 @@ async fn up(config: &HarnessConfig, chain: Chain, keep: bool, bare: bool) -> any
             dir.display()
         );
     }
-    let mut stack = Stack::builder("up", config)
-        .chain(chain)
-        .redis()
-        .start()
-        .await?;
-    if !bare {
-        let started = std::time::Instant::now();
-        stack
-            .start_pool_side(&Default::default(), &Default::default())
-            .await?;
-        stack.start_proxy("operator", true, 500_000.0).await?;
-        stack
-            .start_miner("cpu", "operator", &harness::roles::MinerOptions::default())
-            .await?;
+    let started = std::time::Instant::now();
+    let stack = if bare {
+        Stack::builder("up", config)
+            .chain(chain)
+            .redis()
+            .start()
+            .await?
+    } else {
+        let stack = harness::demo::full_stack(config, chain, "up").await?;
         println!(
-            "pool, mint, auditor, proxy `operator` and miner `cpu` (500 kH/s) ready in {} ms",
+            "pool, mint, auditor, proxy `operator`, miner `cpu` (500 kH/s){} ready in {} ms",
+            if stack.rewards().is_some() {
+                ", the pool's and the operator's Lightning nodes (the pool's holding matured rewards)"
+            } else {
+                ""
+            },
             started.elapsed().as_millis()
         );
-    }
+        stack
+    };
     let summary = stack.summary();
     std::fs::write(up_pointer(config), serde_json::to_vec_pretty(&summary)?)?;
     println!(
@@ -192,33 +225,9 @@ async fn up(config: &HarnessConfig, chain: Chain, keep: bool, bare: bool) -> any
         summary.start_ms,
         summary.dir.display()
     );
-    for (part, backend) in &summary.backends {
-        println!("  backend {part:<8} {backend}");
-    }
-    for role in &summary.roles {
-        let creds = role
-            .credentials
-            .as_deref()
-            .map(|c| format!("  auth {c}"))
-            .unwrap_or_default();
-        println!(
-            "  {:<9} {}{creds}  pid {}",
-            role.name,
-            role.endpoint,
-            role.pid.unwrap_or(0)
-        );
-    }
-    if let Some(f) = &summary.faucet_address {
-        println!("  faucet    {f}");
-    }
+    harness::demo::print_endpoints(&summary);
     println!("Ctrl-C stops the stack; meanwhile: `just generate-blocks N`, `just logs [ROLE]`.");
-
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
+    harness::demo::wait_for_stop_signal().await?;
     eprintln!("stopping stack `up`...");
     let _ = std::fs::remove_file(up_pointer(config));
     match stack.shutdown(keep).await? {
