@@ -78,8 +78,8 @@ pub struct OperatorWallet {
     last_timestamp: u64,
     /// Shared with the status endpoint.
     pub status: Arc<RwLock<WalletStatus>>,
-    /// Held by a redemption while it melts: the minting loop recovers interrupted melts only
-    /// when none is running (recovery must not compensate a melt still in flight).
+    /// Held by a redemption while it melts and by each round of the minting loop: recovery
+    /// never compensates a melt still in flight, and a melt's balances are its own.
     melt_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -204,11 +204,18 @@ impl OperatorWallet {
     /// One round: look up, mint what is PAID, refresh the status. Returns the PENDING quote
     /// ids (to listen for over NUT-17).
     pub async fn cycle(&mut self) -> anyhow::Result<Vec<String>> {
-        self.recover_melts().await;
+        // Recovery and each batch run one at a time with redemptions: recovery never
+        // compensates a melt in flight, and a melt's balances before and after are its own.
+        let lock = self.melt_lock.clone();
+        {
+            let _g = lock.lock().await;
+            self.recover_melts().await;
+        }
         let quotes = self.lookup().await?;
         let (mut st, to_mint, pending) = classify(&quotes);
         let mut minted_now = 0;
         for chunk in to_mint.chunks(BATCH) {
+            let _g = lock.lock().await;
             for q in chunk {
                 self.import(q).await?;
             }
@@ -468,7 +475,9 @@ pub async fn redeem(wallet: &Wallet, invoice: &str) -> anyhow::Result<Redemption
     let paid = state == cdk::nuts::MeltQuoteState::Paid;
     // Spent = amount + fee; the change came back.
     let fee_paid = if paid {
-        (held_before - held_after).saturating_sub(u64::from(quote.amount))
+        held_before
+            .saturating_sub(held_after)
+            .saturating_sub(u64::from(quote.amount))
     } else {
         0
     };
@@ -550,9 +559,6 @@ impl OperatorWallet {
     /// leaves proofs pending: ask the mint again each round until it settles, paid (change
     /// back) or failed (proofs back).
     async fn recover_melts(&self) {
-        let Ok(_g) = self.melt_lock.try_lock() else {
-            return; // a redemption is running
-        };
         match self.wallet.total_pending_balance().await {
             Ok(p) if u64::from(p) > 0 => {}
             _ => return,
