@@ -5,6 +5,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 # Cargo output goes outside the checkout unless the caller chose otherwise.
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME") + "/.cache/hashpool-harness/target")
 
+# insta finds the snapshots of this checkout even when a test binary in the shared target dir
+# was built (and judged fresh by cargo) from another checkout of the same sources.
+export INSTA_WORKSPACE_ROOT := justfile_directory()
+
 harness := "cargo run --quiet -p harness --bin harness --"
 
 # List the recipes.

@@ -142,23 +142,27 @@ async fn balance_exact(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> 
     let proxy = stack.proxy(&who)?;
     let key = proxy.locking_pubkey.context("no key")?;
     let min_bits = stack.pool()?.config.min_bits;
-    // The oracle: the hashes the miners saw accepted, valued from their hex digits.
+    // The oracle: every share recorded for the key, valued from its hash's hex digits; and
+    // every share the miners saw accepted is among them. (A miner stopped between a share's
+    // record and its answer never logs that share, but the share is owed all the same.)
     let records = share_records(w).await?;
-    let mut worth = 0u64;
     for m in stack.miners() {
         for hash in m.log().accepted {
-            let r = records
+            records
                 .get(&hash)
                 .with_context(|| format!("accepted share {hash} has no record"))?;
-            if r.locking_pubkey == key {
-                worth += expected_amount(&hash, min_bits).context("below min_bits")?;
-            }
+        }
+    }
+    let mut worth = 0u64;
+    for (hash, r) in &records {
+        if r.locking_pubkey == key {
+            worth += expected_amount(hash, min_bits).context("below min_bits")?;
         }
     }
     let held = proxy.wallet_status().await?.held;
     anyhow::ensure!(
         held == worth && worth > 0,
-        "the wallet of {who} holds {held} ehash, its accepted shares were worth {worth}"
+        "the wallet of {who} holds {held} ehash, the shares recorded for its key were worth {worth}"
     );
     Ok(())
 }
