@@ -48,26 +48,22 @@ pub async fn sweep_settlement(stack: &Stack, keys: &[KnownKey]) -> anyhow::Resul
             problems.push(format!("template {} has two verdicts", r.template_id));
         }
     }
-    let mut records: HashMap<String, Vec<ShareRecord>> = HashMap::new();
-    for (id, f) in stream_entries(&mut conn, SHARES_STREAM).await? {
-        let r = ShareRecord::from_fields(&f).map_err(|e| anyhow::anyhow!("record {id}: {e}"))?;
-        records
-            .entry(r.locking_pubkey.to_string())
-            .or_default()
-            .push(r);
-    }
     problems.extend(recheck_verdicts(stack, &mut conn, &verdicts).await?);
     let delay = Duration::from_secs(mint.config.settlement_delay_secs);
     for key in keys {
-        let mine = records.remove(&key.public).unwrap_or_default();
-        // Settlement catches up: no quote of a valid template left PENDING.
-        let quotes = wait_until(
+        // Settlement catches up: no quote of a valid template left PENDING, a quote for every
+        // record. Quotes are read first, then the records: a share recorded just after the
+        // miners stopped then has its record in view along with its quote.
+        let settled = wait_until(
             &format!("the mint to settle every valid template's quotes of {}", key.name),
             Duration::from_secs(30) + delay,
             || async {
                 let quotes = lookup(&mint.addr, &key.secret)
                     .await
                     .map_err(|e| e.to_string())?;
+                let mine = records_of(stack, &key.public)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
                 let behind = quotes
                     .iter()
                     .filter(|q| {
@@ -77,23 +73,44 @@ pub async fn sweep_settlement(stack: &Stack, keys: &[KnownKey]) -> anyhow::Resul
                     .count();
                 let missing = mine.len().saturating_sub(quotes.len());
                 if behind == 0 && missing == 0 {
-                    Ok(quotes)
+                    Ok((quotes, mine))
                 } else {
                     Err(format!("{behind} quote(s) of valid templates still PENDING, {missing} record(s) without a quote"))
                 }
             },
         )
         .await;
-        let quotes = match quotes {
+        let (quotes, mine) = match settled {
             Ok(q) => q,
             Err(e) => {
                 problems.push(format!("{}: {e}", key.name));
                 continue;
             }
         };
-        problems.extend(check_key(key, &mine, &quotes, &verdicts));
+        // Verdicts read after the quotes: every verdict a quote was paid for is in view.
+        let mut conn = stack.redis()?.connect().await?;
+        let mut later: HashMap<u64, AuditResult> = HashMap::new();
+        for (id, f) in stream_entries(&mut conn, AUDIT_RESULTS_STREAM).await? {
+            let r =
+                AuditResult::from_fields(&f).map_err(|e| anyhow::anyhow!("result {id}: {e}"))?;
+            later.insert(r.template_id, r);
+        }
+        problems.extend(check_key(key, &mine, &quotes, &later));
     }
     Ok(problems)
+}
+
+/// The share records locked to `public`.
+async fn records_of(stack: &Stack, public: &str) -> anyhow::Result<Vec<ShareRecord>> {
+    let mut conn = stack.redis()?.connect().await?;
+    let mut out = Vec::new();
+    for (id, f) in stream_entries(&mut conn, SHARES_STREAM).await? {
+        let r = ShareRecord::from_fields(&f).map_err(|e| anyhow::anyhow!("record {id}: {e}"))?;
+        if r.locking_pubkey.to_string() == public {
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 /// The invariants for one key's records and quotes.
