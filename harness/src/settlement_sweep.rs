@@ -64,6 +64,7 @@ pub async fn sweep_settlement(stack: &Stack, keys: &[KnownKey]) -> anyhow::Resul
                 let mine = records_of(stack, &key.public)
                     .await
                     .map_err(|e| format!("{e:#}"))?;
+                let verdicts = read_verdicts(stack).await.map_err(|e| format!("{e:#}"))?;
                 let behind = quotes
                     .iter()
                     .filter(|q| {
@@ -73,31 +74,34 @@ pub async fn sweep_settlement(stack: &Stack, keys: &[KnownKey]) -> anyhow::Resul
                     .count();
                 let missing = mine.len().saturating_sub(quotes.len());
                 if behind == 0 && missing == 0 {
-                    Ok((quotes, mine))
+                    Ok((quotes, mine, verdicts))
                 } else {
                     Err(format!("{behind} quote(s) of valid templates still PENDING, {missing} record(s) without a quote"))
                 }
             },
         )
         .await;
-        let (quotes, mine) = match settled {
+        let (quotes, mine, later) = match settled {
             Ok(q) => q,
             Err(e) => {
                 problems.push(format!("{}: {e}", key.name));
                 continue;
             }
         };
-        // Verdicts read after the quotes: every verdict a quote was paid for is in view.
-        let mut conn = stack.redis()?.connect().await?;
-        let mut later: HashMap<u64, AuditResult> = HashMap::new();
-        for (id, f) in stream_entries(&mut conn, AUDIT_RESULTS_STREAM).await? {
-            let r =
-                AuditResult::from_fields(&f).map_err(|e| anyhow::anyhow!("result {id}: {e}"))?;
-            later.insert(r.template_id, r);
-        }
         problems.extend(check_key(key, &mine, &quotes, &later));
     }
     Ok(problems)
+}
+
+/// Every verdict, by template id.
+async fn read_verdicts(stack: &Stack) -> anyhow::Result<HashMap<u64, AuditResult>> {
+    let mut conn = stack.redis()?.connect().await?;
+    let mut out = HashMap::new();
+    for (id, f) in stream_entries(&mut conn, AUDIT_RESULTS_STREAM).await? {
+        let r = AuditResult::from_fields(&f).map_err(|e| anyhow::anyhow!("result {id}: {e}"))?;
+        out.insert(r.template_id, r);
+    }
+    Ok(out)
 }
 
 /// The share records locked to `public`.
