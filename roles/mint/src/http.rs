@@ -181,29 +181,14 @@ pub async fn melt_quote_guard(
         .ok()
         .and_then(|v| v["request"].as_str().map(str::to_string));
     if let Some(invoice) = request.and_then(|r| r.parse::<cdk_common::Bolt11Invoice>().ok()) {
-        let Some(msat) = invoice.amount_milli_satoshis() else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                30008,
-                "the invoice has no amount: ask for one with an amount",
-            );
-        };
-        match ledger.reserve().await {
-            Ok(r) if msat > r.available_msat => {
-                let detail = format!(
-                    "{}: the invoice asks {} sat, the pool can pay at most {} sat now (matured rewards {} sat - pool fee {} sat - redeemed {} sat - held {} sat)",
-                    crate::redeem::OVER_RESERVE,
-                    msat / 1000,
-                    r.available_msat / 1000,
-                    r.matured_sat,
-                    r.pool_fee_sat,
-                    r.redeemed_msat / 1000,
-                    r.held_msat / 1000
-                );
-                tracing::info!("melt quote refused: {detail}");
-                return error(StatusCode::BAD_REQUEST, 30008, detail);
+        let msat = invoice.amount_milli_satoshis().unwrap_or(0);
+        let hash = hex::encode::<&[u8]>(invoice.payment_hash().as_ref());
+        match ledger.quote(msat, hash).await {
+            Ok((Err(why), _)) => {
+                tracing::info!("melt quote refused: {why}");
+                return error(StatusCode::BAD_REQUEST, 30008, why);
             }
-            Ok(_) => {}
+            Ok((Ok(_), _)) => {}
             Err(e) => return internal(e),
         }
     }

@@ -36,8 +36,9 @@ const MAX_BATCH: u64 = 1000;
 /// How long the mint's tasks get to finish at shutdown.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// cdk advertises melting (NUT-05) and its websocket command for every payment processor;
-/// `mining_share` quotes can only be minted, so the mint's info says so.
+/// cdk advertises minting (NUT-04), melting (NUT-05) and their websocket commands for every
+/// payment processor; `mining_share` quotes can only be minted and `bolt11` only melted, so
+/// the mint's info says so.
 async fn advertise_minting_only(mint: &cdk::mint::Mint) -> anyhow::Result<()> {
     let mut info = mint
         .mint_info()
@@ -45,6 +46,9 @@ async fn advertise_minting_only(mint: &cdk::mint::Mint) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("mint info: {e}"))?;
     let method = PaymentMethod::Custom(METHOD.into());
     info.nuts.nut05.methods.retain(|m| m.method != method);
+    // bolt11 is for melting (redemption) only: ehash is never bought over Lightning.
+    let bolt11 = PaymentMethod::Known(cdk_common::nuts::nut00::KnownMethod::Bolt11);
+    info.nuts.nut04.methods.retain(|m| m.method != bolt11);
     if info.nuts.nut05.methods.is_empty() {
         info.nuts.nut05.disabled = true;
     }
@@ -93,6 +97,10 @@ async fn redemption_backend(
         rpc,
         hex::encode(script.as_bytes()),
         r.pool_fee_ppm,
+        (
+            r.routing_fee_reserve_ppm,
+            r.min_routing_fee_reserve_sat.saturating_mul(1000),
+        ),
     ));
     let cln = cdk_cln::Cln::new(
         r.lightning_rpc.clone().into(),
@@ -106,12 +114,7 @@ async fn redemption_backend(
     .await
     .map_err(|e| anyhow!("`redemption.lightning_rpc`: {e}"))?
     .with_bolt12(false);
-    let backend = redeem::RedeemBackend::new(
-        cln,
-        ledger.clone(),
-        r.routing_fee_reserve_ppm,
-        r.min_routing_fee_reserve_sat,
-    );
+    let backend = redeem::RedeemBackend::new(cln, ledger.clone());
     Ok((backend, ledger))
 }
 

@@ -125,9 +125,20 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
             )
             .route(
                 "/wallet/redeem",
-                axum::routing::post(move |body: axum::Json<RedeemRequest>| {
+                axum::routing::post(
+                    move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
+                          body: axum::Json<RedeemRequest>| {
                     let r = redeemer.clone();
                     async move {
+                        // Spending the operator's ehash: only from this machine, whatever
+                        // address the status endpoints listen on.
+                        if !peer.0.ip().is_loopback() {
+                            tracing::warn!(peer = %peer.0, "redemption refused: not from loopback");
+                            return (
+                                axum::http::StatusCode::FORBIDDEN,
+                                axum::Json(serde_json::json!({"error": "redemptions are taken only from this machine (loopback)"})),
+                            );
+                        }
                         match r.redeem(&body.invoice).await {
                             Ok(r) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r))),
                             Err(e) => (
@@ -136,7 +147,8 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                             ),
                         }
                     }
-                }),
+                },
+                ),
             );
     }
     if !config.http_listen.is_empty() {
@@ -149,9 +161,12 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         );
         let http_stop = stop.clone();
         background.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await;
         }));
     }
     let listener = TcpListener::bind(&config.listen)

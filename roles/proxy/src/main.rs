@@ -95,6 +95,11 @@ async fn main() -> std::process::ExitCode {
                     )
                     .await?;
                     println!("{}", serde_json::to_string_pretty(&r)?);
+                    anyhow::ensure!(
+                        r.state == "PAID",
+                        "the redemption ended {} (PENDING: the proxy's wallet keeps asking the mint until it is final; FAILED or UNPAID: its ehash is back)",
+                        r.state
+                    );
                     Ok(())
                 },
             )

@@ -539,7 +539,14 @@ pub async fn redeem_with(
                         .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
                 );
             }
-            Err(e) => tracing::debug!("no running proxy at {url} ({e}); opening the wallet"),
+            // Only when nothing listens may this process open the wallet itself: a proxy that
+            // took the request may be melting already.
+            Err(e) if e.to_string().to_lowercase().contains("connection refused") => {
+                tracing::debug!("no running proxy at {url} ({e}); opening the wallet")
+            }
+            Err(e) => anyhow::bail!(
+                "the running proxy at {url} did not answer ({e}); check `hashpool-proxy wallet balance` before trying again"
+            ),
         }
     }
     let w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;

@@ -29,29 +29,19 @@ use ledger::{Ledger, QuoteTerms};
 
 /// Error code text prefix clients can match on.
 pub const OVER_RESERVE: &str = "redemption exceeds the pool's redeemable reserve";
+/// A melt quote's rate holds this long; a melt after it fails (ask for a new quote).
+pub const QUOTE_TTL_SECS: u64 = 600;
 
 /// The processor.
 pub struct RedeemBackend {
     cln: cdk_cln::Cln,
     ledger: Arc<Ledger>,
-    fee_reserve_ppm: u64,
-    min_fee_reserve_msat: u64,
 }
 
 impl RedeemBackend {
     /// Pay through `cln`, within `ledger`'s reserve.
-    pub fn new(
-        cln: cdk_cln::Cln,
-        ledger: Arc<Ledger>,
-        fee_reserve_ppm: u64,
-        min_fee_reserve_sat: u64,
-    ) -> Self {
-        Self {
-            cln,
-            ledger,
-            fee_reserve_ppm,
-            min_fee_reserve_msat: min_fee_reserve_sat * 1000,
-        }
+    pub fn new(cln: cdk_cln::Cln, ledger: Arc<Ledger>) -> Self {
+        Self { cln, ledger }
     }
 
     fn ehash(v: u64) -> Amount<CurrencyUnit> {
@@ -70,6 +60,18 @@ impl RedeemBackend {
         mut resp: MakePaymentResponse,
     ) -> Result<MakePaymentResponse, Error> {
         match resp.status {
+            MeltQuoteState::Paid
+                if resp
+                    .total_spent
+                    .convert_to(&CurrencyUnit::Msat)
+                    .map(|a| a.value() < terms.invoice_msat)
+                    .unwrap_or(true) =>
+            {
+                // Paid, but Lightning did not say how much was sent: keep holding until it does.
+                tracing::warn!(quote = quote_id, total_spent = %resp.total_spent, "redemption paid without the amount sent; sats stay held");
+                resp.status = MeltQuoteState::Unknown;
+                resp.total_spent = Self::ehash(0);
+            }
             MeltQuoteState::Paid => {
                 let spent_msat = resp
                     .total_spent
@@ -82,7 +84,7 @@ impl RedeemBackend {
                     .map_err(Self::custom)?;
                 let ehash = terms
                     .to_ehash(spent_msat)
-                    .min(terms.amount_ehash + terms.fee_ehash);
+                    .min(terms.amount_ehash.saturating_add(terms.fee_ehash));
                 tracing::info!(
                     quote = quote_id,
                     spent_msat,
@@ -146,42 +148,14 @@ impl MintPayment for RedeemBackend {
                     .into(),
             ));
         }
-        let invoice_msat = opts.bolt11.amount_milli_satoshis().ok_or_else(|| {
-            Error::Custom("the invoice has no amount: ask for one with an amount".into())
-        })?;
-        let fee_reserve_msat = (u128::from(invoice_msat) * u128::from(self.fee_reserve_ppm)
-            / 1_000_000)
-            .max(u128::from(self.min_fee_reserve_msat)) as u64;
-        let reserve = self.ledger.reserve().await.map_err(Self::custom)?;
-        if reserve.outstanding_ehash == 0 {
-            return Err(Error::Custom(
-                "no ehash is outstanding: nothing to redeem".into(),
-            ));
-        }
-        let needed = invoice_msat + fee_reserve_msat;
-        if needed > reserve.available_msat {
-            return Err(Error::Custom(format!(
-                "{OVER_RESERVE}: the invoice asks {} sat plus a {} sat routing fee reserve, the pool can pay at most {} sat now (matured rewards {} sat - pool fee {} sat - redeemed {} sat - held {} sat)",
-                invoice_msat / 1000,
-                fee_reserve_msat.div_ceil(1000),
-                reserve.available_msat / 1000,
-                reserve.matured_sat,
-                reserve.pool_fee_sat,
-                reserve.redeemed_msat / 1000,
-                reserve.held_msat / 1000,
-            )));
-        }
-        let (rate_msat, rate_ehash) = (reserve.available_msat, reserve.outstanding_ehash);
+        let invoice_msat = opts.bolt11.amount_milli_satoshis().unwrap_or(0);
         let payment_hash = *opts.bolt11.payment_hash().as_ref();
-        let terms = QuoteTerms {
-            invoice_msat,
-            fee_reserve_msat,
-            rate_msat,
-            rate_ehash,
-            amount_ehash: ledger::to_ehash(invoice_msat, rate_msat, rate_ehash),
-            fee_ehash: ledger::to_ehash(fee_reserve_msat, rate_msat, rate_ehash),
-            payment_hash: hex::encode(payment_hash),
-        };
+        let (terms, reserve) = self
+            .ledger
+            .quote(invoice_msat, hex::encode(payment_hash))
+            .await
+            .map_err(Self::custom)?;
+        let terms = terms.map_err(Error::Custom)?;
         self.ledger
             .put_terms(&opts.quote_id.to_string(), &terms)
             .await
@@ -200,10 +174,10 @@ impl MintPayment for RedeemBackend {
             fee: Self::ehash(terms.fee_ehash),
             state: MeltQuoteState::Unpaid,
             extra_json: Some(serde_json::json!({
-                "rate_msat": rate_msat,
-                "rate_ehash": rate_ehash,
+                "rate_msat": terms.rate_msat,
+                "rate_ehash": terms.rate_ehash,
                 "invoice_msat": invoice_msat,
-                "fee_reserve_msat": fee_reserve_msat,
+                "fee_reserve_msat": terms.fee_reserve_msat,
             })),
             estimated_blocks: None,
             fee_options: None,
@@ -219,38 +193,58 @@ impl MintPayment for RedeemBackend {
             return Err(Error::UnsupportedPaymentOption);
         };
         let quote_id = opts.quote_id.to_string();
-        let terms = self
-            .ledger
-            .terms(&quote_id)
-            .await
-            .map_err(Self::custom)?
-            .ok_or_else(|| Error::Custom(format!("melt quote {quote_id} has no terms")))?;
         let lookup = PaymentIdentifier::PaymentHash(*opts.bolt11.payment_hash().as_ref());
-        let needed = terms.invoice_msat + terms.fee_reserve_msat;
+        // Refused before anything is held or sent: the melt fails and its proofs come back.
+        let refuse = |why: String| {
+            tracing::warn!(quote = quote_id, "redemption not paid: {why}");
+            Ok(MakePaymentResponse {
+                payment_lookup_id: lookup.clone(),
+                payment_proof: None,
+                status: MeltQuoteState::Failed,
+                total_spent: Self::ehash(0),
+            })
+        };
+        let terms = match self.ledger.terms(&quote_id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return refuse(format!("melt quote {quote_id} has no terms")),
+            Err(e) => return refuse(format!("reading the quote's terms: {e:#}")),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if now.saturating_sub(terms.created_at) > QUOTE_TTL_SECS {
+            return refuse(format!(
+                "the quote is older than {QUOTE_TTL_SECS} s: ask for a new one"
+            ));
+        }
         {
             let _g = self.ledger.hold_lock.lock().await;
-            let reserve = self.ledger.reserve().await.map_err(Self::custom)?;
+            let reserve = match self.ledger.reserve().await {
+                Ok(r) => r,
+                Err(e) => return refuse(format!("the reserve cannot be counted: {e:#}")),
+            };
+            let needed = terms.invoice_msat.saturating_add(terms.fee_reserve_msat);
             if needed > reserve.available_msat {
-                // Refused before anything was sent: the melt fails and its proofs come back.
-                tracing::warn!(
-                    quote = quote_id,
-                    needed,
-                    available = reserve.available_msat,
-                    "{OVER_RESERVE}; not paid"
-                );
-                return Ok(MakePaymentResponse {
-                    payment_lookup_id: lookup,
-                    payment_proof: None,
-                    status: MeltQuoteState::Failed,
-                    total_spent: Self::ehash(0),
-                });
+                return refuse(format!(
+                    "{OVER_RESERVE}: {needed} msat needed, {} msat available",
+                    reserve.available_msat
+                ));
             }
-            self.ledger
-                .hold(&quote_id, needed)
-                .await
-                .map_err(Self::custom)?;
+            if terms.rate_above(&reserve) {
+                return refuse(format!(
+                    "the rate fell since the quote ({} msat per ehash quoted, {:.0} now): ask for a new quote",
+                    terms.rate_msat / terms.rate_ehash.max(1),
+                    reserve.rate_msat_per_ehash()
+                ));
+            }
+            if let Err(e) = self.ledger.hold(&quote_id, &terms).await {
+                return refuse(format!("holding the sats: {e:#}"));
+            }
         }
         opts.max_fee_amount = Some(Amount::new(terms.fee_reserve_msat, CurrencyUnit::Msat));
+        // From here the payment may be on its way: an error leaves the hold and the proofs
+        // pending until Lightning tells.
         let resp = self
             .cln
             .make_payment(&CurrencyUnit::Msat, OutgoingPaymentOptions::Bolt11(opts))
@@ -284,29 +278,44 @@ impl MintPayment for RedeemBackend {
         let PaymentIdentifier::PaymentHash(hash) = payment_identifier else {
             return Err(Error::UnknownPaymentState);
         };
-        let resp = self.cln.check_outgoing_payment(payment_identifier).await?;
-        let quote_id = self
+        let unpaid = || MakePaymentResponse {
+            payment_lookup_id: payment_identifier.clone(),
+            payment_proof: None,
+            status: MeltQuoteState::Unpaid,
+            total_spent: Self::ehash(0),
+        };
+        // The ledger first: a hash no hold names was never dispatched, so it is not paid.
+        let Some(quote_id) = self
             .ledger
             .quote_of_hash(&hex::encode(hash))
             .await
             .map_err(Self::custom)?
-            .ok_or(Error::UnknownPaymentState)?;
+        else {
+            return Ok(unpaid());
+        };
         let terms = self
             .ledger
             .terms(&quote_id)
             .await
             .map_err(Self::custom)?
             .ok_or(Error::UnknownPaymentState)?;
-        match resp.status {
-            // A payment Lightning never saw and that this mint never held was not sent.
-            MeltQuoteState::Paid | MeltQuoteState::Failed | MeltQuoteState::Unpaid => {
-                self.account(&quote_id, &terms, resp).await
-            }
-            _ => {
-                let mut resp = resp;
-                resp.total_spent = Self::ehash(0);
-                Ok(resp)
-            }
+        if let Some(spent_msat) = self.ledger.paid(&quote_id).await.map_err(Self::custom)? {
+            let cln = self.cln.check_outgoing_payment(payment_identifier).await?;
+            return Ok(MakePaymentResponse {
+                payment_lookup_id: payment_identifier.clone(),
+                payment_proof: cln.payment_proof,
+                status: MeltQuoteState::Paid,
+                total_spent: Self::ehash(
+                    terms
+                        .to_ehash(spent_msat)
+                        .min(terms.amount_ehash.saturating_add(terms.fee_ehash)),
+                ),
+            });
         }
+        if !self.ledger.is_held(&quote_id).await.map_err(Self::custom)? {
+            return Ok(unpaid());
+        }
+        let resp = self.cln.check_outgoing_payment(payment_identifier).await?;
+        self.account(&quote_id, &terms, resp).await
     }
 }

@@ -22,6 +22,7 @@ pub struct BeforeRedemption {
     pub(crate) channel_sat: u64,
     pub(crate) held: u64,
     pub(crate) outstanding: u64,
+    pub(crate) available_msat: u64,
     pub(crate) invoice_sat: u64,
 }
 
@@ -56,13 +57,12 @@ async fn redeem(
     let stack = w.default_stack()?;
     let label = format!("redeem-{who}-{}", w.redemptions.len());
     let invoice = stack.lightning(who)?.invoice(sats, &label).await?;
+    let reserve = stack.mint()?.redemption_reserve().await?;
     let before = BeforeRedemption {
         channel_sat: channel_sat(w, who).await?,
         held: stack.proxy(who)?.wallet_status().await?.held,
-        outstanding: u(
-            &stack.mint()?.redemption_reserve().await?,
-            "outstanding_ehash",
-        )?,
+        outstanding: u(&reserve, "outstanding_ehash")?,
+        available_msat: u(&reserve, "available_msat")?,
         invoice_sat: sats,
     };
     let out = stack
@@ -102,10 +102,13 @@ async fn concurrent(w: &mut HarnessWorld, a: String, b: String, sats: u64) -> an
             .lightning(who)?
             .invoice(sats, &format!("redeem-{who}-concurrent"))
             .await?;
+        // Two at once: each quote's rate depends on which came first, so the rate is not
+        // checked here (the sweep checks the totals).
         let before = BeforeRedemption {
             channel_sat: channel_sat(w, who).await?,
             held: stack.proxy(who)?.wallet_status().await?.held,
             outstanding: 0,
+            available_msat: 0,
             invoice_sat: sats,
         };
         prepared.push((who.clone(), invoice, before));
@@ -153,6 +156,25 @@ async fn paid(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     )
     .await?;
     let melted = u(&r, "amount_ehash")? + u(&r, "fee_paid_ehash")?;
+    if before.outstanding > 0 {
+        // The rate, from what the pool's node says it sent and the reserve read before the
+        // quote: ceil(msat sent * ehash outstanding / msat available).
+        let preimage = hex::decode(r["preimage"].as_str().context("preimage")?)?;
+        use bitcoin::hashes::{sha256, Hash};
+        let hash = sha256::Hash::hash(&preimage).to_string();
+        let sent = *pool_payments(w)
+            .await?
+            .get(&hash)
+            .context("no complete payment of the pool's node for this redemption")?;
+        let want = (u128::from(sent) * u128::from(before.outstanding))
+            .div_ceil(u128::from(before.available_msat)) as u64;
+        anyhow::ensure!(
+            melted == want,
+            "{melted} ehash melted for {sent} msat sent; at {} msat over {} ehash it costs {want}",
+            before.available_msat,
+            before.outstanding
+        );
+    }
     anyhow::ensure!(
         u(&r, "held_after")? == before.held - melted,
         "{who}'s wallet held {} ehash, melted {melted}, the redemption says it holds {}",
@@ -230,6 +252,11 @@ pub async fn sweep(
     let pays = node_payments(node).await?;
     let reserve = mint.redemption_reserve().await?;
     let sent: u64 = pays.values().sum();
+    anyhow::ensure!(
+        u(&reserve, "held_msat")? == 0,
+        "{} msat still held for payments in flight",
+        reserve["held_msat"]
+    );
     anyhow::ensure!(
         u(&reserve, "payments")? == pays.len() as u64 && u(&reserve, "redeemed_msat")? == sent,
         "the mint counts {} redemption(s) and {} msat, the pool's node completed {} payment(s) of {sent} msat",

@@ -57,6 +57,7 @@ async fn redeem_while_down(w: &mut HarnessWorld, who: String) -> anyhow::Result<
         channel_sat: 0,
         held: stack.proxy(&who)?.wallet_status().await?.held,
         outstanding: 0,
+        available_msat: 0,
         invoice_sat: sats,
     };
     let out = stack
@@ -105,13 +106,12 @@ async fn not_lost(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
 async fn redeem_again(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
+    let reserve = stack.mint()?.redemption_reserve().await?;
     let before = BeforeRedemption {
         channel_sat: channel_sat(w, &who).await?,
         held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: u(
-            &stack.mint()?.redemption_reserve().await?,
-            "outstanding_ehash",
-        )?,
+        outstanding: u(&reserve, "outstanding_ehash")?,
+        available_msat: u(&reserve, "available_msat")?,
         invoice_sat: sats,
     };
     let r = stack
@@ -141,6 +141,7 @@ async fn start_redeeming(w: &mut HarnessWorld, who: String) -> anyhow::Result<()
             .context("no channel remembered")?,
         held: stack.proxy(&who)?.wallet_status().await?.held,
         outstanding: u(&reserve, "outstanding_ehash")?,
+        available_msat: u(&reserve, "available_msat")?,
         invoice_sat: sats,
     };
     let addr = stack
