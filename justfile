@@ -68,7 +68,7 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits (release roles).
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles).
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
@@ -77,6 +77,7 @@ bench:
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench settlement
     cargo bench -p pool --bench declaration
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench redemption
 
 # cargo fmt --check and clippy with warnings denied.
 lint:

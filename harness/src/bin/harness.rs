@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HarnessConfig::load(cli.config.as_deref())?;
     match cli.command {
         Command::Demo { keep } => {
-            let report = harness::demo::run(&config, keep).await?;
+            let report = harness::demo::run(&config, keep, false).await?;
             eprintln!(
                 "demo: fresh stack to completed redemption {:.1} s, peak memory RSS {} MB (PSS {} MB) over {} processes",
                 report.to_redemption.as_secs_f64(),
