@@ -10,6 +10,18 @@ pub mod sv1;
 pub mod upstream;
 pub mod wallet;
 
+/// Whether an HTTP `Host` names this machine by a loopback literal or `localhost`.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 /// `POST /wallet/redeem` body.
 #[derive(Debug, serde::Deserialize)]
 pub struct RedeemRequest {
@@ -127,12 +139,19 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                 "/wallet/redeem",
                 axum::routing::post(
                     move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
+                          headers: axum::http::HeaderMap,
                           body: axum::Json<RedeemRequest>| {
                     let r = redeemer.clone();
                     async move {
                         // Spending the operator's ehash: only from this machine, whatever
                         // address the status endpoints listen on.
-                        if !peer.0.ip().is_loopback() {
+                        // The Host too: a web page the operator opens cannot rebind a
+                        // name of its own to 127.0.0.1 and post here.
+                        let host = headers
+                            .get(axum::http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("");
+                        if !peer.0.ip().to_canonical().is_loopback() || !loopback_host(host) {
                             tracing::warn!(peer = %peer.0, "redemption refused: not from loopback");
                             return (
                                 axum::http::StatusCode::FORBIDDEN,
@@ -244,5 +263,32 @@ pub fn locking_pubkey(config: &ProxyConfig) -> anyhow::Result<Option<LockingPubk
         }
         (Some(a), _) => Ok(Some(a)),
         (None, b) => Ok(b),
+    }
+}
+
+#[cfg(test)]
+mod redeem_host_tests {
+    use super::loopback_host;
+
+    #[test]
+    fn only_loopback_names_pass() {
+        for ok in [
+            "127.0.0.1:3000",
+            "localhost:1",
+            "[::1]:8080",
+            "127.0.0.1",
+            "localhost",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:3000",
+            "192.168.1.5:3000",
+            "[::ffff:10.0.0.1]:1",
+            "",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
     }
 }

@@ -516,7 +516,12 @@ pub async fn redeem_with(
     invoice: &str,
 ) -> anyhow::Result<Redemption> {
     if !http_listen.is_empty() {
-        let url = format!("http://{http_listen}/wallet/redeem");
+        // The proxy takes redemptions only from loopback: dial it there, on its port.
+        let port = http_listen
+            .rsplit_once(':')
+            .map(|(_, p)| p)
+            .unwrap_or(http_listen);
+        let url = format!("http://127.0.0.1:{port}/wallet/redeem");
         let client = cdk_common::HttpClient::new();
         match client
             .post(&url)

@@ -299,7 +299,15 @@ impl MintPayment for RedeemBackend {
             .await
             .map_err(Self::custom)?
             .ok_or(Error::UnknownPaymentState)?;
-        if let Some(spent_msat) = self.ledger.paid(&quote_id).await.map_err(Self::custom)? {
+        // Paid and held read together: a settle between the two reads would look unpaid.
+        let (paid, held) = {
+            let _g = self.ledger.hold_lock.lock().await;
+            (
+                self.ledger.paid(&quote_id).await.map_err(Self::custom)?,
+                self.ledger.is_held(&quote_id).await.map_err(Self::custom)?,
+            )
+        };
+        if let Some(spent_msat) = paid {
             let cln = self.cln.check_outgoing_payment(payment_identifier).await?;
             return Ok(MakePaymentResponse {
                 payment_lookup_id: payment_identifier.clone(),
@@ -312,7 +320,7 @@ impl MintPayment for RedeemBackend {
                 ),
             });
         }
-        if !self.ledger.is_held(&quote_id).await.map_err(Self::custom)? {
+        if !held {
             return Ok(unpaid());
         }
         let resp = self.cln.check_outgoing_payment(payment_identifier).await?;
