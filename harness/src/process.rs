@@ -194,6 +194,21 @@ pub fn kill_all(signal: Signal) {
     }
 }
 
+/// What a child inherits from the harness's environment; everything else it gets only from
+/// its [`ProcessSpec`].
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "LLVM_PROFILE_FILE",
+];
+
 /// Start `spec`. Returns once the child exists (not once it is ready).
 pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&spec.dir)
@@ -209,6 +224,14 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<Running> {
     let stderr = open(spec.stderr_log())?;
 
     let mut command = Command::new(&spec.program);
+    // A cleared environment plus what a process needs to run and what the spec passes: a
+    // `HASHPOOL_POOL__*` left in the runner's shell must not change a stack.
+    command.env_clear();
+    for key in INHERITED_ENV {
+        if let Some(v) = std::env::var_os(key) {
+            command.env(key, v);
+        }
+    }
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -336,6 +359,25 @@ mod tests {
         let status = running.terminate(Duration::from_millis(200)).await.unwrap();
         assert_eq!(describe_exit(status), "killed by SIGKILL");
         assert!(!live_children().iter().any(|(p, _)| *p == running.pid));
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn children_do_not_inherit_the_runners_role_settings() {
+        // A variable left in a contributor's shell must not reach a role: only what the
+        // harness passes does (PATH and HOME among it).
+        std::env::set_var("HASHPOOL_POOL__HH_LEAK_PROBE", "leaked");
+        let d = dir("env");
+        let spec = ProcessSpec::new("sh", Path::new("/bin/sh"), &d)
+            .arg("-c")
+            .arg("env")
+            .env("HASHPOOL_POOL__PASSED", "yes");
+        let running = spawn(&spec).unwrap();
+        running.exited().await;
+        let env = std::fs::read_to_string(spec.stdout_log()).unwrap();
+        assert!(!env.contains("HH_LEAK_PROBE"), "{env}");
+        assert!(env.contains("HASHPOOL_POOL__PASSED=yes"), "{env}");
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
         std::fs::remove_dir_all(&d).ok();
     }
 
