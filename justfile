@@ -15,60 +15,79 @@ harness := "cargo run --quiet -p harness --bin harness --"
 default:
     @just --list
 
-# Install Debian packages and build bitcoind once (machines without Nix).
+# Install Debian packages and build bitcoind and lightningd once (machines without Nix).
+[group('set up')]
 bootstrap:
     ci/bootstrap
 
 # Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
+[group('test')]
 test: roles
     cargo test --workspace --exclude scenarios
     cargo test -p scenarios --test scenarios
 
 # Run the scenarios matching a cucumber tag expression, e.g. just scenario '@mining and not @limits'.
+[group('test')]
 scenario TAGS: roles
     cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
 
 # Build the role binaries the scenarios start (pool, mint, auditor, proxy, miner).
+[group('test')]
 roles:
     cargo build -p pool -p mint -p auditor -p proxy -p miner
 
 # The whole story on a fresh signet stack, narrated, ending with a summary table (--keep: leave it running).
+[group('run')]
 demo *FLAGS: roles
     {{harness}} demo {{FLAGS}}
 
 # Start the full stack on CHAIN, print its endpoints, keep it until Ctrl-C (FLAGS: --bare for bitcoind and Redis only, --keep).
+[group('run')]
 up CHAIN="signet" *FLAGS:
     {{harness}} up --chain {{CHAIN}} {{FLAGS}}
 
 # Mine N blocks on the running `just up` stack (to the harness faucet).
+[group('run')]
 generate-blocks N:
     {{harness}} generate-blocks {{N}}
 
-# Show the logs of the running `just up` stack (or: just logs bitcoind).
+# Follow the logs of the running `just up` stack (or one role: just logs pool); Ctrl-C stops.
+[group('run')]
 logs ROLE="":
-    {{harness}} logs {{ROLE}}
+    {{harness}} logs --follow {{ROLE}}
+
+# Print fresh keys for running the roles by hand: pool authority, Cashu locking key, payout address.
+[group('run')]
+keys:
+    {{harness}} keys
 
 # Write a template with one kind of fraud on the running `just up` stack's tip as an audit task.
+[group('run')]
 fraud KIND OUT="fraud-task.json":
     {{harness}} fraud {{KIND}} --out {{OUT}}
 
 # Print the auditor's verdict on a saved audit task (e.g. target/scenarios/fraud/KIND.json).
+[group('run')]
 audit FILE:
     {{harness}} audit {{FILE}}
 
 # Remove stack data dirs and stop processes left over by earlier runs.
+[group('set up')]
 clean:
     {{harness}} clean
 
-# Pre-mine and cache both chains now (the first run does it anyway).
+# Pre-mine and cache both chains, and the signet rewards chain when lightningd is found (the first run does it anyway).
+[group('set up')]
 premine:
     {{harness}} premine
 
 # Print which program backs each part.
+[group('set up')]
 backends:
     {{harness}} backends
 
 # Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles).
+[group('test')]
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
@@ -80,6 +99,7 @@ bench:
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench redemption
 
 # cargo fmt --check and clippy with warnings denied.
+[group('test')]
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings

@@ -62,6 +62,9 @@ enum Command {
         /// Lines per log file.
         #[arg(long, short = 'n', default_value_t = 40)]
         lines: usize,
+        /// Keep printing what the logs gain (each line prefixed with its role) until Ctrl-C.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Remove kept stack directories and stop processes left over from earlier runs.
     Clean {
@@ -99,7 +102,8 @@ enum Command {
     },
     /// Print which program backs each part of a stack.
     Backends,
-    /// Print a fresh pool authority key pair (SRI base58) and a Cashu locking key pair.
+    /// Print a fresh pool authority key pair (SRI base58), a Cashu locking key pair, and a
+    /// payout address (signet and regtest) with its secret key.
     Keys,
 }
 
@@ -134,7 +138,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up { chain, keep, bare } => up(&config, chain, keep, bare).await,
         Command::GenerateBlocks { n, address } => generate(&config, n, address).await,
-        Command::Logs { role, dir, lines } => logs(&config, role, dir, lines),
+        Command::Logs {
+            role,
+            dir,
+            lines,
+            follow,
+        } => logs(&config, role, dir, lines, follow),
         Command::Clean { cache } => clean(&config, cache),
         Command::Premine { chain } => {
             let exe = find(Program::Bitcoind, &config.cache_dir)?;
@@ -174,6 +183,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!(
                 "locking_secret_key = \"{locking_secret}\"\nlocking_pubkey = \"{locking_public}\""
+            );
+            // A payout key for the pool's `payout_address` (P2WPKH), with its secret so the
+            // rewards can be spent.
+            let secp = bitcoin::secp256k1::Secp256k1::new();
+            let (sk, pk) = secp.generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
+            let pk = bitcoin::CompressedPublicKey(pk);
+            for (chain, network) in [
+                ("signet", bitcoin::Network::Signet),
+                ("regtest", bitcoin::Network::Regtest),
+            ] {
+                println!(
+                    "# {chain}\npayout_address = \"{}\"",
+                    bitcoin::Address::p2wpkh(&pk, network)
+                );
+            }
+            println!(
+                "# keep it: the payout address's secret key (WIF, test networks)\n# payout_secret_key = \"{}\"",
+                bitcoin::PrivateKey::new(sk, bitcoin::Network::Signet).to_wif()
             );
             Ok(())
         }
@@ -343,6 +370,7 @@ fn logs(
     role: Option<String>,
     dir: Option<PathBuf>,
     lines: usize,
+    follow: bool,
 ) -> anyhow::Result<()> {
     let summary: StackSummary = match dir {
         Some(dir) => serde_json::from_slice(
@@ -369,6 +397,37 @@ fn logs(
             role.unwrap_or_default(),
             summary.dir.display()
         );
+    }
+    if follow {
+        // Print what each log gains, prefixed with its role, until Ctrl-C.
+        let mut files: Vec<(String, PathBuf, u64)> = summary
+            .roles
+            .iter()
+            .filter(|r| role.as_deref().is_none_or(|want| want == r.name))
+            .flat_map(|r| r.logs.iter().map(move |l| (r.name.clone(), l.clone())))
+            .map(|(n, l)| {
+                let len = std::fs::metadata(&l).map(|m| m.len()).unwrap_or(0);
+                (n, l, len)
+            })
+            .collect();
+        loop {
+            for (name, path, seen) in &mut files {
+                let Ok(bytes) = std::fs::read(&*path) else {
+                    continue;
+                };
+                let len = bytes.len() as u64;
+                if len < *seen {
+                    *seen = 0; // truncated or replaced
+                }
+                if len > *seen {
+                    for line in String::from_utf8_lossy(&bytes[*seen as usize..]).lines() {
+                        println!("[{name}] {line}");
+                    }
+                    *seen = len;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
     }
     Ok(())
 }
