@@ -446,10 +446,32 @@ fn clean(config: &HarnessConfig, cache: bool) -> anyhow::Result<()> {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    if config.run_dir.exists() {
-        std::fs::remove_dir_all(&config.run_dir)
-            .with_context(|| format!("cannot remove {}", config.run_dir.display()))?;
-        println!("removed {}", config.run_dir.display());
+    // Everything under the run dir but the stacks of runs still alive (a `just scenario`
+    // beside a `just bench`).
+    if let Ok(entries) = std::fs::read_dir(&config.run_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(summary) = std::fs::read(path.join(SUMMARY_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<StackSummary>(&t).ok())
+            {
+                if harness::stack::harness_alive(&summary) {
+                    println!(
+                        "kept {} (its run, harness pid {}, is alive)",
+                        path.display(),
+                        summary.harness_pid
+                    );
+                    continue;
+                }
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("cannot remove {}", path.display()))?;
+            println!("removed {}", path.display());
+        }
     }
     if cache {
         let chains = config.cache_dir.join("chains");

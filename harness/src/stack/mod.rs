@@ -3,6 +3,8 @@
 //! `roles.rs`). Several stacks run side by side without sharing anything.
 
 mod lightning;
+mod strays;
+pub use strays::{harness_alive, stray_processes};
 mod nodes;
 mod pool_side;
 mod roles;
@@ -438,34 +440,4 @@ fn new_stack_dir(run_dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let dir = run_dir.join(format!("{clean}-{stamp}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
-}
-
-/// Processes of earlier runs still alive: (pid, command line, stack dir). A process counts if
-/// a `stack.json` under `run_dir` lists it and its command line names that stack's directory.
-pub fn stray_processes(run_dir: &Path) -> Vec<(u32, String, PathBuf)> {
-    let mut strays = Vec::new();
-    let Ok(entries) = std::fs::read_dir(run_dir) else {
-        return strays;
-    };
-    for entry in entries.flatten() {
-        let Ok(text) = std::fs::read(entry.path().join(SUMMARY_FILE)) else {
-            continue;
-        };
-        let Ok(summary) = serde_json::from_slice::<StackSummary>(&text) else {
-            continue;
-        };
-        if summary.harness_pid == std::process::id() {
-            continue;
-        }
-        for pid in summary.roles.iter().filter_map(|r| r.pid) {
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&summary.dir.display().to_string()) {
-                strays.push((pid, cmdline.trim().to_string(), summary.dir.clone()));
-            }
-        }
-    }
-    strays
 }
