@@ -66,7 +66,8 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Remove kept stack directories and stop processes left over from earlier runs.
+    /// Remove kept stack directories and stop processes left over from finished runs (the
+    /// stacks of a run whose harness is alive are left alone).
     Clean {
         /// Also remove the pre-mined chains (the bitcoind build is kept).
         #[arg(long)]
