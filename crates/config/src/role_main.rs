@@ -8,8 +8,25 @@ use std::process::ExitCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Exit code for a config that cannot be loaded.
+/// Exit code for a config that cannot be loaded or that the role refuses.
 pub const EXIT_BAD_CONFIG: u8 = 2;
+
+/// A config the role refuses (its `validate()`): `run` exits with [`EXIT_BAD_CONFIG`].
+#[derive(Debug)]
+pub struct InvalidConfig(pub String);
+
+impl std::fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
+
+/// `config.validate()`'s refusal as an error `run` exits 2 on: `invalid <role> config: ...`.
+pub fn invalid(role: &str, why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(InvalidConfig(format!("invalid {role} config: {why}")))
+}
 
 /// Resolves on SIGTERM or SIGINT (the harness stops roles with SIGTERM).
 pub async fn shutdown_signal() {
@@ -30,8 +47,9 @@ pub async fn shutdown_signal() {
 }
 
 /// Log to stdout (`RUST_LOG`, default `info` with cdk-axum's websocket disconnect noise off), load `T` from defaults, `file` and
-/// `<env_prefix>__*`, then run `role(config, shutdown)`. Config errors exit with 2, role
-/// errors with 1.
+/// `<env_prefix>__*`, then run `role(config, shutdown)`. Config errors (loading, or an
+/// [`InvalidConfig`] from the role) exit with 2, other role errors with 1; either is printed
+/// once, on stderr.
 pub async fn run<T, F, Fut>(env_prefix: &str, file: Option<&Path>, role: F) -> ExitCode
 where
     T: Serialize + DeserializeOwned + Default,
@@ -59,9 +77,12 @@ where
     match role(config, Box::pin(shutdown_signal())).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<InvalidConfig>().is_some() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -309,7 +309,7 @@ async fn metrics_text(State(m): State<Arc<Metrics>>) -> String {
 pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
         .validate()
-        .map_err(|e| anyhow!("invalid auditor config: {e}"))?;
+        .map_err(|e| hashpool_config::role_main::invalid("auditor", e))?;
     let rpc = Arc::new(BitcoinRpc::new(
         &config.bitcoind.rpc_url,
         &config.bitcoind.rpc_user,

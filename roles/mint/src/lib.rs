@@ -122,7 +122,7 @@ async fn redemption_backend(
 pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
         .validate()
-        .map_err(|e| anyhow!("invalid mint config: {e}"))?;
+        .map_err(|e| hashpool_config::role_main::invalid("mint", e))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data_dir {}", config.data_dir))?;
     let path = std::path::Path::new(&config.data_dir).join("mint.sqlite");

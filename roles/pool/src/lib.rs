@@ -137,7 +137,7 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
     tokio::pin!(shutdown);
     config
         .validate()
-        .map_err(|e| anyhow!("invalid pool config: {e}"))?;
+        .map_err(|e| hashpool_config::role_main::invalid("pool", e))?;
     let authority = authority(&config)?;
     let net = network(&config.bitcoind.chain);
     let payout = Address::from_str(&config.payout_address)

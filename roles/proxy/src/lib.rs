@@ -80,7 +80,7 @@ impl ProxyShared {
 pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
         .validate()
-        .map_err(|e| anyhow!("invalid proxy config: {e}"))?;
+        .map_err(|e| hashpool_config::role_main::invalid("proxy", e))?;
     let authority = Secp256k1PublicKey::from_str(&config.pool_authority_public_key)
         .map_err(|e| anyhow!("pool_authority_public_key is not an SRI base58 public key: {e:?}"))?;
     let locking_pubkey = locking_pubkey(&config)?;
