@@ -129,9 +129,65 @@ fn features_dir() -> std::path::PathBuf {
         .join("features")
 }
 
+/// A raw `cargo test -p scenarios` builds the test, not the roles it starts: refuse a role
+/// binary older than a source it was built from. The sources are those cargo lists in the
+/// binary's dep-info (`<bin>.d`), read in this checkout (the list may name another checkout
+/// sharing the target directory).
+fn refuse_stale_roles() -> anyhow::Result<()> {
+    let root = features_dir()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let mut stale = Vec::new();
+    for (exe, env) in [
+        ("hashpool-pool", "HASHPOOL_POOL_EXE"),
+        ("hashpool-mint", "HASHPOOL_MINT_EXE"),
+        ("hashpool-auditor", "HASHPOOL_AUDITOR_EXE"),
+        ("hashpool-proxy", "HASHPOOL_PROXY_EXE"),
+        ("hashpool-miner", "HASHPOOL_MINER_EXE"),
+    ] {
+        // A binary named by its variable is the caller's choice.
+        if std::env::var_os(env).is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        let path = harness::roles::role_exe(exe, env)?;
+        let built = std::fs::metadata(&path)?.modified()?;
+        let Ok(depinfo) = std::fs::read_to_string(path.with_file_name(format!("{exe}.d"))) else {
+            continue;
+        };
+        let deps = depinfo.replace("\\ ", "\u{0}");
+        let newer = deps
+            .split_whitespace()
+            .skip(1)
+            .map(|d| d.replace('\u{0}', " "))
+            .filter_map(|d| {
+                let at = d.find("/roles/").or_else(|| d.find("/crates/"))?;
+                let here = root.join(&d[at + 1..]);
+                let modified = std::fs::metadata(&here).ok()?.modified().ok()?;
+                (modified > built).then_some(here)
+            })
+            .next();
+        if let Some(source) = newer {
+            stale.push(format!(
+                "{} (older than {})",
+                path.display(),
+                source.display()
+            ));
+        }
+    }
+    anyhow::ensure!(
+        stale.is_empty(),
+        "stale role binaries: {}; build them with `just roles` (`just test` and `just scenario` do)",
+        stale.join(", ")
+    );
+    Ok(())
+}
+
 /// Report backends and strays, and build the chain caches before any scenario starts, so
 /// scenario durations do not include a one-off pre-mine.
 async fn prepare(config: &HarnessConfig) -> anyhow::Result<()> {
+    refuse_stale_roles()?;
     for (pid, cmd, dir) in stray_processes(&config.run_dir) {
         eprintln!(
             "warning: stray process {pid} from an earlier run ({}): {cmd}; `just clean` stops it",
