@@ -77,8 +77,9 @@ impl Sv2Client {
             .map_err(|e| anyhow!("write: {e:?}"))
     }
 
-    /// Receive one message within `timeout`.
+    /// Receive one message within `timeout` (scaled by `HASHPOOL_TIMEOUT_SCALE`).
     pub async fn recv(&mut self, timeout: Duration) -> anyhow::Result<AnyMessageOwned> {
+        let timeout = crate::wait::scaled(timeout);
         let mut frame = tokio::time::timeout(timeout, self.reader.read_frame())
             .await
             .map_err(|_| anyhow!("no message within {timeout:?}"))?
@@ -211,8 +212,9 @@ impl Sv2Client {
     }
 
     /// Read until the pool closes the connection; returns how long that took, or an error if
-    /// it stayed open for `timeout`.
+    /// it stayed open for `timeout` (scaled by `HASHPOOL_TIMEOUT_SCALE`).
     pub async fn closed_within(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
+        let timeout = crate::wait::scaled(timeout);
         let start = Instant::now();
         loop {
             let left = timeout

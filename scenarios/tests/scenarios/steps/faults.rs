@@ -268,14 +268,17 @@ async fn half_open(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
     for mut s in sockets {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 64];
-        let closed = tokio::time::timeout(deadline + Duration::from_secs(5), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => continue,
+        let closed = tokio::time::timeout(
+            deadline + harness::wait::scaled(Duration::from_secs(5)),
+            async {
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => continue,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         anyhow::ensure!(
             closed.is_ok(),
