@@ -129,3 +129,25 @@ fn secrets_are_redacted_in_debug() {
     assert!(shown.contains("[redacted]"));
     assert_eq!(conf.password.expose(), "hunter2");
 }
+
+/// The example configs in `fixtures/configs/` load (every key known) as their role's config.
+#[test]
+fn example_configs_load_with_only_known_keys() {
+    use crate::miner_side::ProxyConfig;
+    use crate::pool_side::{AuditorConfig, MintConfig, PoolConfig};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/configs");
+    fn load<T: serde::Serialize + serde::de::DeserializeOwned + Default>(
+        path: &std::path::Path,
+    ) -> T {
+        crate::Layers::new("HASHPOOL_EXAMPLE_UNUSED")
+            .file(Some(path))
+            .and_then(|l| l.load::<T>())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+    let pool: PoolConfig = load(&dir.join("pool.toml"));
+    assert_eq!(pool.min_bits, 20);
+    let _: MintConfig = load(&dir.join("mint.toml"));
+    let _: AuditorConfig = load(&dir.join("auditor.toml"));
+    let proxy: ProxyConfig = load(&dir.join("proxy.toml"));
+    assert_eq!(proxy.pool_address, pool.listen);
+}
