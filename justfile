@@ -9,7 +9,8 @@ export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", env_var("HOME"
 # was built (and judged fresh by cargo) from another checkout of the same sources.
 export INSTA_WORKSPACE_ROOT := justfile_directory()
 
-harness := "cargo run --quiet -p harness --bin harness --"
+# Not --quiet: the first run compiles for minutes, and its progress shows.
+harness := "cargo run -p harness --bin harness --"
 
 # List the recipes.
 default:
@@ -43,7 +44,7 @@ demo *FLAGS: roles
 
 # Start the full stack on CHAIN, print its endpoints, keep it until Ctrl-C (FLAGS: --bare for bitcoind and Redis only, --keep).
 [group('run')]
-up CHAIN="signet" *FLAGS:
+up CHAIN="signet" *FLAGS: roles
     {{harness}} up --chain {{CHAIN}} {{FLAGS}}
 
 # Mine N blocks on the running `just up` stack (to the harness faucet).
