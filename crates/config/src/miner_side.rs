@@ -25,6 +25,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
 /// | `upstream_wait_secs` | 30 | how long a miner waits for the pool before it is disconnected |
+/// | `open_timeout_ms` | 10000 | TCP connect, Noise handshake and channel opening at the pool, together |
 /// | `template_source` | `pool` | `pool`: mine the pool's templates; `miner`: build templates from `[node]`, declare them at `jd_address` and mine them as custom jobs |
 /// | `jd_address` | (empty) | the pool's job declaration address (`template_source = "miner"`) |
 /// | `[node]` | | the operator's own bitcoind (`template_source = "miner"`): `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms` (200) |
@@ -50,6 +51,8 @@ pub struct ProxyConfig {
     pub reconnect_max_ms: u64,
     /// Time a miner waits for an upstream channel.
     pub upstream_wait_secs: u64,
+    /// Time for TCP connect, Noise handshake and channel opening together, milliseconds.
+    pub open_timeout_ms: u64,
     /// The locking key's secret (hex); needed by the wallet.
     pub locking_secret_key: Secret<String>,
     /// Mint URL; empty means no wallet.
@@ -110,6 +113,7 @@ impl Default for ProxyConfig {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             upstream_wait_secs: 30,
+            open_timeout_ms: 10_000,
             locking_secret_key: Secret::new(String::new()),
             mint_url: String::new(),
             data_dir: "proxy-data".into(),
@@ -131,6 +135,9 @@ impl ProxyConfig {
         }
         if self.pool_authority_public_key.is_empty() {
             return Err("`pool_authority_public_key` is required".into());
+        }
+        if self.open_timeout_ms == 0 {
+            return Err("`open_timeout_ms` must be at least 1".into());
         }
         if !(self.nominal_hashrate >= 0.0 && self.nominal_hashrate.is_finite()) {
             return Err("`nominal_hashrate` must be a non-negative number".into());

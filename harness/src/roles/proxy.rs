@@ -128,6 +128,8 @@ impl ProxyRole {
                 .map(|w| format!("127.0.0.1:{}", w.http_port))
                 .unwrap_or_default(),
             wallet_poll_ms: wallet.as_ref().map(|w| w.poll_ms).unwrap_or(1000),
+            // Stretched on a slow machine like every other wait.
+            open_timeout_ms: crate::wait::scaled(Duration::from_secs(10)).as_millis() as u64,
             template_source: if declare.is_some() { "miner" } else { "pool" }.into(),
             jd_address: if declare.is_some() {
                 pool.jd_addr.clone()

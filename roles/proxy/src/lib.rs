@@ -63,6 +63,7 @@ impl ProxyShared {
             min_extranonce_size: self.config.min_extranonce_size,
             user_identity: format!("proxy-miner-{miner}"),
             work_selection: self.templates.is_some(),
+            open_timeout: std::time::Duration::from_millis(self.config.open_timeout_ms),
         }
     }
 

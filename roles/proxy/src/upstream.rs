@@ -21,9 +21,6 @@ use stratum_apps::utils::types::OutboundFrame;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// Time allowed for TCP connect, Noise handshake and channel opening together.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// An open extended channel.
 #[derive(Debug, Clone)]
 pub struct ChannelInfo {
@@ -77,6 +74,8 @@ pub struct OpenParams {
     pub user_identity: String,
     /// Ask for work selection (the proxy declares its own templates).
     pub work_selection: bool,
+    /// Time allowed for TCP connect, Noise handshake and channel opening together.
+    pub open_timeout: Duration,
 }
 
 fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
@@ -85,12 +84,13 @@ fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
 
 /// Connect and open a channel.
 pub async fn open(p: &OpenParams) -> anyhow::Result<Upstream> {
-    tokio::time::timeout(OPEN_TIMEOUT, open_inner(p))
+    tokio::time::timeout(p.open_timeout, open_inner(p))
         .await
         .map_err(|_| {
             anyhow!(
-                "opening a channel at {} took over {OPEN_TIMEOUT:?}",
-                p.address
+                "opening a channel at {} took over {:?} (`open_timeout_ms`)",
+                p.address,
+                p.open_timeout
             )
         })?
 }
