@@ -98,6 +98,7 @@ bench:
     cargo bench -p pool --bench declaration
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench redemption
+    cargo bench -p harness --bench sniffer
 
 # cargo fmt --check and clippy with warnings denied.
 [group('test')]

@@ -33,6 +33,7 @@ pub mod process;
 pub mod redis;
 pub mod roles;
 pub mod settlement_sweep;
+pub mod sniffer;
 pub mod stack;
 pub mod supervisor;
 pub mod sv2_client;

@@ -92,12 +92,14 @@ pub struct WalletStatus {
 }
 
 impl ProxyRole {
-    /// Start a proxy in front of `pool`.
+    /// Start a proxy in front of `pool`, which it reaches at `upstream` (the pool's SV2 address,
+    /// or a sniffer's in front of it).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
         port: u16,
         pool: &super::PoolRole,
+        upstream: &str,
         with_locking_key: bool,
         nominal_hashrate: f32,
         wallet: Option<WalletOptions>,
@@ -113,7 +115,7 @@ impl ProxyRole {
         };
         let config = ProxyConfig {
             listen: format!("127.0.0.1:{port}"),
-            pool_address: pool.sv2_addr.clone(),
+            pool_address: upstream.to_string(),
             pool_authority_public_key: pool.authority.public.clone(),
             locking_pubkey: public.map(|p| p.to_string()).unwrap_or_default(),
             locking_secret_key: hashpool_config::Secret::new(secret.clone().unwrap_or_default()),

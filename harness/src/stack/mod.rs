@@ -93,6 +93,8 @@ pub struct Stack {
     timeouts: (Duration, Duration),
     pool: Option<PoolRole>,
     redis_fault: Option<crate::fault_proxy::FaultProxy>,
+    /// The SV2 sniffer proxies reach the pool through, when a step placed one.
+    sniffer: Option<crate::sniffer::Sv2Sniffer>,
     mint: Option<crate::roles::MintRole>,
     auditors: BTreeMap<String, crate::roles::AuditorRole>,
     /// How the pool's bitcoind was started (operators' nodes copy it).
@@ -256,6 +258,7 @@ impl<'a> StackBuilder<'a> {
             timeouts: (config.start_timeout(), config.stop_timeout()),
             pool: None,
             redis_fault: None,
+            sniffer: None,
             mint: None,
             auditors: BTreeMap::new(),
             node_options,

@@ -110,10 +110,15 @@ impl Stack {
             self.ports.push(http);
         }
         let pool = self.pool()?;
+        let upstream = match &self.sniffer {
+            Some(s) => s.addr().to_string(),
+            None => pool.sv2_addr.clone(),
+        };
         let proxy = ProxyRole::start(
             &self.dir.join(format!("proxy-{name}")),
             port.port(),
             pool,
+            &upstream,
             with_key,
             nominal_hashrate,
             wallet,
@@ -126,6 +131,34 @@ impl Stack {
         self.proxies.insert(name.to_string(), proxy);
         self.write_summary()?;
         self.proxy(name)
+    }
+
+    /// Place the SV2 sniffer in front of the pool: proxies started from now on reach the pool
+    /// through it (see [`crate::sniffer`]).
+    pub async fn start_sniffer(&mut self) -> anyhow::Result<&crate::sniffer::Sv2Sniffer> {
+        anyhow::ensure!(
+            self.sniffer.is_none(),
+            "stack {} already has a sniffer",
+            self.name
+        );
+        let port = self.allocator.allocate()?;
+        let pool = self.pool()?;
+        let sniffer = crate::sniffer::Sv2Sniffer::start(
+            &format!("127.0.0.1:{}", port.port()),
+            &pool.sv2_addr,
+            &pool.authority,
+        )
+        .await?;
+        self.ports.push(port);
+        self.sniffer = Some(sniffer);
+        self.sniffer()
+    }
+
+    /// The SV2 sniffer ([`start_sniffer`](Self::start_sniffer)).
+    pub fn sniffer(&self) -> anyhow::Result<&crate::sniffer::Sv2Sniffer> {
+        self.sniffer
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("stack {} has no SV2 sniffer", self.name))
     }
 
     /// Start miner `name` behind proxy `proxy`.

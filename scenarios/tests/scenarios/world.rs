@@ -71,6 +71,8 @@ pub struct HarnessWorld {
     pub reserve_before: Option<serde_json::Value>,
     /// A redemption running in the background: the proxy's HTTP answer.
     pub redeem_in_flight: Option<tokio::task::JoinHandle<Result<(u16, String), String>>>,
+    /// The share the SV2 sniffer cut before its answer.
+    pub cut_share: Option<harness::sniffer::CutShare>,
 }
 
 impl HarnessWorld {
@@ -102,6 +104,7 @@ impl HarnessWorld {
             reserve_before: None,
             channel_before: HashMap::new(),
             redeem_in_flight: None,
+            cut_share: None,
         })
     }
 

@@ -12,6 +12,7 @@ mod redemption_faults;
 mod redis;
 mod settlement;
 mod settlement_faults;
+mod sniffer;
 mod supervisor;
 
 use std::str::FromStr;

@@ -1,0 +1,151 @@
+//! Steps on the SV2 sniffer between the proxies and the pool: cuts at a chosen message, and the
+//! recorded message flows pinned as insta snapshots in `fixtures/snapshots`.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bitcoin::hashes::Hash;
+use bitcoin::BlockHash;
+use cucumber::{given, then, when};
+use harness::sniffer::{render, Fault};
+
+use crate::steps::mining::share_records;
+use crate::world::HarnessWorld;
+
+const FLOW_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[given("the proxies reach the pool through the SV2 sniffer")]
+async fn through_sniffer(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack_mut()?.start_sniffer().await?;
+    Ok(())
+}
+
+#[when(
+    "the sniffer cuts the connection of the next share before the pool's answer reaches the proxy"
+)]
+async fn cut_before_ack(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let sniffer = w.default_stack()?.sniffer()?;
+    sniffer.set_fault(Fault::CutBeforeNextAck);
+    let cut = sniffer.cut_share(FLOW_TIMEOUT).await?;
+    println!(
+        "[sniffer] cut connection {} before the pool's answer to share seq {} on channel {}: {}",
+        cut.conn,
+        cut.sequence_number,
+        cut.channel_id,
+        match &cut.refused {
+            None => "the pool accepted it".to_string(),
+            Some(code) => format!("the pool refused it ({code})"),
+        }
+    );
+    w.cut_share = Some(cut);
+    Ok(())
+}
+
+#[then(
+    expr = "the cut share has one ehash:shares record with proxy {string}'s key if the pool accepted it, and none if it refused it"
+)]
+async fn cut_share_recorded_once(w: &mut HarnessWorld, proxy: String) -> anyhow::Result<()> {
+    let cut = w.cut_share.clone().context("no share was cut")?;
+    let key = w
+        .default_stack()?
+        .proxy(&proxy)?
+        .locking_pubkey
+        .ok_or_else(|| anyhow!("proxy {proxy} has no key"))?;
+    let rolled = hex::encode(&cut.extranonce);
+    // `share_records` already fails on a share hash recorded twice.
+    let records = share_records(w).await?;
+    let matching: Vec<_> = records
+        .values()
+        .filter(|r| {
+            r.channel_id == cut.channel_id
+                && r.nonce == cut.nonce
+                && r.ntime == cut.ntime
+                && r.version == cut.version
+                && r.extranonce.ends_with(&rolled)
+        })
+        .collect();
+    match &cut.refused {
+        None => {
+            anyhow::ensure!(
+                matching.len() == 1,
+                "the pool accepted the cut share but {} records match it",
+                matching.len()
+            );
+            anyhow::ensure!(
+                matching[0].locking_pubkey == key,
+                "the cut share's record is locked to {}, not proxy {proxy}'s key",
+                matching[0].locking_pubkey
+            );
+        }
+        Some(code) => anyhow::ensure!(
+            matching.is_empty(),
+            "the pool refused the cut share ({code}) but it has a record"
+        ),
+    }
+    Ok(())
+}
+
+#[then(expr = "the SV2 {string} flow matches its snapshot")]
+async fn flow_snapshot(w: &mut HarnessWorld, flow: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let sniffer = stack.sniffer()?;
+    let text = match flow.as_str() {
+        "extension negotiation" => {
+            sniffer
+                .wait_until(
+                    "SetupConnection and RequestExtensions answered",
+                    FLOW_TIMEOUT,
+                    |log| {
+                        let f = render::extension_negotiation(log, 1);
+                        (f.len() >= 4).then(|| render::render(&f))
+                    },
+                )
+                .await?
+        }
+        "channel open" => {
+            sniffer
+                .wait_until(
+                    "a channel opened and its first job activated",
+                    FLOW_TIMEOUT,
+                    |log| render::channel_open(log, 1).map(|f| render::render(&f)),
+                )
+                .await?
+        }
+        "share" => {
+            sniffer
+                .wait_until("an accepted share and its answer", FLOW_TIMEOUT, |log| {
+                    render::first_accepted_share(log).map(|f| render::render(&f))
+                })
+                .await?
+        }
+        "block found" => {
+            // The first block above the pre-mined chain, as Bitcoin Core stored it.
+            let node = stack.bitcoind()?;
+            let height = stack
+                .chain()
+                .map(harness::Chain::premine_blocks)
+                .unwrap_or(0)
+                + 1;
+            let hash: BlockHash = node.rpc().call("getblockhash", &[height.into()]).await?;
+            let block = node.block_json(&hash).await?;
+            let nonce = block["nonce"].as_u64().context("block nonce")? as u32;
+            let time = block["time"].as_u64().context("block time")? as u32;
+            sniffer
+                .wait_until(
+                    "the share that became the block, its answer and the new tip's job",
+                    FLOW_TIMEOUT,
+                    |log| {
+                        render::block_found(log, nonce, time, hash.to_byte_array())
+                            .map(|f| render::render(&f))
+                    },
+                )
+                .await?
+        }
+        other => anyhow::bail!("no SV2 flow named {other:?}"),
+    };
+    let name = format!("sv2_flow_{}", flow.replace(' ', "_"));
+    insta::with_settings!({snapshot_path => "../../../../fixtures/snapshots", prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!(name, text);
+    });
+    Ok(())
+}
