@@ -32,6 +32,16 @@ test: roles
 scenario TAGS: roles
     cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
 
+# Run shard INDEX of COUNT (from 1): every COUNT-th scenario by feature file and line (JUnit: target/scenarios/junit-shard-INDEX-of-COUNT.xml).
+[group('test')]
+scenario-shard INDEX COUNT: roles
+    HASHPOOL_SCENARIO_SHARD='{{INDEX}}/{{COUNT}}' cargo test -p scenarios --test scenarios
+
+# Merge the shards' JUnit files into target/scenarios/junit.xml.
+[group('test')]
+junit-merge:
+    cargo run -p scenarios --bin junit-merge -- target/scenarios/junit.xml target/scenarios/junit-shard-*.xml
+
 # Build the role binaries the scenarios start (pool, mint, auditor, proxy, miner).
 [group('test')]
 roles:
@@ -87,7 +97,7 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles).
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
 [group('test')]
 bench:
     cargo bench -p pool --bench share_validation

@@ -95,3 +95,119 @@ mod tests {
         assert!(t.contains("2 scenarios"), "{t}");
     }
 }
+
+/// A deterministic slice of the scenarios (`HASHPOOL_SCENARIO_SHARD=INDEX/COUNT`, INDEX from 1):
+/// scenarios are ordered by feature file name and line, and shard `i` of `n` runs those whose
+/// position `p` (from 0) has `p % n == i - 1`. Every scenario runs in exactly one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// Which slice, from 1.
+    pub index: usize,
+    /// How many slices.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("shard {s:?} is not INDEX/COUNT with 1 <= INDEX <= COUNT (e.g. 2/3)");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || count == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+}
+
+impl Shard {
+    /// The variable that selects a shard.
+    pub const ENV: &'static str = "HASHPOOL_SCENARIO_SHARD";
+
+    /// The shard `HASHPOOL_SCENARIO_SHARD` names, if set and not empty.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if !v.trim().is_empty() => v.parse().map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the scenario at `position` (from 0, in file-name-then-line order) is in it.
+    pub fn keeps(&self, position: usize) -> bool {
+        position % self.count == self.index - 1
+    }
+
+    /// The JUnit file name for this shard (`junit-shard-2-of-3.xml`).
+    pub fn junit_name(&self) -> String {
+        format!("junit-shard-{}-of-{}.xml", self.index, self.count)
+    }
+}
+
+/// Merge JUnit files (each one `<testsuites>` of `<testsuite>`s, as cucumber writes them) into
+/// one `<testsuites>` holding every suite, in the order given.
+pub fn merge_junit(files: &[String]) -> Result<String, String> {
+    let mut suites = String::new();
+    for (i, xml) in files.iter().enumerate() {
+        let open = xml
+            .find("<testsuites")
+            .and_then(|s| xml[s..].find('>').map(|e| s + e + 1))
+            .ok_or_else(|| format!("file {} has no <testsuites>", i + 1))?;
+        let inner = if xml[..open].ends_with("/>") {
+            ""
+        } else {
+            let close = xml
+                .rfind("</testsuites>")
+                .ok_or_else(|| format!("file {} has no </testsuites>", i + 1))?;
+            &xml[open..close]
+        };
+        suites.push_str(inner);
+    }
+    Ok(format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><testsuites>{suites}</testsuites>"
+    ))
+}
+
+#[cfg(test)]
+mod shard_tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_scenarios() {
+        let shards: Vec<Shard> = ["1/3", "2/3", "3/3"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        for p in 0..20 {
+            assert_eq!(
+                shards.iter().filter(|s| s.keeps(p)).count(),
+                1,
+                "position {p}"
+            );
+        }
+        assert!(shards[1].keeps(1) && shards[1].keeps(4));
+    }
+
+    #[test]
+    fn bad_shards_name_the_format() {
+        for bad in ["0/2", "3/2", "1", "a/b", "1/0"] {
+            let e = bad.parse::<Shard>().unwrap_err();
+            assert!(e.contains("INDEX/COUNT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn junit_files_merge_into_one_testsuites() {
+        let a = r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="A"><testcase name="x"/></testsuite></testsuites>"#;
+        let b = r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="B"></testsuite></testsuites>"#;
+        let empty = r#"<?xml version="1.0" encoding="utf-8"?><testsuites/>"#;
+        let merged = merge_junit(&[a.into(), empty.into(), b.into()]).unwrap();
+        assert_eq!(
+            merged,
+            r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="A"><testcase name="x"/></testsuite><testsuite id="0" name="B"></testsuite></testsuites>"#
+        );
+        assert!(merge_junit(&["garbage".into()]).is_err());
+    }
+}

@@ -57,7 +57,25 @@ async fn run() -> anyhow::Result<()> {
 
     let reports = report_dir();
     std::fs::create_dir_all(&reports)?;
-    let junit_path = reports.join("junit.xml");
+    let shard = scenarios::Shard::from_env().map_err(anyhow::Error::msg)?;
+    let junit_path =
+        reports.join(shard.map_or_else(|| "junit.xml".to_string(), |s| s.junit_name()));
+    let slice = match shard {
+        Some(s) => {
+            let kept = shard_slice(s).await?;
+            println!(
+                "[shard] {}/{}: {} scenario(s) of this slice ({}={}/{})",
+                s.index,
+                s.count,
+                kept.len(),
+                scenarios::Shard::ENV,
+                s.index,
+                s.count
+            );
+            Some(kept)
+        }
+        None => None,
+    };
     let junit = std::fs::File::create(&junit_path)?;
 
     let result = HarnessWorld::cucumber()
@@ -103,7 +121,11 @@ async fn run() -> anyhow::Result<()> {
                 .normalized(),
         )
         .fail_on_skipped_with(|_, _, s| !s.tags.iter().any(|t| t == "allow.skipped"))
-        .run(features_dir())
+        .filter_run(features_dir(), move |feature, _rule, scenario| {
+            slice
+                .as_ref()
+                .is_none_or(|kept| kept.contains(&(feature_file(feature), scenario.position.line)))
+        })
         .await;
 
     println!("\nScenario durations:\n{}", durations().table());
@@ -122,6 +144,54 @@ async fn run() -> anyhow::Result<()> {
 
 /// `scenarios/features` of the checkout being tested (runtime `CARGO_MANIFEST_DIR`; the
 /// compile-time one can name another checkout sharing the target directory).
+/// A feature's file name (the shard order's first key).
+fn feature_file(feature: &cucumber::gherkin::Feature) -> String {
+    feature
+        .path
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The scenarios of shard `shard`: (feature file name, line), from every feature file ordered
+/// by file name then line, as cucumber's own parser reads them (each example of an outline is
+/// a scenario at its example row's line; rules' scenarios included).
+async fn shard_slice(
+    shard: scenarios::Shard,
+) -> anyhow::Result<std::collections::HashSet<(String, usize)>> {
+    use cucumber::Parser as _;
+    use futures::StreamExt as _;
+    let features: Vec<_> = cucumber::parser::Basic::new()
+        .parse(features_dir(), Default::default())
+        .collect()
+        .await;
+    let mut all = Vec::new();
+    for feature in features {
+        let feature = feature.map_err(|e| anyhow::anyhow!("parsing the features: {e}"))?;
+        let name = feature_file(&feature);
+        all.extend(
+            feature
+                .scenarios
+                .iter()
+                .chain(feature.rules.iter().flat_map(|r| &r.scenarios))
+                .map(|s| (name.clone(), s.position.line)),
+        );
+    }
+    all.sort();
+    anyhow::ensure!(
+        !all.is_empty(),
+        "no scenarios in {}",
+        features_dir().display()
+    );
+    Ok(all
+        .into_iter()
+        .enumerate()
+        .filter(|(p, _)| shard.keeps(*p))
+        .map(|(_, k)| k)
+        .collect())
+}
+
 fn features_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(std::path::PathBuf::from)
