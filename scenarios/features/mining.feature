@@ -64,6 +64,15 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "m" saw rejected
 
+  Scenario: a proxy that expects another pool authority key: its miners get an SV1 error naming the refusal, and other proxies keep mining
+    Given an honest miner "good" behind proxy "alice"
+    And a proxy "mallory" that expects a different pool authority key
+    When miner "good" has 3 accepted shares
+    And the accepted shares of miner "good" are counted
+    Then a miner "lost" behind proxy "mallory" is refused with an SV1 error saying "pool refused this proxy: noise handshake"
+    And proxy "mallory" logged "wrong authority key?"
+    And miner "good" gets 3 more shares accepted
+
   Scenario: the pool crashes and comes back: the proxy reconnects upstream and the miner keeps mining
     Given an honest miner "m" behind proxy "alice"
     When miner "m" has 3 accepted shares

@@ -92,14 +92,14 @@ pub struct WalletStatus {
 }
 
 impl ProxyRole {
-    /// Start a proxy in front of `pool`, which it reaches at `upstream` (the pool's SV2 address,
-    /// or a sniffer's in front of it).
+    /// Start a proxy in front of `pool`, which it reaches at `upstream`: (address, authority
+    /// public key), the pool's own or a sniffer's address in front of it.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         dir: &Path,
         port: u16,
         pool: &super::PoolRole,
-        upstream: &str,
+        upstream: (&str, &str),
         with_locking_key: bool,
         nominal_hashrate: f32,
         wallet: Option<WalletOptions>,
@@ -115,8 +115,8 @@ impl ProxyRole {
         };
         let config = ProxyConfig {
             listen: format!("127.0.0.1:{port}"),
-            pool_address: upstream.to_string(),
-            pool_authority_public_key: pool.authority.public.clone(),
+            pool_address: upstream.0.to_string(),
+            pool_authority_public_key: upstream.1.to_string(),
             locking_pubkey: public.map(|p| p.to_string()).unwrap_or_default(),
             locking_secret_key: hashpool_config::Secret::new(secret.clone().unwrap_or_default()),
             nominal_hashrate,

@@ -73,6 +73,30 @@ impl Stack {
         nominal_hashrate: f32,
         declare: Option<(&str, Option<&str>)>,
     ) -> anyhow::Result<&ProxyRole> {
+        self.start_proxy_inner(name, with_key, nominal_hashrate, declare, None)
+            .await
+    }
+
+    /// Start proxy `name` (with a locking key) that expects the pool to prove authority key
+    /// `authority` (SRI base58) instead of the pool's own: its Noise handshake fails.
+    pub async fn start_proxy_expecting_authority(
+        &mut self,
+        name: &str,
+        nominal_hashrate: f32,
+        authority: &str,
+    ) -> anyhow::Result<&ProxyRole> {
+        self.start_proxy_inner(name, true, nominal_hashrate, None, Some(authority))
+            .await
+    }
+
+    async fn start_proxy_inner(
+        &mut self,
+        name: &str,
+        with_key: bool,
+        nominal_hashrate: f32,
+        declare: Option<(&str, Option<&str>)>,
+        authority: Option<&str>,
+    ) -> anyhow::Result<&ProxyRole> {
         anyhow::ensure!(
             !self.proxies.contains_key(name),
             "proxy {name:?} already exists"
@@ -110,15 +134,18 @@ impl Stack {
             self.ports.push(http);
         }
         let pool = self.pool()?;
-        let upstream = match &self.sniffer {
-            Some(s) => s.addr().to_string(),
-            None => pool.sv2_addr.clone(),
-        };
+        let upstream = (
+            match &self.sniffer {
+                Some(s) => s.addr().to_string(),
+                None => pool.sv2_addr.clone(),
+            },
+            authority.unwrap_or(&pool.authority.public).to_string(),
+        );
         let proxy = ProxyRole::start(
             &self.dir.join(format!("proxy-{name}")),
             port.port(),
             pool,
-            &upstream,
+            (&upstream.0, &upstream.1),
             with_key,
             nominal_hashrate,
             wallet,

@@ -131,7 +131,14 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                         if let Err(e) = s.on_channel(up).await { break e }
                     }
                     Err(e) => {
-                        if waiting_since.elapsed() > Duration::from_secs(cfg.upstream_wait_secs) {
+                        // A miner waiting for its subscribe answer learns why there is no work.
+                        let gave_up = waiting_since.elapsed() > Duration::from_secs(cfg.upstream_wait_secs);
+                        if let Some(refused) = e.downcast_ref::<upstream::Refused>() {
+                            s.refuse_subscribe(&format!("pool refused this proxy: {refused}")).await;
+                        } else if gave_up {
+                            s.refuse_subscribe(&format!("no pool connection: {e:#}")).await;
+                        }
+                        if gave_up {
                             break format!("no upstream channel for {}s: {e:#}", cfg.upstream_wait_secs);
                         }
                         tracing::warn!(miner = id, "cannot open an upstream channel ({e:#}); retrying in {backoff:?}");
@@ -221,6 +228,14 @@ impl Session {
                 self.line(sv1::error(r.id, 20, &format!("unsupported method {other}")))
                     .await
             }
+        }
+    }
+
+    /// Answer a waiting `mining.subscribe` with an SV1 error saying why there is no work.
+    async fn refuse_subscribe(&mut self, why: &str) {
+        if let Some(id) = self.subscribe_id.take() {
+            tracing::warn!(miner = self.id, "telling the miner: {why}");
+            let _ = self.line(sv1::error(id, 20, why)).await;
         }
     }
 

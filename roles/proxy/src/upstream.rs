@@ -78,6 +78,20 @@ pub struct OpenParams {
     pub open_timeout: Duration,
 }
 
+/// The pool refused this proxy (`SetupConnection` or the channel refused), or the endpoint is
+/// not the pool the authority key names (the Noise handshake failed): retrying unchanged will
+/// not help, so the miners waiting for work are told with an SV1 error.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
     Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("string too long: {e:?}"))
 }
@@ -103,10 +117,10 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
     let stream = connect_with_noise(tcp, Some(p.authority))
         .await
         .map_err(|e| {
-            anyhow!(
+            Refused(format!(
                 "noise handshake with {} failed (wrong authority key?): {e:?}",
                 p.address
-            )
+            ))
         })?;
     let (mut reader, mut writer) = stream.into_split();
     let (in_tx, mut raw_in) = mpsc::channel::<AnyMessageOwned>(1024);
@@ -167,10 +181,11 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
     match raw_in.recv().await {
         Some(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_))) => {}
         Some(AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionError(e))) => {
-            bail!(
+            return Err(Refused(format!(
                 "pool refused SetupConnection: {}",
                 String::from_utf8_lossy(e.error_code.as_bytes())
-            )
+            ))
+            .into())
         }
         other => bail!("unexpected answer to SetupConnection: {other:?}"),
     }
@@ -248,10 +263,11 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
                 };
             }
             Some(AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e))) => {
-                bail!(
+                return Err(Refused(format!(
                     "pool refused the channel: {}",
                     String::from_utf8_lossy(e.error_code.as_bytes())
-                )
+                ))
+                .into())
             }
             Some(other) => tracing::debug!("ignoring {other:?} before the channel opened"),
             None => bail!("pool closed the connection while opening the channel"),

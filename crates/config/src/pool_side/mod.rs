@@ -13,8 +13,14 @@ pub const DEFAULT_POOL_LISTEN: &str = "127.0.0.1:34254";
 /// Default metrics/health listen address.
 pub const DEFAULT_POOL_METRICS_LISTEN: &str = "127.0.0.1:9184";
 /// Default minimum leading zero bits of a share (hashpool's `min_bits`): the easiest share
-/// target is `2^(256 - min_bits)`, and such a share is worth 1 ehash.
-pub const DEFAULT_MIN_BITS: u32 = 32;
+/// target is `2^(256 - min_bits)`, and such a share is worth 1 ehash. 16 (65,536 hashes) lets a
+/// CPU miner on the private signet find shares many times a second; vardiff then raises each
+/// channel's target towards `shares_per_minute`. A pool of ASICs raises it (hashpool uses 32).
+pub const DEFAULT_MIN_BITS: u32 = 16;
+/// Default vardiff aim per channel: one share a second. Shares per block follow from it: the
+/// private signet needs about 4.8 million hashes per block, so a miner of `h` H/s gets about
+/// `4.8e6 * shares_per_minute / (60 * h)` shares per block (10 at 500 kH/s, 2.4 at 2 MH/s).
+pub const DEFAULT_SHARES_PER_MINUTE: f32 = 60.0;
 
 /// The pool role.
 ///
@@ -27,8 +33,8 @@ pub const DEFAULT_MIN_BITS: u32 = 32;
 /// | `cert_validity_secs` | 3600 | validity of the Noise certificate |
 /// | `pool_tag` | "hashpool" | coinbase tag `Sv2/<tag>//` |
 /// | `payout_address` | (required) | address the coinbase pays |
-/// | `min_bits` | 32 | see [`DEFAULT_MIN_BITS`] |
-/// | `shares_per_minute` | 20 | vardiff aim per channel |
+/// | `min_bits` | 16 | see [`DEFAULT_MIN_BITS`] |
+/// | `shares_per_minute` | 60 | vardiff aim per channel, see [`DEFAULT_SHARES_PER_MINUTE`] |
 /// | `vardiff_interval_secs` | 10 | how often vardiff runs |
 /// | `[bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms`, `refresh_secs` |
 /// | `[redis]` | | `url`, `append_timeout_ms` (2000), `batch_max` (256), `seen_idle_secs` (7 days), `seen_after_new_tip_secs` (600) |
@@ -133,7 +139,7 @@ impl Default for PoolConfig {
             pool_tag: "hashpool".into(),
             payout_address: String::new(),
             min_bits: DEFAULT_MIN_BITS,
-            shares_per_minute: 20.0,
+            shares_per_minute: DEFAULT_SHARES_PER_MINUTE,
             vardiff_interval_secs: 10,
             bitcoind: BitcoindSection::default(),
             redis: RedisSection::default(),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cucumber::{then, when};
+use cucumber::{given, then, when};
 use harness::logs::LogCursor;
 use harness::sv2_client::Sv2Client;
 use harness::wait::wait_until;
@@ -296,4 +296,45 @@ async fn refused_per_ip(w: &mut HarnessWorld) -> anyhow::Result<()> {
         1.0,
     )
     .await
+}
+
+#[given(expr = "a proxy {string} that expects a different pool authority key")]
+async fn proxy_wrong_authority(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let other = harness::keys::authority_keys().public;
+    w.default_stack_mut()?
+        .start_proxy_expecting_authority(
+            &name,
+            crate::steps::mining::CAPPED_HASHRATE as f32,
+            &other,
+        )
+        .await?;
+    Ok(())
+}
+
+#[then(
+    expr = "a miner {string} behind proxy {string} is refused with an SV1 error saying {string}"
+)]
+async fn miner_refused(
+    w: &mut HarnessWorld,
+    name: String,
+    proxy: String,
+    needle: String,
+) -> anyhow::Result<()> {
+    let started = crate::steps::mining::start_miner(
+        w,
+        &name,
+        &proxy,
+        "honest",
+        Some(crate::steps::mining::CAPPED_HASHRATE),
+    )
+    .await;
+    let error = match started {
+        Ok(()) => anyhow::bail!("miner {name} subscribed behind proxy {proxy}: expected a refusal"),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(
+        error.contains(&needle),
+        "miner {name} did not report {needle:?}:\n{error}"
+    );
+    Ok(())
 }

@@ -49,7 +49,7 @@ async fn proxy_with_key(w: &mut HarnessWorld, name: String) -> anyhow::Result<()
     Ok(())
 }
 
-async fn start_miner(
+pub(crate) async fn start_miner(
     w: &mut HarnessWorld,
     name: &str,
     proxy: &str,
