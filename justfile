@@ -87,7 +87,12 @@ audit FILE:
 clean:
     {{harness}} clean
 
-# Pre-mine and cache both chains, and the signet rewards chain when lightningd is found (the first run does it anyway).
+# Rebuild the pre-mined chains as deterministic fixtures in fixtures/chains (commit them; caches rebuild from them).
+[group('set up')]
+chain-fixtures:
+    cargo run -p harness --release -- chain-fixtures
+
+# Load both chain fixtures, and the signet rewards chain when lightningd is found, into the machine's chain cache (the first run does it anyway).
 [group('set up')]
 premine:
     {{harness}} premine

@@ -73,8 +73,8 @@ enum Command {
         #[arg(long)]
         cache: bool,
     },
-    /// Pre-mine and cache the chains now, and the rewards chain when lightningd is found
-    /// (otherwise the first stack that needs one does it).
+    /// Load the chain fixtures into the machine's chain cache now, and the rewards chain when
+    /// lightningd is found (otherwise the first stack that needs one does it).
     Premine {
         /// Only this chain (default: both).
         #[arg(long)]
@@ -106,6 +106,13 @@ enum Command {
     /// Print a fresh pool authority key pair (SRI base58), a Cashu locking key pair, and a
     /// payout address (signet and regtest) with its secret key.
     Keys,
+    /// Rebuild the pre-mined chains as fixtures (fixtures/chains/<chain>.blocks): deterministic
+    /// blocks from the faucet's key and fixed times. Commit the files; caches rebuild from them.
+    ChainFixtures {
+        /// Directory to write into.
+        #[arg(long, default_value = "fixtures/chains")]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -175,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backends => backends(&config),
         Command::Fraud { kind, out, payout } => fraud(&config, &kind, &out, payout).await,
         Command::Audit { file } => audit(&config, &file).await,
+        Command::ChainFixtures { out } => chain_fixtures(&out),
         Command::Keys => {
             let a = harness::keys::authority_keys();
             let (locking_secret, locking_public) = harness::keys::locking_keys();
@@ -491,5 +499,63 @@ fn backends(config: &HarnessConfig) -> anyhow::Result<()> {
             Err(e) => println!("{:<13} MISSING: {e}", program.file_name()),
         }
     }
+    Ok(())
+}
+
+/// Write the chain fixtures: regtest, signet, and the signet rewards chain above it.
+fn chain_fixtures(out: &std::path::Path) -> anyhow::Result<()> {
+    use harness::bitcoind::chain_fixture;
+    std::fs::create_dir_all(out)?;
+    let faucet = |chain: Chain| {
+        harness::faucet::p2wpkh_address(&harness::bitcoind::faucet_secret_key(), chain.network())
+            .script_pubkey()
+    };
+    let write = |name: &str, what: &str, blocks: &[bitcoin::Block], start: std::time::Instant| {
+        let file = out.join(name);
+        std::fs::write(&file, chain_fixture::render(what, blocks))?;
+        println!(
+            "{name}: {} blocks in {:.1} s -> {}",
+            blocks.len(),
+            start.elapsed().as_secs_f64(),
+            file.display()
+        );
+        anyhow::Ok(())
+    };
+    let mut signet = Vec::new();
+    for chain in [Chain::Regtest, Chain::Signet] {
+        let start = std::time::Instant::now();
+        let blocks = chain_fixture::build(chain, chain.premine_blocks() as u32, &faucet(chain))?;
+        write(
+            &format!("{chain}.blocks"),
+            &format!("{chain}: blocks above genesis, each paying 50 BTC to the harness faucet"),
+            &blocks,
+            start,
+        )?;
+        if chain == Chain::Signet {
+            signet = blocks;
+        }
+    }
+    let start = std::time::Instant::now();
+    let tip = signet
+        .last()
+        .map(bitcoin::Block::block_hash)
+        .ok_or_else(|| anyhow::anyhow!("no signet blocks"))?;
+    let pool: bitcoin::Address = harness::lightning::POOL_NODE_ADDRESS
+        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
+        .require_network(bitcoin::Network::Signet)?;
+    let mut payouts = vec![pool.script_pubkey(); harness::lightning::REWARD_BLOCKS as usize];
+    payouts.extend(std::iter::repeat_n(
+        faucet(Chain::Signet),
+        harness::lightning::MATURITY as usize,
+    ));
+    let rewards =
+        chain_fixture::build_above(Chain::Signet, tip, signet.len() as u32 + 1, &payouts)?;
+    write(
+        "signet-rewards.blocks",
+        "signet rewards: above signet.blocks, 3 coinbases to the pool's Lightning node, then 100 to the faucet to mature them",
+        &rewards,
+        start,
+    )?;
+    println!("rebuild the harness (the fixtures are compiled in); the next run loads them into new chain caches");
     Ok(())
 }

@@ -1,6 +1,8 @@
-//! Pre-mined chains, built once per machine and copied into every stack.
+//! Pre-mined chains, built once per machine from the committed fixtures
+//! ([`super::chain_fixture`]) and copied into every stack.
 //!
-//! `<cache_dir>/chains/<chain>-v<FORMAT>-<blocks>-<bitcoind version>/` holds `chain/` (the
+//! `<cache_dir>/chains/<chain>-v<FORMAT>-<fixture tip>-<blocks>-<bitcoind version>/` holds
+//! `chain/` (the
 //! chain's datadir sub-directory: blocks, chainstate, txindex) and `manifest.json`. It is built
 //! in a `.tmp` directory and renamed into place, under an exclusive lock, so concurrent test
 //! binaries never see half a chain and never mine it twice.
@@ -18,10 +20,8 @@ use super::{Bitcoind, BitcoindOptions, Chain};
 use crate::config::HarnessConfig;
 use crate::ports::PortAllocator;
 
-/// Bump when the layout or content of cached chains changes.
-const FORMAT: u32 = 1;
-/// Blocks mined per `generatetoaddress` call while pre-mining (one progress line each).
-const PREMINE_BATCH: u64 = 10;
+/// Bump when the layout of cached chains changes (their content is named by the fixture tip).
+const FORMAT: u32 = 2;
 /// Seed of the harness-owned faucet key (the pre-mined coinbases pay it).
 pub const FAUCET_SECRET: &str = "hashpool-harness faucet key v1";
 
@@ -61,7 +61,12 @@ pub async fn ensure_chain_cache(
     let chains = config.cache_dir.join("chains");
     std::fs::create_dir_all(&chains)
         .with_context(|| format!("cannot create {}", chains.display()))?;
-    let key = format!("{}-v{FORMAT}-{blocks}-{}", chain.name(), sanitize(&version));
+    let fixture = super::chain_fixture::fixture_id(chain)?;
+    let key = format!(
+        "{}-v{FORMAT}-{fixture}-{blocks}-{}",
+        chain.name(),
+        sanitize(&version)
+    );
     let final_dir = chains.join(&key);
     if let Some(cached) = read_manifest(&final_dir, chain, blocks, &version) {
         return Ok(cached);
@@ -77,11 +82,11 @@ pub async fn ensure_chain_cache(
             .with_context(|| format!("cannot remove {}", tmp.display()))?;
     }
     let faucet = crate::faucet::p2wpkh_address(&faucet_secret_key(), chain.network());
-    premine(exe, chain, blocks, &faucet, &tmp, config)
+    load_fixture(exe, chain, blocks, &tmp, config)
         .await
         .with_context(|| {
             format!(
-                "pre-mining the {chain} chain failed (work dir kept: {})",
+                "loading the {chain} chain fixture into bitcoind failed (work dir kept: {})",
                 tmp.display()
             )
         })?;
@@ -112,14 +117,21 @@ pub async fn ensure_chain_cache(
     })
 }
 
-async fn premine(
+/// Start a bitcoind on an empty datadir and `submitblock` every fixture block: Bitcoin Core
+/// validates each one; the tip must end at the fixture's.
+async fn load_fixture(
     exe: &Path,
     chain: Chain,
     blocks: u64,
-    address: &bitcoin::Address,
     tmp: &Path,
     config: &HarnessConfig,
 ) -> anyhow::Result<()> {
+    let fixture = super::chain_fixture::fixture_blocks(chain)?;
+    anyhow::ensure!(
+        fixture.len() as u64 == blocks,
+        "fixtures/chains/{chain}.blocks holds {} blocks, the harness needs {blocks}: run `just chain-fixtures`",
+        fixture.len()
+    );
     let ports = PortAllocator::new(&config.port_lock_dir, config.port_min, config.port_max);
     let port = ports.allocate()?;
     let node = Bitcoind::start(BitcoindOptions {
@@ -137,17 +149,24 @@ async fn premine(
     })
     .await?;
     let start = Instant::now();
-    eprintln!("[harness] pre-mining the {chain} chain once for this machine: {blocks} blocks to {address}");
-    let mut mined = node.height().await?;
-    while mined < blocks {
-        let n = PREMINE_BATCH.min(blocks - mined);
-        node.generate_to_address(n, address).await?;
-        mined += n;
-        eprintln!(
-            "[harness]   {chain}: {mined}/{blocks} blocks ({:.1} s)",
-            start.elapsed().as_secs_f64()
+    for (i, block) in fixture.iter().enumerate() {
+        let hex = bitcoin::consensus::encode::serialize_hex(block);
+        let answer: serde_json::Value = node.rpc().call("submitblock", &[hex.into()]).await?;
+        anyhow::ensure!(
+            answer.is_null(),
+            "bitcoind refused fixture block {} ({}): {answer}",
+            i + 1,
+            block.block_hash()
         );
     }
+    let info = node.chain_info().await?;
+    let tip = fixture.last().map(bitcoin::Block::block_hash);
+    anyhow::ensure!(
+        info.blocks == blocks && Some(info.bestblockhash) == tip,
+        "after loading the fixture bitcoind's tip is {} at height {}, the fixture's is {tip:?} at {blocks}",
+        info.bestblockhash,
+        info.blocks
+    );
     node.process().stop().await?;
     let data = node.datadir().join(chain.datadir_subdir());
     for transient in [
@@ -161,7 +180,7 @@ async fn premine(
     }
     std::fs::rename(&data, tmp.join("chain"))?;
     eprintln!(
-        "[harness] pre-mined the {chain} chain in {:.1} s; cached in {}",
+        "[harness] loaded the {chain} chain fixture ({blocks} blocks) in {:.1} s; cached in {}",
         start.elapsed().as_secs_f64(),
         tmp.display()
     );

@@ -1,6 +1,7 @@
 //! Real bitcoind on a private signet or regtest, started from a pre-mined chain.
 
 mod chain_cache;
+pub mod chain_fixture;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

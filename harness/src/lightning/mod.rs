@@ -14,7 +14,9 @@ use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 
 pub use fee_proxy::{FeeProxy, FIXED_FEERATE_BTC_PER_KVB};
-pub use rewards_cache::{ensure_rewards_chain, pool_hsm_secret, RewardsChain, REWARD_BLOCKS};
+pub use rewards_cache::{
+    ensure_rewards_chain, pool_hsm_secret, RewardsChain, MATURITY, POOL_NODE_ADDRESS, REWARD_BLOCKS,
+};
 
 use crate::bitcoind::{Bitcoind, RPC_USER};
 use crate::process::ProcessSpec;

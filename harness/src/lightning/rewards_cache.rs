@@ -6,7 +6,7 @@
 //! `lightningd` with the fixed seed [`pool_hsm_secret`]) and 100 more blocks mature them,
 //! and keeps that node's lightning directory with it: every stack that wants rewards starts
 //! from a copy of both, as a pool node that has been mining for a while would be.
-//! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<bitcoind version>-<lightningd version>/`.
+//! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<signet fixture tip>-<bitcoind version>-<lightningd version>/`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,13 +23,16 @@ use crate::ports::PortAllocator;
 use crate::wait::wait_until;
 
 /// Bump when the layout or content changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 3;
 /// Coinbases paid to the pool node (50 BTC each on this young chain).
 pub const REWARD_BLOCKS: u64 = 3;
 /// Blocks that mature them.
-const MATURITY: u64 = 100;
+pub const MATURITY: u64 = 100;
 /// Seed of the pool node's `hsm_secret`.
 const POOL_LN_SEED: &str = "hashpool-harness pool lightning node v1";
+/// The first address the pool node's wallet gives (`newaddr`, from [`pool_hsm_secret`]): the
+/// rewards fixture's coinbases pay it. The build checks lightningd still derives it.
+pub const POOL_NODE_ADDRESS: &str = "tb1qqs2lgan9cxvqfcqwanw4j7258x5veaha2kejf7";
 
 /// The pool node's fixed wallet seed.
 pub fn pool_hsm_secret() -> [u8; 32] {
@@ -87,7 +90,8 @@ pub async fn ensure_rewards_chain(config: &HarnessConfig) -> anyhow::Result<Rewa
     let base = ensure_chain_cache(&bitcoind_exe, Chain::Signet, config).await?;
     let ln_version = version_of(&lightningd)?;
     let key = format!(
-        "signet-rewards-v{FORMAT}-{}-{}",
+        "signet-rewards-v{FORMAT}-{}-{}-{}",
+        crate::bitcoind::chain_fixture::fixture_id(Chain::Signet)?,
         sanitize(&base.bitcoind_version),
         sanitize(&ln_version)
     );
@@ -184,25 +188,32 @@ async fn build(
     )
     .await?;
     let pool_address = ln.new_address().await?;
-    let address: bitcoin::Address = pool_address
-        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
-        .assume_checked();
-    let faucet: bitcoin::Address = base
-        .faucet_address
-        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
-        .assume_checked();
-    eprintln!(
-        "[harness] building the rewards chain once for this machine: {REWARD_BLOCKS} blocks to the pool's Lightning node, {MATURITY} to mature them (about 3 minutes)"
+    anyhow::ensure!(
+        pool_address == POOL_NODE_ADDRESS,
+        "lightningd derived {pool_address} from the pool node's fixed hsm_secret, the rewards \
+         fixture pays {POOL_NODE_ADDRESS}: set POOL_NODE_ADDRESS to it and run `just chain-fixtures`"
     );
-    node.generate_to_address(REWARD_BLOCKS, &address).await?;
-    let mut mined = 0;
-    while mined < MATURITY {
-        let n = 10.min(MATURITY - mined);
-        node.generate_to_address(n, &faucet).await?;
-        mined += n;
-        eprintln!(
-            "[harness]   rewards chain: {mined}/{MATURITY} maturing blocks ({:.0} s)",
-            start.elapsed().as_secs_f64()
+    let fixture = crate::bitcoind::chain_fixture::parse(
+        crate::bitcoind::chain_fixture::REWARDS_FIXTURE,
+        "signet-rewards.blocks",
+    )?;
+    anyhow::ensure!(
+        fixture.len() as u64 == REWARD_BLOCKS + MATURITY,
+        "fixtures/chains/signet-rewards.blocks holds {} blocks, not {}: run `just chain-fixtures`",
+        fixture.len(),
+        REWARD_BLOCKS + MATURITY
+    );
+    eprintln!(
+        "[harness] building the rewards chain once for this machine: {REWARD_BLOCKS} blocks to the pool's Lightning node, {MATURITY} to mature them, from fixtures/chains/signet-rewards.blocks"
+    );
+    for (i, block) in fixture.iter().enumerate() {
+        let hex = bitcoin::consensus::encode::serialize_hex(block);
+        let answer: serde_json::Value = node.rpc().call("submitblock", &[hex.into()]).await?;
+        anyhow::ensure!(
+            answer.is_null(),
+            "bitcoind refused rewards fixture block {} ({}): {answer}",
+            i + 1,
+            block.block_hash()
         );
     }
     let height = node.height().await?;
