@@ -77,6 +77,22 @@ mod tests {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
+    /// Wait until `pid`'s command line names `dir`. Right after a spawn returns, the child can
+    /// still be inside execve with an empty `/proc/<pid>/cmdline` (the parent is released before
+    /// the new image's arguments are set up): these tests failed about 1 run in 30 on that.
+    fn wait_for_cmdline_naming(pid: u32, dir: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let dir = dir.display().to_string();
+        loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "process {pid} never named {dir}");
+            std::thread::yield_now();
+        }
+    }
+
     fn children_of(pid: u32) -> Vec<u32> {
         std::fs::read_dir("/proc")
             .unwrap()
@@ -86,10 +102,7 @@ mod tests {
             .collect()
     }
 
-    // Ignored in `just test`: it failed once in about fifteen runs for a reason not found yet
-    // (run it with `cargo test -p harness --lib strays -- --ignored`).
     #[test]
-    #[ignore = "flaky: failed once in ~15 runs, cause not found yet"]
     fn another_live_runs_processes_are_not_strays_until_its_harness_dies() {
         let run_dir = std::env::temp_dir().join(format!("hh-strays-{}", std::process::id()));
         let stack_dir = run_dir.join("other-stack");
@@ -111,6 +124,7 @@ mod tests {
             assert!(Instant::now() < deadline, "the role never started");
             std::thread::yield_now();
         };
+        wait_for_cmdline_naming(role_pid, &stack_dir);
         let summary = StackSummary {
             name: "other".into(),
             dir: stack_dir.clone(),
@@ -150,13 +164,14 @@ mod tests {
         let run_dir = std::env::temp_dir().join(format!("hh-strays-gone-{}", std::process::id()));
         let stack_dir = run_dir.join("dead-stack");
         std::fs::create_dir_all(&stack_dir).unwrap();
-        // A harness pid that no longer runs, and a role (our child) naming the stack dir.
+        // A harness pid that no longer runs, and a role (our child) naming the stack dir (the
+        // shell stays the process: `; true` keeps dash from exec'ing sleep in its place).
         let mut gone = Command::new("true").spawn().unwrap();
         let gone_pid = gone.id();
         gone.wait().unwrap();
         let mut role = Command::new("sh")
             .arg("-c")
-            .arg("sleep 30")
+            .arg("sleep 30; true")
             .arg(stack_dir.display().to_string())
             .stdout(Stdio::null())
             .spawn()
@@ -182,6 +197,7 @@ mod tests {
             serde_json::to_vec(&summary).unwrap(),
         )
         .unwrap();
+        wait_for_cmdline_naming(role.id(), &stack_dir);
         let strays = stray_processes(&run_dir);
         let role_pid = role.id();
         let _ = role.kill();
