@@ -35,13 +35,10 @@
           nativeBuildInputs = buildTools pkgs;
           PROTOC = "${pkgs.protobuf}/bin/protoc";
           inherit doCheck;
-          # Unit tests only: the scenarios start real bitcoind, Redis and lightningd processes
-          # and run with `just test` in the dev shell, not inside the sandboxed build.
-          cargoTestFlags = [
-            "--workspace"
-            "--exclude"
-            "scenarios"
-          ];
+          # Unit tests only: the scenarios' runner (`test = false` in scenarios/Cargo.toml) starts
+          # real bitcoind, Redis and lightningd processes and runs with `just test` in the dev
+          # shell, not inside the sandboxed build.
+          cargoTestFlags = [ "--workspace" ];
           preCheck = ''
             export HOME=$TMPDIR
           '';

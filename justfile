@@ -24,7 +24,7 @@ bootstrap:
 # Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
 [group('test')]
 test: roles
-    cargo test --workspace --exclude scenarios
+    cargo test --workspace
     cargo test -p scenarios --test scenarios
 
 # Run the scenarios matching a cucumber tag expression, e.g. just scenario '@mining and not @limits'.

@@ -69,7 +69,7 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     And a proxy "mallory" that expects a different pool authority key
     When miner "good" has 3 accepted shares
     And the accepted shares of miner "good" are counted
-    Then a miner "lost" behind proxy "mallory" is refused with an SV1 error saying "pool refused this proxy: noise handshake"
+    Then a miner "lost" behind proxy "mallory" is refused with an SV1 error saying "certificate does not verify against pool_authority_public_key"
     And proxy "mallory" logged "wrong authority key?"
     And miner "good" gets 3 more shares accepted
 

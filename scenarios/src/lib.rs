@@ -6,9 +6,17 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// `<workspace>/target/scenarios`: JUnit XML and the duration table go here, whatever
-/// `CARGO_TARGET_DIR` says, so CI finds them at a fixed path.
+/// `CARGO_TARGET_DIR` says, so CI finds them at a fixed path. The workspace is the parent of
+/// this crate's directory (runtime `CARGO_MANIFEST_DIR` first: the compile-time one can name
+/// another checkout sharing the target directory).
 pub fn report_dir() -> PathBuf {
-    harness::config::workspace_root()
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    crate_dir
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(crate_dir)
         .join("target")
         .join("scenarios")
 }
@@ -166,8 +174,36 @@ pub fn merge_junit(files: &[String]) -> Result<String, String> {
         suites.push_str(inner);
     }
     Ok(format!(
-        "<?xml version=\"1.0\" encoding=\"utf-8\"?><testsuites>{suites}</testsuites>"
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><testsuites>{}</testsuites>",
+        renumber_suites(&suites)
     ))
+}
+
+/// Give every `<testsuite id="...">` a fresh id in order (each shard numbers its own from 0).
+fn renumber_suites(xml: &str) -> String {
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    let mut next = 0;
+    while let Some(at) = rest.find("<testsuite ") {
+        let tag_end = rest[at..].find('>').map_or(rest.len(), |e| at + e);
+        let tag = &rest[at..tag_end];
+        out.push_str(&rest[..at]);
+        match tag.find(" id=\"").and_then(|i| {
+            let value = i + 5;
+            tag[value..].find('"').map(|j| (value, value + j))
+        }) {
+            Some((from, to)) => {
+                out.push_str(&tag[..from]);
+                out.push_str(&next.to_string());
+                out.push_str(&tag[to..]);
+            }
+            None => out.push_str(tag),
+        }
+        next += 1;
+        rest = &rest[tag_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -201,12 +237,12 @@ mod shard_tests {
     #[test]
     fn junit_files_merge_into_one_testsuites() {
         let a = r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="A"><testcase name="x"/></testsuite></testsuites>"#;
-        let b = r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="B"></testsuite></testsuites>"#;
+        let b = r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="B" tests="1"></testsuite></testsuites>"#;
         let empty = r#"<?xml version="1.0" encoding="utf-8"?><testsuites/>"#;
         let merged = merge_junit(&[a.into(), empty.into(), b.into()]).unwrap();
         assert_eq!(
             merged,
-            r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="A"><testcase name="x"/></testsuite><testsuite id="0" name="B"></testsuite></testsuites>"#
+            r#"<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite id="0" name="A"><testcase name="x"/></testsuite><testsuite id="1" name="B" tests="1"></testsuite></testsuites>"#
         );
         assert!(merge_junit(&["garbage".into()]).is_err());
     }

@@ -1,7 +1,7 @@
 //! Pre-mined chains, built once per machine from the committed fixtures
 //! ([`super::chain_fixture`]) and copied into every stack.
 //!
-//! `<cache_dir>/chains/<chain>-v<FORMAT>-<fixture tip>-<blocks>-<bitcoind version>/` holds
+//! `<cache_dir>/chains/<chain>-v<FORMAT>-<fixture hash>-<blocks>-<bitcoind version>/` holds
 //! `chain/` (the
 //! chain's datadir sub-directory: blocks, chainstate, txindex) and `manifest.json`. It is built
 //! in a `.tmp` directory and renamed into place, under an exclusive lock, so concurrent test
@@ -20,7 +20,7 @@ use super::{Bitcoind, BitcoindOptions, Chain};
 use crate::config::HarnessConfig;
 use crate::ports::PortAllocator;
 
-/// Bump when the layout of cached chains changes (their content is named by the fixture tip).
+/// Bump when the layout of cached chains changes (their content is named by the fixture hash).
 const FORMAT: u32 = 2;
 /// Seed of the harness-owned faucet key (the pre-mined coinbases pay it).
 pub const FAUCET_SECRET: &str = "hashpool-harness faucet key v1";
@@ -50,7 +50,7 @@ pub fn faucet_secret_key() -> bitcoin::secp256k1::SecretKey {
         .expect("sha256 of the faucet seed is a valid secret key")
 }
 
-/// The cached chain for `chain`, pre-mining it first if this machine has none.
+/// The cached chain for `chain`, loading its fixture first if this machine has none.
 pub async fn ensure_chain_cache(
     exe: &Path,
     chain: Chain,

@@ -4,7 +4,8 @@
 //! that meets the target) and loaded into a fresh bitcoind with `submitblock` when a machine's
 //! chain cache is built, so every machine, CI runner and demo starts from the same chain, in
 //! seconds. Bitcoin Core is the oracle: it validates every block (proof of work included) as it
-//! loads them, and the cache is refused unless its tip is the fixture's.
+//! loads them, and a cache is written only once bitcoind's tip is the fixture's. Cache
+//! directories are named with a hash of the fixture text, so a changed fixture builds a new one.
 //!
 //! Regenerate with `just chain-fixtures` (signet needs about 4.8 million hashes per block: a
 //! minute or two here); a regenerated fixture changes the cache key, so caches rebuild.
@@ -58,13 +59,20 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<Vec<Block>> {
         .collect()
 }
 
-/// The first 8 hex digits of the fixture's tip hash (part of the chain cache key).
+/// A short hash of a fixture text (part of the chain cache keys): any change to a fixture
+/// names a new cache.
+pub fn text_id(text: &str) -> String {
+    let digest = sha256::Hash::hash(text.as_bytes()).to_string();
+    digest[..12].to_string()
+}
+
+/// [`text_id`] of `chain`'s committed fixture; fails if it holds no blocks.
 pub fn fixture_id(chain: Chain) -> anyhow::Result<String> {
-    let blocks = fixture_blocks(chain)?;
-    let tip = blocks
-        .last()
-        .ok_or_else(|| anyhow!("fixtures/chains/{chain}.blocks holds no blocks"))?;
-    Ok(tip.block_hash().to_string()[..8].to_string())
+    anyhow::ensure!(
+        !fixture_blocks(chain)?.is_empty(),
+        "fixtures/chains/{chain}.blocks holds no blocks: run `just chain-fixtures`"
+    );
+    Ok(text_id(fixture_text(chain)))
 }
 
 /// Build `count` blocks above `chain`'s genesis, each paying 50 BTC to `payout`.

@@ -1,4 +1,5 @@
-//! Matured block rewards for the pool's Lightning node, pre-mined once per machine.
+//! Matured block rewards for the pool's Lightning node, built once per machine from
+//! `fixtures/chains/signet-rewards.blocks`.
 //!
 //! Rewards count only after 100 confirmations, and no scenario can wait for 100 signet
 //! blocks (about 1.6 s each here). So the harness builds, once, a chain on top of the cached
@@ -6,7 +7,7 @@
 //! `lightningd` with the fixed seed [`pool_hsm_secret`]) and 100 more blocks mature them,
 //! and keeps that node's lightning directory with it: every stack that wants rewards starts
 //! from a copy of both, as a pool node that has been mining for a while would be.
-//! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<signet fixture tip>-<bitcoind version>-<lightningd version>/`.
+//! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<hashes of the signet and rewards fixtures>-<bitcoind version>-<lightningd version>/`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,8 +91,9 @@ pub async fn ensure_rewards_chain(config: &HarnessConfig) -> anyhow::Result<Rewa
     let base = ensure_chain_cache(&bitcoind_exe, Chain::Signet, config).await?;
     let ln_version = version_of(&lightningd)?;
     let key = format!(
-        "signet-rewards-v{FORMAT}-{}-{}-{}",
+        "signet-rewards-v{FORMAT}-{}{}-{}-{}",
         crate::bitcoind::chain_fixture::fixture_id(Chain::Signet)?,
+        crate::bitcoind::chain_fixture::text_id(crate::bitcoind::chain_fixture::REWARDS_FIXTURE),
         sanitize(&base.bitcoind_version),
         sanitize(&ln_version)
     );

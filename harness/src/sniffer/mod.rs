@@ -176,13 +176,14 @@ impl Sv2Sniffer {
 
     /// Set what happens to frames from now on.
     pub fn set_fault(&self, fault: Fault) {
-        if let Ok(mut f) = self.shared.fault.lock() {
-            *f = Some(fault);
-        }
+        // Forget the last cut share first, so a cut that follows at once is not wiped out.
         if fault == Fault::CutBeforeNextAck {
             if let Ok(mut c) = self.shared.cut_share.lock() {
                 *c = None;
             }
+        }
+        if let Ok(mut f) = self.shared.fault.lock() {
+            *f = Some(fault);
         }
     }
 
@@ -257,47 +258,27 @@ impl Link {
         public: Secp256k1PublicKey,
         secret: Secp256k1SecretKey,
     ) {
-        let _ = client.set_nodelay(true);
-        let Ok(responder) = Responder::from_authority_kp(
-            &public.into_bytes(),
-            &secret.into_bytes(),
-            Duration::from_secs(3600),
-        ) else {
+        let cut = self.cut.clone();
+        // A cut also ends a connection still in its handshakes.
+        let opened = tokio::select! {
+            _ = cut.cancelled() => None,
+            o = open_both(client, &pool, public, secret) => o,
+        };
+        let Some((down, up)) = opened else {
             return;
         };
-        let timeout = crate::wait::scaled(Duration::from_secs(10));
-        let Ok(down) = NoiseTcpStream::accept(client, responder, timeout).await else {
-            return;
-        };
-        let Ok(tcp) = TcpStream::connect(&pool).await else {
-            return;
-        };
-        let _ = tcp.set_nodelay(true);
-        let Ok(up) = connect_with_noise(tcp, Some(public)).await else {
-            return;
-        };
-        let (down_read, mut down_write) = down.into_split();
-        let (up_read, mut up_write) = up.into_split();
+        let (down_read, down_write) = down.into_split();
+        let (up_read, up_write) = up.into_split();
         let link = Arc::new(self);
-        // A share whose answer is to be kept back: (channel, sequence, its record).
+        // The share whose answer is to be kept back on this connection.
         let armed: Arc<Mutex<Option<CutShare>>> = Arc::default();
-        let (to_pool, mut to_pool_rx) = tokio::sync::mpsc::channel::<SerializedFrame>(1024);
-        let (to_client, mut to_client_rx) = tokio::sync::mpsc::channel::<SerializedFrame>(1024);
-        let writers = {
-            let cut = link.cut.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = cut.cancelled() => break,
-                        Some(f) = to_pool_rx.recv() => if up_write.write_frame(f).await.is_err() { break },
-                        Some(f) = to_client_rx.recv() => if down_write.write_frame(f).await.is_err() { break },
-                        else => break,
-                    }
-                }
-                let _ = up_write.shutdown().await;
-                let _ = down_write.shutdown().await;
-            })
-        };
+        let (to_pool, to_pool_rx) = tokio::sync::mpsc::channel::<Outgoing>(1024);
+        let (to_client, to_client_rx) = tokio::sync::mpsc::channel::<Outgoing>(1024);
+        // One writer per direction, so a side that stops reading stalls only its own direction.
+        let writers = [
+            tokio::spawn(write_side(up_write, to_pool_rx, cut.clone())),
+            tokio::spawn(write_side(down_write, to_client_rx, cut.clone())),
+        ];
         let upward =
             tokio::spawn(
                 link.clone()
@@ -310,7 +291,9 @@ impl Link {
             );
         let _ = tokio::join!(upward, downward);
         link.cut.cancel();
-        let _ = writers.await;
+        for w in writers {
+            let _ = w.await;
+        }
     }
 
     /// Read frames one way, record them, apply the fault and pass them on.
@@ -318,7 +301,7 @@ impl Link {
         self: Arc<Self>,
         mut from: NoiseTcpReadHalf,
         direction: Direction,
-        to: tokio::sync::mpsc::Sender<SerializedFrame>,
+        to: tokio::sync::mpsc::Sender<Outgoing>,
         armed: Arc<Mutex<Option<CutShare>>>,
     ) {
         loop {
@@ -337,30 +320,33 @@ impl Link {
                 forwarded: true,
             };
             let fault = self.state.fault();
-            let cut_now = self.arm_or_trigger(fault, &captured, &armed);
+            let cut_now = self.arm_or_trigger(&captured, &armed);
             if cut_now || fault == Fault::Blackhole {
                 captured.forwarded = false;
             }
+            let read_at = captured.at;
             self.state.push(captured);
             if cut_now {
                 self.cut.cancel();
                 break;
             }
-            match fault {
+            let release = match fault {
                 Fault::Blackhole => continue,
-                Fault::Delay(d) => tokio::time::sleep(d).await,
-                _ => {}
-            }
-            if to.send(frame).await.is_err() {
+                // Each frame leaves `d` after it was read; later frames are not held up more.
+                Fault::Delay(d) => Some(tokio::time::Instant::from_std(read_at + d)),
+                _ => None,
+            };
+            if to.send(Outgoing { frame, release }).await.is_err() {
                 break;
             }
         }
         self.cut.cancel();
     }
 
-    /// Under [`Fault::CutBeforeNextAck`]: remember the next share going to the pool, and say
-    /// whether `c` is the pool's answer to it (then the connection is cut before it passes).
-    fn arm_or_trigger(&self, fault: Fault, c: &Captured, armed: &Mutex<Option<CutShare>>) -> bool {
+    /// Under [`Fault::CutBeforeNextAck`]: take the fault for the next share going to the pool
+    /// (checked and consumed under one lock, so exactly one connection arms), and say whether
+    /// `c` is the pool's answer to the armed share (the connection is then cut before it).
+    fn arm_or_trigger(&self, c: &Captured, armed: &Mutex<Option<CutShare>>) -> bool {
         let Ok(mut armed) = armed.lock() else {
             return false;
         };
@@ -368,11 +354,14 @@ impl Link {
             (
                 Some(AnyMessageOwned::Mining(MiningOwned::SubmitSharesExtended(s))),
                 Direction::ToPool,
-            ) if fault == Fault::CutBeforeNextAck && armed.is_none() => {
-                // Only one share per fault: the fault is consumed by this connection.
-                if let Ok(mut f) = self.state.fault.lock() {
-                    *f = Some(Fault::Pass);
+            ) if armed.is_none() => {
+                let Ok(mut fault) = self.state.fault.lock() else {
+                    return false;
+                };
+                if *fault != Some(Fault::CutBeforeNextAck) {
+                    return false;
                 }
+                *fault = Some(Fault::Pass);
                 *armed = Some(CutShare {
                     conn: self.conn,
                     channel_id: s.channel_id,
@@ -413,11 +402,69 @@ impl Link {
                 if let Ok(mut out) = self.state.cut_share.lock() {
                     *out = Some(share.clone());
                 }
+                self.state.changed.notify_waiters();
                 true
             }
             _ => false,
         }
     }
+}
+
+/// A frame on its way out, and when it may leave (under [`Fault::Delay`]).
+struct Outgoing {
+    frame: SerializedFrame,
+    release: Option<tokio::time::Instant>,
+}
+
+/// Write one direction's frames until the link is cut or its pump ends.
+async fn write_side(
+    mut to: stratum_apps::network_helpers::noise_stream::NoiseTcpWriteHalf,
+    mut frames: tokio::sync::mpsc::Receiver<Outgoing>,
+    cut: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = cut.cancelled() => break,
+            f = frames.recv() => f,
+        };
+        let Some(Outgoing { frame, release }) = next else {
+            break;
+        };
+        if let Some(at) = release {
+            tokio::select! {
+                _ = cut.cancelled() => break,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+        if to.write_frame(frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Answer the client's handshake as the pool, then open the sniffer's own connection to it.
+async fn open_both(
+    client: TcpStream,
+    pool: &str,
+    public: Secp256k1PublicKey,
+    secret: Secp256k1SecretKey,
+) -> Option<(NoiseTcpStream, NoiseTcpStream)> {
+    let _ = client.set_nodelay(true);
+    let responder = Responder::from_authority_kp(
+        &public.into_bytes(),
+        &secret.into_bytes(),
+        Duration::from_secs(3600),
+    )
+    .ok()?;
+    let timeout = crate::wait::scaled(Duration::from_secs(10));
+    let down = NoiseTcpStream::accept(client, responder, timeout)
+        .await
+        .ok()?;
+    let tcp = TcpStream::connect(pool).await.ok()?;
+    let _ = tcp.set_nodelay(true);
+    let up = connect_with_noise(tcp, Some(public)).await.ok()?;
+    Some((down, up))
 }
 
 /// Decode a frame for the record (TLVs read as if the ehash extension were negotiated).
@@ -533,6 +580,21 @@ mod tests {
         // Delayed once on the way in and once on the way back.
         assert!(
             start.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+        // Frames sent together are each delayed from when they were read, not queued behind
+        // each other's delays (five in a row would otherwise take a second).
+        let start = Instant::now();
+        for ch in 0..5 {
+            client.send(set_target(ch)).await.unwrap();
+        }
+        for ch in 0..5 {
+            let back = client.recv(Duration::from_secs(5)).await.unwrap();
+            assert_eq!(channel_of(&back), Some(ch), "order kept");
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(900),
             "{:?}",
             start.elapsed()
         );

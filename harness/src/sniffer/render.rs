@@ -2,7 +2,7 @@
 //!
 //! A flow is picked out of the record by matching (a request and its answer, a job and the
 //! `SetNewPrevHash` that activates it), so frames of other flows interleaved on the wire do not
-//! enter it. Values that differ from run to run are replaced: ids by the order they first
+//! enter it, and rendered in the order the sniffer read its frames. Values that differ from run to run are replaced: ids by the order they first
 //! appear in the flow (`channel#1`, `job#2`, so equal ids stay visibly equal), hashes, nonces,
 //! times and byte strings by a placeholder with their length. What a protocol change would
 //! move stays: message types and their order, directions, versions, flags, sizes, extension
@@ -203,17 +203,59 @@ fn mining_of(c: &Captured) -> Option<&MiningOwned> {
     }
 }
 
-/// `SetupConnection` and `RequestExtensions` and their answers on connection `conn`.
-pub fn extension_negotiation(log: &[Captured], conn: u64) -> Vec<&Captured> {
-    log.iter()
-        .filter(|c| c.conn == conn)
-        .filter(|c| {
-            matches!(
-                c.message,
-                Some(AnyMessageOwned::Common(_)) | Some(AnyMessageOwned::Extensions(_))
-            )
-        })
-        .collect()
+/// `flow` in the order the sniffer read its frames (flows are picked by matching; this puts
+/// them back in wire order, so a reordering on the wire changes the snapshot).
+fn in_wire_order<'a>(log: &'a [Captured], mut flow: Vec<&'a Captured>) -> Vec<&'a Captured> {
+    flow.sort_by_key(|c| log.iter().position(|x| std::ptr::eq(x, *c)));
+    flow
+}
+
+/// `SetupConnection`, `RequestExtensions` and the pool's answer to each, on connection `conn`.
+/// `None` until all four were seen.
+pub fn extension_negotiation(log: &[Captured], conn: u64) -> Option<Vec<&Captured>> {
+    let first = |want: fn(&AnyMessageOwned) -> bool, dir: Direction| {
+        log.iter()
+            .find(|c| c.conn == conn && c.direction == dir && c.message.as_ref().is_some_and(want))
+    };
+    let flow = vec![
+        first(
+            |m| {
+                matches!(
+                    m,
+                    AnyMessageOwned::Common(CommonMessagesOwned::SetupConnection(_))
+                )
+            },
+            Direction::ToPool,
+        )?,
+        first(
+            |m| {
+                matches!(
+                    m,
+                    AnyMessageOwned::Common(
+                        CommonMessagesOwned::SetupConnectionSuccess(_)
+                            | CommonMessagesOwned::SetupConnectionError(_)
+                    )
+                )
+            },
+            Direction::ToClient,
+        )?,
+        first(
+            |m| {
+                matches!(
+                    m,
+                    AnyMessageOwned::Extensions(ExtensionsOwned::ExtensionsNegotiation(
+                        ExtensionsNegotiationOwned::RequestExtensions(_)
+                    ))
+                )
+            },
+            Direction::ToPool,
+        )?,
+        first(
+            |m| matches!(m, AnyMessageOwned::Extensions(_)),
+            Direction::ToClient,
+        )?,
+    ];
+    Some(in_wire_order(log, flow))
 }
 
 /// The first channel opened on `conn`: the request, its answer, the first job on the channel
@@ -246,7 +288,7 @@ pub fn channel_open(log: &[Captured], conn: u64) -> Option<Vec<&Captured>> {
         return None;
     };
     let job = job_on(log, conn, s.channel_id, p.job_id)?;
-    Some(vec![open, success, job, prev])
+    Some(in_wire_order(log, vec![open, success, job, prev]))
 }
 
 fn job_on(log: &[Captured], conn: u64, channel: u32, job: u32) -> Option<&Captured> {
@@ -278,6 +320,18 @@ pub fn share(log: &[Captured], pick: impl Fn(u32, u32) -> bool) -> Option<Vec<&C
             _ => false,
         })?;
     Some(vec![sent, answer])
+}
+
+/// Whether some share's answer was read at least `gap` after the share itself.
+pub fn delayed_answer(log: &[Captured], gap: std::time::Duration) -> bool {
+    log.iter()
+        .filter(|c| c.direction == Direction::ToPool)
+        .filter_map(|c| match mining_of(c) {
+            Some(MiningOwned::SubmitSharesExtended(s)) => Some((s.nonce, s.ntime)),
+            _ => None,
+        })
+        .filter_map(|(nonce, ntime)| share(log, |n, t| n == nonce && t == ntime))
+        .any(|f| f[1].at.duration_since(f[0].at) >= gap)
 }
 
 /// The first share the pool accepted, and its answer.
@@ -315,7 +369,7 @@ pub fn block_found(
     };
     flow.push(job_on(log, conn, s.channel_id, p.job_id)?);
     flow.push(prev);
-    Some(flow)
+    Some(in_wire_order(log, flow))
 }
 
 #[cfg(test)]

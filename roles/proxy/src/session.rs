@@ -55,8 +55,13 @@ struct Session {
     /// Custom jobs sent, by request id, waiting for the pool's answer.
     custom_pending: HashMap<u32, SetCustomMiningJobOwned>,
     next_request: u32,
+    /// Why the pool refused this proxy: a subscribe is answered with it, then the miner closed.
+    refused: Option<String>,
     shared: Arc<ProxyShared>,
 }
+
+/// How long a miner the pool refused may stay connected without subscribing.
+const REFUSED_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the session ended.
 fn log_end(id: u64, peer: SocketAddr, why: &str, s: &Session) {
@@ -90,14 +95,19 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
         declarer: None,
         custom_pending: HashMap::new(),
         next_request: 0,
+        refused: None,
         shared: shared.clone(),
     };
     let cfg = &shared.config;
     let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
     let mut reconnect_at = Some(tokio::time::Instant::now());
     let mut waiting_since = Instant::now();
+    let mut refused_close: Option<tokio::time::Instant> = None;
     let why = loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(refused_close.unwrap_or_else(tokio::time::Instant::now)), if refused_close.is_some() => {
+                break s.refused.clone().unwrap_or_default();
+            }
             line = lines.next_line() => match line {
                 Ok(Some(line)) if line.len() > MAX_LINE => break format!("line of {} bytes (limit {MAX_LINE})", line.len()),
                 Ok(Some(line)) if line.trim().is_empty() => {}
@@ -134,7 +144,18 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                         // A miner waiting for its subscribe answer learns why there is no work.
                         let gave_up = waiting_since.elapsed() > Duration::from_secs(cfg.upstream_wait_secs);
                         if let Some(refused) = e.downcast_ref::<upstream::Refused>() {
-                            s.refuse_subscribe(&format!("pool refused this proxy: {refused}")).await;
+                            // Retrying will not help: the miner's subscribe (now, or when it
+                            // comes) is answered with why, then its connection is closed.
+                            let why = format!("pool refused this proxy: {refused}");
+                            tracing::warn!(miner = id, "{why}");
+                            if s.subscribe_id.is_some() {
+                                s.refuse_subscribe(&why).await;
+                                break why;
+                            }
+                            s.refused = Some(why);
+                            reconnect_at = None;
+                            refused_close = Some(tokio::time::Instant::now() + REFUSED_GRACE);
+                            continue;
                         } else if gave_up {
                             s.refuse_subscribe(&format!("no pool connection: {e:#}")).await;
                         }
@@ -204,6 +225,10 @@ impl Session {
             }
             "mining.subscribe" => {
                 self.subscribe_id = Some(r.id);
+                if let Some(why) = self.refused.clone() {
+                    self.refuse_subscribe(&why).await;
+                    return Err(why);
+                }
                 if self.upstream.is_some() {
                     self.answer_subscribe().await?;
                 }
@@ -234,7 +259,6 @@ impl Session {
     /// Answer a waiting `mining.subscribe` with an SV1 error saying why there is no work.
     async fn refuse_subscribe(&mut self, why: &str) {
         if let Some(id) = self.subscribe_id.take() {
-            tracing::warn!(miner = self.id, "telling the miner: {why}");
             let _ = self.line(sv1::error(id, 20, why)).await;
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 use stratum_apps::key_utils::Secp256k1PublicKey;
-use stratum_apps::network_helpers::connect_with_noise;
+use stratum_apps::network_helpers::{connect_with_noise, Error as NetError};
 use stratum_apps::stratum_core::binary_sv2::{Seq064KOwned, Str0255Owned, U256Owned};
 use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
 use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
@@ -92,6 +92,13 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+/// `OpenMiningChannelError` codes that say "not now" rather than "never": the proxy retries.
+const TRANSIENT_CHANNEL_ERRORS: &[&str] = &[
+    "no-template-yet",
+    "internal-error",
+    "min-extranonce-size-too-large",
+];
+
 fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
     Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("string too long: {e:?}"))
 }
@@ -116,11 +123,18 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
     tcp.set_nodelay(true)?;
     let stream = connect_with_noise(tcp, Some(p.authority))
         .await
-        .map_err(|e| {
-            Refused(format!(
-                "noise handshake with {} failed (wrong authority key?): {e:?}",
-                p.address
-            ))
+        .map_err(|e| match e {
+            // The pool's certificate did not verify against the configured key, or what came
+            // back was no Noise handshake: retrying will not change that.
+            NetError::CodecError(_) | NetError::HandshakeRemoteInvalidMessage => {
+                anyhow::Error::new(Refused(format!(
+                    "noise handshake with {} failed: its certificate does not verify against \
+                     pool_authority_public_key (wrong authority key?): {e:?}",
+                    p.address
+                )))
+            }
+            // Closed or timed out (a pool at its connection limit, restarting, or slow).
+            e => anyhow!("noise handshake with {} did not finish: {e:?}", p.address),
         })?;
     let (mut reader, mut writer) = stream.into_split();
     let (in_tx, mut raw_in) = mpsc::channel::<AnyMessageOwned>(1024);
@@ -263,11 +277,11 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
                 };
             }
             Some(AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e))) => {
-                return Err(Refused(format!(
-                    "pool refused the channel: {}",
-                    String::from_utf8_lossy(e.error_code.as_bytes())
-                ))
-                .into())
+                let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
+                if TRANSIENT_CHANNEL_ERRORS.contains(&code.as_str()) {
+                    bail!("pool could not open the channel now: {code}");
+                }
+                return Err(Refused(format!("pool refused the channel: {code}")).into());
             }
             Some(other) => tracing::debug!("ignoring {other:?} before the channel opened"),
             None => bail!("pool closed the connection while opening the channel"),

@@ -1,7 +1,8 @@
 //! Cucumber runner: `cargo test -p scenarios --test scenarios -- [--tags EXPR] [cucumber options]`.
 //!
-//! Prints cucumber's output, writes JUnit XML to `target/scenarios/junit.xml`, ends with a
-//! table of scenario durations, keeps the data directory of every failed scenario.
+//! Prints cucumber's output, writes JUnit XML to `target/scenarios/junit.xml` (a shard, with
+//! `HASHPOOL_SCENARIO_SHARD=INDEX/COUNT`: `junit-shard-INDEX-of-COUNT.xml`), ends with a table
+//! of scenario durations, keeps the data directory of every failed scenario.
 
 mod steps;
 mod world;
@@ -58,6 +59,19 @@ async fn run() -> anyhow::Result<()> {
     let reports = report_dir();
     std::fs::create_dir_all(&reports)?;
     let shard = scenarios::Shard::from_env().map_err(anyhow::Error::msg)?;
+    // cucumber skips a custom filter when --tags or --name is given: a shard would run all.
+    if shard.is_some()
+        && std::env::args().any(|a| {
+            ["--tags", "-t", "--name", "-n"]
+                .iter()
+                .any(|f| a == *f || a.starts_with(&format!("{f}=")))
+        })
+    {
+        anyhow::bail!(
+            "{} cannot be combined with --tags or --name: a shard is a slice of all scenarios",
+            scenarios::Shard::ENV
+        );
+    }
     let junit_path =
         reports.join(shard.map_or_else(|| "junit.xml".to_string(), |s| s.junit_name()));
     let slice = match shard {
@@ -142,15 +156,19 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scenarios/features` of the checkout being tested (runtime `CARGO_MANIFEST_DIR`; the
-/// compile-time one can name another checkout sharing the target directory).
-/// A feature's file name (the shard order's first key).
+/// A feature's file, relative to the features directory (the shard order's first key).
 fn feature_file(feature: &cucumber::gherkin::Feature) -> String {
+    let dir = features_dir();
     feature
         .path
         .as_ref()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(|p| {
+            p.strip_prefix(&dir)
+                .or_else(|_| p.strip_prefix(dir.canonicalize().unwrap_or_default()))
+                .unwrap_or(p)
+                .display()
+                .to_string()
+        })
         .unwrap_or_default()
 }
 
@@ -192,6 +210,8 @@ async fn shard_slice(
         .collect())
 }
 
+/// `scenarios/features` of the checkout being tested (runtime `CARGO_MANIFEST_DIR`; the
+/// compile-time one can name another checkout sharing the target directory).
 fn features_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_MANIFEST_DIR")
         .map(std::path::PathBuf::from)
@@ -255,7 +275,7 @@ fn refuse_stale_roles() -> anyhow::Result<()> {
 }
 
 /// Report backends and strays, and build the chain caches before any scenario starts, so
-/// scenario durations do not include a one-off pre-mine.
+/// scenario durations do not include loading the chain fixtures once.
 async fn prepare(config: &HarnessConfig) -> anyhow::Result<()> {
     refuse_stale_roles()?;
     for (pid, cmd, dir) in stray_processes(&config.run_dir) {

@@ -41,6 +41,41 @@ async fn cut_before_ack(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[when(expr = "the sniffer delays every message by {int} ms")]
+async fn delay_all(w: &mut HarnessWorld, ms: u64) -> anyhow::Result<()> {
+    w.default_stack()?
+        .sniffer()?
+        .set_fault(Fault::Delay(Duration::from_millis(ms)));
+    Ok(())
+}
+
+#[when("the sniffer passes every message again")]
+async fn pass_all(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.sniffer()?.set_fault(Fault::Pass);
+    Ok(())
+}
+
+#[when("the sniffer cuts every connection")]
+async fn cut_all(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.sniffer()?.cut_all();
+    Ok(())
+}
+
+#[then(expr = "the sniffer saw a share answered only after {int} ms")]
+async fn saw_delayed_answer(w: &mut HarnessWorld, ms: u64) -> anyhow::Result<()> {
+    // The sniffer holds a share `ms` before the pool sees it, so the pool's answer reaches the
+    // sniffer at least `ms` after the share did.
+    let sniffer = w.default_stack()?.sniffer()?;
+    let gap = Duration::from_millis(ms);
+    sniffer
+        .wait_until(
+            "a share whose answer reached the proxy late",
+            FLOW_TIMEOUT,
+            |log| render::delayed_answer(log, gap).then_some(()),
+        )
+        .await
+}
+
 #[then(
     expr = "the cut share has one ehash:shares record with proxy {string}'s key if the pool accepted it, and none if it refused it"
 )]
@@ -77,6 +112,12 @@ async fn cut_share_recorded_once(w: &mut HarnessWorld, proxy: String) -> anyhow:
                 matching[0].locking_pubkey
             );
         }
+        // A duplicate's record is the earlier share's; every other refusal writes nothing.
+        Some(code) if code == "duplicate-share" => anyhow::ensure!(
+            matching.len() == 1,
+            "the cut share was refused as a duplicate but {} records match it",
+            matching.len()
+        ),
         Some(code) => anyhow::ensure!(
             matching.is_empty(),
             "the pool refused the cut share ({code}) but it has a record"
@@ -95,10 +136,7 @@ async fn flow_snapshot(w: &mut HarnessWorld, flow: String) -> anyhow::Result<()>
                 .wait_until(
                     "SetupConnection and RequestExtensions answered",
                     FLOW_TIMEOUT,
-                    |log| {
-                        let f = render::extension_negotiation(log, 1);
-                        (f.len() >= 4).then(|| render::render(&f))
-                    },
+                    |log| render::extension_negotiation(log, 1).map(|f| render::render(&f)),
                 )
                 .await?
         }
