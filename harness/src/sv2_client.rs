@@ -26,6 +26,12 @@ pub struct Sv2Client {
     writer: NoiseTcpWriteHalf,
 }
 
+impl std::fmt::Debug for Sv2Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sv2Client")
+    }
+}
+
 /// A channel the client opened, with its first job.
 #[derive(Debug, Clone)]
 pub struct OpenChannel {
@@ -92,6 +98,12 @@ impl Sv2Client {
 
     /// `SetupConnection` and an extended channel without ehash; waits for the first job.
     pub async fn open_channel(&mut self) -> anyhow::Result<OpenChannel> {
+        self.setup().await?;
+        self.open_extended(7).await
+    }
+
+    /// `SetupConnection` for the mining protocol; waits for `SetupConnectionSuccess`.
+    pub async fn setup(&mut self) -> anyhow::Result<()> {
         self.send(AnyMessageOwned::Common(
             CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
                 protocol: Protocol::MiningProtocol,
@@ -109,12 +121,18 @@ impl Sv2Client {
         .await?;
         let t = Duration::from_secs(5);
         match self.recv(t).await? {
-            AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}
+            AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => Ok(()),
             other => bail!("SetupConnection answered with {other:?}"),
         }
+    }
+
+    /// Open an extended channel without ehash on a set-up connection; waits for its first
+    /// job and `SetNewPrevHash`. A refusal is an error naming the SV2 code.
+    pub async fn open_extended(&mut self, request_id: u32) -> anyhow::Result<OpenChannel> {
+        let t = Duration::from_secs(5);
         self.send(AnyMessageOwned::Mining(
             MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
-                request_id: 7,
+                request_id,
                 user_identity: s0255("sv2-test-client")?,
                 nominal_hash_rate: 1.0e6,
                 max_target: U256Owned::from([0xff; 32]),
@@ -154,6 +172,17 @@ impl Sv2Client {
             ntime: ntime.unwrap_or_default(),
             version,
         })
+    }
+
+    /// `CloseChannel` for `channel_id`.
+    pub async fn close_channel(&mut self, channel_id: u32) -> anyhow::Result<()> {
+        self.send(AnyMessageOwned::Mining(MiningOwned::CloseChannel(
+            stratum_apps::stratum_core::mining_sv2::CloseChannelOwned {
+                channel_id,
+                reason_code: s0255("done")?,
+            },
+        )))
+        .await
     }
 
     /// A frame with a valid header but a payload that decodes as nothing (encrypted properly).

@@ -38,7 +38,7 @@ pub enum Close {
     PeerGone(String),
     /// A frame above `limits.max_message_bytes`.
     Oversize(usize),
-    /// No channel opened within `limits.handshake_deadline_ms`.
+    /// Noise handshake and `SetupConnection` not done within `limits.handshake_deadline_ms`.
     HandshakeDeadline,
     /// Nothing received for `limits.idle_timeout_secs`.
     Idle,
@@ -150,9 +150,11 @@ pub async fn serve(
     templates.mark_unchanged();
     let mut vardiff =
         tokio::time::interval(Duration::from_secs(ctx.config.vardiff_interval_secs.max(1)));
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    // 0: a quiet, set-up connection is never cut (TCP keepalive finds dead peers).
+    let idle =
+        (limits.idle_timeout_secs > 0).then(|| Duration::from_secs(limits.idle_timeout_secs));
     let mut last_frame = Instant::now();
-    let channel_deadline = tokio::time::Instant::from_std(accepted_at + deadline);
+    let setup_deadline = tokio::time::Instant::from_std(accepted_at + deadline);
     tracing::debug!(conn = id, %peer, "handshake done");
 
     let close = loop {
@@ -189,8 +191,8 @@ pub async fn serve(
                     break close;
                 }
             }
-            _ = tokio::time::sleep_until(channel_deadline), if conn.channels.is_empty() => break Close::HandshakeDeadline,
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(last_frame + idle)) => break Close::Idle,
+            _ = tokio::time::sleep_until(setup_deadline), if !conn.setup_done => break Close::HandshakeDeadline,
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(last_frame + idle.unwrap_or_default())), if idle.is_some() => break Close::Idle,
         }
     };
     // Answer shares already validated and being recorded, so none is left unanswered.

@@ -42,7 +42,8 @@ pub struct PoolMetrics {
     pub redis_resolved: IntCounterVec,
     /// Connections closed by the pool, by reason (limits and protocol errors).
     pub disconnects: IntCounterVec,
-    /// Connections refused at accept time, by reason.
+    /// Refusals by a connection limit, by reason: `connections-per-ip` at accept, and
+    /// `channels-per-connection` for a channel past `limits.max_channels_per_connection`.
     pub refused: IntCounterVec,
     /// Job declarations, by result (`accepted` or the SV2 error code).
     pub declarations: IntCounterVec,

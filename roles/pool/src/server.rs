@@ -39,6 +39,7 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        keepalive(&tcp);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let stop = stop.clone();
@@ -63,5 +64,19 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
         .is_err()
     {
         tracing::warn!("connections did not finish within 5 s of shutdown");
+    }
+}
+
+/// TCP keepalive on an accepted socket: probes after 60 s without traffic, every 10 s, and 3
+/// unanswered probes close it, so a peer that vanished is found without an idle timeout that
+/// would also cut quiet, healthy SV2 clients.
+fn keepalive(tcp: &tokio::net::TcpStream) {
+    use std::time::Duration;
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!("TCP keepalive not set: {e}");
     }
 }

@@ -25,6 +25,9 @@ use crate::channel::{clamp_target, ChannelState};
 use crate::connection::{Close, Connection};
 use crate::limits::TokenBucket;
 
+/// SV2 error code for a channel past `limits.max_channels_per_connection`.
+pub const ERROR_TOO_MANY_CHANNELS: &str = "too-many-channels";
+
 /// The only Stratum V2 protocol version the pool speaks.
 const PROTOCOL_VERSION: u16 = 2;
 
@@ -148,6 +151,14 @@ impl Connection {
         tlvs: &[Tlv],
     ) -> Result<Vec<MiningOwned>, String> {
         let ctx = self.ctx.clone();
+        let cap = ctx.config.limits.max_channels_per_connection;
+        if self.channels.len() >= cap {
+            ctx.metrics
+                .refused
+                .with_label_values(&["channels-per-connection"])
+                .inc();
+            return Err(ERROR_TOO_MANY_CHANNELS.into());
+        }
         let locking_pubkey = match tlvs.iter().find(|t| {
             t.r#type.extension_type == EHASH_EXTENSION_TYPE
                 && t.r#type.field_type == LOCKING_PUBKEY_FIELD

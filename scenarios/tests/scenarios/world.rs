@@ -73,6 +73,8 @@ pub struct HarnessWorld {
     pub redeem_in_flight: Option<tokio::task::JoinHandle<Result<(u16, String), String>>>,
     /// The share the SV2 sniffer cut before its answer.
     pub cut_share: Option<harness::sniffer::CutShare>,
+    /// Plain SV2 clients (no ehash) a scenario holds open, by name.
+    pub sv2_clients: BTreeMap<String, harness::sv2_client::Sv2Client>,
 }
 
 impl HarnessWorld {
@@ -105,6 +107,7 @@ impl HarnessWorld {
             channel_before: HashMap::new(),
             redeem_in_flight: None,
             cut_share: None,
+            sv2_clients: BTreeMap::new(),
         })
     }
 

@@ -121,10 +121,18 @@ pub struct PoolLimits {
     pub max_shares_per_sec: f64,
     /// Share submissions allowed in a burst above the sustained rate.
     pub share_burst: f64,
-    /// Time from TCP accept to an open channel, milliseconds.
+    /// Time from TCP accept to a finished Noise handshake and `SetupConnection`, milliseconds.
+    /// A set-up connection is not cut for having no channel (an SV2 proxy waits for its first
+    /// miner, or keeps its connection after its last one left).
     pub handshake_deadline_ms: u64,
-    /// A connection that sends nothing for this long is closed, seconds.
+    /// A connection that sends nothing for this long is closed, seconds; 0 (the default):
+    /// never, since a set-up client with a quiet channel is healthy. Dead peers are found by
+    /// TCP keepalive (probes after 60 s idle, every 10 s, 3 unanswered close the socket).
     pub idle_timeout_secs: u64,
+    /// Channels one connection may hold open; one more is refused with
+    /// `too-many-channels`. Keep `max_connections_per_ip x max_channels_per_connection` below
+    /// the pool's 65,536 channel slots (2 bytes of channel index in the extranonce).
+    pub max_channels_per_connection: usize,
 }
 
 impl Default for PoolConfig {
@@ -181,7 +189,8 @@ impl Default for PoolLimits {
             max_shares_per_sec: 200.0,
             share_burst: 400.0,
             handshake_deadline_ms: 10_000,
-            idle_timeout_secs: 300,
+            idle_timeout_secs: 0,
+            max_channels_per_connection: 512,
         }
     }
 }
@@ -218,6 +227,9 @@ impl PoolConfig {
             return Err(
                 "`limits.max_shares_per_sec` must be > 0 and `limits.share_burst` >= 1".into(),
             );
+        }
+        if self.limits.max_channels_per_connection == 0 {
+            return Err("`limits.max_channels_per_connection` must be at least 1".into());
         }
         if self.redis.batch_max == 0 {
             return Err("`redis.batch_max` must be at least 1".into());

@@ -119,7 +119,11 @@ async fn connection(
         .await
         .map_err(|e| anyhow::anyhow!("noise handshake: {e:?}"))?;
     let (mut reader, mut writer) = stream.into_split();
-    let idle = Duration::from_secs(ctx.config.limits.idle_timeout_secs);
+    // 0: no idle limit (as on the mining port).
+    let idle = match ctx.config.limits.idle_timeout_secs {
+        0 => Duration::MAX,
+        secs => Duration::from_secs(secs),
+    };
     let send = |m: AnyMessageOwned| {
         OutboundFrame::from_message(m).map_err(|e| anyhow::anyhow!("encode: {e:?}"))
     };

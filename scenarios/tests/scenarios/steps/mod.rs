@@ -7,6 +7,7 @@ mod forged;
 mod fraud;
 mod lightning;
 pub mod mining;
+mod network;
 pub mod redemption;
 mod redemption_faults;
 mod redis;

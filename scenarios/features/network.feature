@@ -1,0 +1,30 @@
+@network @serial
+Feature: Hostile networks and standard clients: the pool protects itself without cutting well-behaved SV2 clients
+
+  A standard SV2 client (SRI's translator, for one) keeps its upstream connection while it
+  waits for its first miner, after its last miner leaves, and with a quiet channel. The pool's
+  deadline protects it from connections that never finish the Noise handshake and
+  SetupConnection; a set-up connection is not cut for having no channel or for being quiet.
+
+  Background:
+    Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to open a channel
+    And the pool will allow 4 channels per connection
+    And a signet stack with a pool
+    And a proxy "alice" with a locking key
+    And an honest miner "honest" behind proxy "alice"
+
+  Scenario: a set-up connection with no channel, or whose last channel was closed, outlives the deadline
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    And a plain SV2 client "waiting" sets up its connection and opens no channel
+    And a plain SV2 client "closed" opens a channel and closes it
+    Then after twice the pool's channel deadline plain SV2 client "waiting" still opens a channel
+    And after twice the pool's channel deadline plain SV2 client "closed" still opens a channel
+    And miner "honest" gets 3 more shares accepted
+
+  Scenario: a connection opening channels past the cap gets too-many-channels; the others are unaffected
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    Then plain SV2 client "greedy" opens 4 channels and the next one is refused with "too-many-channels"
+    And the pool counted a "channels-per-connection" refusal
+    And miner "honest" gets 3 more shares accepted
