@@ -16,7 +16,8 @@ pub struct TreeMemory {
     pub pss: u64,
 }
 
-fn parent_of(pid: u32) -> Option<u32> {
+/// The parent pid of `pid`, from `/proc/<pid>/stat`.
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -31,6 +32,11 @@ fn kb_field(path: &str, key: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// Peak resident set size of process `pid` (`VmHWM`), bytes; 0 if it is gone.
+pub fn peak_rss(pid: u32) -> u64 {
+    kb_field(&format!("/proc/{pid}/status"), "VmHWM:")
 }
 
 /// The descendants of `root` (not `root` itself) and their memory now.

@@ -28,3 +28,18 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     Then plain SV2 client "greedy" opens 4 channels and the next one is refused with "too-many-channels"
     And the pool counted a "channels-per-connection" refusal
     And miner "honest" gets 3 more shares accepted
+
+  Scenario: a miner streaming 10 MB without a newline is closed alone; the proxy's memory stays bounded
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    And a client streams 10 MB without a newline to proxy "alice"
+    Then proxy "alice" logged "without a newline"
+    And proxy "alice" peaked below 64 MB of memory
+    And miner "honest" gets 3 more shares accepted
+
+  Scenario: 500 silent SV1 sockets on one proxy: a new miner of the same operator still connects and mines, and the silent ones are closed
+    When miner "honest" has 3 accepted shares
+    And 500 SV1 sockets connect to proxy "alice" and say nothing
+    And an honest miner "late" starts behind proxy "alice"
+    Then miner "late" has 3 accepted shares
+    And the proxy closes the silent sockets at its subscribe deadline

@@ -26,6 +26,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
 /// | `upstream_wait_secs` | 30 | how long a miner waits for the pool before it is disconnected |
 /// | `open_timeout_ms` | 10000 | TCP connect, Noise handshake and channel opening at the pool, together |
+/// | `subscribe_timeout_ms` | 10000 | a miner that sends no `mining.subscribe` this long after connecting is closed (its pool channel is opened only once it subscribes) |
 /// | `template_source` | `pool` | `pool`: mine the pool's templates; `miner`: build templates from `[node]`, declare them at `jd_address` and mine them as custom jobs |
 /// | `jd_address` | (empty) | the pool's job declaration address (`template_source = "miner"`) |
 /// | `[node]` | | the operator's own bitcoind (`template_source = "miner"`): `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms` (200) |
@@ -53,6 +54,8 @@ pub struct ProxyConfig {
     pub upstream_wait_secs: u64,
     /// Time for TCP connect, Noise handshake and channel opening together, milliseconds.
     pub open_timeout_ms: u64,
+    /// Time from a miner's connect to its `mining.subscribe`, milliseconds.
+    pub subscribe_timeout_ms: u64,
     /// The locking key's secret (hex); needed by the wallet.
     pub locking_secret_key: Secret<String>,
     /// Mint URL; empty means no wallet.
@@ -114,6 +117,7 @@ impl Default for ProxyConfig {
             reconnect_max_ms: 5000,
             upstream_wait_secs: 30,
             open_timeout_ms: 10_000,
+            subscribe_timeout_ms: 10_000,
             locking_secret_key: Secret::new(String::new()),
             mint_url: String::new(),
             data_dir: "proxy-data".into(),
@@ -138,6 +142,9 @@ impl ProxyConfig {
         }
         if self.open_timeout_ms == 0 {
             return Err("`open_timeout_ms` must be at least 1".into());
+        }
+        if self.subscribe_timeout_ms == 0 {
+            return Err("`subscribe_timeout_ms` must be at least 1".into());
         }
         if !(self.nominal_hashrate >= 0.0 && self.nominal_hashrate.is_finite()) {
             return Err("`nominal_hashrate` must be a non-negative number".into());

@@ -132,6 +132,9 @@ impl ProxyRole {
             wallet_poll_ms: wallet.as_ref().map(|w| w.poll_ms).unwrap_or(1000),
             // Stretched on a slow machine like every other wait.
             open_timeout_ms: crate::wait::scaled(Duration::from_secs(10)).as_millis() as u64,
+            // Harness miners subscribe at once; a silent socket is let go sooner than in
+            // production so the scenario that opens hundreds of them stays short.
+            subscribe_timeout_ms: crate::wait::scaled(Duration::from_secs(3)).as_millis() as u64,
             template_source: if declare.is_some() { "miner" } else { "pool" }.into(),
             jd_address: if declare.is_some() {
                 pool.jd_addr.clone()

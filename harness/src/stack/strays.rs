@@ -6,11 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::{StackSummary, SUMMARY_FILE};
 
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
+use crate::memory::parent_of;
 
 /// Whether the harness that wrote `summary` still runs it: one of its roles is alive and the
 /// harness's child, or (no role alive) the harness process exists.

@@ -15,7 +15,7 @@ use stratum_apps::stratum_core::mining_sv2::{
     SubmitSharesExtendedOwned,
 };
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -57,6 +57,8 @@ struct Session {
     next_request: u32,
     /// Why the pool refused this proxy: a subscribe is answered with it, then the miner closed.
     refused: Option<String>,
+    /// The miner sent `mining.subscribe` (its pool channel is opened from then on).
+    asked_to_subscribe: bool,
     shared: Arc<ProxyShared>,
 }
 
@@ -71,7 +73,7 @@ fn log_end(id: u64, peer: SocketAddr, why: &str, s: &Session) {
 /// Serve one miner until it disconnects, sends malformed input, or the upstream cannot be had.
 pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, id: u64) {
     let (read, write) = tcp.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = sv1::LineReader::new(read, MAX_LINE);
     let mut s = Session {
         id,
         write,
@@ -96,11 +98,16 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
         custom_pending: HashMap::new(),
         next_request: 0,
         refused: None,
+        asked_to_subscribe: false,
         shared: shared.clone(),
     };
     let cfg = &shared.config;
     let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
-    let mut reconnect_at = Some(tokio::time::Instant::now());
+    // The pool channel is opened once the miner subscribes: a socket that says nothing costs
+    // the pool nothing, and is closed at the subscribe deadline.
+    let mut reconnect_at: Option<tokio::time::Instant> = None;
+    let subscribe_deadline =
+        tokio::time::Instant::now() + Duration::from_millis(cfg.subscribe_timeout_ms);
     let mut waiting_since = Instant::now();
     let mut refused_close: Option<tokio::time::Instant> = None;
     let why = loop {
@@ -108,18 +115,29 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
             _ = tokio::time::sleep_until(refused_close.unwrap_or_else(tokio::time::Instant::now)), if refused_close.is_some() => {
                 break s.refused.clone().unwrap_or_default();
             }
+            _ = tokio::time::sleep_until(subscribe_deadline), if !s.asked_to_subscribe => {
+                break format!("no mining.subscribe within {} ms", cfg.subscribe_timeout_ms);
+            }
             line = lines.next_line() => match line {
-                Ok(Some(line)) if line.len() > MAX_LINE => break format!("line of {} bytes (limit {MAX_LINE})", line.len()),
                 Ok(Some(line)) if line.trim().is_empty() => {}
                 Ok(Some(line)) => match sv1::parse_request(&line) {
-                    Ok(req) => if let Err(e) = s.on_request(req).await { break e },
+                    Ok(req) => {
+                        if let Err(e) = s.on_request(req).await { break e }
+                        if s.asked_to_subscribe && s.upstream.is_none() && reconnect_at.is_none() && refused_close.is_none() {
+                            reconnect_at = Some(tokio::time::Instant::now());
+                            waiting_since = Instant::now();
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(miner = id, %peer, "malformed SV1 input ({e}): closing this miner's connection");
                         break format!("malformed input: {e}");
                     }
                 },
                 Ok(None) => break "miner disconnected".into(),
-                Err(e) => break format!("read error: {e}"),
+                Err(e) => {
+                    tracing::warn!(miner = id, %peer, "{e}: closing this miner's connection");
+                    break e;
+                }
             },
             Some(work) = recv_declared(&mut s.declared), if s.declared.is_some() => {
                 if let Err(e) = s.on_declared(work) { break e }
@@ -225,6 +243,7 @@ impl Session {
             }
             "mining.subscribe" => {
                 self.subscribe_id = Some(r.id);
+                self.asked_to_subscribe = true;
                 if let Some(why) = self.refused.clone() {
                     self.refuse_subscribe(&why).await;
                     return Err(why);

@@ -160,6 +160,58 @@ pub fn parse_submit(params: &[Value]) -> Result<Submit, String> {
     })
 }
 
+/// SV1 lines of at most `max` bytes. A longer line is refused as soon as `max + 1`
+/// bytes came without a newline, so a miner cannot make the proxy buffer without bound. Safe
+/// to cancel in `select!`: bytes read so far stay in `buf`.
+pub struct LineReader {
+    inner: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl LineReader {
+    /// Read lines of at most `max` bytes from `read`.
+    pub fn new(read: tokio::net::tcp::OwnedReadHalf, max: usize) -> Self {
+        Self {
+            inner: tokio::io::BufReader::new(read),
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next line (without its newline), `None` at end of stream.
+    pub async fn next_line(&mut self) -> Result<Option<String>, String> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        loop {
+            let room = (self.max + 1).saturating_sub(self.buf.len());
+            if room == 0 {
+                return Err(format!(
+                    "line over {} bytes without a newline (malformed SV1 input)",
+                    self.max
+                ));
+            }
+            let n = (&mut self.inner)
+                .take(room as u64)
+                .read_until(b'\n', &mut self.buf)
+                .await
+                .map_err(|e| format!("read error: {e}"))?;
+            if self.buf.last() == Some(&b'\n') {
+                let mut line = std::mem::take(&mut self.buf);
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return String::from_utf8(line)
+                    .map(Some)
+                    .map_err(|_| "malformed SV1 input: a line is not UTF-8".to_string());
+            }
+            if n == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,6 +73,8 @@ pub struct HarnessWorld {
     pub redeem_in_flight: Option<tokio::task::JoinHandle<Result<(u16, String), String>>>,
     /// The share the SV2 sniffer cut before its answer.
     pub cut_share: Option<harness::sniffer::CutShare>,
+    /// SV1 sockets a scenario holds open without a word.
+    pub silent_sockets: Vec<tokio::net::TcpStream>,
     /// Plain SV2 clients (no ehash) a scenario holds open, by name.
     pub sv2_clients: BTreeMap<String, harness::sv2_client::Sv2Client>,
 }
@@ -108,6 +110,7 @@ impl HarnessWorld {
             redeem_in_flight: None,
             cut_share: None,
             sv2_clients: BTreeMap::new(),
+            silent_sockets: Vec::new(),
         })
     }
 

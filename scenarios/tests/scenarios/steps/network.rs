@@ -105,3 +105,115 @@ async fn counted_refusal(w: &mut HarnessWorld, reason: String) -> anyhow::Result
     )
     .await
 }
+
+#[when(expr = "a client streams {int} MB without a newline to proxy {string}")]
+async fn stream_without_newline(
+    w: &mut HarnessWorld,
+    mb: usize,
+    proxy: String,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = w.default_stack()?.proxy(&proxy)?.sv1_addr.clone();
+    let mut s = tokio::net::TcpStream::connect(&addr).await?;
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    let mut closed = false;
+    while sent < mb * 1024 * 1024 {
+        if s.write_all(&chunk).await.is_err() {
+            closed = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    if !closed {
+        // Everything was written: the proxy must still close this connection.
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(harness::wait::scaled(Duration::from_secs(10)), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        anyhow::ensure!(
+            read.is_ok(),
+            "proxy {proxy} kept a connection that sent {mb} MB without a newline"
+        );
+    }
+    Ok(())
+}
+
+#[then(expr = "proxy {string} peaked below {int} MB of memory")]
+async fn proxy_peak(w: &mut HarnessWorld, proxy: String, mb: u64) -> anyhow::Result<()> {
+    let pid = w
+        .default_stack()?
+        .proxy(&proxy)?
+        .process()
+        .pid()
+        .context("the proxy is not running")?;
+    let peak = harness::memory::peak_rss(pid);
+    anyhow::ensure!(
+        peak < mb * 1024 * 1024,
+        "proxy {proxy} peaked at {} MB of resident memory (bound {mb} MB)",
+        peak / 1024 / 1024
+    );
+    Ok(())
+}
+
+#[when(expr = "{int} SV1 sockets connect to proxy {string} and say nothing")]
+async fn silent_sockets(w: &mut HarnessWorld, n: usize, proxy: String) -> anyhow::Result<()> {
+    let addr = w.default_stack()?.proxy(&proxy)?.sv1_addr.clone();
+    let mut sockets = Vec::with_capacity(n);
+    for i in 0..n {
+        sockets.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .with_context(|| format!("silent socket {i} of {n}"))?,
+        );
+    }
+    w.silent_sockets = sockets;
+    Ok(())
+}
+
+#[then("the proxy closes the silent sockets at its subscribe deadline")]
+async fn silent_closed(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let sockets = std::mem::take(&mut w.silent_sockets);
+    let n = sockets.len();
+    let wait = harness::wait::scaled(Duration::from_secs(20));
+    let mut open = 0;
+    for mut s in sockets {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(wait, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        if closed.is_err() {
+            open += 1;
+        }
+    }
+    anyhow::ensure!(
+        open == 0,
+        "{open} of {n} silent sockets still open after {wait:?}"
+    );
+    Ok(())
+}
+
+#[when(expr = "an honest miner {string} starts behind proxy {string}")]
+async fn honest_starts(w: &mut HarnessWorld, name: String, proxy: String) -> anyhow::Result<()> {
+    crate::steps::mining::start_miner(
+        w,
+        &name,
+        &proxy,
+        "honest",
+        Some(crate::steps::mining::CAPPED_HASHRATE),
+    )
+    .await
+}
