@@ -37,6 +37,8 @@ pub struct ProcessSpec {
     pub env: Vec<(OsString, OsString)>,
     /// Working directory; `stdout.log` and `stderr.log` are written here.
     pub dir: PathBuf,
+    /// Soft and hard `RLIMIT_NOFILE` for the process (as `ulimit -n` would set), if given.
+    pub nofile_limit: Option<u64>,
 }
 
 impl ProcessSpec {
@@ -48,7 +50,14 @@ impl ProcessSpec {
             args: Vec::new(),
             env: Vec::new(),
             dir: dir.to_path_buf(),
+            nofile_limit: None,
         }
+    }
+
+    /// Start the process with at most `n` open descriptors (`ulimit -n n`).
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.nofile_limit = Some(n);
+        self
     }
 
     /// Append an argument.
@@ -240,7 +249,7 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<Running> {
         .stdout(stdout)
         .stderr(stderr)
         .process_group(0);
-    set_parent_death_signal(&mut command);
+    set_parent_death_signal(&mut command, spec.nofile_limit);
 
     let (reply_tx, reply_rx) = mpsc::channel();
     spawner()
@@ -277,16 +286,25 @@ pub fn spawn(spec: &ProcessSpec) -> anyhow::Result<Running> {
 }
 
 #[allow(unsafe_code)]
-fn set_parent_death_signal(command: &mut Command) {
+fn set_parent_death_signal(command: &mut Command, nofile: Option<u64>) {
     let parent = std::process::id() as i32;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-    // system calls (prctl, getppid).
+    // system calls (prctl, getppid, setrlimit).
     unsafe {
         command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             if nix::unistd::getppid().as_raw() != parent {
                 // The harness died before prctl took effect.
                 return Err(std::io::Error::other("harness exited during spawn"));
+            }
+            if let Some(n) = nofile {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -9,6 +9,8 @@ Feature: Hostile networks and standard clients: the pool protects itself without
   Background:
     Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to open a channel
     And the pool will allow 4 channels per connection
+    And the pool runs with a descriptor limit of 128
+    And the pool will allow 10 new connections per second per address, 20 at once
     And a signet stack with a pool
     And a proxy "alice" with a locking key
     And an honest miner "honest" behind proxy "alice"
@@ -43,3 +45,23 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     And an honest miner "late" starts behind proxy "alice"
     Then miner "late" has 3 accepted shares
     And the proxy closes the silent sockets at its subscribe deadline
+
+  # With 128 descriptors the pool caps client connections at 64 (it keeps 64 for bitcoind,
+  # Redis and /health), so the descriptors never run out under it.
+  Scenario: the pool at its connection cap, set by its descriptor limit, refuses without spinning, keeps templates fresh and /health answering
+    When miner "honest" has 3 accepted shares
+    And 120 clients connect to the pool from 60 different addresses and wait
+    Then the pool counted a "connections-total" refusal
+    And the pool logged at most 10 refusal or accept-error lines
+    And the pool's /health answers
+    When bitcoind mines a block on the tip
+    Then every miner got work on the new tip
+    When the accepted shares of miner "honest" are counted
+    Then miner "honest" gets 3 more shares accepted
+
+  Scenario: a burst of connections from one address past the rate limit is refused and counted; honest miners are unaffected
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    And 40 clients connect to the pool at once from one address and wait
+    Then the pool counted a "connection-rate" refusal
+    And miner "honest" gets 3 more shares accepted

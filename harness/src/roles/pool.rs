@@ -34,6 +34,8 @@ pub struct PoolOptions {
     /// The address the coinbase pays (default: a fresh one nobody holds the key of); the
     /// pool's Lightning node's address when the stack redeems over Lightning.
     pub payout_address: Option<String>,
+    /// Start the pool with at most this many open descriptors (`ulimit -n`).
+    pub nofile_limit: Option<u64>,
 }
 
 impl Default for PoolOptions {
@@ -43,11 +45,19 @@ impl Default for PoolOptions {
             min_bits: 16,
             shares_per_minute: 600.0,
             vardiff_interval_secs: 5,
-            limits: PoolLimits::default(),
+            // Stacks open many connections from 127.0.0.1 at once (every miner, every test
+            // client, reconnects after a pool restart): the per-source rate is the scenario's
+            // to set (`@network`), not a default that throttles every stack.
+            limits: PoolLimits {
+                max_new_connections_per_sec: 1000.0,
+                new_connection_burst: 1000.0,
+                ..PoolLimits::default()
+            },
             append_timeout_ms: hashpool_config::pool_side::RedisSection::default()
                 .append_timeout_ms,
             redis_via_fault_proxy: false,
             payout_address: None,
+            nofile_limit: None,
         }
     }
 }
@@ -117,10 +127,13 @@ impl PoolRole {
             ..PoolConfig::default()
         };
         let file = write_config(dir, "pool.toml", &config)?;
-        let spec = ProcessSpec::new("pool", &exe, dir)
+        let mut spec = ProcessSpec::new("pool", &exe, dir)
             .arg("--config")
             .arg(&file)
             .env("RUST_LOG", "info,pool=debug");
+        if let Some(n) = opts.nofile_limit {
+            spec = spec.nofile_limit(n);
+        }
         let metrics_addr = config.metrics_listen.clone();
         let probe_addr = metrics_addr.clone();
         let readiness = Readiness {

@@ -9,6 +9,7 @@
 mod block;
 /// Templates from `getblocktemplate` (the shared `sv2-templates` crate).
 pub use sv2_templates as gbt;
+mod admission;
 mod channel;
 mod connection;
 mod custom_job;

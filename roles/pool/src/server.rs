@@ -1,4 +1,4 @@
-//! The accept loop: per-IP connection limit, one task per connection, every close counted.
+//! The accept loop: connection caps and rates, one task per connection, every close counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,37 +7,124 @@ use stratum_apps::tokio_util::sync::CancellationToken;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use std::time::Duration;
+
+use crate::admission::{connection_cap, source_of, ConnectionRate, LogGate, RESERVED_DESCRIPTORS};
 use crate::connection::{self, Close};
 use crate::limits::IpLimiter;
 use crate::PoolContext;
 
+/// First wait after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest wait after failed accepts in a row.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// One open connection in the total count; dropping it releases it.
+struct OpenConnection(Arc<AtomicU64>);
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicU64>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accept connections until `stop` is cancelled, then wait for them to finish.
+///
+/// Refusals, in order: the total cap (never above the descriptor limit minus what the pool
+/// keeps for itself), new connections per second per source, open connections per source.
+/// Each is counted in `hashpool_pool_connections_refused_total{reason}` and logged at most once
+/// a second with how many were not. An accept error (out of descriptors, say) backs off, from
+/// 10 ms doubling to 1 s, instead of retrying at once.
 pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: CancellationToken) {
+    let limits = ctx.config.limits.clone();
     let limiter = Arc::new(IpLimiter::default());
+    let rate = ConnectionRate::new(
+        limits.max_new_connections_per_sec,
+        limits.new_connection_burst,
+    );
+    let (cap, soft) = connection_cap(limits.max_connections);
+    if cap < limits.max_connections {
+        tracing::warn!(
+            "limits.max_connections lowered from {} to {cap}: the descriptor limit is {} and the pool keeps {RESERVED_DESCRIPTORS} for itself (raise it with ulimit -n)",
+            limits.max_connections,
+            soft.unwrap_or_default()
+        );
+    }
+    let open = Arc::new(AtomicU64::new(0));
+    let gates: [LogGate; 4] = std::array::from_fn(|_| LogGate::new(Duration::from_secs(1)));
     let next_id = AtomicU64::new(1);
     let mut tasks = JoinSet::new();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    ctx.metrics.refused.with_label_values(&["accept-error"]).inc();
+                    if let Some(skipped) = gates[0].pass() {
+                        tracing::warn!("accept failed: {e} ({skipped} more since the last line); retrying in {backoff:?}");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
         };
-        let max = ctx.config.limits.max_connections_per_ip;
-        let Some(slot) = limiter.acquire(peer.ip(), max) else {
-            tracing::warn!(%peer, "refused: {max} connections from {} already open", peer.ip());
-            ctx.metrics
-                .refused
-                .with_label_values(&["connections-per-ip"])
-                .inc();
-            drop(tcp);
-            continue;
+        let source = source_of(peer.ip());
+        let refusal = if open.load(Ordering::Relaxed) >= cap as u64 {
+            Some(("connections-total", 1, format!("{cap} connections open")))
+        } else if !rate.allow(source) {
+            Some((
+                "connection-rate",
+                2,
+                format!(
+                    "{source} opens more than {}/s",
+                    limits.max_new_connections_per_sec
+                ),
+            ))
+        } else {
+            None
         };
+        let slot = match refusal {
+            Some(r) => Err(r),
+            None => limiter
+                .acquire(source, limits.max_connections_per_ip)
+                .ok_or((
+                    "connections-per-ip",
+                    3,
+                    format!(
+                        "{} connections from {source} already open",
+                        limits.max_connections_per_ip
+                    ),
+                )),
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err((reason, gate, why)) => {
+                ctx.metrics.refused.with_label_values(&[reason]).inc();
+                if let Some(skipped) = gates[gate].pass() {
+                    tracing::warn!(%peer, reason, "refused: {why} ({skipped} more refused for this reason since the last line)");
+                }
+                drop(tcp);
+                continue;
+            }
+        };
+        let counted = OpenConnection::new(open.clone());
         let _ = tcp.set_nodelay(true);
         keepalive(&tcp);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -48,6 +135,7 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
             let close = connection::serve(ctx.clone(), tcp, peer, id, stop).await;
             ctx.metrics.connections.dec();
             drop(slot);
+            drop(counted);
             match &close {
                 Close::PeerGone(why) => tracing::info!(conn = id, %peer, "connection closed by peer: {why}"),
                 Close::Shutdown => {}
@@ -71,7 +159,6 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
 /// unanswered probes close it, so a peer that vanished is found without an idle timeout that
 /// would also cut quiet, healthy SV2 clients.
 fn keepalive(tcp: &tokio::net::TcpStream) {
-    use std::time::Duration;
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10))

@@ -115,8 +115,15 @@ pub struct RedisSection {
 pub struct PoolLimits {
     /// Largest SV2 message payload accepted, bytes; a bigger one closes the connection.
     pub max_message_bytes: usize,
-    /// Open connections per source IP.
+    /// Open connections, all sources together; lowered at start to the descriptor limit minus
+    /// 64 kept for bitcoind, Redis and `/health`.
+    pub max_connections: usize,
+    /// Open connections per source (an IPv4 address, or an IPv6 /64).
     pub max_connections_per_ip: usize,
+    /// New connections per second per source (sustained); IPv6 counted per /64.
+    pub max_new_connections_per_sec: f64,
+    /// New connections a source may open at once above that rate.
+    pub new_connection_burst: f64,
     /// Share submissions per second per channel (sustained).
     pub max_shares_per_sec: f64,
     /// Share submissions allowed in a burst above the sustained rate.
@@ -185,7 +192,10 @@ impl Default for PoolLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 * 1024,
+            max_connections: 4096,
             max_connections_per_ip: 64,
+            max_new_connections_per_sec: 10.0,
+            new_connection_burst: 20.0,
             max_shares_per_sec: 200.0,
             share_burst: 400.0,
             handshake_deadline_ms: 10_000,
@@ -227,6 +237,16 @@ impl PoolConfig {
             return Err(
                 "`limits.max_shares_per_sec` must be > 0 and `limits.share_burst` >= 1".into(),
             );
+        }
+        if self.limits.max_connections == 0 || self.limits.max_connections_per_ip == 0 {
+            return Err(
+                "`limits.max_connections` and `limits.max_connections_per_ip` must be at least 1"
+                    .into(),
+            );
+        }
+        let rate = self.limits.max_new_connections_per_sec;
+        if rate.is_nan() || rate <= 0.0 || self.limits.new_connection_burst < 1.0 {
+            return Err("`limits.max_new_connections_per_sec` must be > 0 and `limits.new_connection_burst` >= 1".into());
         }
         if self.limits.max_channels_per_connection == 0 {
             return Err("`limits.max_channels_per_connection` must be at least 1".into());

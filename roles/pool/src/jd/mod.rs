@@ -82,7 +82,10 @@ pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: Cancellat
             },
         };
         let (Some(slot), Ok(permit)) = (
-            limiter.acquire(peer.ip(), MAX_CONNECTIONS_PER_IP),
+            limiter.acquire(
+                crate::admission::source_of(peer.ip()),
+                MAX_CONNECTIONS_PER_IP,
+            ),
             open.clone().try_acquire_owned(),
         ) else {
             tracing::warn!(%peer, "job declaration connection refused: {MAX_CONNECTIONS} open, or {MAX_CONNECTIONS_PER_IP} from this address");

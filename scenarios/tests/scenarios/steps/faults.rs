@@ -228,8 +228,17 @@ async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<
         let start = Instant::now();
         let (mut cut_off, mut sent) = (0u32, 0u32);
         while start.elapsed() < window {
-            let mut c = Sv2Client::connect(&addr, &key).await?;
-            let ch = c.open_channel().await?;
+            // A flooder reconnecting at once soon meets the pool's new-connection rate limit:
+            // a refused connection is part of the defence, and the flooder tries again.
+            let opened = async {
+                let mut c = Sv2Client::connect(&addr, &key).await?;
+                let ch = c.open_channel().await?;
+                anyhow::Ok((c, ch))
+            };
+            let Ok((mut c, ch)) = opened.await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
             sent += c.flood(&ch, 1_000_000).await;
             if c.closed_within(Duration::from_secs(5)).await.is_ok() {
                 cut_off += 1;

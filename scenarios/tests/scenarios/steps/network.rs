@@ -217,3 +217,82 @@ async fn honest_starts(w: &mut HarnessWorld, name: String, proxy: String) -> any
     )
     .await
 }
+
+#[given(expr = "the pool will allow {int} connections in all")]
+async fn total_cap(w: &mut HarnessWorld, n: usize) {
+    w.pool_options.limits.max_connections = n;
+}
+
+#[given(expr = "the pool runs with a descriptor limit of {int}")]
+async fn descriptor_limit(w: &mut HarnessWorld, n: u64) {
+    w.pool_options.nofile_limit = Some(n);
+}
+
+/// Connect to the pool from `127.0.0.<first + i % sources>` and hold the sockets.
+async fn hold_connections(
+    w: &mut HarnessWorld,
+    n: usize,
+    first: u8,
+    sources: usize,
+) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = w.default_stack()?.pool()?.sv2_addr.parse()?;
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, first.wrapping_add((i % sources) as u8));
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((ip, 0).into())?;
+        if let Ok(s) = socket.connect(addr).await {
+            w.silent_sockets.push(s);
+        }
+    }
+    Ok(())
+}
+
+#[when(expr = "{int} clients connect to the pool from {int} different addresses and wait")]
+async fn many_sources(w: &mut HarnessWorld, n: usize, sources: usize) -> anyhow::Result<()> {
+    hold_connections(w, n, 20, sources.max(1)).await
+}
+
+#[when(expr = "{int} clients connect to the pool at once from one address and wait")]
+async fn one_source_burst(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    hold_connections(w, n, 9, 1).await
+}
+
+#[then("the pool's /health answers")]
+async fn health_answers(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    let (code, body) =
+        harness::http::get(&pool.metrics_addr, "/health", Duration::from_secs(5)).await?;
+    anyhow::ensure!(code == 200, "/health answered {code}: {body}");
+    Ok(())
+}
+
+#[then(expr = "the pool logged at most {int} refusal or accept-error lines")]
+async fn bounded_refusal_logs(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    let log = std::fs::read_to_string(w.default_stack()?.pool()?.log())?;
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refused:") || l.contains("accept failed"))
+        .count();
+    anyhow::ensure!(
+        lines <= n,
+        "the pool logged {lines} refusal lines (bound {n})"
+    );
+    Ok(())
+}
+
+#[when("bitcoind mines a block on the tip")]
+async fn bitcoind_mines_remembered(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let to = stack.faucet()?.address().clone();
+    let node = stack.bitcoind()?;
+    node.generate_to_address(1, &to).await?;
+    let info = node.chain_info().await?;
+    w.tip_before = Some((info.blocks, info.bestblockhash));
+    Ok(())
+}
+
+#[given(expr = "the pool will allow {int} new connections per second per address, {int} at once")]
+async fn connection_rate(w: &mut HarnessWorld, rate: u32, burst: u32) {
+    w.pool_options.limits.max_new_connections_per_sec = f64::from(rate);
+    w.pool_options.limits.new_connection_burst = f64::from(burst);
+}
