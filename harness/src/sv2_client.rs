@@ -66,6 +66,28 @@ impl Sv2Client {
         Ok(Self { reader, writer })
     }
 
+    /// Like [`connect`](Self::connect), from local address `source` (any `127.x.y.z` works on
+    /// Linux loopback, so a test can play many sources).
+    pub async fn connect_from(
+        addr: &str,
+        authority: &str,
+        source: std::net::Ipv4Addr,
+    ) -> anyhow::Result<Self> {
+        let key =
+            Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        let tcp = socket
+            .connect(addr.parse()?)
+            .await
+            .with_context(|| format!("connect {addr} from {source}"))?;
+        let stream = connect_with_noise(tcp, Some(key))
+            .await
+            .map_err(|e| anyhow!("noise handshake: {e:?}"))?;
+        let (reader, writer) = stream.into_split();
+        Ok(Self { reader, writer })
+    }
+
     /// Send a message.
     pub async fn send(&mut self, msg: AnyMessageOwned) -> anyhow::Result<()> {
         let frame = OutboundFrame::from_message(msg).map_err(|e| anyhow!("encode: {e:?}"))?;

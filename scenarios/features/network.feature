@@ -7,9 +7,9 @@ Feature: Hostile networks and standard clients: the pool protects itself without
   SetupConnection; a set-up connection is not cut for having no channel or for being quiet.
 
   Background:
-    Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to open a channel
+    Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to set up a connection
     And the pool will allow 4 channels per connection
-    And the pool runs with a descriptor limit of 128
+    And the pool runs with a descriptor limit of 256
     And the pool will allow 10 new connections per second per address, 20 at once
     And a signet stack with a pool
     And a proxy "alice" with a locking key
@@ -31,29 +31,36 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     And the pool counted a "channels-per-connection" refusal
     And miner "honest" gets 3 more shares accepted
 
-  Scenario: a miner streaming 10 MB without a newline is closed alone; the proxy's memory stays bounded
+  Scenario: miners streaming 10 MB each without a newline are closed alone; the proxy's memory stays bounded
     When miner "honest" has 3 accepted shares
     And the accepted shares of miner "honest" are counted
-    And a client streams 10 MB without a newline to proxy "alice"
+    And the memory peak of proxy "alice" is remembered
+    And 3 clients each stream 10 MB without a newline to proxy "alice"
     Then proxy "alice" logged "without a newline"
-    And proxy "alice" peaked below 64 MB of memory
+    And the memory peak of proxy "alice" grew by less than 4 MB
     And miner "honest" gets 3 more shares accepted
 
   Scenario: 500 silent SV1 sockets on one proxy: a new miner of the same operator still connects and mines, and the silent ones are closed
     When miner "honest" has 3 accepted shares
     And 500 SV1 sockets connect to proxy "alice" and say nothing
-    And an honest miner "late" starts behind proxy "alice"
+    Then the pool holds no more connections than before them
+    When an honest miner "late" starts behind proxy "alice"
     Then miner "late" has 3 accepted shares
     And the proxy closes the silent sockets at its subscribe deadline
 
-  # With 128 descriptors the pool caps client connections at 64 (it keeps 64 for bitcoind,
-  # Redis and /health), so the descriptors never run out under it.
-  Scenario: the pool at its connection cap, set by its descriptor limit, refuses without spinning, keeps templates fresh and /health answering
+  # With 256 descriptors the pool caps mining connections at 128 (it keeps 128 for job
+  # declaration, bitcoind, Redis and /health), so its descriptors never run out under it.
+  Scenario: at its connection cap, set by its descriptor limit, the pool refuses newcomers, makes room by closing the oldest channel-less connections past the deadline, never an honest miner's, and keeps templates fresh and /health answering
     When miner "honest" has 3 accepted shares
-    And 120 clients connect to the pool from 60 different addresses and wait
+    And 160 plain SV2 clients from 40 addresses set up connections, open no channel and wait
     Then the pool counted a "connections-total" refusal
+    And the pool holds at most 129 connections
     And the pool logged at most 10 refusal or accept-error lines
     And the pool's /health answers
+    When the pool's set-up deadline passes
+    And 10 plain SV2 clients from 5 addresses set up connections, open no channel and wait
+    Then the pool counted a "evicted" refusal
+    And the pool holds at most 129 connections
     When bitcoind mines a block on the tip
     Then every miner got work on the new tip
     When the accepted shares of miner "honest" are counted

@@ -24,6 +24,16 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What the accept loop keeps of a live connection, to make room at the total cap: whether it
+/// holds a channel (the connection updates it), and a token that closes it.
+#[derive(Debug, Clone, Default)]
+pub struct Tracked {
+    /// The connection has at least one open channel.
+    pub has_channel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled to close the connection (`Close::Evicted`).
+    pub evict: stratum_apps::tokio_util::sync::CancellationToken,
+}
+
 /// New connections per second per source: a token bucket each, forgotten once full again.
 #[derive(Debug)]
 pub struct ConnectionRate {
@@ -95,23 +105,37 @@ impl LogGate {
     }
 }
 
-/// Descriptors kept for everything but client connections: bitcoind RPC, Redis, metrics,
-/// job declaration, the listener, logs.
-pub const RESERVED_DESCRIPTORS: u64 = 64;
+/// Descriptors kept for everything but mining connections: job declaration (up to 64
+/// connections), bitcoind RPC, Redis, `/health` and `/metrics`, the listeners, logs.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
 
 /// The total connection cap: `configured`, lowered so that client connections can never take
 /// the descriptors the pool needs for bitcoind, Redis and `/health` (soft `RLIMIT_NOFILE`
-/// minus [`RESERVED_DESCRIPTORS`]). Returns the cap and the soft limit read.
+/// minus [`RESERVED_DESCRIPTORS`]). The soft limit is first raised to the hard one (the
+/// common soft limit of 1024 is a default, not a decision). Returns the cap and the soft limit.
 #[allow(unsafe_code)]
 pub fn connection_cap(configured: usize) -> (usize, Option<u64>) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit writes into the struct we own and has no other effect.
-    let soft = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0
-        && lim.rlim_cur != libc::RLIM_INFINITY)
-        .then_some(lim.rlim_cur);
+    // SAFETY: getrlimit/setrlimit read and write the struct we own and have no other effect.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            None
+        } else {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+        }
+    };
     let cap = match soft {
         Some(soft) => configured.min(soft.saturating_sub(RESERVED_DESCRIPTORS).max(1) as usize),
         None => configured,

@@ -42,6 +42,9 @@ pub enum Close {
     HandshakeDeadline,
     /// Nothing received for `limits.idle_timeout_secs`.
     Idle,
+    /// Closed to admit a new connection at the total cap: the oldest connection past the
+    /// set-up deadline without a channel.
+    Evicted,
     /// Shares above the per-channel rate limit.
     ShareRate(u32),
     /// A message that cannot be decoded or is not allowed now.
@@ -60,6 +63,7 @@ impl Close {
             Close::Oversize(_) => "oversize-message",
             Close::HandshakeDeadline => "handshake-deadline",
             Close::Idle => "idle-timeout",
+            Close::Evicted => "evicted",
             Close::ShareRate(_) => "share-rate-limit",
             Close::Protocol(_) => "protocol-error",
             Close::SlowClient => "slow-client",
@@ -89,6 +93,7 @@ pub async fn serve(
     peer: SocketAddr,
     id: u64,
     stop: CancellationToken,
+    tracked: crate::admission::Tracked,
 ) -> Close {
     let accepted_at = Instant::now();
     let limits = ctx.config.limits.clone();
@@ -160,10 +165,13 @@ pub async fn serve(
     let close = loop {
         tokio::select! {
             _ = stop.cancelled() => break Close::Shutdown,
+            _ = tracked.evict.cancelled() => break Close::Evicted,
             frame = in_rx.recv() => match frame {
                 Some(Ok(mut frame)) => {
                     last_frame = Instant::now();
-                    if let Err(close) = conn.on_frame(&mut frame).await {
+                    let result = conn.on_frame(&mut frame).await;
+                    tracked.has_channel.store(!conn.channels.is_empty(), std::sync::atomic::Ordering::Relaxed);
+                    if let Err(close) = result {
                         break close;
                     }
                 }

@@ -42,8 +42,10 @@ pub struct PoolMetrics {
     pub redis_resolved: IntCounterVec,
     /// Connections closed by the pool, by reason (limits and protocol errors).
     pub disconnects: IntCounterVec,
-    /// Refusals by a connection limit, by reason: `connections-per-ip` at accept, and
-    /// `channels-per-connection` for a channel past `limits.max_channels_per_connection`.
+    /// Refusals by a limit, by reason: at accept `connections-total`, `connection-rate`,
+    /// `connections-per-ip`, `accept-error`; `evicted` (a channel-less connection closed to
+    /// admit a new one at the total cap); `channels-per-connection` for a channel past
+    /// `limits.max_channels_per_connection`.
     pub refused: IntCounterVec,
     /// Job declarations, by result (`accepted` or the SV2 error code).
     pub declarations: IntCounterVec,

@@ -7,9 +7,11 @@ use stratum_apps::tokio_util::sync::CancellationToken;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::admission::{connection_cap, source_of, ConnectionRate, LogGate, RESERVED_DESCRIPTORS};
+use crate::admission::{
+    connection_cap, source_of, ConnectionRate, LogGate, Tracked, RESERVED_DESCRIPTORS,
+};
 use crate::connection::{self, Close};
 use crate::limits::IpLimiter;
 use crate::PoolContext;
@@ -18,6 +20,27 @@ use crate::PoolContext;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest wait after failed accepts in a row.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Live connections by id (accept order, so the first is the oldest), with when they came.
+type Registry = Arc<std::sync::Mutex<std::collections::BTreeMap<u64, (Instant, Tracked)>>>;
+
+/// Close the oldest connection older than `deadline` that holds no channel; whether one was.
+fn evict_oldest_idle(registry: &Registry, deadline: Duration) -> bool {
+    let Ok(mut r) = registry.lock() else {
+        return false;
+    };
+    let victim = r
+        .iter()
+        .find(|(_, (at, t))| at.elapsed() > deadline && !t.has_channel.load(Ordering::Relaxed))
+        .map(|(id, _)| *id);
+    match victim.and_then(|id| r.remove(&id)) {
+        Some((_, t)) => {
+            t.evict.cancel();
+            true
+        }
+        None => false,
+    }
+}
 
 /// One open connection in the total count; dropping it releases it.
 struct OpenConnection(Arc<AtomicU64>);
@@ -58,6 +81,9 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
         );
     }
     let open = Arc::new(AtomicU64::new(0));
+    let registry: Registry = Arc::default();
+    let setup_deadline = Duration::from_millis(limits.handshake_deadline_ms);
+    let disconnect_log = Arc::new(LogGate::new(Duration::from_secs(1)));
     let gates: [LogGate; 4] = std::array::from_fn(|_| LogGate::new(Duration::from_secs(1)));
     let next_id = AtomicU64::new(1);
     let mut tasks = JoinSet::new();
@@ -86,7 +112,14 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
             },
         };
         let source = source_of(peer.ip());
-        let refusal = if open.load(Ordering::Relaxed) >= cap as u64 {
+        let full = open.load(Ordering::Relaxed) >= cap as u64;
+        // At the cap, the oldest connection past the set-up deadline that holds no channel
+        // makes room: a set-up client may wait for miners, but not at a newcomer's expense.
+        let evicted = full && evict_oldest_idle(&registry, setup_deadline);
+        if evicted {
+            ctx.metrics.refused.with_label_values(&["evicted"]).inc();
+        }
+        let refusal = if full && !evicted {
             Some(("connections-total", 1, format!("{cap} connections open")))
         } else if !rate.allow(source) {
             Some((
@@ -128,11 +161,19 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
         let _ = tcp.set_nodelay(true);
         keepalive(&tcp);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let tracked = Tracked::default();
+        if let Ok(mut r) = registry.lock() {
+            r.insert(id, (Instant::now(), tracked.clone()));
+        }
+        let (registry_entry, disconnect_log) = (registry.clone(), disconnect_log.clone());
         let ctx = ctx.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
             ctx.metrics.connections.inc();
-            let close = connection::serve(ctx.clone(), tcp, peer, id, stop).await;
+            let close = connection::serve(ctx.clone(), tcp, peer, id, stop, tracked).await;
+            if let Ok(mut r) = registry_entry.lock() {
+                r.remove(&id);
+            }
             ctx.metrics.connections.dec();
             drop(slot);
             drop(counted);
@@ -141,7 +182,9 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
                 Close::Shutdown => {}
                 other => {
                     ctx.metrics.disconnects.with_label_values(&[other.label()]).inc();
-                    tracing::warn!(conn = id, %peer, reason = other.label(), "disconnected: {other:?}");
+                    if let Some(skipped) = disconnect_log.pass() {
+                        tracing::warn!(conn = id, %peer, reason = other.label(), "disconnected: {other:?} ({skipped} more disconnects since the last line)");
+                    }
                 }
             }
         });

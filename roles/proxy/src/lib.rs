@@ -209,6 +209,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         declarations,
     });
     let next = AtomicU64::new(1);
+    let mut accept_backoff = std::time::Duration::from_millis(10);
     let mut sessions = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -217,12 +218,19 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    accept_backoff = std::time::Duration::from_millis(10);
                     let _ = tcp.set_nodelay(true);
                     let id = next.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(miner = id, %peer, "miner connected");
                     sessions.spawn(session::serve(shared.clone(), tcp, peer, id));
                 }
-                Err(e) => tracing::warn!("accept failed: {e}"),
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of retrying at once.
+                    tracing::warn!("accept failed: {e}; retrying in {accept_backoff:?}");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(std::time::Duration::from_secs(1));
+                    continue;
+                }
             },
         }
     }

@@ -73,6 +73,8 @@ pub struct HarnessWorld {
     pub redeem_in_flight: Option<tokio::task::JoinHandle<Result<(u16, String), String>>>,
     /// The share the SV2 sniffer cut before its answer.
     pub cut_share: Option<harness::sniffer::CutShare>,
+    /// A process's peak resident memory remembered before an action, bytes.
+    pub memory_before: Option<u64>,
     /// SV1 sockets a scenario holds open without a word.
     pub silent_sockets: Vec<tokio::net::TcpStream>,
     /// Plain SV2 clients (no ehash) a scenario holds open, by name.
@@ -111,6 +113,7 @@ impl HarnessWorld {
             cut_share: None,
             sv2_clients: BTreeMap::new(),
             silent_sockets: Vec::new(),
+            memory_before: None,
         })
     }
 

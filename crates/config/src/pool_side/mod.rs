@@ -115,8 +115,9 @@ pub struct RedisSection {
 pub struct PoolLimits {
     /// Largest SV2 message payload accepted, bytes; a bigger one closes the connection.
     pub max_message_bytes: usize,
-    /// Open connections, all sources together; lowered at start to the descriptor limit minus
-    /// 64 kept for bitcoind, Redis and `/health`.
+    /// Open connections, all sources together; lowered at start to the descriptor limit (the
+    /// soft limit raised to the hard one) minus 128 kept for job declaration, bitcoind, Redis
+    /// and `/health`.
     pub max_connections: usize,
     /// Open connections per source (an IPv4 address, or an IPv6 /64).
     pub max_connections_per_ip: usize,
@@ -245,7 +246,8 @@ impl PoolConfig {
             );
         }
         let rate = self.limits.max_new_connections_per_sec;
-        if rate.is_nan() || rate <= 0.0 || self.limits.new_connection_burst < 1.0 {
+        let burst = self.limits.new_connection_burst;
+        if rate.is_nan() || rate <= 0.0 || burst.is_nan() || burst < 1.0 {
             return Err("`limits.max_new_connections_per_sec` must be > 0 and `limits.new_connection_burst` >= 1".into());
         }
         if self.limits.max_channels_per_connection == 0 {

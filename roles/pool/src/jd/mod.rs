@@ -68,13 +68,19 @@ pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: Cancellat
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let checks = Arc::new(Semaphore::new(PARALLEL_CHECKS));
     let next_id = AtomicU64::new(1);
+    let (accept_log, refuse_log) = (
+        crate::admission::LogGate::new(Duration::from_secs(1)),
+        crate::admission::LogGate::new(Duration::from_secs(1)),
+    );
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!("job declaration accept failed: {e}");
+                    if let Some(skipped) = accept_log.pass() {
+                        tracing::warn!("job declaration accept failed: {e} ({skipped} more since the last line)");
+                    }
                     // Backoff after an accept error (descriptors exhausted, for instance).
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -88,7 +94,9 @@ pub async fn serve(ctx: Arc<PoolContext>, listener: TcpListener, stop: Cancellat
             ),
             open.clone().try_acquire_owned(),
         ) else {
-            tracing::warn!(%peer, "job declaration connection refused: {MAX_CONNECTIONS} open, or {MAX_CONNECTIONS_PER_IP} from this address");
+            if let Some(skipped) = refuse_log.pass() {
+                tracing::warn!(%peer, "job declaration connection refused: {MAX_CONNECTIONS} open, or {MAX_CONNECTIONS_PER_IP} from this address ({skipped} more refused since the last line)");
+            }
             ctx.metrics
                 .refused
                 .with_label_values(&["job-declaration-connections"])

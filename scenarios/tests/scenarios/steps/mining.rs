@@ -32,7 +32,7 @@ pub async fn stack_with_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
 }
 
 #[given(
-    expr = "the pool will allow {int} connections per IP, {int} shares per second per channel and {int} ms to open a channel"
+    expr = "the pool will allow {int} connections per IP, {int} shares per second per channel and {int} ms to set up a connection"
 )]
 async fn pool_limits(w: &mut HarnessWorld, conns: usize, rate: f64, deadline: u64) {
     w.pool_options.limits.max_connections_per_ip = conns;

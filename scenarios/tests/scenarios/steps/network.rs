@@ -106,14 +106,25 @@ async fn counted_refusal(w: &mut HarnessWorld, reason: String) -> anyhow::Result
     .await
 }
 
-#[when(expr = "a client streams {int} MB without a newline to proxy {string}")]
-async fn stream_without_newline(
+#[when(expr = "{int} clients each stream {int} MB without a newline to proxy {string}")]
+async fn streams_without_newline(
     w: &mut HarnessWorld,
+    clients: usize,
     mb: usize,
     proxy: String,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = w.default_stack()?.proxy(&proxy)?.sv1_addr.clone();
+    let streams: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(stream_one(addr.clone(), mb, proxy.clone())))
+        .collect();
+    for s in streams {
+        s.await??;
+    }
+    Ok(())
+}
+
+async fn stream_one(addr: String, mb: usize, proxy: String) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(&addr).await?;
     let chunk = vec![b'x'; 64 * 1024];
     let mut sent = 0;
@@ -145,19 +156,31 @@ async fn stream_without_newline(
     Ok(())
 }
 
-#[then(expr = "proxy {string} peaked below {int} MB of memory")]
-async fn proxy_peak(w: &mut HarnessWorld, proxy: String, mb: u64) -> anyhow::Result<()> {
+fn proxy_peak_rss(w: &HarnessWorld, proxy: &str) -> anyhow::Result<u64> {
     let pid = w
         .default_stack()?
-        .proxy(&proxy)?
+        .proxy(proxy)?
         .process()
         .pid()
         .context("the proxy is not running")?;
-    let peak = harness::memory::peak_rss(pid);
+    Ok(harness::memory::peak_rss(pid))
+}
+
+#[when(expr = "the memory peak of proxy {string} is remembered")]
+async fn remember_peak(w: &mut HarnessWorld, proxy: String) -> anyhow::Result<()> {
+    w.memory_before = Some(proxy_peak_rss(w, &proxy)?);
+    Ok(())
+}
+
+#[then(expr = "the memory peak of proxy {string} grew by less than {int} MB")]
+async fn peak_grew(w: &mut HarnessWorld, proxy: String, mb: u64) -> anyhow::Result<()> {
+    let before = w.memory_before.context("no memory peak remembered")?;
+    let after = proxy_peak_rss(w, &proxy)?;
+    let grew = after.saturating_sub(before);
     anyhow::ensure!(
-        peak < mb * 1024 * 1024,
-        "proxy {proxy} peaked at {} MB of resident memory (bound {mb} MB)",
-        peak / 1024 / 1024
+        grew < mb * 1024 * 1024,
+        "proxy {proxy}'s peak resident memory grew by {} KiB (bound {mb} MB)",
+        grew / 1024
     );
     Ok(())
 }
@@ -165,6 +188,13 @@ async fn proxy_peak(w: &mut HarnessWorld, proxy: String, mb: u64) -> anyhow::Res
 #[when(expr = "{int} SV1 sockets connect to proxy {string} and say nothing")]
 async fn silent_sockets(w: &mut HarnessWorld, n: usize, proxy: String) -> anyhow::Result<()> {
     let addr = w.default_stack()?.proxy(&proxy)?.sv1_addr.clone();
+    w.counter_before = Some(
+        w.default_stack()?
+            .pool()?
+            .metrics()
+            .await?
+            .get("hashpool_pool_connections"),
+    );
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         sockets.push(
@@ -216,11 +246,6 @@ async fn honest_starts(w: &mut HarnessWorld, name: String, proxy: String) -> any
         Some(crate::steps::mining::CAPPED_HASHRATE),
     )
     .await
-}
-
-#[given(expr = "the pool will allow {int} connections in all")]
-async fn total_cap(w: &mut HarnessWorld, n: usize) {
-    w.pool_options.limits.max_connections = n;
 }
 
 #[given(expr = "the pool runs with a descriptor limit of {int}")]
@@ -295,4 +320,75 @@ async fn bitcoind_mines_remembered(w: &mut HarnessWorld) -> anyhow::Result<()> {
 async fn connection_rate(w: &mut HarnessWorld, rate: u32, burst: u32) {
     w.pool_options.limits.max_new_connections_per_sec = f64::from(rate);
     w.pool_options.limits.new_connection_burst = f64::from(burst);
+}
+
+#[when(
+    expr = "{int} plain SV2 clients from {int} addresses set up connections, open no channel and wait"
+)]
+async fn idle_setup_clients(w: &mut HarnessWorld, n: usize, sources: usize) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    let (addr, key) = (pool.sv2_addr.clone(), pool.authority.public.clone());
+    let mut refused = 0;
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::new(127, 0, 1, 1 + (i % sources.max(1)) as u8);
+        let setup = async {
+            let mut c = Sv2Client::connect_from(&addr, &key, ip).await?;
+            c.setup().await?;
+            anyhow::Ok(c)
+        };
+        match setup.await {
+            Ok(c) => {
+                let name = format!("idle-{}", w.sv2_clients.len());
+                w.sv2_clients.insert(name, c);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    println!("[network] {n} set-up clients tried, {refused} not admitted");
+    Ok(())
+}
+
+#[when("the pool's set-up deadline passes")]
+async fn deadline_passes(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let deadline = Duration::from_millis(
+        w.default_stack()?
+            .pool()?
+            .config
+            .limits
+            .handshake_deadline_ms,
+    );
+    // Waiting is the point: connections become evictable only past the deadline.
+    tokio::time::sleep(deadline + Duration::from_millis(200)).await;
+    Ok(())
+}
+
+#[then(expr = "the pool holds at most {int} connections")]
+async fn holds_at_most(w: &mut HarnessWorld, n: u64) -> anyhow::Result<()> {
+    let open = w
+        .default_stack()?
+        .pool()?
+        .metrics()
+        .await?
+        .get("hashpool_pool_connections");
+    anyhow::ensure!(
+        open <= n as f64,
+        "the pool holds {open} connections (cap {n})"
+    );
+    Ok(())
+}
+
+#[then("the pool holds no more connections than before them")]
+async fn no_more_pool_connections(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let before = w.counter_before.context("no connection count remembered")?;
+    let now = w
+        .default_stack()?
+        .pool()?
+        .metrics()
+        .await?
+        .get("hashpool_pool_connections");
+    anyhow::ensure!(
+        now <= before,
+        "the pool holds {now} connections, {before} before the silent sockets"
+    );
+    Ok(())
 }
