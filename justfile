@@ -23,24 +23,29 @@ bootstrap:
 
 # Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
 [group('test')]
-test: roles
+test: roles translator
     cargo test --workspace
     cargo test -p scenarios --test scenarios
 
 # Run the scenarios matching a cucumber tag expression, e.g. just scenario '@mining and not @limits'.
 [group('test')]
-scenario TAGS: roles
+scenario TAGS: roles translator
     cargo test -p scenarios --test scenarios -- --tags '{{TAGS}}'
 
 # Run shard INDEX of COUNT (from 1): every COUNT-th scenario by feature file and line (JUnit: target/scenarios/junit-shard-INDEX-of-COUNT.xml).
 [group('test')]
-scenario-shard INDEX COUNT: roles
+scenario-shard INDEX COUNT: roles translator
     HASHPOOL_SCENARIO_SHARD='{{INDEX}}/{{COUNT}}' cargo test -p scenarios --test scenarios
 
 # Merge the shards' JUnit files into target/scenarios/junit.xml.
 [group('test')]
 junit-merge:
     cargo run -p scenarios --bin junit-merge -- target/scenarios/junit.xml target/scenarios/junit-shard-*.xml
+
+# Install SRI's translator_sv2 0.6 from crates.io (no default features) into the harness cache, for @interop (a no-op once installed).
+[group('test')]
+translator:
+    cargo install translator_sv2 --version 0.6.0 --no-default-features --locked --quiet --root "$HOME/.cache/hashpool-harness/translator-0.6.0" --target-dir "$CARGO_TARGET_DIR/translator-build"
 
 # Build the role binaries the scenarios start (pool, mint, auditor, proxy, miner).
 [group('test')]

@@ -13,15 +13,18 @@ pub enum Program {
     RedisServer,
     /// Core Lightning's daemon.
     Lightningd,
+    /// SRI's SV1-to-SV2 translator (`translator_sv2` from crates.io), for interoperability.
+    TranslatorSv2,
 }
 
 impl Program {
     /// Every program, in the order `harness backends` lists them.
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 5] = [
         Program::Bitcoind,
         Program::BitcoinCli,
         Program::RedisServer,
         Program::Lightningd,
+        Program::TranslatorSv2,
     ];
 }
 
@@ -33,6 +36,7 @@ impl Program {
             Program::BitcoinCli => "bitcoin-cli",
             Program::RedisServer => "redis-server",
             Program::Lightningd => "lightningd",
+            Program::TranslatorSv2 => "translator_sv2",
         }
     }
 
@@ -43,6 +47,7 @@ impl Program {
             Program::BitcoinCli => "BITCOIN_CLI_EXE",
             Program::RedisServer => "REDIS_SERVER_EXE",
             Program::Lightningd => "LIGHTNINGD_EXE",
+            Program::TranslatorSv2 => "TRANSLATOR_SV2_EXE",
         }
     }
 }
@@ -98,6 +103,21 @@ pub fn find(program: Program, cache_dir: &Path) -> Result<PathBuf, MissingProgra
     if program == Program::Lightningd {
         cache = format!(", {}/lightning-*/bin", cache_dir.display());
         if let Some(found) = lightning_cache(cache_dir) {
+            return Ok(found);
+        }
+    }
+    if program == Program::TranslatorSv2 {
+        cache = format!(", {}/translator-*/bin", cache_dir.display());
+        let mut builds: Vec<PathBuf> = std::fs::read_dir(cache_dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("translator-"))
+            .map(|e| e.path().join("bin").join("translator_sv2"))
+            .filter(|p| is_executable(p))
+            .collect();
+        builds.sort();
+        if let Some(found) = builds.pop() {
             return Ok(found);
         }
     }

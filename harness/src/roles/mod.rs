@@ -7,6 +7,7 @@ mod miner;
 mod mint;
 mod pool;
 mod proxy;
+mod translator;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub use miner::{MinerLog, MinerOptions, MinerRole};
 pub use mint::{MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
 pub use proxy::{DeclarationStatus, DeclareOptions, ProxyRole, WalletOptions, WalletStatus};
+pub use translator::TranslatorRole;
 
 use crate::supervisor::Readiness;
 

@@ -108,6 +108,8 @@ pub struct Stack {
     /// The `ci/bootstrap` cache (where lightningd is found).
     cache_dir: PathBuf,
     proxies: BTreeMap<String, ProxyRole>,
+    /// SRI translators in front of the pool, by name.
+    translators: BTreeMap<String, crate::roles::TranslatorRole>,
     miners: BTreeMap<String, MinerRole>,
     done: bool,
 }
@@ -268,6 +270,7 @@ impl<'a> StackBuilder<'a> {
             cache_dir: config.cache_dir.clone(),
             rewards,
             proxies: BTreeMap::new(),
+            translators: BTreeMap::new(),
             miners: BTreeMap::new(),
             done: false,
         };

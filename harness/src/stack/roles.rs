@@ -188,7 +188,43 @@ impl Stack {
             .ok_or_else(|| anyhow::anyhow!("stack {} has no SV2 sniffer", self.name))
     }
 
-    /// Start miner `name` behind proxy `proxy`.
+    /// Start SRI's translator `name` in front of the pool (`aggregate`: one shared channel).
+    pub async fn start_translator(
+        &mut self,
+        name: &str,
+        aggregate: bool,
+    ) -> anyhow::Result<&crate::roles::TranslatorRole> {
+        anyhow::ensure!(
+            !self.translators.contains_key(name) && !self.proxies.contains_key(name),
+            "a proxy or translator {name:?} already exists"
+        );
+        let port = self.allocator.allocate()?;
+        let t = crate::roles::TranslatorRole::start(
+            &self.dir.join(format!("translator-{name}")),
+            port.port(),
+            self.pool()?,
+            aggregate,
+            &self.cache_dir,
+            self.timeouts,
+        )
+        .await
+        .with_context(|| format!("starting translator {name}"))?;
+        self.ports.push(port);
+        self.translators.insert(name.to_string(), t);
+        self.write_summary()?;
+        self.translators
+            .get(name)
+            .ok_or_else(|| anyhow!("translator {name} vanished"))
+    }
+
+    /// Translator `name`.
+    pub fn translator(&self, name: &str) -> anyhow::Result<&crate::roles::TranslatorRole> {
+        self.translators
+            .get(name)
+            .ok_or_else(|| anyhow!("stack {} has no translator {name:?}", self.name))
+    }
+
+    /// Start miner `name` behind proxy (or translator) `proxy`.
     pub async fn start_miner(
         &mut self,
         name: &str,
@@ -199,7 +235,11 @@ impl Stack {
             !self.miners.contains_key(name),
             "miner {name:?} already exists"
         );
-        let addr = self.proxy(proxy)?.sv1_addr.clone();
+        // Behind a proxy, or behind an SRI translator of that name.
+        let addr = match self.translators.get(proxy) {
+            Some(t) => t.sv1_addr.clone(),
+            None => self.proxy(proxy)?.sv1_addr.clone(),
+        };
         let miner = MinerRole::start(
             name,
             &self.dir.join(format!("miner-{name}")),
@@ -283,6 +323,9 @@ impl Stack {
         for (name, m) in &self.miners {
             out.push((format!("miner-{name}"), m.process()));
         }
+        for (name, t) in &self.translators {
+            out.push((format!("translator-{name}"), t.process()));
+        }
         out
     }
 
@@ -297,6 +340,8 @@ impl Stack {
                 n if n.starts_with("bitcoind") => bitcoind_error,
                 n if n.starts_with("lightning") => lightning_error,
                 "redis" => redis_error,
+                // SRI's translator logs every miner disconnect at ERROR; only a panic counts.
+                n if n.starts_with("translator") => panic_line,
                 _ => role_error,
             };
             for log in [p.spec().stdout_log(), p.spec().stderr_log()] {
@@ -346,10 +391,16 @@ impl Stack {
             .processes()
             .into_iter()
             .flat_map(|(name, p)| {
+                // SRI's translator has no SIGTERM handler: dying by it is its clean stop.
+                let clean: &[&str] = if name.starts_with("translator") {
+                    &["exit code 0", "killed by SIGTERM"]
+                } else {
+                    &["exit code 0"]
+                };
                 p.status()
                     .stop_exits
                     .into_iter()
-                    .filter(|how| how != "exit code 0")
+                    .filter(move |how| !clean.contains(&how.as_str()))
                     .map(move |how| (name.clone(), how))
             })
             .collect())
@@ -427,6 +478,9 @@ impl Stack {
         {
             r?;
         }
+        for t in self.translators.values() {
+            t.process().stop().await?;
+        }
         if let Some(pool) = &self.pool {
             pool.process().stop().await?;
         }
@@ -453,7 +507,11 @@ fn lightning_error(line: &str) -> bool {
 }
 
 fn role_error(line: &str) -> bool {
-    line.contains("panicked at") || line.contains(" ERROR ")
+    panic_line(line) || line.contains(" ERROR ")
+}
+
+fn panic_line(line: &str) -> bool {
+    line.contains("panicked at")
 }
 
 /// bitcoind writes `Error:`/`ERROR:` for failures and `***` for fatal ones.
