@@ -8,7 +8,7 @@ Feature: Hostile networks and standard clients: the pool protects itself without
 
   Background:
     Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to set up a connection
-    And the pool will allow 4 channels per connection
+    And the pool will allow 32 channels per connection
     And the pool runs with a descriptor limit of 256
     And the pool will allow 10 new connections per second per address, 20 at once
     And a signet stack with a pool
@@ -27,7 +27,7 @@ Feature: Hostile networks and standard clients: the pool protects itself without
   Scenario: a connection opening channels past the cap gets too-many-channels; the others are unaffected
     When miner "honest" has 3 accepted shares
     And the accepted shares of miner "honest" are counted
-    Then plain SV2 client "greedy" opens 4 channels and the next one is refused with "too-many-channels"
+    Then plain SV2 client "greedy" opens 32 channels and the next one is refused with "too-many-channels"
     And the pool counted a "channels-per-connection" refusal
     And miner "honest" gets 3 more shares accepted
 
@@ -72,3 +72,10 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     And 40 clients connect to the pool at once from one address and wait
     Then the pool counted a "connection-rate" refusal
     And miner "honest" gets 3 more shares accepted
+
+  Scenario: a farm of 20 miners behind one proxy shares one pool connection, below the pool's per-address limit of 8
+    When miner "honest" has 3 accepted shares
+    And 20 honest farm miners at 50000 H/s start behind proxy "alice"
+    Then every farm miner has 1 accepted share
+    And the pool holds at most 1 connections
+    And miner "honest" has 3 accepted shares

@@ -4,6 +4,7 @@
 //! with the pool's reason and answered to the miner with it.
 
 pub mod declare;
+pub mod multiplex;
 pub mod node;
 mod session;
 pub mod sv1;
@@ -51,6 +52,8 @@ pub struct ProxyShared {
     templates: Option<watch::Receiver<Option<Arc<node::NodeTemplate>>>>,
     fraud: Option<FraudKind>,
     declarations: declare::DeclarationStatus,
+    /// The one pool connection all miners' channels share.
+    upstream: multiplex::Multiplexer,
 }
 
 impl ProxyShared {
@@ -207,6 +210,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         templates,
         fraud,
         declarations,
+        upstream: multiplex::Multiplexer::default(),
     });
     let next = AtomicU64::new(1);
     let mut accept_backoff = std::time::Duration::from_millis(10);

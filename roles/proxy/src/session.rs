@@ -153,7 +153,7 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                 }
             },
             _ = tokio::time::sleep_until(reconnect_at.unwrap_or_else(tokio::time::Instant::now)), if reconnect_at.is_some() && s.upstream.is_none() => {
-                match upstream::open(&shared.open_params(id)).await {
+                match shared.upstream.open_channel(&shared.open_params(id)).await {
                     Ok(up) => {
                         reconnect_at = None;
                         if let Err(e) = s.on_channel(up).await { break e }

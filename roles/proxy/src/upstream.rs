@@ -1,6 +1,6 @@
-//! The SV2 side: one Noise connection to the pool per miner, `SetupConnection`, ehash
-//! negotiation, and an extended channel whose `OpenExtendedMiningChannel` carries the
-//! operator's locking key as a TLV.
+//! The SV2 side: the Noise connection to the pool, `SetupConnection`, ehash negotiation, and
+//! the `OpenExtendedMiningChannel` frame that carries the operator's locking key as a TLV. One
+//! connection serves all of a proxy's miners ([`crate::multiplex`]).
 
 use std::time::Duration;
 
@@ -36,15 +36,17 @@ pub struct ChannelInfo {
     pub ehash: bool,
 }
 
-/// A live upstream connection.
+/// One miner's channel on the proxy's pool connection. Dropping it closes the channel.
 pub struct Upstream {
-    /// Messages from the pool (closed when the connection ends).
+    /// Messages from the pool for this channel (closed when the connection ends).
     pub inbound: mpsc::Receiver<MiningOwned>,
-    outbound: mpsc::Sender<OutboundFrame>,
+    pub(crate) outbound: mpsc::Sender<OutboundFrame>,
     /// The channel.
     pub info: ChannelInfo,
     /// Messages from the pool that arrived while opening the channel (first jobs).
     pub early: Vec<MiningOwned>,
+    /// Sends `CloseChannel` and forgets the route when dropped.
+    pub(crate) _guard: crate::multiplex::ChannelGuard,
 }
 
 impl Upstream {
@@ -103,20 +105,19 @@ fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {
     Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("string too long: {e:?}"))
 }
 
-/// Connect and open a channel.
-pub async fn open(p: &OpenParams) -> anyhow::Result<Upstream> {
-    tokio::time::timeout(p.open_timeout, open_inner(p))
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "opening a channel at {} took over {:?} (`open_timeout_ms`)",
-                p.address,
-                p.open_timeout
-            )
-        })?
+/// A set-up connection to the pool: decoded messages in, frames out.
+pub struct Connected {
+    /// Every message from the pool, in order (closed when the connection ends).
+    pub raw_in: mpsc::Receiver<AnyMessageOwned>,
+    /// Frames to the pool.
+    pub out: mpsc::Sender<OutboundFrame>,
+    /// The pool agreed to the ehash extension.
+    pub ehash: bool,
 }
 
-async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
+/// TCP connect, Noise handshake, `SetupConnection` and (with a locking key) the ehash
+/// extension negotiation.
+pub async fn connect(p: &OpenParams) -> anyhow::Result<Connected> {
     let tcp = TcpStream::connect(&p.address)
         .await
         .with_context(|| format!("cannot connect to the pool at {}", p.address))?;
@@ -189,7 +190,7 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
             vendor: str0255("hashpool-harness")?,
             hardware_version: str0255("proxy")?,
             firmware: str0255(env!("CARGO_PKG_VERSION"))?,
-            device_id: str0255(&p.user_identity)?,
+            device_id: str0255("hashpool-proxy")?,
         }),
     ))?;
     match raw_in.recv().await {
@@ -235,14 +236,24 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
         }
     }
 
+    Ok(Connected {
+        raw_in,
+        out: out_tx,
+        ehash,
+    })
+}
+
+/// The `OpenExtendedMiningChannel` frame for one miner, with the locking key as a TLV when the
+/// pool agreed to ehash.
+pub fn open_frame(p: &OpenParams, request_id: u32, ehash: bool) -> anyhow::Result<OutboundFrame> {
     let open = MiningOwned::OpenExtendedMiningChannel(OpenExtendedMiningChannelOwned {
-        request_id: 1,
+        request_id,
         user_identity: str0255(&p.user_identity)?,
         nominal_hash_rate: p.nominal_hashrate,
         max_target: U256Owned::from([0xff; 32]),
         min_extranonce_size: p.min_extranonce_size,
     });
-    let frame = match (ehash, p.locking_pubkey) {
+    Ok(match (ehash, p.locking_pubkey) {
         (true, Some(key)) => {
             let tlvs = TlvList::from_slice(&[Tlv::new(
                 EHASH_EXTENSION_TYPE,
@@ -259,59 +270,16 @@ async fn open_inner(p: &OpenParams) -> anyhow::Result<Upstream> {
         }
         _ => OutboundFrame::from_message(AnyMessageOwned::Mining(open))
             .map_err(|e| anyhow!("encode: {e:?}"))?,
-    };
-    out_tx
-        .try_send(frame)
-        .map_err(|_| anyhow!("pool connection closed"))?;
-
-    let (mining_tx, mining_rx) = mpsc::channel::<MiningOwned>(1024);
-    let info = loop {
-        match raw_in.recv().await {
-            Some(AnyMessageOwned::Mining(MiningOwned::OpenExtendedMiningChannelSuccess(s))) => {
-                break ChannelInfo {
-                    channel_id: s.channel_id,
-                    extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
-                    extranonce_size: usize::from(s.extranonce_size),
-                    target: s.target.to_array(),
-                    ehash,
-                };
-            }
-            Some(AnyMessageOwned::Mining(MiningOwned::OpenMiningChannelError(e))) => {
-                let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
-                if TRANSIENT_CHANNEL_ERRORS.contains(&code.as_str()) {
-                    bail!("pool could not open the channel now: {code}");
-                }
-                return Err(Refused(format!("pool refused the channel: {code}")).into());
-            }
-            Some(other) => tracing::debug!("ignoring {other:?} before the channel opened"),
-            None => bail!("pool closed the connection while opening the channel"),
-        }
-    };
-    // Forward mining messages to the session from now on.
-    let mut early = Vec::new();
-    while let Ok(m) = raw_in.try_recv() {
-        if let AnyMessageOwned::Mining(m) = m {
-            early.push(m);
-        }
-    }
-    tokio::spawn(async move {
-        while let Some(m) = raw_in.recv().await {
-            match m {
-                AnyMessageOwned::Mining(m) => {
-                    if mining_tx.send(m).await.is_err() {
-                        return;
-                    }
-                }
-                other => tracing::debug!("ignoring {other:?} from the pool"),
-            }
-        }
-    });
-    Ok(Upstream {
-        inbound: mining_rx,
-        outbound: out_tx,
-        info,
-        early,
     })
+}
+
+/// Map an `OpenMiningChannelError` code: "not now" codes are retried, the rest are refusals.
+pub fn channel_refusal(code: &str) -> anyhow::Error {
+    if TRANSIENT_CHANNEL_ERRORS.contains(&code) {
+        anyhow!("pool could not open the channel now: {code}")
+    } else {
+        Refused(format!("pool refused the channel: {code}")).into()
+    }
 }
 
 /// The TLV the proxy puts on `OpenExtendedMiningChannel`, as SRI's codec serializes it.
