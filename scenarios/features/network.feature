@@ -79,3 +79,8 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     Then every farm miner has 1 accepted share
     And the pool holds at most 1 connections
     And miner "honest" has 3 accepted shares
+
+  Scenario: on a connection shared by several channels, the one past the share rate is closed alone
+    When miner "honest" has 3 accepted shares
+    Then a plain SV2 client flooding shares on one of its two channels gets only that channel closed with "share-rate-limit"
+    And miner "honest" has 3 accepted shares

@@ -66,6 +66,40 @@ fn reject_code(e: &ShareValidationError) -> &'static str {
 }
 
 impl Connection {
+    /// A channel broke a limit (`why`). When other channels share the connection (a proxy's
+    /// miners), only this one is closed, with `CloseChannel` naming the reason, so one miner
+    /// cannot take the others down; a connection with no other channel is closed for `why`.
+    fn close_misbehaving_channel(&mut self, channel_id: u32, why: Close) -> Result<(), Close> {
+        if self.channels.len() <= 1 {
+            return Err(why);
+        }
+        if let Some(ch) = self.channels.remove(&channel_id) {
+            self.ctx.metrics.remove_channel(ch.id());
+            self.ctx.metrics.channels.dec();
+        }
+        self.ctx
+            .metrics
+            .disconnects
+            .with_label_values(&[why.label()])
+            .inc();
+        tracing::warn!(
+            conn = self.id,
+            channel = channel_id,
+            reason = why.label(),
+            "channel closed, the connection's other channels stay: {why:?}"
+        );
+        self.send_mining(vec![MiningOwned::CloseChannel(
+            stratum_apps::stratum_core::mining_sv2::CloseChannelOwned {
+                channel_id,
+                reason_code: why
+                    .label()
+                    .to_string()
+                    .try_into()
+                    .map_err(|_| Close::Protocol("reason code".into()))?,
+            },
+        )])
+    }
+
     fn reject(&self, channel_id: u32, sequence_number: u32, code: &str) -> Result<(), Close> {
         self.ctx
             .metrics
@@ -107,7 +141,7 @@ impl Connection {
                 ctx.config.limits.max_shares_per_sec,
                 ctx.config.limits.share_burst
             );
-            return Err(Close::ShareRate(s.channel_id));
+            return self.close_misbehaving_channel(s.channel_id, Close::ShareRate(s.channel_id));
         }
         let job = ch.job_template(s.job_id);
         if let Some(JobTemplate::Declared(d)) = &job {
@@ -130,7 +164,10 @@ impl Connection {
                 let exhausted = matches!(e, ShareValidationError::SeenSharesBudgetExhausted);
                 self.reject(s.channel_id, s.sequence_number, code)?;
                 if exhausted {
-                    return Err(Close::Protocol("duplicate-share budget exhausted".into()));
+                    return self.close_misbehaving_channel(
+                        s.channel_id,
+                        Close::Protocol("duplicate-share budget exhausted".into()),
+                    );
                 }
                 return Ok(());
             }

@@ -53,6 +53,29 @@ pub struct Multiplexer {
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
 }
 
+/// Removes an unanswered open request when its caller gives up.
+struct PendingOpen {
+    routes: Arc<Mutex<Routes>>,
+    request_id: u32,
+}
+
+impl Drop for PendingOpen {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.routes.lock() {
+            r.opening.remove(&self.request_id);
+        }
+    }
+}
+
+/// `CloseChannel` for `channel_id`, as a frame.
+fn close_frame(channel_id: u32, reason: &str) -> Option<OutboundFrame> {
+    let close = MiningOwned::CloseChannel(CloseChannelOwned {
+        channel_id,
+        reason_code: Str0255Owned::try_from(reason.to_string()).ok()?,
+    });
+    OutboundFrame::from_message(AnyMessageOwned::Mining(close)).ok()
+}
+
 /// Closes a channel when its miner's [`Upstream`] is dropped.
 pub struct ChannelGuard {
     channel_id: u32,
@@ -65,12 +88,7 @@ impl Drop for ChannelGuard {
         if let Ok(mut r) = self.routes.lock() {
             r.channels.remove(&self.channel_id);
         }
-        let close = MiningOwned::CloseChannel(CloseChannelOwned {
-            channel_id: self.channel_id,
-            reason_code: Str0255Owned::try_from("miner-disconnected".to_string())
-                .unwrap_or_else(|_| Str0255Owned::try_from(String::new()).expect("empty fits")),
-        });
-        if let Ok(frame) = OutboundFrame::from_message(AnyMessageOwned::Mining(close)) {
+        if let Some(frame) = close_frame(self.channel_id, "miner-disconnected") {
             let _ = self.out.try_send(frame);
         }
     }
@@ -91,21 +109,13 @@ impl Multiplexer {
             })?
     }
 
-    /// Channels open on the connection now (0 without a connection).
-    pub fn open_channels(&self) -> usize {
-        self.link
-            .try_lock()
-            .ok()
-            .and_then(|l| {
-                l.as_ref()
-                    .map(|l| l.routes.lock().map(|r| r.channels.len()).unwrap_or(0))
-            })
-            .unwrap_or(0)
-    }
-
     async fn link(&self, p: &OpenParams) -> anyhow::Result<Arc<Link>> {
         let mut held = self.link.lock().await;
-        if let Some(link) = held.as_ref().filter(|l| !l.closed.is_cancelled()) {
+        // Dead once its routing task ended or its writer is gone.
+        if let Some(link) = held
+            .as_ref()
+            .filter(|l| !l.closed.is_cancelled() && !l.out.is_closed())
+        {
             return Ok(link.clone());
         }
         let c = upstream::connect(p).await?;
@@ -116,7 +126,12 @@ impl Multiplexer {
             closed: CancellationToken::new(),
             next_request: AtomicU32::new(1),
         });
-        tokio::spawn(route(c.raw_in, link.routes.clone(), link.closed.clone()));
+        tokio::spawn(route(
+            c.raw_in,
+            link.routes.clone(),
+            link.closed.clone(),
+            link.out.clone(),
+        ));
         tracing::info!(pool = %p.address, ehash = c.ehash, "connected to the pool: one connection for all miners");
         *held = Some(link.clone());
         Ok(link)
@@ -127,18 +142,32 @@ impl Multiplexer {
         let request_id = link.next_request.fetch_add(1, Ordering::Relaxed);
         let (inbound_tx, inbound) = mpsc::channel(CHANNEL_QUEUE);
         let (answer_tx, answer) = oneshot::channel();
-        link.routes
-            .lock()
-            .map_err(|_| anyhow!("routes lock poisoned"))?
-            .opening
-            .insert(request_id, (answer_tx, inbound_tx));
+        {
+            let mut r = link
+                .routes
+                .lock()
+                .map_err(|_| anyhow!("routes lock poisoned"))?;
+            // Checked under the lock the routing task clears: an entry made after the
+            // connection ended would never be answered.
+            anyhow::ensure!(!link.closed.is_cancelled(), "pool connection lost");
+            r.opening.insert(request_id, (answer_tx, inbound_tx));
+        }
+        // Forgets the request if this open is given up (timeout): a late answer then gets
+        // `CloseChannel` from the routing task instead of a route to nobody.
+        let _pending = PendingOpen {
+            routes: link.routes.clone(),
+            request_id,
+        };
         link.out
             .try_send(upstream::open_frame(p, request_id, link.ehash)?)
             .map_err(|_| anyhow!("pool connection closed"))?;
-        let s = match answer.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(code)) => return Err(upstream::channel_refusal(&code)),
-            Err(_) => anyhow::bail!("pool connection lost while opening the channel"),
+        let s = tokio::select! {
+            a = answer => match a {
+                Ok(Ok(s)) => s,
+                Ok(Err(code)) => return Err(upstream::channel_refusal(&code)),
+                Err(_) => anyhow::bail!("pool connection lost while opening the channel"),
+            },
+            _ = link.closed.cancelled() => anyhow::bail!("pool connection lost while opening the channel"),
         };
         Ok(Upstream {
             inbound,
@@ -183,6 +212,7 @@ async fn route(
     mut raw_in: mpsc::Receiver<AnyMessageOwned>,
     routes: Arc<Mutex<Routes>>,
     closed: CancellationToken,
+    out: mpsc::Sender<OutboundFrame>,
 ) {
     while let Some(msg) = raw_in.recv().await {
         let AnyMessageOwned::Mining(m) = msg else {
@@ -194,10 +224,18 @@ async fn route(
         };
         match m {
             MiningOwned::OpenExtendedMiningChannelSuccess(s) => {
-                if let Some((answer, tx)) = r.opening.remove(&s.request_id) {
-                    // The route first: the channel's first job follows this answer.
-                    r.channels.insert(s.channel_id, tx);
-                    let _ = answer.send(Ok(s));
+                match r.opening.remove(&s.request_id) {
+                    Some((answer, tx)) if !answer.is_closed() => {
+                        // The route first: the channel's first job follows this answer.
+                        r.channels.insert(s.channel_id, tx);
+                        let _ = answer.send(Ok(s));
+                    }
+                    // Nobody waits for it any more (the open timed out): give it back.
+                    _ => {
+                        if let Some(frame) = close_frame(s.channel_id, "open-abandoned") {
+                            let _ = out.try_send(frame);
+                        }
+                    }
                 }
             }
             MiningOwned::OpenMiningChannelError(e) => {
@@ -209,16 +247,31 @@ async fn route(
             }
             m => match channel_of(&m) {
                 Some(ch) => {
-                    let stuck = match r.channels.get(&ch) {
-                        Some(tx) => tx.try_send(m).is_err(),
-                        None => false,
-                    };
-                    if stuck {
-                        tracing::warn!(
-                            channel = ch,
-                            "a miner's session stopped reading: its channel is dropped"
-                        );
-                        r.channels.remove(&ch);
+                    // Full or closed, without carrying the message back.
+                    let failed = r.channels.get(&ch).map(|tx| {
+                        tx.try_send(m)
+                            .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_)))
+                    });
+                    match failed {
+                        Some(Err(true)) => {
+                            tracing::warn!(
+                                channel = ch,
+                                "a miner's session stopped reading: its channel is closed"
+                            );
+                            r.channels.remove(&ch);
+                            if let Some(frame) = close_frame(ch, "miner-stuck") {
+                                let _ = out.try_send(frame);
+                            }
+                        }
+                        // Its session is gone without closing it (an open given up just
+                        // after the answer came): close it at the pool too.
+                        Some(Err(false)) => {
+                            r.channels.remove(&ch);
+                            if let Some(frame) = close_frame(ch, "miner-disconnected") {
+                                let _ = out.try_send(frame);
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 None => tracing::debug!("ignoring {m:?} from the pool"),

@@ -491,3 +491,42 @@ async fn farm_accepted(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[then(
+    expr = "a plain SV2 client flooding shares on one of its two channels gets only that channel closed with {string}"
+)]
+async fn flood_one_channel(w: &mut HarnessWorld, reason: String) -> anyhow::Result<()> {
+    use stratum_apps::stratum_core::parsers_sv2::{AnyMessageOwned, MiningOwned};
+    let mut c = connect(w).await?;
+    c.setup().await?;
+    let flooded = c.open_extended(1).await?;
+    let kept = c.open_extended(2).await?;
+    c.flood(&flooded, 2_000).await;
+    let deadline = std::time::Instant::now() + harness::wait::scaled(Duration::from_secs(10));
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        anyhow::ensure!(!left.is_zero(), "no CloseChannel for the flooded channel");
+        match c.recv(left).await? {
+            AnyMessageOwned::Mining(MiningOwned::CloseChannel(m)) => {
+                anyhow::ensure!(
+                    m.channel_id == flooded.channel_id,
+                    "channel {} was closed, not the flooded {}",
+                    m.channel_id,
+                    flooded.channel_id
+                );
+                let code = String::from_utf8_lossy(m.reason_code.as_bytes()).into_owned();
+                anyhow::ensure!(code == reason, "closed with {code:?}, not {reason:?}");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // The connection and its other channel live on: it still opens channels.
+    c.open_extended(3).await.with_context(|| {
+        format!(
+            "after channel {} was closed (kept {})",
+            flooded.channel_id, kept.channel_id
+        )
+    })?;
+    Ok(())
+}
