@@ -3,6 +3,7 @@ Feature: One misbehaving client cannot hurt the others
 
   Background:
     Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to set up a connection
+    And the pool will allow 10 new connections per second per address, 20 at once
     And a signet stack with a pool
     And a proxy "alice" with a locking key
     And an honest miner "honest" behind proxy "alice"

@@ -212,9 +212,11 @@ async fn measure_rate(w: &mut HarnessWorld, name: String, secs: u64) -> anyhow::
     Ok(())
 }
 
-/// Shares arrive as a Poisson process, so two windows of a few seconds differ by chance: the
-/// rate during a flood must keep at least this share of the baseline.
-const FLOOD_RATE_FLOOR: f64 = 0.5;
+/// Shares arrive as a Poisson process, so two windows of a few seconds differ by chance, and
+/// here the flooding clients, the pool and the honest miner share two cores: the rate during a
+/// flood must keep at least this share of the baseline. (Measured: 0.55 to 0.85 of a 10/s
+/// baseline in seven runs, once 0.42; with 0.5 the check failed about one run in seven.)
+const FLOOD_RATE_FLOOR: f64 = 0.3;
 
 #[when(
     expr = "SV2 clients flood shares for {int} seconds while the rate of miner {string} is measured"
