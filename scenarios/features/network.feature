@@ -9,6 +9,7 @@ Feature: Hostile networks and standard clients: the pool protects itself without
   Background:
     Given the pool will allow 8 connections per IP, 100 shares per second per channel and 1000 ms to set up a connection
     And the pool will allow 32 channels per connection
+    And the pool will allow 40 channels per address
     And the pool runs with a descriptor limit of 256
     And the pool will allow 10 new connections per second per address, 20 at once
     And a signet stack with a pool
@@ -83,4 +84,11 @@ Feature: Hostile networks and standard clients: the pool protects itself without
   Scenario: on a connection shared by several channels, the one past the share rate is closed alone
     When miner "honest" has 3 accepted shares
     Then a plain SV2 client flooding shares on one of its two channels gets only that channel closed with "share-rate-limit"
+    And miner "honest" has 3 accepted shares
+
+  Scenario: one address past its channel cap over several connections gets too-many-channels; another address still opens
+    When miner "honest" has 3 accepted shares
+    Then plain SV2 clients from "127.0.2.1" open 40 channels over two connections, and the next is refused with "too-many-channels"
+    And the pool counted a "channels-per-ip" refusal
+    And a plain SV2 client from "127.0.2.2" still opens a channel
     And miner "honest" has 3 accepted shares

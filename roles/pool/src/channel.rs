@@ -40,6 +40,8 @@ pub struct ChannelState {
     seen_key: Option<std::sync::Arc<str>>,
     /// Declared templates of this channel's custom jobs, by job id.
     declared: HashMap<u32, Arc<DeclaredJob>>,
+    /// Its place in the per-source channel count; released when the channel is dropped.
+    pub source_slot: Option<crate::limits::IpSlot>,
 }
 
 /// The template a job mines.
@@ -95,6 +97,7 @@ impl ChannelState {
             tip: None,
             seen_key: None,
             declared: HashMap::new(),
+            source_slot: None,
         })
     }
 

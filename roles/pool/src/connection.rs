@@ -84,6 +84,8 @@ pub struct Connection {
     /// The client selects its own work (`REQUIRES_WORK_SELECTION`): its channels mine only
     /// the custom jobs it sets, never the pool's templates.
     pub(crate) work_selection: bool,
+    /// The source the connection counts under (IPv4 address or IPv6 /64).
+    pub(crate) source: std::net::IpAddr,
 }
 
 /// Serve one accepted TCP connection until it closes; returns why.
@@ -150,6 +152,7 @@ pub async fn serve(
         setup_done: false,
         negotiated: Vec::new(),
         work_selection: false,
+        source: crate::admission::source_of(peer.ip()),
     };
     let mut templates = ctx.templates.clone();
     templates.mark_unchanged();

@@ -57,6 +57,8 @@ pub struct PoolContext {
     pub(crate) rpc: Arc<BitcoinRpc>,
     pub(crate) kick: Arc<Notify>,
     pub(crate) allocator: Mutex<ExtranonceAllocator>,
+    /// Open channels per source, all connections together (`limits.max_channels_per_ip`).
+    pub(crate) channel_sources: Arc<limits::IpLimiter>,
     pub(crate) next_channel_id: AtomicU32,
     pub(crate) payout: ScriptBuf,
     pub(crate) max_target: Target,
@@ -225,6 +227,7 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         rpc,
         kick,
         allocator: Mutex::new(allocator),
+        channel_sources: Arc::default(),
         next_channel_id: AtomicU32::new(1),
         payout,
         authority,

@@ -44,8 +44,8 @@ pub struct PoolMetrics {
     pub disconnects: IntCounterVec,
     /// Refusals by a limit, by reason: at accept `connections-total`, `connection-rate`,
     /// `connections-per-ip`, `accept-error`; `evicted` (a channel-less connection closed to
-    /// admit a new one at the total cap); `channels-per-connection` for a channel past
-    /// `limits.max_channels_per_connection`.
+    /// admit a new one at the total cap); `channels-per-connection` and `channels-per-ip` for
+    /// a channel past `limits.max_channels_per_connection` or `limits.max_channels_per_ip`.
     pub refused: IntCounterVec,
     /// Job declarations, by result (`accepted` or the SV2 error code).
     pub declarations: IntCounterVec,

@@ -4,6 +4,7 @@
 use bitcoin::Target;
 use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 use stratum_apps::stratum_core::binary_sv2::{B032Owned, Seq064KOwned, Str0255Owned, U256Owned};
+use stratum_apps::stratum_core::channels_sv2::extranonce_manager::ExtranonceAllocatorError;
 use stratum_apps::stratum_core::channels_sv2::server::extended::ExtendedChannel;
 use stratum_apps::stratum_core::common_messages_sv2::{
     has_requires_std_job, has_work_selection, Protocol, SetupConnectionErrorOwned,
@@ -25,7 +26,11 @@ use crate::channel::{clamp_target, ChannelState};
 use crate::connection::{Close, Connection};
 use crate::limits::TokenBucket;
 
-/// SV2 error code for a channel past `limits.max_channels_per_connection`.
+/// SV2 error code when every channel slot of the pool's extranonce space is taken.
+pub const ERROR_EXTRANONCE_EXHAUSTED: &str = "extranonce-space-exhausted";
+
+/// SV2 error code for a channel past `limits.max_channels_per_connection` or
+/// `limits.max_channels_per_ip`.
 pub const ERROR_TOO_MANY_CHANNELS: &str = "too-many-channels";
 
 /// The only Stratum V2 protocol version the pool speaks.
@@ -159,6 +164,16 @@ impl Connection {
                 .inc();
             return Err(ERROR_TOO_MANY_CHANNELS.into());
         }
+        let source_slot = ctx
+            .channel_sources
+            .acquire(self.source, ctx.config.limits.max_channels_per_ip)
+            .ok_or_else(|| {
+                ctx.metrics
+                    .refused
+                    .with_label_values(&["channels-per-ip"])
+                    .inc();
+                ERROR_TOO_MANY_CHANNELS.to_string()
+            })?;
         let locking_pubkey = match tlvs.iter().find(|t| {
             t.r#type.extension_type == EHASH_EXTENSION_TYPE
                 && t.r#type.field_type == LOCKING_PUBKEY_FIELD
@@ -176,7 +191,12 @@ impl Connection {
                 .allocate_extended(usize::from(m.min_extranonce_size))
                 .map_err(|e| {
                     tracing::info!(conn = self.id, "extranonce allocation: {e:?}");
-                    "min-extranonce-size-too-large".to_string()
+                    match e {
+                        ExtranonceAllocatorError::CapacityExhausted => {
+                            ERROR_EXTRANONCE_EXHAUSTED.to_string()
+                        }
+                        _ => "min-extranonce-size-too-large".to_string(),
+                    }
                 })?;
             (prefix, u16::from(alloc.rollable_extranonce_size()))
         };
@@ -232,6 +252,7 @@ impl Connection {
             locking_pubkey = %state.locking_pubkey.map(|k| k.to_string()).unwrap_or_else(|| "none (no ehash)".into()),
             "channel opened"
         );
+        state.source_slot = Some(source_slot);
         self.channels.insert(channel_id, state);
         ctx.metrics.channels.inc();
         Ok(msgs)

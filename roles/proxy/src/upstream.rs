@@ -99,6 +99,7 @@ const TRANSIENT_CHANNEL_ERRORS: &[&str] = &[
     "no-template-yet",
     "internal-error",
     "min-extranonce-size-too-large",
+    "extranonce-space-exhausted",
 ];
 
 fn str0255(s: &str) -> anyhow::Result<Str0255Owned> {

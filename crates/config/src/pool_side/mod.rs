@@ -141,6 +141,9 @@ pub struct PoolLimits {
     /// `too-many-channels`. Keep `max_connections_per_ip x max_channels_per_connection` below
     /// the pool's 65,536 channel slots (2 bytes of channel index in the extranonce).
     pub max_channels_per_connection: usize,
+    /// Channels one source (IPv4 address or IPv6 /64) may hold open over all its
+    /// connections; one more is refused with `too-many-channels`.
+    pub max_channels_per_ip: usize,
 }
 
 impl Default for PoolConfig {
@@ -202,6 +205,7 @@ impl Default for PoolLimits {
             handshake_deadline_ms: 10_000,
             idle_timeout_secs: 0,
             max_channels_per_connection: 512,
+            max_channels_per_ip: 4096,
         }
     }
 }
@@ -250,8 +254,11 @@ impl PoolConfig {
         if rate.is_nan() || rate <= 0.0 || burst.is_nan() || burst < 1.0 {
             return Err("`limits.max_new_connections_per_sec` must be > 0 and `limits.new_connection_burst` >= 1".into());
         }
-        if self.limits.max_channels_per_connection == 0 {
-            return Err("`limits.max_channels_per_connection` must be at least 1".into());
+        if self.limits.max_channels_per_connection == 0 || self.limits.max_channels_per_ip == 0 {
+            return Err(
+                "`limits.max_channels_per_connection` and `limits.max_channels_per_ip` must be at least 1"
+                    .into(),
+            );
         }
         if self.redis.batch_max == 0 {
             return Err("`redis.batch_max` must be at least 1".into());

@@ -530,3 +530,63 @@ async fn flood_one_channel(w: &mut HarnessWorld, reason: String) -> anyhow::Resu
     })?;
     Ok(())
 }
+
+#[given(expr = "the pool will allow {int} channels per address")]
+async fn channels_per_address(w: &mut HarnessWorld, n: usize) {
+    w.pool_options.limits.max_channels_per_ip = n;
+}
+
+async fn client_from(w: &HarnessWorld, source: &str) -> anyhow::Result<Sv2Client> {
+    let pool = w.default_stack()?.pool()?;
+    let mut c =
+        Sv2Client::connect_from(&pool.sv2_addr, &pool.authority.public, source.parse()?).await?;
+    c.setup().await?;
+    Ok(c)
+}
+
+#[then(
+    expr = "plain SV2 clients from {string} open {int} channels over two connections, and the next is refused with {string}"
+)]
+async fn per_address_cap(
+    w: &mut HarnessWorld,
+    source: String,
+    n: u32,
+    code: String,
+) -> anyhow::Result<()> {
+    let per_connection = w
+        .default_stack()?
+        .pool()?
+        .config
+        .limits
+        .max_channels_per_connection as u32;
+    let mut a = client_from(w, &source).await?;
+    let mut b = client_from(w, &source).await?;
+    for i in 0..n {
+        let c = if i < per_connection { &mut a } else { &mut b };
+        c.open_extended(10 + i)
+            .await
+            .with_context(|| format!("channel {} of {n} from {source}", i + 1))?;
+    }
+    let error = match b.open_extended(10 + n).await {
+        Ok(ch) => anyhow::bail!(
+            "channel {} from {source} opened past the cap: {ch:?}",
+            n + 1
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    anyhow::ensure!(
+        error.contains(&format!("channel refused: {code}")),
+        "channel {} from {source} was refused, but not with {code:?}: {error}",
+        n + 1
+    );
+    w.sv2_clients.insert(format!("{source}-a"), a);
+    w.sv2_clients.insert(format!("{source}-b"), b);
+    Ok(())
+}
+
+#[then(expr = "a plain SV2 client from {string} still opens a channel")]
+async fn other_source_opens(w: &mut HarnessWorld, source: String) -> anyhow::Result<()> {
+    let mut c = client_from(w, &source).await?;
+    c.open_extended(1).await?;
+    Ok(())
+}
