@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use bitcoin::{Address, BlockHash};
 use cucumber::World;
 use harness::faucet::FaucetPayment;
@@ -135,10 +135,11 @@ impl HarnessWorld {
         if redis {
             builder = builder.redis();
         }
+        // The whole cause chain in one message: cucumber prints only the outermost one.
         let stack = builder
             .start()
             .await
-            .with_context(|| format!("starting stack {name:?}"))?;
+            .map_err(|e| anyhow!("starting stack {name:?}: {e:#}"))?;
         self.stacks.insert(name.to_string(), stack);
         Ok(())
     }
