@@ -39,6 +39,9 @@ pub struct ProcessSpec {
     pub dir: PathBuf,
     /// Soft and hard `RLIMIT_NOFILE` for the process (as `ulimit -n` would set), if given.
     pub nofile_limit: Option<u64>,
+    /// Someone else's program (SRI's translator): the invariant sweep counts only panics in
+    /// its logs, and takes death by SIGTERM (it may have no handler) as its clean stop.
+    pub foreign: bool,
 }
 
 impl ProcessSpec {
@@ -51,7 +54,14 @@ impl ProcessSpec {
             env: Vec::new(),
             dir: dir.to_path_buf(),
             nofile_limit: None,
+            foreign: false,
         }
+    }
+
+    /// Mark it as someone else's program (see [`ProcessSpec::foreign`]).
+    pub fn foreign(mut self) -> Self {
+        self.foreign = true;
+        self
     }
 
     /// Start the process with at most `n` open descriptors (`ulimit -n n`).

@@ -64,6 +64,23 @@ where
     }
 }
 
+/// Read from `stream` (discarding what comes) until the peer closes it, by EOF or reset;
+/// `false` if it is still open after `timeout` (not scaled: callers pass a scaled one).
+pub async fn tcp_closed_within(stream: &mut tokio::net::TcpStream, timeout: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,11 +13,11 @@ Feature: Interoperability: SRI's translator (translator_sv2 from crates.io) in f
 
   Scenario: one channel per miner: the first miner arrives after the deadline, the last leaves, and the translator keeps serving
     Given SRI's translator "sri" in front of the pool, one channel per miner
-    When the pool's set-up deadline passes
+    When the pool's set-up deadline passes for everything connected so far
     And an honest miner "first" starts behind proxy "sri"
     Then miner "first" has 3 accepted shares
     When miner "first" stops
-    And the pool's set-up deadline passes
+    And the pool's set-up deadline passes for everything connected so far
     And an honest miner "second" starts behind proxy "sri"
     Then miner "second" has 3 accepted shares
     And translator "sri" is still running, never restarted
@@ -26,8 +26,7 @@ Feature: Interoperability: SRI's translator (translator_sv2 from crates.io) in f
 
   Scenario: a shared channel with no miners stays quiet past the deadline, then serves a miner
     Given SRI's translator "shared" in front of the pool, its miners sharing one channel
-    When the pool's set-up deadline passes
-    And the pool's set-up deadline passes
+    When the pool's set-up deadline passes for everything connected so far
     And an honest miner "late" starts behind proxy "shared"
     Then miner "late" has 3 accepted shares
     And translator "shared" is still running, never restarted

@@ -71,7 +71,8 @@ user_identity = "sri-translator"
         let spec = ProcessSpec::new(&name, &exe, dir)
             .arg("--config")
             .arg(&file)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .foreign();
         // A translator that exits is a failure the scenario must see, not one to paper over.
         let options = SupervisorOptions::new(RestartPolicy::Never, timeouts);
         let process =

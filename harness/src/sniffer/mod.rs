@@ -213,7 +213,12 @@ impl Sv2Sniffer {
         let deadline = Instant::now() + crate::wait::scaled(timeout);
         loop {
             let notified = self.shared.changed.notified();
-            if let Some(t) = done(&self.captured()) {
+            // Read under the lock: the log is not copied on every wake-up.
+            let found = match self.shared.log.lock() {
+                Ok(log) => done(&log),
+                Err(_) => None,
+            };
+            if let Some(t) = found {
                 return Ok(t);
             }
             let left = deadline.saturating_duration_since(Instant::now());

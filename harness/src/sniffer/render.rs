@@ -322,27 +322,25 @@ pub fn share(log: &[Captured], pick: impl Fn(u32, u32) -> bool) -> Option<Vec<&C
     Some(vec![sent, answer])
 }
 
-/// Whether some share's answer was read at least `gap` after the share itself.
-pub fn delayed_answer(log: &[Captured], gap: std::time::Duration) -> bool {
+/// Every share sent to the pool that has an answer, as (share, answer), in send order.
+fn answered_shares(log: &[Captured]) -> impl Iterator<Item = Vec<&Captured>> {
     log.iter()
         .filter(|c| c.direction == Direction::ToPool)
         .filter_map(|c| match mining_of(c) {
             Some(MiningOwned::SubmitSharesExtended(s)) => Some((s.nonce, s.ntime)),
             _ => None,
         })
-        .filter_map(|(nonce, ntime)| share(log, |n, t| n == nonce && t == ntime))
-        .any(|f| f[1].at.duration_since(f[0].at) >= gap)
+        .filter_map(move |(nonce, ntime)| share(log, |n, t| n == nonce && t == ntime))
+}
+
+/// Whether some share's answer was read at least `gap` after the share itself.
+pub fn delayed_answer(log: &[Captured], gap: std::time::Duration) -> bool {
+    answered_shares(log).any(|f| f[1].at.duration_since(f[0].at) >= gap)
 }
 
 /// The first share the pool accepted, and its answer.
 pub fn first_accepted_share(log: &[Captured]) -> Option<Vec<&Captured>> {
-    log.iter()
-        .filter(|c| c.direction == Direction::ToPool)
-        .filter_map(|c| match mining_of(c) {
-            Some(MiningOwned::SubmitSharesExtended(s)) => Some((s.nonce, s.ntime)),
-            _ => None,
-        })
-        .filter_map(|(nonce, ntime)| share(log, |n, t| n == nonce && t == ntime))
+    answered_shares(log)
         .find(|f| matches!(mining_of(f[1]), Some(MiningOwned::SubmitSharesSuccess(_))))
 }
 

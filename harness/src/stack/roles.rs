@@ -341,7 +341,7 @@ impl Stack {
                 n if n.starts_with("lightning") => lightning_error,
                 "redis" => redis_error,
                 // SRI's translator logs every miner disconnect at ERROR; only a panic counts.
-                n if n.starts_with("translator") => panic_line,
+                _ if p.spec().foreign => panic_line,
                 _ => role_error,
             };
             for log in [p.spec().stdout_log(), p.spec().stderr_log()] {
@@ -392,7 +392,7 @@ impl Stack {
             .into_iter()
             .flat_map(|(name, p)| {
                 // SRI's translator has no SIGTERM handler: dying by it is its clean stop.
-                let clean: &[&str] = if name.starts_with("translator") {
+                let clean: &[&str] = if p.spec().foreign {
                     &["exit code 0", "killed by SIGTERM"]
                 } else {
                     &["exit code 0"]

@@ -73,6 +73,31 @@ mod tests {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
+    /// A `stack.json` in `dir` naming `harness_pid` and one role with `role_pid`.
+    fn write_summary(name: &str, dir: &Path, harness_pid: u32, role_pid: u32) {
+        let summary = StackSummary {
+            name: name.into(),
+            dir: dir.to_path_buf(),
+            harness_pid,
+            chain: None,
+            roles: vec![RoleSummary {
+                name: "role".into(),
+                endpoint: String::new(),
+                credentials: None,
+                pid: Some(role_pid),
+                logs: Vec::new(),
+            }],
+            backends: Vec::new(),
+            faucet_address: None,
+            start_ms: 0,
+        };
+        std::fs::write(
+            dir.join(SUMMARY_FILE),
+            serde_json::to_vec(&summary).unwrap(),
+        )
+        .unwrap();
+    }
+
     /// Wait until `pid`'s command line names `dir`. Right after a spawn returns, the child can
     /// still be inside execve with an empty `/proc/<pid>/cmdline` (the parent is released before
     /// the new image's arguments are set up): these tests failed about 1 run in 30 on that.
@@ -121,27 +146,7 @@ mod tests {
             std::thread::yield_now();
         };
         wait_for_cmdline_naming(role_pid, &stack_dir);
-        let summary = StackSummary {
-            name: "other".into(),
-            dir: stack_dir.clone(),
-            harness_pid,
-            chain: None,
-            roles: vec![RoleSummary {
-                name: "role".into(),
-                endpoint: String::new(),
-                credentials: None,
-                pid: Some(role_pid),
-                logs: Vec::new(),
-            }],
-            backends: Vec::new(),
-            faucet_address: None,
-            start_ms: 0,
-        };
-        std::fs::write(
-            stack_dir.join(SUMMARY_FILE),
-            serde_json::to_vec(&summary).unwrap(),
-        )
-        .unwrap();
+        write_summary("other", &stack_dir, harness_pid, role_pid);
         assert!(
             stray_processes(&run_dir).is_empty(),
             "a live run's role was taken for a stray"
@@ -172,27 +177,7 @@ mod tests {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let summary = StackSummary {
-            name: "dead".into(),
-            dir: stack_dir.clone(),
-            harness_pid: gone_pid,
-            chain: None,
-            roles: vec![RoleSummary {
-                name: "role".into(),
-                endpoint: String::new(),
-                credentials: None,
-                pid: Some(role.id()),
-                logs: Vec::new(),
-            }],
-            backends: Vec::new(),
-            faucet_address: None,
-            start_ms: 0,
-        };
-        std::fs::write(
-            stack_dir.join(SUMMARY_FILE),
-            serde_json::to_vec(&summary).unwrap(),
-        )
-        .unwrap();
+        write_summary("dead", &stack_dir, gone_pid, role.id());
         wait_for_cmdline_naming(role.id(), &stack_dir);
         let strays = stray_processes(&run_dir);
         let role_pid = role.id();

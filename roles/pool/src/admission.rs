@@ -34,12 +34,16 @@ pub struct Tracked {
     pub evict: stratum_apps::tokio_util::sync::CancellationToken,
 }
 
+/// A token bucket per source, with when it was last used.
+type Buckets = HashMap<IpAddr, (TokenBucket, Instant)>;
+
 /// New connections per second per source: a token bucket each, forgotten once full again.
 #[derive(Debug)]
 pub struct ConnectionRate {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (TokenBucket, Instant)>>,
+    /// Buckets by source, and when idle ones were last forgotten.
+    buckets: Mutex<(Buckets, Instant)>,
 }
 
 impl ConnectionRate {
@@ -48,20 +52,24 @@ impl ConnectionRate {
         Self {
             rate,
             burst,
-            buckets: Mutex::default(),
+            buckets: Mutex::new((HashMap::new(), Instant::now())),
         }
     }
 
     /// Whether `source` may open one more connection now.
     pub fn allow(&self, source: IpAddr) -> bool {
-        let Ok(mut b) = self.buckets.lock() else {
+        let Ok(mut guard) = self.buckets.lock() else {
             return false;
         };
+        let (b, pruned) = &mut *guard;
         let now = Instant::now();
         // Bounded memory: a bucket idle long enough to be full again is the same as none.
-        if b.len() > 4096 {
-            let refill = Duration::from_secs_f64(self.burst / self.rate.max(f64::MIN_POSITIVE));
+        // Forgotten at most once per refill period, so a flood of sources does not make every
+        // accept walk the whole map.
+        let refill = Duration::from_secs_f64(self.burst / self.rate.max(f64::MIN_POSITIVE));
+        if b.len() > 4096 && now.duration_since(*pruned) >= refill {
             b.retain(|_, (_, last)| now.duration_since(*last) < refill);
+            *pruned = now;
         }
         let (bucket, last) = b
             .entry(source)
@@ -109,38 +117,41 @@ impl LogGate {
 /// connections), bitcoind RPC, Redis, `/health` and `/metrics`, the listeners, logs.
 pub const RESERVED_DESCRIPTORS: u64 = 128;
 
-/// The total connection cap: `configured`, lowered so that client connections can never take
-/// the descriptors the pool needs for bitcoind, Redis and `/health` (soft `RLIMIT_NOFILE`
-/// minus [`RESERVED_DESCRIPTORS`]). The soft limit is first raised to the hard one (the
-/// common soft limit of 1024 is a default, not a decision). Returns the cap and the soft limit.
+/// Raise the soft `RLIMIT_NOFILE` to the hard one (the common soft limit of 1024 is a
+/// default, not a decision); returns the soft limit now in force, if finite. Called once at
+/// start.
 #[allow(unsafe_code)]
-pub fn connection_cap(configured: usize) -> (usize, Option<u64>) {
+pub fn raise_descriptor_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit read and write the struct we own and have no other effect.
-    let soft = unsafe {
+    unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            None
-        } else {
-            if lim.rlim_cur < lim.rlim_max {
-                let raised = libc::rlimit {
-                    rlim_cur: lim.rlim_max,
-                    rlim_max: lim.rlim_max,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                    lim.rlim_cur = lim.rlim_max;
-                }
-            }
-            (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+            return None;
         }
-    };
-    let cap = match soft {
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}
+
+/// The total connection cap: `configured`, lowered so that client connections can never take
+/// the descriptors the pool needs for bitcoind, Redis and `/health` (the descriptor limit
+/// `soft` minus [`RESERVED_DESCRIPTORS`]).
+pub fn connection_cap(configured: usize, soft: Option<u64>) -> usize {
+    match soft {
         Some(soft) => configured.min(soft.saturating_sub(RESERVED_DESCRIPTORS).max(1) as usize),
         None => configured,
-    };
-    (cap, soft)
+    }
 }
 
 #[cfg(test)]
@@ -181,10 +192,9 @@ mod tests {
 
     #[test]
     fn cap_leaves_room_for_the_pool_itself() {
-        let (cap, soft) = connection_cap(usize::MAX);
-        if let Some(soft) = soft {
-            assert_eq!(cap as u64, soft.saturating_sub(RESERVED_DESCRIPTORS).max(1));
-        }
-        assert_eq!(connection_cap(3).0, 3);
+        assert_eq!(connection_cap(usize::MAX, Some(1024)), 1024 - 128);
+        assert_eq!(connection_cap(3, Some(1024)), 3);
+        assert_eq!(connection_cap(3, None), 3);
+        assert_eq!(connection_cap(5000, Some(100)), 1);
     }
 }

@@ -10,7 +10,8 @@ use tokio::task::JoinSet;
 use std::time::{Duration, Instant};
 
 use crate::admission::{
-    connection_cap, source_of, ConnectionRate, LogGate, Tracked, RESERVED_DESCRIPTORS,
+    connection_cap, raise_descriptor_limit, source_of, ConnectionRate, LogGate, Tracked,
+    RESERVED_DESCRIPTORS,
 };
 use crate::connection::{self, Close};
 use crate::limits::IpLimiter;
@@ -72,7 +73,8 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
         limits.max_new_connections_per_sec,
         limits.new_connection_burst,
     );
-    let (cap, soft) = connection_cap(limits.max_connections);
+    let soft = raise_descriptor_limit();
+    let cap = connection_cap(limits.max_connections, soft);
     if cap < limits.max_connections {
         tracing::warn!(
             "limits.max_connections lowered from {} to {cap}: the descriptor limit is {} and the pool keeps {RESERVED_DESCRIPTORS} for itself (raise it with ulimit -n)",

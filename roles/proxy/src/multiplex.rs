@@ -179,7 +179,6 @@ impl Multiplexer {
                 target: s.target.to_array(),
                 ehash: link.ehash,
             },
-            early: Vec::new(),
             _guard: ChannelGuard {
                 channel_id: s.channel_id,
                 out: link.out.clone(),

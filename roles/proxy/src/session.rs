@@ -502,7 +502,7 @@ impl Session {
         self.send_current_job(new_tip).await
     }
 
-    async fn on_channel(&mut self, mut up: Upstream) -> Result<(), String> {
+    async fn on_channel(&mut self, up: Upstream) -> Result<(), String> {
         let reopened = !self.extranonce1.is_empty();
         let info = up.info.clone();
         if let Some(templates) = self.shared.templates.clone() {
@@ -532,17 +532,14 @@ impl Session {
             hex::encode(&info.extranonce_prefix),
             info.extranonce_size
         );
-        let early = std::mem::take(&mut up.early);
         self.channel_id = info.channel_id;
         self.extranonce1 = info.extranonce_prefix;
         self.extranonce2_size = info.extranonce_size;
         self.target = info.target;
         self.jobs.clear();
         self.prev_hash = None;
+        // The channel's first job and SetNewPrevHash come through `inbound` like all others.
         self.upstream = Some(up);
-        for m in early {
-            self.on_upstream(m).await?;
-        }
         if reopened && self.subscribed {
             if !self.wants_extranonce {
                 return Err("upstream channel changed and the miner did not subscribe to extranonce changes".into());

@@ -43,8 +43,6 @@ pub struct Upstream {
     pub(crate) outbound: mpsc::Sender<OutboundFrame>,
     /// The channel.
     pub info: ChannelInfo,
-    /// Messages from the pool that arrived while opening the channel (first jobs).
-    pub early: Vec<MiningOwned>,
     /// Sends `CloseChannel` and forgets the route when dropped.
     pub(crate) _guard: crate::multiplex::ChannelGuard,
 }

@@ -277,22 +277,13 @@ async fn half_open(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
     }
     // Each socket must be closed by the pool (EOF or reset) within the deadline plus slack.
     for mut s in sockets {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 64];
-        let closed = tokio::time::timeout(
+        let closed = harness::wait::tcp_closed_within(
+            &mut s,
             deadline + harness::wait::scaled(Duration::from_secs(5)),
-            async {
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => continue,
-                    }
-                }
-            },
         )
         .await;
         anyhow::ensure!(
-            closed.is_ok(),
+            closed,
             "a half-open connection was not closed within {deadline:?} + 5 s"
         );
     }

@@ -38,23 +38,12 @@ async fn open_and_close(w: &mut HarnessWorld, name: String) -> anyhow::Result<()
     Ok(())
 }
 
-#[then(
-    expr = "after twice the pool's channel deadline plain SV2 client {string} still opens a channel"
-)]
+#[then(expr = "plain SV2 client {string} still opens a channel")]
 async fn still_opens(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let deadline = Duration::from_millis(
-        w.default_stack()?
-            .pool()?
-            .config
-            .limits
-            .handshake_deadline_ms,
-    );
-    // Waiting is the point here: the pool's deadline has to pass with the client quiet.
-    tokio::time::sleep(deadline * 2).await;
     let c = client(w, &name)?;
     c.open_extended(2)
         .await
-        .with_context(|| format!("plain SV2 client {name} after {:?}", deadline * 2))?;
+        .with_context(|| format!("plain SV2 client {name}"))?;
     Ok(())
 }
 
@@ -124,7 +113,7 @@ async fn streams_without_newline(
 }
 
 async fn stream_one(addr: String, mb: usize, proxy: String) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(&addr).await?;
     let chunk = vec![b'x'; 64 * 1024];
     let mut sent = 0;
@@ -138,18 +127,13 @@ async fn stream_one(addr: String, mb: usize, proxy: String) -> anyhow::Result<()
     }
     if !closed {
         // Everything was written: the proxy must still close this connection.
-        let mut buf = [0u8; 1024];
-        let read = tokio::time::timeout(harness::wait::scaled(Duration::from_secs(10)), async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => continue,
-                }
-            }
-        })
+        let closed = harness::wait::tcp_closed_within(
+            &mut s,
+            harness::wait::scaled(Duration::from_secs(10)),
+        )
         .await;
         anyhow::ensure!(
-            read.is_ok(),
+            closed,
             "proxy {proxy} kept a connection that sent {mb} MB without a newline"
         );
     }
@@ -188,13 +172,7 @@ async fn peak_grew(w: &mut HarnessWorld, proxy: String, mb: u64) -> anyhow::Resu
 #[when(expr = "{int} SV1 sockets connect to proxy {string} and say nothing")]
 async fn silent_sockets(w: &mut HarnessWorld, n: usize, proxy: String) -> anyhow::Result<()> {
     let addr = w.default_stack()?.proxy(&proxy)?.sv1_addr.clone();
-    w.counter_before = Some(
-        w.default_stack()?
-            .pool()?
-            .metrics()
-            .await?
-            .get("hashpool_pool_connections"),
-    );
+    w.counter_before = Some(pool_connections(w).await?);
     let mut sockets = Vec::with_capacity(n);
     for i in 0..n {
         sockets.push(
@@ -209,23 +187,12 @@ async fn silent_sockets(w: &mut HarnessWorld, n: usize, proxy: String) -> anyhow
 
 #[then("the proxy closes the silent sockets at its subscribe deadline")]
 async fn silent_closed(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    use tokio::io::AsyncReadExt;
     let sockets = std::mem::take(&mut w.silent_sockets);
     let n = sockets.len();
     let wait = harness::wait::scaled(Duration::from_secs(20));
     let mut open = 0;
     for mut s in sockets {
-        let mut buf = [0u8; 256];
-        let closed = tokio::time::timeout(wait, async {
-            loop {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => continue,
-                }
-            }
-        })
-        .await;
-        if closed.is_err() {
+        if !harness::wait::tcp_closed_within(&mut s, wait).await {
             open += 1;
         }
     }
@@ -348,28 +315,50 @@ async fn idle_setup_clients(w: &mut HarnessWorld, n: usize, sources: usize) -> a
     Ok(())
 }
 
-#[when("the pool's set-up deadline passes")]
+/// The pool's open-connection gauge.
+async fn pool_connections(w: &HarnessWorld) -> anyhow::Result<f64> {
+    Ok(w.default_stack()?
+        .pool()?
+        .metrics()
+        .await?
+        .get("hashpool_pool_connections"))
+}
+
+#[when("the pool's set-up deadline passes for everything connected so far")]
 async fn deadline_passes(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    let deadline = Duration::from_millis(
-        w.default_stack()?
-            .pool()?
-            .config
-            .limits
-            .handshake_deadline_ms,
-    );
-    // Waiting is the point: connections become evictable only past the deadline.
-    tokio::time::sleep(deadline + Duration::from_millis(200)).await;
+    // The witness: a probe connected now that never sets up is cut by the pool at its
+    // deadline (counted), so every connection made before it is past the deadline too.
+    let key = "hashpool_pool_disconnects_total{reason=\"handshake-deadline\"}";
+    let pool = w.default_stack()?.pool()?;
+    let before = pool.metrics().await?.get(key);
+    let _probe = tokio::net::TcpStream::connect(&pool.sv2_addr).await?;
+    crate::steps::faults::wait_metric_at_least(w, key, before + 1.0).await
+}
+
+#[then("a newcomer is admitted by closing the oldest idle connection past the deadline")]
+async fn newcomer_evicts(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let pool = w.default_stack()?.pool()?;
+    let (addr, key) = (pool.sv2_addr.clone(), pool.authority.public.clone());
+    let what = "a newcomer admitted at the cap (the oldest idle connections reaching the deadline)";
+    let admitted = harness::wait::wait_until(what, Duration::from_secs(20), || {
+        let (addr, key) = (addr.clone(), key.clone());
+        async move {
+            let mut c =
+                Sv2Client::connect_from(&addr, &key, std::net::Ipv4Addr::new(127, 0, 1, 250))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            c.setup().await.map_err(|e| e.to_string())?;
+            Ok(c)
+        }
+    })
+    .await?;
+    w.sv2_clients.insert("newcomer".into(), admitted);
     Ok(())
 }
 
 #[then(expr = "the pool holds at most {int} connections")]
 async fn holds_at_most(w: &mut HarnessWorld, n: u64) -> anyhow::Result<()> {
-    let open = w
-        .default_stack()?
-        .pool()?
-        .metrics()
-        .await?
-        .get("hashpool_pool_connections");
+    let open = pool_connections(w).await?;
     anyhow::ensure!(
         open <= n as f64,
         "the pool holds {open} connections (cap {n})"
@@ -380,12 +369,7 @@ async fn holds_at_most(w: &mut HarnessWorld, n: u64) -> anyhow::Result<()> {
 #[then("the pool holds no more connections than before them")]
 async fn no_more_pool_connections(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let before = w.counter_before.context("no connection count remembered")?;
-    let now = w
-        .default_stack()?
-        .pool()?
-        .metrics()
-        .await?
-        .get("hashpool_pool_connections");
+    let now = pool_connections(w).await?;
     anyhow::ensure!(
         now <= before,
         "the pool holds {now} connections, {before} before the silent sockets"

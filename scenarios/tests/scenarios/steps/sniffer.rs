@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context};
 use bitcoin::hashes::Hash;
 use bitcoin::BlockHash;
 use cucumber::{given, then, when};
-use harness::sniffer::{render, Fault};
+use harness::sniffer::{render, Captured, Fault};
 
 use crate::steps::mining::share_records;
 use crate::world::HarnessWorld;
@@ -130,32 +130,20 @@ async fn cut_share_recorded_once(w: &mut HarnessWorld, proxy: String) -> anyhow:
 async fn flow_snapshot(w: &mut HarnessWorld, flow: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let sniffer = stack.sniffer()?;
-    let text = match flow.as_str() {
-        "extension negotiation" => {
-            sniffer
-                .wait_until(
-                    "SetupConnection and RequestExtensions answered",
-                    FLOW_TIMEOUT,
-                    |log| render::extension_negotiation(log, 1).map(|f| render::render(&f)),
-                )
-                .await?
-        }
-        "channel open" => {
-            sniffer
-                .wait_until(
-                    "a channel opened and its first job activated",
-                    FLOW_TIMEOUT,
-                    |log| render::channel_open(log, 1).map(|f| render::render(&f)),
-                )
-                .await?
-        }
-        "share" => {
-            sniffer
-                .wait_until("an accepted share and its answer", FLOW_TIMEOUT, |log| {
-                    render::first_accepted_share(log).map(|f| render::render(&f))
-                })
-                .await?
-        }
+    type Pick = Box<dyn for<'a> Fn(&'a [Captured]) -> Option<Vec<&'a Captured>> + Send>;
+    let (what, pick): (&str, Pick) = match flow.as_str() {
+        "extension negotiation" => (
+            "SetupConnection and RequestExtensions answered",
+            Box::new(|log| render::extension_negotiation(log, 1)),
+        ),
+        "channel open" => (
+            "a channel opened and its first job activated",
+            Box::new(|log| render::channel_open(log, 1)),
+        ),
+        "share" => (
+            "an accepted share and its answer",
+            Box::new(render::first_accepted_share),
+        ),
         "block found" => {
             // The first block above the pre-mined chain, as Bitcoin Core stored it.
             let node = stack.bitcoind()?;
@@ -168,19 +156,18 @@ async fn flow_snapshot(w: &mut HarnessWorld, flow: String) -> anyhow::Result<()>
             let block = node.block_json(&hash).await?;
             let nonce = block["nonce"].as_u64().context("block nonce")? as u32;
             let time = block["time"].as_u64().context("block time")? as u32;
-            sniffer
-                .wait_until(
-                    "the share that became the block, its answer and the new tip's job",
-                    FLOW_TIMEOUT,
-                    |log| {
-                        render::block_found(log, nonce, time, hash.to_byte_array())
-                            .map(|f| render::render(&f))
-                    },
-                )
-                .await?
+            (
+                "the share that became the block, its answer and the new tip's job",
+                Box::new(move |log| render::block_found(log, nonce, time, hash.to_byte_array())),
+            )
         }
         other => anyhow::bail!("no SV2 flow named {other:?}"),
     };
+    let text = sniffer
+        .wait_until(what, FLOW_TIMEOUT, |log| {
+            pick(log).map(|f| render::render(&f))
+        })
+        .await?;
     let name = format!("sv2_flow_{}", flow.replace(' ', "_"));
     insta::with_settings!({snapshot_path => "../../../../fixtures/snapshots", prepend_module_to_snapshot => false}, {
         insta::assert_snapshot!(name, text);
