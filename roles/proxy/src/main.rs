@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use hashpool_config::miner_side::{ProxyConfig, PROXY_ENV_PREFIX};
 
-/// The hashpool proxy (SV1 for miners, one SV2 channel per miner to the pool) and the
+/// The hashpool proxy (SV1 for miners, all miners on one SV2 connection to the pool, a channel each) and the
 /// operator's ehash wallet.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-proxy", version)]

@@ -238,7 +238,7 @@ async fn flood(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<
                 anyhow::Ok((c, ch))
             };
             let Ok((mut c, ch)) = opened.await else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await; // retry interval after a refused connect
                 continue;
             };
             sent += c.flood(&ch, 1_000_000).await;
