@@ -86,3 +86,30 @@ where
         }
     }
 }
+
+/// Raise the soft `RLIMIT_NOFILE` to the hard one (the common soft limit of 1024 is a
+/// default, not a decision); returns the soft limit now in force, if finite. Roles that hold
+/// one socket per client (pool, proxy, a many-connection miner) call it once at start.
+#[allow(unsafe_code)]
+pub fn raise_descriptor_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own and have no other effect.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}

@@ -1,6 +1,6 @@
 //! Simulated CPU miners, and what their logs say.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,7 +13,9 @@ use crate::supervisor::{RestartPolicy, Supervised, SupervisorOptions};
 pub struct MinerOptions {
     /// `honest`, `below-target`, `duplicate`, `stale`, `malformed`.
     pub behaviour: String,
-    /// Hashing threads.
+    /// Simulated miners in the process (SV1 connections, `--connections`).
+    pub connections: usize,
+    /// Hashing threads, shared by all its connections.
     pub threads: usize,
     /// Total hashrate cap (None: uncapped).
     pub hashrate: Option<f64>,
@@ -25,6 +27,7 @@ impl Default for MinerOptions {
     fn default() -> Self {
         Self {
             behaviour: "honest".into(),
+            connections: 1,
             threads: 1,
             hashrate: Some(500_000.0),
             log_shares: true,
@@ -59,6 +62,8 @@ impl MinerRole {
             .arg(name)
             .arg("--threads")
             .arg(opts.threads.to_string())
+            .arg("--connections")
+            .arg(opts.connections.to_string())
             .arg("--behaviour")
             .arg(&opts.behaviour);
         if let Some(h) = opts.hashrate {
@@ -104,6 +109,14 @@ pub struct MinerLog {
     pub tips: Vec<String>,
     /// The final summary line, once it exited.
     pub finished: Option<String>,
+    /// Connections (`conn=N`, 0 for a one-connection miner) whose subscribe was answered.
+    pub subscribed: BTreeSet<usize>,
+    /// Connections that received a job.
+    pub with_work: BTreeSet<usize>,
+    /// Connections with at least one accepted share.
+    pub with_accepted: BTreeSet<usize>,
+    /// The connection each accepted share (hash) came from.
+    pub accepted_on: BTreeMap<String, usize>,
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -116,9 +129,21 @@ impl MinerLog {
     pub fn parse(text: &str) -> Self {
         let mut log = Self::default();
         for line in text.lines() {
+            let conn = || {
+                field(line, "conn")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0)
+            };
+            if line.starts_with("subscribed ") {
+                log.subscribed.insert(conn());
+            } else if line.starts_with("new tip work ") || line.starts_with("first work ") {
+                log.with_work.insert(conn());
+            }
             if line.starts_with("share accepted ") {
+                log.with_accepted.insert(conn());
                 if let Some(h) = field(line, "hash") {
                     log.accepted.push(h.to_string());
+                    log.accepted_on.insert(h.to_string(), conn());
                 }
             } else if line.starts_with("share rejected ") {
                 if let (Some(h), Some(r)) = (field(line, "hash"), field(line, "reason")) {
@@ -158,6 +183,7 @@ mod tests {
              share rejected hash=0002 job=1 reason=duplicate-share\n\
              miner finished (shutdown): accepted=1\n",
         );
+        assert_eq!(log.with_accepted, BTreeSet::from([0]));
         assert_eq!(log.accepted, vec!["0001"]);
         assert_eq!(
             log.rejected,
@@ -166,5 +192,19 @@ mod tests {
         assert_eq!(log.tips, vec!["00ab"]);
         assert!(log.finished.is_some());
         assert_eq!(log.rejected_by_reason()["duplicate-share"], 1);
+    }
+
+    #[test]
+    fn counts_connections_of_a_many_miner_process() {
+        let log = MinerLog::parse(
+            "subscribed extranonce1=00 extranonce2_size=8 conn=0\n\
+             subscribed extranonce1=01 extranonce2_size=8 conn=7\n\
+             new tip work job=1 prevhash=00ab conn=7\n\
+             share accepted hash=0001 job=1 conn=7\n",
+        );
+        assert_eq!(log.subscribed, BTreeSet::from([0, 7]));
+        assert_eq!(log.with_work, BTreeSet::from([7]));
+        assert_eq!(log.with_accepted, BTreeSet::from([7]));
+        assert_eq!(log.accepted_on["0001"], 7);
     }
 }

@@ -1,16 +1,23 @@
-//! Hashing threads: each scans its own extranonce2 space of the current job and reports
-//! nonces to the connection task, paced to the configured hashrate cap.
+//! Hashing threads shared by every connection of the process. A thread takes the connections
+//! in turn and hashes one window of `BATCH` nonces of each one's current job, so one thread
+//! serves a thousand simulated miners as well as one; the hashrate cap is for all of them.
+//!
+//! Each thread numbers its windows: window `t` of thread `i` hashes extranonce2
+//! `[i, t >> 20 ...]` and nonces `(t & 0xfffff) * BATCH ..`, so no two windows of one process
+//! repeat a header, and one connection moves to a new extranonce2 only every 2^32 nonces.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::work::{meets_target, HeaderHasher, Job};
 
-/// Nonces hashed between two looks at the shared state (new job, stop flag, pacing).
+/// Nonces hashed per turn on one connection (then the thread looks at the next).
 const BATCH: u32 = 4096;
+/// Windows per extranonce2: 2^20 windows of 4096 nonces cover the 2^32 nonces.
+const WINDOWS_PER_EXTRANONCE2: u64 = 1 << 20;
 
 /// What the hashing threads work on.
 #[derive(Debug, Clone)]
@@ -44,50 +51,76 @@ pub struct Found {
     pub meets_target: bool,
 }
 
-/// State shared by the connection task and the hashing threads.
-#[derive(Debug, Default)]
-pub struct Shared {
-    /// Current work, replaced on every notify/set_difficulty.
-    pub work: RwLock<Option<Arc<WorkUnit>>>,
-    /// Bumped whenever `work` changes.
-    pub generation: AtomicU64,
+/// One connection's work, as its session publishes it.
+#[derive(Debug)]
+pub struct Slot {
+    work: RwLock<Option<Arc<WorkUnit>>>,
+    found: UnboundedSender<Found>,
+}
+
+impl Slot {
+    /// Publish new work (None: nothing to hash until the next job).
+    pub fn set_work(&self, work: Option<WorkUnit>) {
+        if let Ok(mut w) = self.work.write() {
+            *w = work.map(Arc::new);
+        }
+    }
+
+    fn current(&self) -> Option<Arc<WorkUnit>> {
+        self.work.read().ok().and_then(|w| w.clone())
+    }
+}
+
+/// Every connection's slot, and what the threads share.
+#[derive(Debug)]
+pub struct Farm {
+    slots: Vec<Arc<Slot>>,
     /// Set to stop the threads.
     pub stop: AtomicBool,
     /// Hashes computed by all threads.
     pub hashes: AtomicU64,
 }
 
-impl Shared {
-    /// Publish new work.
-    pub fn set_work(&self, work: Option<WorkUnit>) {
-        if let Ok(mut w) = self.work.write() {
-            *w = work.map(Arc::new);
-        }
-        self.generation.fetch_add(1, Ordering::SeqCst);
+impl Farm {
+    /// A farm of `connections` slots, with the receiver of each slot's found nonces.
+    pub fn new(connections: usize) -> (Arc<Self>, Vec<UnboundedReceiver<Found>>) {
+        let (slots, receivers) = (0..connections)
+            .map(|_| {
+                let (tx, rx) = unbounded_channel();
+                let slot = Arc::new(Slot {
+                    work: RwLock::new(None),
+                    found: tx,
+                });
+                (slot, rx)
+            })
+            .unzip();
+        let farm = Self {
+            slots,
+            stop: AtomicBool::new(false),
+            hashes: AtomicU64::new(0),
+        };
+        (Arc::new(farm), receivers)
     }
 
-    fn current(&self) -> (u64, Option<Arc<WorkUnit>>) {
-        let gen = self.generation.load(Ordering::SeqCst);
-        let work = self.work.read().ok().and_then(|w| w.clone());
-        (gen, work)
+    /// Slot `index`.
+    pub fn slot(&self, index: usize) -> Arc<Slot> {
+        self.slots[index].clone()
     }
 }
 
 /// Start `threads` hashing threads sharing `rate_limit` hashes per second (None: unlimited).
 pub fn spawn_threads(
-    shared: Arc<Shared>,
+    farm: Arc<Farm>,
     threads: usize,
     rate_limit: Option<f64>,
-    found: UnboundedSender<Found>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let per_thread = rate_limit.map(|r| (r / threads as f64).max(1.0));
     (0..threads)
         .map(|index| {
-            let shared = shared.clone();
-            let found = found.clone();
+            let farm = farm.clone();
             std::thread::Builder::new()
                 .name(format!("hash-{index}"))
-                .spawn(move || hash_loop(index as u8, shared, per_thread, found))
+                .spawn(move || hash_loop(index as u8, farm, per_thread))
         })
         .collect()
 }
@@ -103,62 +136,62 @@ fn extranonce2(index: u8, counter: u64, size: usize) -> Vec<u8> {
     en2
 }
 
-fn hash_loop(index: u8, shared: Arc<Shared>, rate: Option<f64>, found: UnboundedSender<Found>) {
+fn hash_loop(index: u8, farm: Arc<Farm>, rate: Option<f64>) {
     let started = Instant::now();
+    let slots = farm.slots.len();
     let mut done: u64 = 0;
-    let mut counter: u64 = 0;
-    while !shared.stop.load(Ordering::Relaxed) {
-        let (gen, work) = shared.current();
-        let Some(work) = work else {
-            // Waiting for the first job: poll interval of an idle thread.
-            std::thread::sleep(Duration::from_millis(5));
+    let mut window: u64 = 0;
+    let mut next = usize::from(index);
+    let mut idle = 0usize;
+    while !farm.stop.load(Ordering::Relaxed) && slots > 0 {
+        let slot = &farm.slots[next % slots];
+        next = next.wrapping_add(1);
+        let Some(work) = slot.current() else {
+            idle += 1;
+            if idle >= slots {
+                // No connection has work yet: poll interval of an idle thread.
+                std::thread::sleep(Duration::from_millis(5));
+                idle = 0;
+            }
             continue;
         };
-        counter += 1;
-        let en2 = extranonce2(index, counter, work.extranonce2_size);
+        idle = 0;
+        let en2 = extranonce2(
+            index,
+            window / WINDOWS_PER_EXTRANONCE2 + 1,
+            work.extranonce2_size,
+        );
+        let first = (window % WINDOWS_PER_EXTRANONCE2) as u32 * BATCH;
+        window += 1;
         let root = work.job.merkle_root(&work.extranonce1, &en2);
         let header = work.job.header(&root, work.job.version, work.job.ntime, 0);
         let mut hasher = HeaderHasher::new(&header);
-        let mut nonce: u32 = 0;
-        'scan: loop {
-            for _ in 0..BATCH {
-                let hash = hasher.hash(nonce);
-                let meets = meets_target(&hash, &work.target);
-                done += 1;
-                let report_miss = !meets
-                    && work.report_misses_every > 0
-                    && done.is_multiple_of(work.report_misses_every);
-                if meets || report_miss {
-                    let f = Found {
-                        job_id: work.job.job_id.clone(),
-                        extranonce2: en2.clone(),
-                        ntime: work.job.ntime,
-                        nonce,
-                        hash,
-                        meets_target: meets,
-                    };
-                    if found.send(f).is_err() {
-                        return;
-                    }
-                }
-                nonce = nonce.wrapping_add(1);
-                if nonce == 0 {
-                    break 'scan; // 2^32 nonces: next extranonce2
-                }
+        for nonce in first..=first + (BATCH - 1) {
+            let hash = hasher.hash(nonce);
+            let meets = meets_target(&hash, &work.target);
+            done += 1;
+            let report_miss = !meets
+                && work.report_misses_every > 0
+                && done.is_multiple_of(work.report_misses_every);
+            if meets || report_miss {
+                // A session that ended dropped its receiver: its nonces go nowhere.
+                let _ = slot.found.send(Found {
+                    job_id: work.job.job_id.clone(),
+                    extranonce2: en2.clone(),
+                    ntime: work.job.ntime,
+                    nonce,
+                    hash,
+                    meets_target: meets,
+                });
             }
-            shared.hashes.fetch_add(u64::from(BATCH), Ordering::Relaxed);
-            if shared.stop.load(Ordering::Relaxed)
-                || shared.generation.load(Ordering::SeqCst) != gen
-            {
-                break;
-            }
-            if let Some(rate) = rate {
-                let due = Duration::from_secs_f64(done as f64 / rate);
-                let elapsed = started.elapsed();
-                if due > elapsed {
-                    // Pacing to the hashrate cap, not synchronisation.
-                    std::thread::sleep(due - elapsed);
-                }
+        }
+        farm.hashes.fetch_add(u64::from(BATCH), Ordering::Relaxed);
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(done as f64 / rate);
+            let elapsed = started.elapsed();
+            if due > elapsed {
+                // Pacing to the hashrate cap, not synchronisation.
+                std::thread::sleep(due - elapsed);
             }
         }
     }
@@ -173,5 +206,10 @@ mod tests {
         assert_eq!(extranonce2(1, 5, 4), vec![1, 0, 0, 5]);
         assert_ne!(extranonce2(0, 5, 8), extranonce2(1, 5, 8));
         assert_eq!(extranonce2(2, 1, 12).len(), 12);
+    }
+
+    #[test]
+    fn windows_cover_the_nonce_space_before_the_extranonce2_moves() {
+        assert_eq!(u64::from(BATCH) * WINDOWS_PER_EXTRANONCE2, 1u64 << 32);
     }
 }

@@ -3,20 +3,25 @@
 use clap::Parser;
 use miner::{Behaviour, MinerConfig};
 
-/// Mine on an SV1 proxy with real SHA-256d; print share results and a summary on exit.
+/// Mine on an SV1 proxy with real SHA-256d, as one miner or many (--connections); print share
+/// results and a summary on exit. Exits non-zero when an error ended any connection.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-miner", version)]
 struct Args {
     /// Proxy address (host:port).
     #[arg(long)]
     proxy: String,
-    /// Worker name sent with mining.authorize.
+    /// Worker name sent with mining.authorize (USER.N for connection N when there are several).
     #[arg(long, default_value = "sim-miner")]
     user: String,
-    /// Hashing threads.
+    /// Simulated miners: SV1 connections to the proxy, each with its own subscribe, jobs and
+    /// shares, all hashed by the same threads (1..=10000).
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Hashing threads, shared by every connection.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Cap on total hashes per second (default: no cap).
+    /// Cap on hashes per second over every connection (default: no cap).
     #[arg(long)]
     hashrate: Option<f64>,
     /// honest, below-target, duplicate, stale or malformed.
@@ -36,12 +41,14 @@ async fn main() -> std::process::ExitCode {
     let config = MinerConfig {
         proxy: args.proxy,
         user: args.user,
+        connections: args.connections,
         threads: args.threads,
         hashrate_limit: args.hashrate,
         behaviour: args.behaviour,
         log_shares: !args.quiet,
     };
     let duration = args.duration;
+    let connections = args.connections;
     let shutdown = async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -65,7 +72,18 @@ async fn main() -> std::process::ExitCode {
     match miner::run(config, shutdown).await {
         Ok(report) => {
             println!("miner finished ({}): {}", report.ended, report.line());
-            std::process::ExitCode::SUCCESS
+            for (index, error) in &report.errors {
+                if connections > 1 {
+                    eprintln!("error on connection {index}: {error}");
+                } else {
+                    eprintln!("error: {error}");
+                }
+            }
+            if report.errors.is_empty() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -26,8 +26,12 @@ use crate::channel::ChannelState;
 use crate::shares::ShareOutcome;
 use crate::PoolContext;
 
-/// Frames buffered towards a slow client before it is disconnected.
+/// Frames buffered towards a slow client before it is disconnected, beyond
+/// [`OUTBOUND_FRAMES_PER_CHANNEL`] for each channel it may open (a new tip sends every channel
+/// a job and a prevhash at once). tokio's queue allocates as it fills, not at its capacity.
 const OUTBOUND_QUEUE: usize = 4096;
+/// Room in the outbound queue per channel the connection may hold.
+const OUTBOUND_FRAMES_PER_CHANNEL: usize = 4;
 /// Frames read ahead of processing.
 const INBOUND_QUEUE: usize = 256;
 
@@ -133,7 +137,8 @@ pub async fn serve(
             }
         }
     });
-    let (out_tx, mut out_rx) = mpsc::channel::<OutboundFrame>(OUTBOUND_QUEUE);
+    let queue = OUTBOUND_QUEUE + OUTBOUND_FRAMES_PER_CHANNEL * limits.max_channels_per_connection;
+    let (out_tx, mut out_rx) = mpsc::channel::<OutboundFrame>(queue);
     let write_task = tokio::spawn(async move {
         while let Some(frame) = out_rx.recv().await {
             if writer.write_frame(frame).await.is_err() {

@@ -10,8 +10,7 @@ use tokio::task::JoinSet;
 use std::time::{Duration, Instant};
 
 use crate::admission::{
-    connection_cap, raise_descriptor_limit, source_of, ConnectionRate, LogGate, Tracked,
-    RESERVED_DESCRIPTORS,
+    connection_cap, source_of, ConnectionRate, LogGate, Tracked, RESERVED_DESCRIPTORS,
 };
 use crate::connection::{self, Close};
 use crate::limits::IpLimiter;
@@ -73,7 +72,7 @@ pub async fn accept_loop(ctx: Arc<PoolContext>, listener: TcpListener, stop: Can
         limits.max_new_connections_per_sec,
         limits.new_connection_burst,
     );
-    let soft = raise_descriptor_limit();
+    let soft = hashpool_config::role_main::raise_descriptor_limit();
     let cap = connection_cap(limits.max_connections, soft);
     if cap < limits.max_connections {
         tracing::warn!(

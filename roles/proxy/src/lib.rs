@@ -91,6 +91,10 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     if locking_pubkey.is_none() {
         tracing::warn!("no locking key configured: shares through this proxy earn no ehash");
     }
+    // One socket per miner: a farm needs more than the common soft limit of 1024.
+    if let Some(soft) = hashpool_config::role_main::raise_descriptor_limit() {
+        tracing::info!("descriptor limit {soft}: at most about {soft} miners");
+    }
     let fraud = if config.fraud.is_empty() {
         None
     } else {

@@ -138,8 +138,8 @@ pub struct PoolLimits {
     /// TCP keepalive (probes after 60 s idle, every 10 s, 3 unanswered close the socket).
     pub idle_timeout_secs: u64,
     /// Channels one connection may hold open; one more is refused with
-    /// `too-many-channels`. Keep `max_connections_per_ip x max_channels_per_connection` below
-    /// the pool's 65,536 channel slots (2 bytes of channel index in the extranonce).
+    /// `too-many-channels`. A proxy puts all of its miners on one connection, so this is the
+    /// most miners one proxy serves.
     pub max_channels_per_connection: usize,
     /// Channels one source (IPv4 address or IPv6 /64) may hold open over all its
     /// connections; one more is refused with `too-many-channels`.
@@ -204,7 +204,7 @@ impl Default for PoolLimits {
             share_burst: 400.0,
             handshake_deadline_ms: 10_000,
             idle_timeout_secs: 0,
-            max_channels_per_connection: 512,
+            max_channels_per_connection: 2048,
             max_channels_per_ip: 4096,
         }
     }

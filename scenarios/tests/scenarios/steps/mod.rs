@@ -2,6 +2,7 @@
 
 pub mod accounting;
 mod chain;
+mod farm;
 pub mod faults;
 mod forged;
 mod fraud;
