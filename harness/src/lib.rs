@@ -38,6 +38,7 @@ pub mod stack;
 pub mod supervisor;
 pub mod sv2_client;
 pub mod sv2_miner;
+pub mod sv2_raw;
 pub mod wait;
 
 pub use bitcoind::{Bitcoind, Chain};

@@ -51,6 +51,24 @@ fn s0255(s: &str) -> anyhow::Result<Str0255Owned> {
     Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("{e:?}"))
 }
 
+/// `SetupConnection` for the mining protocol, version 2, no flags.
+pub fn setup_connection() -> anyhow::Result<AnyMessageOwned> {
+    Ok(AnyMessageOwned::Common(
+        CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
+            protocol: Protocol::MiningProtocol,
+            min_version: 2,
+            max_version: 2,
+            flags: 0,
+            endpoint_host: s0255("127.0.0.1")?,
+            endpoint_port: 0,
+            vendor: s0255("harness")?,
+            hardware_version: s0255("sv2-test-client")?,
+            firmware: s0255("0")?,
+            device_id: s0255("flood")?,
+        }),
+    ))
+}
+
 impl Sv2Client {
     /// TCP connect and Noise handshake against `authority` (SRI base58 public key).
     pub async fn connect(addr: &str, authority: &str) -> anyhow::Result<Self> {
@@ -126,21 +144,7 @@ impl Sv2Client {
 
     /// `SetupConnection` for the mining protocol; waits for `SetupConnectionSuccess`.
     pub async fn setup(&mut self) -> anyhow::Result<()> {
-        self.send(AnyMessageOwned::Common(
-            CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
-                protocol: Protocol::MiningProtocol,
-                min_version: 2,
-                max_version: 2,
-                flags: 0,
-                endpoint_host: s0255("127.0.0.1")?,
-                endpoint_port: 0,
-                vendor: s0255("harness")?,
-                hardware_version: s0255("sv2-test-client")?,
-                firmware: s0255("0")?,
-                device_id: s0255("flood")?,
-            }),
-        ))
-        .await?;
+        self.send(setup_connection()?).await?;
         let t = Duration::from_secs(5);
         match self.recv(t).await? {
             AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => Ok(()),

@@ -28,3 +28,10 @@ Feature: One misbehaving client cannot hurt the others
     And a client sends a 100000-byte SV2 message to the pool
     Then the pool counted a "oversize-message" disconnect
     And miner "honest" gets 5 more shares accepted
+
+  Scenario: a header declaring a message above the size limit closes the connection before its body is read
+    When miner "honest" has 3 accepted shares
+    And the accepted shares of miner "honest" are counted
+    And a set-up client sends only the header of a 16000000-byte SV2 message to the pool
+    Then the pool counted a "oversize-message" disconnect
+    And miner "honest" gets 5 more shares accepted

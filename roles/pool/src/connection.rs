@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use stratum_apps::network_helpers::noise_stream::NoiseTcpStream;
-use stratum_apps::network_helpers::Error as NetError;
 use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
 use stratum_apps::stratum_core::noise_sv2::Responder;
 use stratum_apps::stratum_core::parsers_sv2::{
@@ -23,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::channel::ChannelState;
+use crate::noise_io::{self, ReadError};
 use crate::shares::ShareOutcome;
 use crate::PoolContext;
 
@@ -40,7 +39,8 @@ const INBOUND_QUEUE: usize = 256;
 pub enum Close {
     /// Peer closed or the socket failed.
     PeerGone(String),
-    /// A frame above `limits.max_message_bytes`.
+    /// A frame header declaring more than `limits.max_message_bytes` (the encrypted payload
+    /// length it declared; its body is never read).
     Oversize(usize),
     /// Noise handshake and `SetupConnection` not done within `limits.handshake_deadline_ms`.
     HandshakeDeadline,
@@ -110,27 +110,24 @@ pub async fn serve(
         Ok(r) => r,
         Err(e) => return Close::Protocol(format!("noise responder: {e:?}")),
     };
-    let stream = match NoiseTcpStream::accept(tcp, responder, deadline).await {
-        Ok(s) => s,
-        Err(NetError::HandshakeTimeout) => return Close::HandshakeDeadline,
-        Err(NetError::SocketClosed) => {
+    let max = limits.max_message_bytes;
+    let (mut reader, mut writer) = match noise_io::accept(tcp, responder, deadline, max).await {
+        Ok(halves) => halves,
+        Err(ReadError::HandshakeTimeout) => return Close::HandshakeDeadline,
+        Err(ReadError::Closed) => {
             return Close::PeerGone("closed during the noise handshake".into())
         }
         Err(e) => return Close::Protocol(format!("noise handshake: {e:?}")),
     };
-    let (mut reader, mut writer) = stream.into_split();
     let (in_tx, mut in_rx) = mpsc::channel::<Result<SerializedFrame, Close>>(INBOUND_QUEUE);
-    let max = limits.max_message_bytes;
     let read_task = tokio::spawn(async move {
         loop {
-            let item = match reader.read_frame().await {
-                Ok(frame) if frame.header().payload_length() > max => {
-                    Err(Close::Oversize(frame.header().payload_length()))
-                }
-                Ok(frame) => Ok(frame),
-                Err(NetError::SocketClosed) => Err(Close::PeerGone("socket closed".into())),
-                Err(e) => Err(Close::Protocol(format!("unreadable frame: {e:?}"))),
-            };
+            // A header declaring more than `max` closes the connection before its body is read.
+            let item = reader.read_frame().await.map_err(|e| match e {
+                ReadError::Oversize(encrypted) => Close::Oversize(encrypted),
+                ReadError::Closed => Close::PeerGone("socket closed".into()),
+                other => Close::Protocol(format!("unreadable frame: {other:?}")),
+            });
             let end = item.is_err();
             if in_tx.send(item).await.is_err() || end {
                 return;
@@ -145,7 +142,7 @@ pub async fn serve(
                 return;
             }
         }
-        let _ = writer.shutdown().await;
+        writer.shutdown().await;
     });
 
     let mut conn = Connection {

@@ -16,6 +16,7 @@ mod custom_job;
 pub mod jd;
 mod limits;
 mod metrics;
+mod noise_io;
 pub mod redis_store;
 mod resolve;
 mod server;

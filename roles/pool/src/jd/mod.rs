@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::{Amount, TxOut};
-use stratum_apps::network_helpers::noise_stream::NoiseTcpStream;
 use stratum_apps::stratum_core::binary_sv2::{B0255Owned, B064KOwned, Seq064KOwned, Str0255Owned};
 use stratum_apps::stratum_core::common_messages_sv2::{
     Protocol, SetupConnectionErrorOwned, SetupConnectionSuccess,
@@ -126,10 +125,12 @@ async fn connection(
     let responder = Responder::from_authority_kp(&public, &secret, cert)
         .map_err(|e| anyhow::anyhow!("noise responder: {e:?}"))?;
     let deadline = Duration::from_millis(ctx.config.limits.handshake_deadline_ms);
-    let stream = NoiseTcpStream::accept(tcp, responder, deadline)
-        .await
-        .map_err(|e| anyhow::anyhow!("noise handshake: {e:?}"))?;
-    let (mut reader, mut writer) = stream.into_split();
+    // Frames are bounded by their header: MAX_SETUP_BYTES until SetupConnection, then
+    // MAX_DECLARATION_BYTES.
+    let (mut reader, mut writer) =
+        crate::noise_io::accept(tcp, responder, deadline, MAX_SETUP_BYTES)
+            .await
+            .map_err(|e| anyhow::anyhow!("noise handshake: {e:?}"))?;
     // 0: no idle limit (as on the mining port).
     let idle = match ctx.config.limits.idle_timeout_secs {
         0 => Duration::MAX,
@@ -178,6 +179,7 @@ async fn connection(
                     anyhow::bail!("protocol {:?} on the job declaration port", m.protocol);
                 }
                 setup = true;
+                reader.set_max_payload(MAX_DECLARATION_BYTES);
                 AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(
                     SetupConnectionSuccess {
                         used_version: 2,

@@ -105,6 +105,21 @@ async fn oversize(w: &mut HarnessWorld, len: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[when(expr = "a set-up client sends only the header of a {int}-byte SV2 message to the pool")]
+async fn oversize_header(w: &mut HarnessWorld, len: usize) -> anyhow::Result<()> {
+    w.counter_before = Some(pool_metric(w, &disconnects("oversize-message")).await?);
+    let pool = w.default_stack()?.pool()?;
+    let mut client =
+        harness::sv2_raw::RawSv2Client::connect(&pool.sv2_addr, &pool.authority.public).await?;
+    client.setup().await?;
+    client.send_header_of(len).await?;
+    let took = client.closed_within(Duration::from_secs(5)).await.context(
+        "the pool kept the connection open, waiting for the body of the oversize message",
+    )?;
+    tracing::info!("pool closed the connection {took:?} after the oversize header");
+    Ok(())
+}
+
 #[when("the pool is killed with SIGKILL")]
 async fn kill_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
     w.expect_exit("pool");
