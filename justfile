@@ -107,13 +107,14 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, 1,000 miners and handshakes/s, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
 [group('test')]
 bench:
     cargo bench -p pool --bench share_validation
     cargo bench -p harness --bench stack_start
     cargo build --release -p pool -p mint -p auditor -p proxy -p miner
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench mining_e2e
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench network
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench settlement
     cargo bench -p pool --bench declaration
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit

@@ -56,15 +56,22 @@ async fn stack(config: &HarnessConfig, name: &str, min_bits: u32) -> anyhow::Res
 /// Accepted shares per second when two miners offer `offered` shares/s in total. With
 /// min_bits 2 a share takes 4 hashes, so the miners' hashing costs little CPU and the
 /// measurement is of the proxy -> pool -> Redis -> ack path.
-async fn throughput(config: &HarnessConfig, offered: f64) -> anyhow::Result<(f64, f64, f64)> {
+/// With `connections` above 1, each of the two miner processes runs that many simulated miners.
+async fn throughput(
+    config: &HarnessConfig,
+    offered: f64,
+    connections: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
     const MIN_BITS: u32 = 2;
     const MINERS: usize = 2;
-    let mut s = stack(config, &format!("bench-throughput-{offered}"), MIN_BITS).await?;
+    let name = format!("bench-throughput-{offered}-{connections}");
+    let mut s = stack(config, &name, MIN_BITS).await?;
     for i in 0..MINERS {
         let hashrate = offered / MINERS as f64 * 2f64.powi(MIN_BITS as i32);
         let opts = MinerOptions {
             hashrate: Some(hashrate),
             log_shares: false,
+            connections,
             ..Default::default()
         };
         s.start_miner(&format!("m{i}"), "bench", &opts).await?;
@@ -199,10 +206,16 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "| pipelined Redis XADD/s, 100 per pipeline (the limit of the record path) | {limit:.0} |"
     );
-    for offered in [5_000.0, 10_000.0, 20_000.0, 40_000.0] {
-        let (rate, pool_rss, proxy_rss) = throughput(&config, offered).await?;
+    // The same measurement before #10, when the proxy opened one SV2 connection per miner
+    // (closing note of #7, this machine, `just bench`).
+    let per_miner_connection = [4_885.0, 10_052.0, 19_906.0, 18_044.0];
+    for (offered, before) in [5_000.0, 10_000.0, 20_000.0, 40_000.0]
+        .into_iter()
+        .zip(per_miner_connection)
+    {
+        let (rate, pool_rss, proxy_rss) = throughput(&config, offered, 1).await?;
         println!(
-            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2), each recorded once (dedup + XADD) | {rate:.0} ({:.2} of the XADD limit; floor 20,000) |",
+            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) on the proxy's one upstream connection, each recorded once (dedup + XADD) | {rate:.0} ({:.2} of the XADD limit; floor 20,000; {before:.0} with one connection per miner, #7) |",
             rate / limit
         );
         println!(
@@ -210,6 +223,11 @@ async fn main() -> anyhow::Result<()> {
             pool_rss + proxy_rss
         );
     }
+    let (rate, pool_rss, proxy_rss) = throughput(&config, 20_000.0, 100).await?;
+    println!(
+        "| accepted shares/s with 20000/s offered by 200 miners (2 processes x 100 connections) on one upstream connection | {rate:.0} ({:.2} of the XADD limit); peak RSS pool / proxy {pool_rss:.1} / {proxy_rss:.1} MB |",
+        rate / limit
+    );
     let (rate, p50, p99, pool_p99) = latency(&config).await?;
     println!("| ack latency at {rate:.0} shares/s, miner to miner (one miner, min_bits 8): p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
     println!("| of which inside the pool (share read to answer queued, incl. Redis): p99 at most | {pool_p99:.3} ms |");

@@ -34,6 +34,29 @@ fn kb_field(path: &str, key: &str) -> u64 {
         * 1024
 }
 
+/// CPU time process `pid` has used so far (user + system, from `/proc/<pid>/stat`), seconds;
+/// 0 if it is gone.
+#[allow(unsafe_code)]
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    // After "pid (comm) ": state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a constant of the system and has no other effect.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / per_sec
+}
+
 /// Peak resident set size of process `pid` (`VmHWM`), bytes; 0 if it is gone.
 pub fn peak_rss(pid: u32) -> u64 {
     kb_field(&format!("/proc/{pid}/status"), "VmHWM:")

@@ -62,12 +62,13 @@ impl MinerRole {
             .arg(name)
             .arg("--threads")
             .arg(opts.threads.to_string())
-            .arg("--connections")
-            .arg(opts.connections.to_string())
             .arg("--behaviour")
             .arg(&opts.behaviour);
         if let Some(h) = opts.hashrate {
             spec = spec.arg("--hashrate").arg(h.to_string());
+        }
+        if opts.connections != 1 {
+            spec = spec.arg("--connections").arg(opts.connections.to_string());
         }
         if !opts.log_shares {
             spec = spec.arg("--quiet");

@@ -20,6 +20,8 @@ use crate::{Behaviour, MinerConfig, MinerReport};
 const MAX_LINE: usize = 64 * 1024;
 /// One below-target nonce is reported per this many hashes in `below-target` mode.
 const MISS_REPORT_INTERVAL: u64 = 200_000;
+/// Most submits written to the proxy at once.
+const MAX_SUBMITS_PER_WRITE: usize = 256;
 /// Longest a write to the proxy may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -136,7 +138,14 @@ pub async fn run_connection(
                 Err(e) => break format!("connection error: {e}"),
             },
             Some(found) = found_rx.recv() => {
-                let out = s.on_found(found);
+                // Whatever else the threads found meanwhile goes out in the same write.
+                let mut out = s.on_found(found);
+                while out.len() < MAX_SUBMITS_PER_WRITE {
+                    match found_rx.try_recv() {
+                        Ok(more) => out.extend(s.on_found(more)),
+                        Err(_) => break,
+                    }
+                }
                 if let Err(e) = send(&mut write, &out).await {
                     break format!("connection error: {e:#}");
                 }
