@@ -207,6 +207,10 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
             .map(|k| k.to_string())
             .unwrap_or_else(|| "none".into())
     );
+    let upstream = multiplex::Multiplexer::new(
+        std::time::Duration::from_millis(config.reconnect_min_ms),
+        std::time::Duration::from_millis(config.reconnect_max_ms),
+    );
     let shared = Arc::new(ProxyShared {
         config,
         authority,
@@ -214,7 +218,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         templates,
         fraud,
         declarations,
-        upstream: multiplex::Multiplexer::default(),
+        upstream,
     });
     let next = AtomicU64::new(1);
     let mut accept_backoff = std::time::Duration::from_millis(10);

@@ -1,8 +1,11 @@
 //! All of a proxy's miners on one SV2 connection to the pool: one extended channel per miner.
 //!
 //! The connection is opened when the first miner asks for a channel and again, once, when
-//! it was lost and a miner asks again (the miners' sessions back off; concurrent requests
-//! wait for the one connect). A routing task reads every message and hands it to the channel
+//! it was lost and a miner asks again: concurrent requests wait for the one connect, and a
+//! failed connect is not retried for a backoff (from `reconnect_min_ms`, doubling to
+//! `reconnect_max_ms`, with +-25 % jitter so that proxies do not return in step); every miner
+//! asking meanwhile gets that failure at once. A thousand miners make one connect attempt
+//! per backoff, not a thousand. A routing task reads every message and hands it to the channel
 //! it names; `OpenExtendedMiningChannel` answers are matched by request id, and the route is
 //! in place before the answer is handed over, so no job for a new channel is missed. A
 //! session that stops reading (its queue full) loses its route, and then its channel, rather
@@ -12,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use stratum_apps::stratum_core::binary_sv2::Str0255Owned;
@@ -48,9 +52,42 @@ struct Link {
 }
 
 /// The proxy's one pool connection, shared by its miners.
-#[derive(Default)]
 pub struct Multiplexer {
-    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    state: tokio::sync::Mutex<LinkState>,
+    /// First and longest wait after a failed connect.
+    backoff: (Duration, Duration),
+}
+
+#[derive(Default)]
+struct LinkState {
+    link: Option<Arc<Link>>,
+    failed: Option<Failure>,
+}
+
+/// The last connect attempt failed: no new attempt before `retry_at`.
+struct Failure {
+    retry_at: Instant,
+    delay: Duration,
+    error: String,
+    /// The pool refused this proxy for good (kept as [`upstream::Refused`]).
+    refused: bool,
+}
+
+impl Failure {
+    fn error(&self) -> anyhow::Error {
+        let left = self.retry_at.saturating_duration_since(Instant::now());
+        if self.refused {
+            anyhow::Error::new(upstream::Refused(self.error.clone()))
+        } else {
+            anyhow!("{} (next connect attempt in {left:?})", self.error)
+        }
+    }
+}
+
+/// `delay` with up to 25 % either way.
+fn jittered(delay: Duration) -> Duration {
+    use rand::Rng;
+    delay.mul_f64(rand::thread_rng().gen_range(0.75..1.25))
 }
 
 /// Removes an unanswered open request when its caller gives up.
@@ -95,10 +132,22 @@ impl Drop for ChannelGuard {
 }
 
 impl Multiplexer {
+    /// No connection yet; after a failed connect wait `reconnect_min` at first, doubling up
+    /// to `reconnect_max`.
+    pub fn new(reconnect_min: Duration, reconnect_max: Duration) -> Self {
+        Self {
+            state: tokio::sync::Mutex::default(),
+            backoff: (reconnect_min, reconnect_max.max(reconnect_min)),
+        }
+    }
+
     /// Open a channel for one miner (connecting first if there is no live connection), within
     /// `p.open_timeout`.
     pub async fn open_channel(&self, p: &OpenParams) -> anyhow::Result<Upstream> {
-        tokio::time::timeout(p.open_timeout, self.open_inner(p))
+        // Not under the timeout: a connect in progress bounds itself by `open_timeout` and
+        // leaves its failure for every miner waiting on it.
+        let link = self.link(p).await?;
+        tokio::time::timeout(p.open_timeout, self.open_on(link, p))
             .await
             .map_err(|_| {
                 anyhow!(
@@ -110,15 +159,52 @@ impl Multiplexer {
     }
 
     async fn link(&self, p: &OpenParams) -> anyhow::Result<Arc<Link>> {
-        let mut held = self.link.lock().await;
+        let mut state = self.state.lock().await;
         // Dead once its routing task ended or its writer is gone.
-        if let Some(link) = held
+        if let Some(link) = state
+            .link
             .as_ref()
             .filter(|l| !l.closed.is_cancelled() && !l.out.is_closed())
         {
             return Ok(link.clone());
         }
-        let c = upstream::connect(p).await?;
+        if let Some(f) = state
+            .failed
+            .as_ref()
+            .filter(|f| Instant::now() < f.retry_at)
+        {
+            return Err(f.error());
+        }
+        let connect = tokio::time::timeout(p.open_timeout, upstream::connect(p));
+        let c = match connect.await.unwrap_or_else(|_| {
+            Err(anyhow!(
+                "connect and handshake with {} took over {:?} (`open_timeout_ms`)",
+                p.address,
+                p.open_timeout
+            ))
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                let (min, max) = self.backoff;
+                let delay = match &state.failed {
+                    Some(f) => (f.delay * 2).min(max),
+                    None => min,
+                };
+                let wait = jittered(delay);
+                tracing::warn!(pool = %p.address, "cannot connect to the pool ({e:#}); next attempt in {wait:?}");
+                state.failed = Some(Failure {
+                    retry_at: Instant::now() + wait,
+                    delay,
+                    error: match e.downcast_ref::<upstream::Refused>() {
+                        Some(r) => r.0.clone(),
+                        None => format!("{e:#}"),
+                    },
+                    refused: e.downcast_ref::<upstream::Refused>().is_some(),
+                });
+                return Err(e);
+            }
+        };
+        state.failed = None;
         let link = Arc::new(Link {
             out: c.out,
             ehash: c.ehash,
@@ -133,12 +219,11 @@ impl Multiplexer {
             link.out.clone(),
         ));
         tracing::info!(pool = %p.address, ehash = c.ehash, "connected to the pool: one connection for all miners");
-        *held = Some(link.clone());
+        state.link = Some(link.clone());
         Ok(link)
     }
 
-    async fn open_inner(&self, p: &OpenParams) -> anyhow::Result<Upstream> {
-        let link = self.link(p).await?;
+    async fn open_on(&self, link: Arc<Link>, p: &OpenParams) -> anyhow::Result<Upstream> {
         let request_id = link.next_request.fetch_add(1, Ordering::Relaxed);
         let (inbound_tx, inbound) = mpsc::channel(CHANNEL_QUEUE);
         let (answer_tx, answer) = oneshot::channel();
@@ -284,4 +369,74 @@ async fn route(
         r.opening.clear();
     }
     tracing::warn!("pool connection lost: every miner's channel is reopened on a new one");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A listener that accepts and at once closes (so every Noise handshake fails), counting
+    /// the connections it got.
+    async fn slamming_door() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                drop(tcp);
+            }
+        });
+        (addr, count)
+    }
+
+    fn params(address: String) -> OpenParams {
+        OpenParams {
+            address,
+            // SRI's example authority key.
+            authority: stratum_apps::key_utils::Secp256k1PublicKey::from_str(
+                "9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72",
+            )
+            .unwrap(),
+            locking_pubkey: None,
+            nominal_hashrate: 1.0,
+            min_extranonce_size: 8,
+            user_identity: "test".into(),
+            work_selection: false,
+            open_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_connect_is_tried_once_per_backoff_however_many_miners_ask() {
+        let (addr, connects) = slamming_door().await;
+        let mux = Arc::new(Multiplexer::new(
+            Duration::from_millis(300),
+            Duration::from_secs(5),
+        ));
+        let p = params(addr);
+        let asks: Vec<_> = (0..50)
+            .map(|_| {
+                let (mux, p) = (mux.clone(), p.clone());
+                tokio::spawn(async move { mux.open_channel(&p).await.is_err() })
+            })
+            .collect();
+        for a in asks {
+            assert!(
+                a.await.unwrap(),
+                "an open succeeded against a closing listener"
+            );
+        }
+        assert_eq!(connects.load(Ordering::SeqCst), 1, "50 miners, one connect");
+        // Within the backoff (300 ms less 25 % jitter at least): answered without connecting.
+        assert!(mux.open_channel(&p).await.is_err());
+        assert_eq!(connects.load(Ordering::SeqCst), 1);
+        // Past the longest jittered wait, one new attempt.
+        tokio::time::sleep(Duration::from_millis(400)).await; // the backoff under test
+        assert!(mux.open_channel(&p).await.is_err());
+        assert_eq!(connects.load(Ordering::SeqCst), 2);
+    }
 }

@@ -1,0 +1,143 @@
+//! A miner's upstream channel: opening (and reopening) it, and the custom jobs its declarer
+//! sets on it (`template_source = "miner"`).
+
+use stratum_apps::stratum_core::channels_sv2::server::jobs::factory::JobFactory;
+use stratum_apps::stratum_core::mining_sv2::{SetCustomMiningJobOwned, SetNewPrevHashOwned};
+use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
+use tokio::sync::mpsc;
+
+use super::{Session, KEPT_JOBS};
+use crate::declare::{self, DeclaredWork};
+use crate::sv1;
+use crate::upstream::Upstream;
+
+/// The next declared job; pending forever without a declarer.
+pub(super) async fn recv_declared(
+    rx: &mut Option<mpsc::Receiver<DeclaredWork>>,
+) -> Option<DeclaredWork> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    /// Set a declared job on the channel.
+    pub(super) fn on_declared(&mut self, mut work: DeclaredWork) -> Result<(), String> {
+        let Some(up) = &self.upstream else {
+            return Ok(()); // the declarer of a lost channel; a new one starts with the next
+        };
+        self.next_request = self.next_request.wrapping_add(1);
+        work.set_custom.request_id = self.next_request;
+        work.set_custom.channel_id = self.channel_id;
+        tracing::debug!(
+            miner = self.id,
+            height = work.height,
+            "setting a custom job"
+        );
+        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone())) {
+            self.custom_pending
+                .insert(self.next_request, work.set_custom);
+        }
+        // Answers to older requests that never came are not waited for.
+        while self.custom_pending.len() > KEPT_JOBS {
+            if let Some(k) = self.custom_pending.keys().min().copied() {
+                self.custom_pending.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool accepted a custom job as `job_id`: give it to the miner.
+    pub(super) async fn on_custom_job(
+        &mut self,
+        set: SetCustomMiningJobOwned,
+        job_id: u32,
+    ) -> Result<(), String> {
+        let full = self.extranonce1.len() + self.extranonce2_size;
+        let job = JobFactory::new(true, None, None)
+            .new_extended_job_from_custom_job(set.clone(), self.extranonce1.clone(), full)
+            .map_err(|e| format!("cannot rebuild the custom job: {e:?}"))?;
+        let mut msg = job.get_job_message().clone();
+        msg.job_id = job_id;
+        msg.channel_id = self.channel_id;
+        let new_tip = self
+            .prev_hash
+            .as_ref()
+            .is_none_or(|p| p.prev_hash.to_array() != set.prev_hash.to_array());
+        self.jobs.insert(job_id, msg);
+        while self.jobs.len() > KEPT_JOBS {
+            self.jobs.pop_first();
+        }
+        self.prev_hash = Some(SetNewPrevHashOwned {
+            channel_id: self.channel_id,
+            job_id,
+            prev_hash: set.prev_hash,
+            min_ntime: set.min_ntime,
+            nbits: set.nbits,
+        });
+        self.send_current_job(new_tip).await
+    }
+
+    pub(super) async fn on_channel(&mut self, up: Upstream) -> Result<(), String> {
+        let reopened = !self.extranonce1.is_empty();
+        let info = up.info.clone();
+        if let Some(templates) = self.shared.templates.clone() {
+            if let Some(d) = self.declarer.take() {
+                d.abort();
+            }
+            let (tx, rx) = mpsc::channel(4);
+            let shape = declare::ChannelShape {
+                channel_id: info.channel_id,
+                full_extranonce_size: info.extranonce_prefix.len() + info.extranonce_size,
+            };
+            self.declarer = Some(tokio::spawn(declare::run(
+                self.shared.declare_params(self.id),
+                shape,
+                templates,
+                tx,
+                self.shared.declarations.clone(),
+            )));
+            self.declared = Some(rx);
+            self.custom_pending.clear();
+        }
+        tracing::info!(
+            miner = self.id,
+            channel = info.channel_id,
+            ehash = info.ehash,
+            "upstream channel open (extranonce1 {}, extranonce2 size {})",
+            hex::encode(&info.extranonce_prefix),
+            info.extranonce_size
+        );
+        self.channel_id = info.channel_id;
+        self.extranonce1 = info.extranonce_prefix;
+        self.extranonce2_size = info.extranonce_size;
+        self.target = info.target;
+        self.jobs.clear();
+        self.prev_hash = None;
+        // The channel's first job and SetNewPrevHash come through `inbound` like all others.
+        self.upstream = Some(up);
+        if reopened && self.subscribed {
+            if !self.wants_extranonce {
+                return Err("upstream channel changed and the miner did not subscribe to extranonce changes".into());
+            }
+            self.line(sv1::set_extranonce(
+                &self.extranonce1,
+                self.extranonce2_size,
+            ))
+            .await?;
+            self.line(sv1::set_difficulty(&self.target)).await?;
+            self.send_current_job(true).await?;
+        }
+        self.answer_subscribe().await
+    }
+
+    pub(super) async fn upstream_lost(&mut self) {
+        self.upstream = None;
+        let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
+        for id in pending {
+            self.rejected += 1;
+            let _ = self.line(sv1::error(id, 20, "upstream-disconnected")).await;
+        }
+    }
+}
