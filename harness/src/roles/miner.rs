@@ -73,7 +73,11 @@ impl MinerRole {
         if !opts.log_shares {
             spec = spec.arg("--quiet");
         }
-        let ready = log_ready("miner subscribed", &spec.stdout_log(), "subscribed");
+        let ready = log_ready(
+            "miner subscribed",
+            &spec.stdout_log(),
+            "subscribed extranonce1=",
+        );
         let options = SupervisorOptions::new(RestartPolicy::Never, timeouts);
         let process = Supervised::start(spec, ready, options).await?;
         Ok(Self {
