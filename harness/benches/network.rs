@@ -155,10 +155,14 @@ async fn handshakes(config: &HarnessConfig) -> anyhow::Result<[f64; 4]> {
                 i += 1;
                 // Many loopback sources, as from many hosts.
                 let source = std::net::Ipv4Addr::new(127, 3, c as u8, (i % 250 + 1) as u8);
-                if let Ok(mut client) = Sv2Client::connect_from(&addr, &authority, source).await {
-                    if client.setup().await.is_ok() {
-                        done += 1;
-                    }
+                let attempt = async {
+                    let mut client = Sv2Client::connect_from(&addr, &authority, source).await?;
+                    client.setup().await
+                };
+                let ok = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+                // Only handshakes finished inside the window count.
+                if matches!(ok, Ok(Ok(()))) && Instant::now() <= stop {
+                    done += 1;
                 }
             }
             done

@@ -26,6 +26,11 @@ Feature: Hostile networks and standard clients: the pool protects itself without
     And plain SV2 client "closed" still opens a channel
     And miner "honest" gets 3 more shares accepted
 
+  Scenario: a job declaration connection that never sends SetupConnection is closed at the set-up deadline
+    When miner "honest" has 3 accepted shares
+    Then a client that finishes the Noise handshake on the job declaration port and says nothing is closed within 5000 ms
+    And miner "honest" has 3 accepted shares
+
   Scenario: a connection opening channels past the cap gets too-many-channels; the others are unaffected
     When miner "honest" has 3 accepted shares
     And the accepted shares of miner "honest" are counted

@@ -25,7 +25,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
 /// | `upstream_wait_secs` | 30 | how long a miner waits for the pool before it is disconnected |
-/// | `open_timeout_ms` | 10000 | TCP connect, Noise handshake and channel opening at the pool, together |
+/// | `open_timeout_ms` | 10000 | TCP connect and Noise handshake with the pool; then, again, opening a channel on the connection |
 /// | `subscribe_timeout_ms` | 10000 | a miner that sends no `mining.subscribe` this long after connecting is closed (its pool channel is opened only once it subscribes) |
 /// | `template_source` | `pool` | `pool`: mine the pool's templates; `miner`: build templates from `[node]`, declare them at `jd_address` and mine them as custom jobs |
 /// | `jd_address` | (empty) | the pool's job declaration address (`template_source = "miner"`) |

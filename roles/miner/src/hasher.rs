@@ -2,9 +2,11 @@
 //! in turn and hashes one window of `BATCH` nonces of each one's current job, so one thread
 //! serves a thousand simulated miners as well as one; the hashrate cap is for all of them.
 //!
-//! Each thread numbers its windows: window `t` of thread `i` hashes extranonce2
-//! `[i, t >> 20 ...]` and nonces `(t & 0xfffff) * BATCH ..`, so no two windows of one process
-//! repeat a header, and one connection moves to a new extranonce2 only every 2^32 nonces.
+//! Each thread numbers its windows: window `t` of thread `i` hashes extranonce2 `i` followed
+//! by the counter `(t >> 20) + 1` (big-endian, in the remaining bytes) and nonces
+//! `(t & 0xfffff) * BATCH ..`, so no two windows of one process repeat a header (with at most
+//! 256 threads, and extranonce2 sizes of 2 or more, which the session checks), and one
+//! connection moves to a new extranonce2 only every 2^32 nonces.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -136,6 +138,12 @@ fn extranonce2(index: u8, counter: u64, size: usize) -> Vec<u8> {
     en2
 }
 
+/// Extranonce2 and first nonce of window `t` of thread `index`.
+fn window_of(index: u8, t: u64, extranonce2_size: usize) -> (Vec<u8>, u32) {
+    let en2 = extranonce2(index, t / WINDOWS_PER_EXTRANONCE2 + 1, extranonce2_size);
+    (en2, (t % WINDOWS_PER_EXTRANONCE2) as u32 * BATCH)
+}
+
 fn hash_loop(index: u8, farm: Arc<Farm>, rate: Option<f64>) {
     let started = Instant::now();
     let slots = farm.slots.len();
@@ -156,12 +164,7 @@ fn hash_loop(index: u8, farm: Arc<Farm>, rate: Option<f64>) {
             continue;
         };
         idle = 0;
-        let en2 = extranonce2(
-            index,
-            window / WINDOWS_PER_EXTRANONCE2 + 1,
-            work.extranonce2_size,
-        );
-        let first = (window % WINDOWS_PER_EXTRANONCE2) as u32 * BATCH;
+        let (en2, first) = window_of(index, window, work.extranonce2_size);
         window += 1;
         let root = work.job.merkle_root(&work.extranonce1, &en2);
         let header = work.job.header(&root, work.job.version, work.job.ntime, 0);
@@ -209,7 +212,25 @@ mod tests {
     }
 
     #[test]
-    fn windows_cover_the_nonce_space_before_the_extranonce2_moves() {
-        assert_eq!(u64::from(BATCH) * WINDOWS_PER_EXTRANONCE2, 1u64 << 32);
+    fn windows_tile_the_nonce_space_then_move_the_extranonce2() {
+        let last = WINDOWS_PER_EXTRANONCE2 - 1;
+        assert_eq!(window_of(3, 0, 8), (vec![3, 0, 0, 0, 0, 0, 0, 1], 0));
+        assert_eq!(window_of(3, 1, 8).1, BATCH);
+        // The last window of an extranonce2 ends on nonce 2^32 - 1 ...
+        let (en2, first) = window_of(3, last, 8);
+        assert_eq!(u64::from(first) + u64::from(BATCH), 1u64 << 32);
+        // ... and the next one starts nonce 0 of the next extranonce2.
+        let (next, zero) = window_of(3, last + 1, 8);
+        assert_eq!((zero, next[7]), (0, en2[7] + 1));
+        // No two windows of two threads share (extranonce2, nonces).
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..4u8 {
+            for t in (0..3).chain(last - 1..last + 3) {
+                assert!(
+                    seen.insert(window_of(index, t, 2)),
+                    "thread {index} window {t}"
+                );
+            }
+        }
     }
 }

@@ -160,7 +160,12 @@ pub async fn run(
     config: MinerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<MinerReport> {
-    anyhow::ensure!(config.threads > 0, "threads must be at least 1");
+    // A thread's index is the first byte of its extranonce2.
+    anyhow::ensure!(
+        (1..=256).contains(&config.threads),
+        "threads must be 1..=256, got {}",
+        config.threads
+    );
     anyhow::ensure!(
         (1..=MAX_CONNECTIONS).contains(&config.connections),
         "connections must be 1..={MAX_CONNECTIONS}, got {}",

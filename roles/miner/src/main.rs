@@ -18,7 +18,7 @@ struct Args {
     /// shares, all hashed by the same threads (1..=10000).
     #[arg(long, default_value_t = 1)]
     connections: usize,
-    /// Hashing threads, shared by every connection.
+    /// Hashing threads, shared by every connection (1..=256).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Cap on hashes per second over every connection (default: no cap).

@@ -122,20 +122,27 @@ pub async fn run_connection(
         sv1::authorize(3, &s.user),
         sv1::extranonce_subscribe(4),
     ];
-    send(&mut write, &hello).await?;
-    let mut buf = String::new();
+    // However this connection ends, the threads stop hashing for it.
+    let _clear = ClearOnDrop(s.slot.clone());
+    // A lost connection ends it with a reason (exit 0); what the proxy says that this miner
+    // cannot take (a line it cannot parse, one over MAX_LINE, a refused subscribe) is an error.
+    if let Err(e) = send(&mut write, &hello).await {
+        return Ok(s.end(format!("connection error: {e:#}")));
+    }
+    let mut buf = Vec::new();
     let ended = loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break "shutdown".to_string(),
             read = read_line(&mut lines, &mut buf) => match read {
-                Ok(0) => break "connection closed by the proxy".to_string(),
-                Ok(_) => {
-                    let line = buf.trim_end().to_string();
-                    buf.clear();
+                Ok(None) => break "connection closed by the proxy".to_string(),
+                Ok(Some(line)) => {
                     let out = s.handle_line(&line)?;
-                    send(&mut write, &out).await?;
+                    if let Err(e) = send(&mut write, &out).await {
+                        break format!("connection error: {e:#}");
+                    }
                 }
-                Err(e) => break format!("connection error: {e}"),
+                Err(LineError::TooLong) => anyhow::bail!("a line from the proxy is over {MAX_LINE} bytes"),
+                Err(LineError::Io(e)) => break format!("connection error: {e}"),
             },
             Some(found) = found_rx.recv() => {
                 // Whatever else the threads found meanwhile goes out in the same write.
@@ -152,12 +159,60 @@ pub async fn run_connection(
             }
         }
     };
-    s.slot.set_work(None);
-    s.report.elapsed = s.started.elapsed();
-    s.report.ended = ended;
-    Ok(s.report)
+    Ok(s.end(ended))
 }
 
+/// The extranonce2 sizes this miner rolls: 1 byte of thread index and at least 1 of counter,
+/// at most 32 bytes (SV2's largest extranonce).
+fn check_extranonce2_size(size: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (2..=32).contains(&size),
+        "extranonce2_size {size} from the proxy: this miner needs 2..=32"
+    );
+    Ok(())
+}
+
+/// Clears a connection's slot when its session ends, however it ends.
+struct ClearOnDrop(Arc<Slot>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.set_work(None);
+    }
+}
+
+enum LineError {
+    TooLong,
+    Io(std::io::Error),
+}
+
+/// The next line from the proxy (`None` at end of stream), at most `MAX_LINE` bytes. Safe to
+/// cancel in `select!`: what was read of a line stays in `buf` for the next call.
+async fn read_line(
+    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<String>, LineError> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let room = (MAX_LINE + 1).saturating_sub(buf.len());
+        if room == 0 {
+            return Err(LineError::TooLong);
+        }
+        let n = (&mut *lines)
+            .take(room as u64)
+            .read_until(b'\n', buf)
+            .await
+            .map_err(LineError::Io)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf.ends_with(b"\n") {
+            let line = String::from_utf8_lossy(buf).trim_end().to_string();
+            buf.clear();
+            return Ok(Some(line));
+        }
+    }
+}
 /// Resolves once the process stops (or its stop sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -179,18 +234,14 @@ async fn send(write: &mut tokio::net::tcp::OwnedWriteHalf, lines: &[String]) -> 
         .context("write to the proxy")
 }
 
-async fn read_line(
-    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    buf: &mut String,
-) -> std::io::Result<usize> {
-    let n = lines.read_line(buf).await?;
-    if buf.len() > MAX_LINE {
-        return Err(std::io::Error::other(format!("line over {MAX_LINE} bytes")));
-    }
-    Ok(n)
-}
-
 impl Session {
+    /// The report of this connection, ending for `why`.
+    fn end(mut self, why: String) -> MinerReport {
+        self.report.elapsed = self.started.elapsed();
+        self.report.ended = why;
+        self.report
+    }
+
     fn handle_line(&mut self, line: &str) -> anyhow::Result<Vec<String>> {
         let msg = sv1::parse(line).map_err(|e| anyhow!("bad line from the proxy: {e}"))?;
         let mut out = Vec::new();
@@ -222,11 +273,7 @@ impl Session {
                     .ok_or_else(|| anyhow!("subscribe result lacks extranonce1"))?;
                 self.extranonce1 = hex::decode(en1).context("extranonce1 is not hex")?;
                 self.extranonce2_size = arr.get(2).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-                anyhow::ensure!(
-                    self.extranonce2_size >= 2,
-                    "extranonce2_size {} is too small",
-                    self.extranonce2_size
-                );
+                check_extranonce2_size(self.extranonce2_size)?;
                 println!(
                     "subscribed extranonce1={en1} extranonce2_size={}{}",
                     self.extranonce2_size, self.tag
@@ -276,6 +323,7 @@ impl Session {
                 self.publish();
             }
             Inbound::SetExtranonce(en1, size) => {
+                check_extranonce2_size(size)?;
                 println!(
                     "extranonce changed extranonce1={} extranonce2_size={size}{}",
                     hex::encode(&en1),

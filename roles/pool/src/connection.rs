@@ -26,8 +26,9 @@ use crate::shares::ShareOutcome;
 use crate::PoolContext;
 
 /// Frames buffered towards a slow client before it is disconnected, beyond
-/// [`OUTBOUND_FRAMES_PER_CHANNEL`] for each channel it may open (a new tip sends every channel
-/// a job and a prevhash at once). tokio's queue allocates as it fills, not at its capacity.
+/// [`OUTBOUND_FRAMES_PER_CHANNEL`] for each channel it has open (a new tip sends every channel
+/// a job and a prevhash at once). The queue is made for the most channels a connection may
+/// open; tokio's queue allocates as it fills, not at its capacity.
 const OUTBOUND_QUEUE: usize = 4096;
 /// Room in the outbound queue per channel the connection may hold.
 const OUTBOUND_FRAMES_PER_CHANNEL: usize = 4;
@@ -218,7 +219,15 @@ pub async fn serve(
     ctx.metrics.channels.sub(conn.channels.len() as i64);
     drop(conn);
     read_task.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(2), write_task).await;
+    // Frames already queued (a CloseChannel, an error) get a moment to go out; a client that
+    // does not read loses them, and its socket is closed now, not whenever it reads.
+    let mut write_task = write_task;
+    if tokio::time::timeout(Duration::from_secs(2), &mut write_task)
+        .await
+        .is_err()
+    {
+        write_task.abort();
+    }
     close
 }
 
@@ -227,6 +236,12 @@ impl Connection {
     pub(crate) fn send(&self, msg: AnyMessageOwned) -> Result<(), Close> {
         let frame = OutboundFrame::from_message(msg)
             .map_err(|e| Close::Protocol(format!("encode: {e:?}")))?;
+        // The queue has room for the most channels a connection may open; the backlog a
+        // client may leave unread is bounded by the channels it has.
+        let queued = self.out.max_capacity() - self.out.capacity();
+        if queued >= OUTBOUND_QUEUE + OUTBOUND_FRAMES_PER_CHANNEL * self.channels.len() {
+            return Err(Close::SlowClient);
+        }
         self.out.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Close::SlowClient,
             mpsc::error::TrySendError::Closed(_) => Close::PeerGone("socket closed".into()),

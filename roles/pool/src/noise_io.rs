@@ -1,14 +1,16 @@
-//! The pool's side of a Noise NX connection, with frames bounded by their header: the encrypted
-//! header (22 bytes) is read and decrypted first, and a frame whose declared payload is over
-//! the limit is refused before one byte of its body is read or a buffer for it is allocated.
-//! (SRI's `NoiseTcpStream` sizes its read buffer from the header and reads the whole frame
-//! before the caller can look at it: up to 16 MiB per connection.)
+//! The pool's side of a Noise NX connection, with frames bounded as they are read. The encrypted
+//! header (22 bytes) is read and decrypted first; the body is then read one Noise chunk (at
+//! most 65,535 bytes) at a time, and a frame is refused as soon as what its header asks for
+//! is over the limit: before any of its body is read when the limit is below one chunk (the
+//! mining port's 16 KiB), else once the body read so far passes the limit, so a connection
+//! never holds more than the limit plus one chunk. (SRI's `NoiseTcpStream` reads every frame
+//! whole, up to 16 MiB, before its caller can look at the header.) Writes time out.
 
 use std::time::Duration;
 
 use stratum_apps::stratum_core::codec_sv2::{
     Decoded, Decrypted, EncodableFrame, Handshake, NoiseDecoder, NoiseEncoder, SerializedFrame,
-    TransportDecryptState, TransportEncryptState, ENCRYPTED_SV2_FRAME_HEADER_SIZE,
+    TransportDecryptState, TransportEncryptState,
 };
 use stratum_apps::stratum_core::noise_sv2::{Responder, AEAD_MAC_LEN, ELLSWIFT_ENCODING_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,15 +19,19 @@ use tokio::net::TcpStream;
 
 /// Plaintext one Noise chunk carries (a 65,535-byte chunk less its MAC).
 const PLAINTEXT_CHUNK: usize = 65_535 - AEAD_MAC_LEN;
+/// Longest one frame write may take: a client that does not read is let go.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why reading a frame failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadError {
     /// The peer closed the socket or it failed.
     Closed,
-    /// A header declaring this many encrypted payload bytes, over the limit; the body was not
-    /// read.
+    /// A frame over the limit: the encrypted bytes its header or body asked for so far (the
+    /// codec asks one chunk at a time, so this is at most the limit plus one chunk).
     Oversize(usize),
+    /// A write did not finish within [`WRITE_TIMEOUT`].
+    WriteTimeout,
     /// The handshake did not finish in time.
     HandshakeTimeout,
     /// Bytes that do not decrypt or decode.
@@ -113,17 +119,24 @@ impl FrameReader {
 
     /// The next frame. Not cancellation-safe: read from one task that is never cancelled.
     pub async fn read_frame(&mut self) -> Result<SerializedFrame, ReadError> {
+        // Encrypted body bytes of this frame asked for so far (the header is not counted).
+        let mut body = 0usize;
+        let mut header_read = false;
         loop {
             let expected = self.decoder.writable_len();
-            // After a header, the decoder asks for the body it declared: refuse it unread.
-            if expected > self.max_encrypted.max(ENCRYPTED_SV2_FRAME_HEADER_SIZE) {
-                return Err(ReadError::Oversize(expected));
+            if header_read {
+                body += expected;
+                // Refused unread: the whole body when it fits one chunk, else this chunk.
+                if body > self.max_encrypted {
+                    return Err(ReadError::Oversize(body));
+                }
             }
             self.buf.resize(expected, 0);
             self.read
                 .read_exact(&mut self.buf)
                 .await
                 .map_err(|_| ReadError::Closed)?;
+            header_read = true;
             self.decoder.writable().copy_from_slice(&self.buf);
             let state = self
                 .state
@@ -148,9 +161,9 @@ impl FrameWriter {
             .encoder
             .encode_transport(frame, &mut self.state)
             .map_err(|e| ReadError::Codec(format!("{e:?}")))?;
-        self.write
-            .write_all(buf.as_ref())
+        tokio::time::timeout(WRITE_TIMEOUT, self.write.write_all(buf.as_ref()))
             .await
+            .map_err(|_| ReadError::WriteTimeout)?
             .map_err(|_| ReadError::Closed)
     }
 
@@ -163,6 +176,11 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
+    use stratum_apps::key_utils::{Secp256k1PublicKey, Secp256k1SecretKey};
+    use stratum_apps::network_helpers::connect_with_noise;
+    use stratum_apps::network_helpers::noise_stream::NoiseTcpWriteHalf;
+    use stratum_apps::utils::types::OutboundFrame;
 
     #[test]
     fn encrypted_length_adds_a_mac_per_chunk() {
@@ -170,5 +188,77 @@ mod tests {
         assert_eq!(encrypted_len(1), 17);
         assert_eq!(encrypted_len(PLAINTEXT_CHUNK), 65_535);
         assert_eq!(encrypted_len(PLAINTEXT_CHUNK + 1), 65_535 + 17);
+    }
+
+    /// A pool side reading with `max` and SRI's client writing to it, over loopback TCP.
+    async fn pair(max: usize) -> (FrameReader, NoiseTcpWriteHalf) {
+        // SRI's example authority key pair.
+        let public =
+            Secp256k1PublicKey::from_str("9auqWEzQDVyd2oe1JVGFLMLHZtCo2FFqZwtKA5gd9xbuEu7PH72")
+                .unwrap();
+        let secret =
+            Secp256k1SecretKey::from_str("mkDLTBBRxdBv998612qipDYoTK3YUrqLe8uWw7gu3iXbSrn2n")
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connect_with_noise(tcp, Some(public)).await.unwrap()
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let responder = Responder::from_authority_kp(
+            &public.into_bytes(),
+            &secret.into_bytes(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let (reader, _writer) = accept(tcp, responder, Duration::from_secs(5), max)
+            .await
+            .unwrap();
+        let (_, write) = client.await.unwrap().into_split();
+        (reader, write)
+    }
+
+    /// A frame with a `len`-byte payload.
+    fn frame(len: usize) -> OutboundFrame {
+        let l = (len as u32).to_le_bytes();
+        let mut bytes = vec![0x00, 0x00, 0x00, l[0], l[1], l[2]];
+        bytes.resize(6 + len, 0x41);
+        OutboundFrame::Raw(SerializedFrame::from_bytes(bytes).unwrap())
+    }
+
+    async fn read_after_writing(max: usize, len: usize) -> Result<usize, ReadError> {
+        let (mut reader, mut write) = pair(max).await;
+        // The writer may be cut off mid-frame by a refusing reader: its result does not matter.
+        let writer = tokio::spawn(async move { write.write_frame(frame(len)).await });
+        let got = reader.read_frame().await;
+        writer.abort();
+        got.map(|mut f| f.payload().len())
+    }
+
+    #[tokio::test]
+    async fn frames_up_to_the_limit_pass_and_one_byte_more_is_refused() {
+        for max in [16_384, 100_000, 200_000] {
+            assert_eq!(read_after_writing(max, max).await, Ok(max), "max {max}");
+            assert!(
+                matches!(
+                    read_after_writing(max, max + 1).await,
+                    Err(ReadError::Oversize(_))
+                ),
+                "max {max}, one byte more"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_declared_frame_is_refused_within_the_limit_plus_one_chunk() {
+        // Under one chunk: refused before any body byte is asked for.
+        let got = read_after_writing(16_384, 1_000_000).await;
+        assert_eq!(got, Err(ReadError::Oversize(65_535)));
+        // Over one chunk: refused once the body asked for passes the limit.
+        let Err(ReadError::Oversize(asked)) = read_after_writing(100_000, 10_000_000).await else {
+            panic!("a 10 MB frame passed a 100 kB limit");
+        };
+        assert!(asked > encrypted_len(100_000) && asked <= encrypted_len(100_000) + 65_535);
     }
 }

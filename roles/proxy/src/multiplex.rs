@@ -41,7 +41,12 @@ type Opening = (
 struct Routes {
     channels: HashMap<u32, mpsc::Sender<MiningOwned>>,
     opening: HashMap<u32, Opening>,
+    /// Channels the pool still talks about with no miner here, already closed once.
+    closed_unrouted: std::collections::HashSet<u32>,
 }
+
+/// Unrouted channel ids remembered before the set starts over.
+const MAX_CLOSED_UNROUTED: usize = 4096;
 
 struct Link {
     out: mpsc::Sender<OutboundFrame>,
@@ -331,6 +336,7 @@ async fn route(
             }
             m => match channel_of(&m) {
                 Some(ch) => {
+                    let is_close = matches!(m, MiningOwned::CloseChannel(_));
                     // Full or closed, without carrying the message back.
                     let failed = r.channels.get(&ch).map(|tx| {
                         tx.try_send(m)
@@ -355,7 +361,19 @@ async fn route(
                                 let _ = out.try_send(frame);
                             }
                         }
-                        _ => {}
+                        Some(Ok(())) => {}
+                        // No miner here: its CloseChannel may have been lost on a full
+                        // queue, so the pool still counts it. Close it again, once.
+                        None => {
+                            if r.closed_unrouted.len() >= MAX_CLOSED_UNROUTED {
+                                r.closed_unrouted.clear();
+                            }
+                            if !is_close && r.closed_unrouted.insert(ch) {
+                                if let Some(frame) = close_frame(ch, "no-miner") {
+                                    let _ = out.try_send(frame);
+                                }
+                            }
+                        }
                     }
                 }
                 None => tracing::debug!("ignoring {m:?} from the pool"),
@@ -414,7 +432,7 @@ mod tests {
     async fn a_failed_connect_is_tried_once_per_backoff_however_many_miners_ask() {
         let (addr, connects) = slamming_door().await;
         let mux = Arc::new(Multiplexer::new(
-            Duration::from_millis(300),
+            Duration::from_secs(1),
             Duration::from_secs(5),
         ));
         let p = params(addr);
@@ -431,11 +449,11 @@ mod tests {
             );
         }
         assert_eq!(connects.load(Ordering::SeqCst), 1, "50 miners, one connect");
-        // Within the backoff (300 ms less 25 % jitter at least): answered without connecting.
+        // Within the backoff (1 s less 25 % jitter at least): answered without connecting.
         assert!(mux.open_channel(&p).await.is_err());
         assert_eq!(connects.load(Ordering::SeqCst), 1);
         // Past the longest jittered wait, one new attempt.
-        tokio::time::sleep(Duration::from_millis(400)).await; // the backoff under test
+        tokio::time::sleep(Duration::from_millis(1300)).await; // the backoff under test
         assert!(mux.open_channel(&p).await.is_err());
         assert_eq!(connects.load(Ordering::SeqCst), 2);
     }

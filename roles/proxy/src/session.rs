@@ -151,7 +151,7 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                 Some(m) => if let Err(e) = s.on_upstream(m).await { break e },
                 None => {
                     tracing::warn!(miner = id, "upstream connection lost: reconnecting");
-                    s.upstream_lost().await;
+                    if let Err(e) = s.upstream_lost().await { break e }
                     waiting_since = Instant::now();
                     backoff = Duration::from_millis(cfg.reconnect_min_ms);
                     reconnect_at = Some(tokio::time::Instant::now() + backoff);

@@ -48,7 +48,7 @@ pub const DECLARED_EXTRANONCE_LEN: usize = crate::EXTRANONCE_TOTAL_LEN as usize;
 /// 4,000,000 bytes) with room for framing.
 pub const MAX_DECLARATION_BYTES: usize = 5_000_000;
 /// Largest message before `SetupConnection`.
-const MAX_SETUP_BYTES: usize = 1024;
+const MAX_SETUP_BYTES: usize = 2048;
 /// Job declaration connections open at once, in total and per IP address.
 const MAX_CONNECTIONS: usize = 64;
 const MAX_CONNECTIONS_PER_IP: usize = 8;
@@ -125,7 +125,9 @@ async fn connection(
     let responder = Responder::from_authority_kp(&public, &secret, cert)
         .map_err(|e| anyhow::anyhow!("noise responder: {e:?}"))?;
     let deadline = Duration::from_millis(ctx.config.limits.handshake_deadline_ms);
-    // Frames are bounded by their header: MAX_SETUP_BYTES until SetupConnection, then
+    // SetupConnection is due within the handshake deadline, counted from accept.
+    let setup_by = tokio::time::Instant::now() + deadline;
+    // Frames are bounded as they are read: MAX_SETUP_BYTES until SetupConnection, then
     // MAX_DECLARATION_BYTES.
     let (mut reader, mut writer) =
         crate::noise_io::accept(tcp, responder, deadline, MAX_SETUP_BYTES)
@@ -145,8 +147,15 @@ async fn connection(
     loop {
         let mut frame = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            f = tokio::time::timeout(idle, reader.read_frame()) => f
-                .map_err(|_| anyhow::anyhow!("idle for {idle:?}"))?
+            f = tokio::time::timeout(
+                if setup { idle } else { setup_by.saturating_duration_since(tokio::time::Instant::now()) },
+                reader.read_frame(),
+            ) => f
+                .map_err(|_| if setup {
+                    anyhow::anyhow!("idle for {idle:?}")
+                } else {
+                    anyhow::anyhow!("no SetupConnection within {deadline:?} of accept")
+                })?
                 .map_err(|e| anyhow::anyhow!("read: {e:?}"))?,
         };
         let header = frame.header();

@@ -132,12 +132,16 @@ impl Session {
         self.answer_subscribe().await
     }
 
-    pub(super) async fn upstream_lost(&mut self) {
+    /// The channel is gone: every share waiting for the pool's answer is refused. A write
+    /// that fails ends the session (the miner is not reading).
+    pub(super) async fn upstream_lost(&mut self) -> Result<(), String> {
         self.upstream = None;
         let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
         for id in pending {
             self.rejected += 1;
-            let _ = self.line(sv1::error(id, 20, "upstream-disconnected")).await;
+            self.line(sv1::error(id, 20, "upstream-disconnected"))
+                .await?;
         }
+        Ok(())
     }
 }
