@@ -5,7 +5,8 @@
 //! Each thread numbers its windows: window `t` of thread `i` hashes extranonce2 `i` followed
 //! by the counter `(t >> 20) + 1` (big-endian, in the remaining bytes) and nonces
 //! `(t & 0xfffff) * BATCH ..`, so no two windows of one process repeat a header (with at most
-//! 256 threads, and extranonce2 sizes of 2 or more, which the session checks), and one
+//! 256 threads and extranonce2 sizes of 2 or more, which the session checks, until the
+//! counter wraps: after 2^40 nonces per thread at size 2, 2^96 at size 9 and more), and one
 //! connection moves to a new extranonce2 only every 2^32 nonces.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -30,7 +30,7 @@ use crate::PoolContext;
 /// a job and a prevhash at once). The queue is made for the most channels a connection may
 /// open; tokio's queue allocates as it fills, not at its capacity.
 const OUTBOUND_QUEUE: usize = 4096;
-/// Room in the outbound queue per channel the connection may hold.
+/// Room in the outbound queue per channel the connection has open.
 const OUTBOUND_FRAMES_PER_CHANNEL: usize = 4;
 /// Frames read ahead of processing.
 const INBOUND_QUEUE: usize = 256;
@@ -40,8 +40,8 @@ const INBOUND_QUEUE: usize = 256;
 pub enum Close {
     /// Peer closed or the socket failed.
     PeerGone(String),
-    /// A frame header declaring more than `limits.max_message_bytes` (the encrypted payload
-    /// length it declared; its body is never read).
+    /// A frame asking for more than `limits.max_message_bytes`: the encrypted body bytes it
+    /// asked for so far (none of them read when the limit is below one Noise chunk).
     Oversize(usize),
     /// Noise handshake and `SetupConnection` not done within `limits.handshake_deadline_ms`.
     HandshakeDeadline,
@@ -54,7 +54,8 @@ pub enum Close {
     ShareRate(u32),
     /// A message that cannot be decoded or is not allowed now.
     Protocol(String),
-    /// The client does not read its frames.
+    /// The client does not read its frames: its queue passed its share, or a write took over
+    /// 10 s.
     SlowClient,
     /// The pool is stopping.
     Shutdown,
@@ -112,7 +113,10 @@ pub async fn serve(
         Err(e) => return Close::Protocol(format!("noise responder: {e:?}")),
     };
     let max = limits.max_message_bytes;
-    let (mut reader, mut writer) = match noise_io::accept(tcp, responder, deadline, max).await {
+    // The deadline covers the whole handshake (accept's own timeout is per read).
+    let handshake = tokio::time::timeout(deadline, noise_io::accept(tcp, responder, deadline, max));
+    let (mut reader, mut writer) = match handshake.await.unwrap_or(Err(ReadError::HandshakeTimeout))
+    {
         Ok(halves) => halves,
         Err(ReadError::HandshakeTimeout) => return Close::HandshakeDeadline,
         Err(ReadError::Closed) => {
@@ -123,7 +127,7 @@ pub async fn serve(
     let (in_tx, mut in_rx) = mpsc::channel::<Result<SerializedFrame, Close>>(INBOUND_QUEUE);
     let read_task = tokio::spawn(async move {
         loop {
-            // A header declaring more than `max` closes the connection before its body is read.
+            // A frame asking for more than `max` closes the connection (unread below one chunk).
             let item = reader.read_frame().await.map_err(|e| match e {
                 ReadError::Oversize(encrypted) => Close::Oversize(encrypted),
                 ReadError::Closed => Close::PeerGone("socket closed".into()),
@@ -137,14 +141,17 @@ pub async fn serve(
     });
     let queue = OUTBOUND_QUEUE + OUTBOUND_FRAMES_PER_CHANNEL * limits.max_channels_per_connection;
     let (out_tx, mut out_rx) = mpsc::channel::<OutboundFrame>(queue);
-    let write_task = tokio::spawn(async move {
+    // Ends with the write error, if a write failed.
+    let mut write_task = tokio::spawn(async move {
         while let Some(frame) = out_rx.recv().await {
-            if writer.write_frame(frame).await.is_err() {
-                return;
+            if let Err(e) = writer.write_frame(frame).await {
+                return Some(e);
             }
         }
         writer.shutdown().await;
+        None
     });
+    let mut write_ended = false;
 
     let mut conn = Connection {
         ctx: ctx.clone(),
@@ -205,6 +212,13 @@ pub async fn serve(
                     break close;
                 }
             }
+            ended = &mut write_task, if !write_ended => {
+                write_ended = true;
+                break match ended {
+                    Ok(Some(ReadError::WriteTimeout)) => Close::SlowClient,
+                    _ => Close::PeerGone("write failed".into()),
+                };
+            }
             _ = tokio::time::sleep_until(setup_deadline), if !conn.setup_done => break Close::HandshakeDeadline,
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(last_frame + idle.unwrap_or_default())), if idle.is_some() => break Close::Idle,
         }
@@ -221,10 +235,10 @@ pub async fn serve(
     read_task.abort();
     // Frames already queued (a CloseChannel, an error) get a moment to go out; a client that
     // does not read loses them, and its socket is closed now, not whenever it reads.
-    let mut write_task = write_task;
-    if tokio::time::timeout(Duration::from_secs(2), &mut write_task)
-        .await
-        .is_err()
+    if !write_ended
+        && tokio::time::timeout(Duration::from_secs(2), &mut write_task)
+            .await
+            .is_err()
     {
         write_task.abort();
     }

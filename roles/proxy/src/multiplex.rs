@@ -109,6 +109,20 @@ impl Drop for PendingOpen {
     }
 }
 
+impl Routes {
+    /// Send `CloseChannel` for `ch` and, once it is queued, remember it as closed here: what
+    /// the pool still sends for it is then not answered again.
+    fn close(&mut self, out: &mpsc::Sender<OutboundFrame>, ch: u32, reason: &str) {
+        let queued = close_frame(ch, reason).is_some_and(|f| out.try_send(f).is_ok());
+        if queued {
+            if self.closed_unrouted.len() >= MAX_CLOSED_UNROUTED {
+                self.closed_unrouted.clear();
+            }
+            self.closed_unrouted.insert(ch);
+        }
+    }
+}
+
 /// `CloseChannel` for `channel_id`, as a frame.
 fn close_frame(channel_id: u32, reason: &str) -> Option<OutboundFrame> {
     let close = MiningOwned::CloseChannel(CloseChannelOwned {
@@ -129,9 +143,7 @@ impl Drop for ChannelGuard {
     fn drop(&mut self) {
         if let Ok(mut r) = self.routes.lock() {
             r.channels.remove(&self.channel_id);
-        }
-        if let Some(frame) = close_frame(self.channel_id, "miner-disconnected") {
-            let _ = self.out.try_send(frame);
+            r.close(&self.out, self.channel_id, "miner-disconnected");
         }
     }
 }
@@ -320,11 +332,7 @@ async fn route(
                         let _ = answer.send(Ok(s));
                     }
                     // Nobody waits for it any more (the open timed out): give it back.
-                    _ => {
-                        if let Some(frame) = close_frame(s.channel_id, "open-abandoned") {
-                            let _ = out.try_send(frame);
-                        }
-                    }
+                    _ => r.close(&out, s.channel_id, "open-abandoned"),
                 }
             }
             MiningOwned::OpenMiningChannelError(e) => {
@@ -349,29 +357,20 @@ async fn route(
                                 "a miner's session stopped reading: its channel is closed"
                             );
                             r.channels.remove(&ch);
-                            if let Some(frame) = close_frame(ch, "miner-stuck") {
-                                let _ = out.try_send(frame);
-                            }
+                            r.close(&out, ch, "miner-stuck");
                         }
                         // Its session is gone without closing it (an open given up just
                         // after the answer came): close it at the pool too.
                         Some(Err(false)) => {
                             r.channels.remove(&ch);
-                            if let Some(frame) = close_frame(ch, "miner-disconnected") {
-                                let _ = out.try_send(frame);
-                            }
+                            r.close(&out, ch, "miner-disconnected");
                         }
                         Some(Ok(())) => {}
                         // No miner here: its CloseChannel may have been lost on a full
                         // queue, so the pool still counts it. Close it again, once.
                         None => {
-                            if r.closed_unrouted.len() >= MAX_CLOSED_UNROUTED {
-                                r.closed_unrouted.clear();
-                            }
-                            if !is_close && r.closed_unrouted.insert(ch) {
-                                if let Some(frame) = close_frame(ch, "no-miner") {
-                                    let _ = out.try_send(frame);
-                                }
+                            if !is_close && !r.closed_unrouted.contains(&ch) {
+                                r.close(&out, ch, "no-miner");
                             }
                         }
                     }
@@ -426,6 +425,70 @@ mod tests {
             work_selection: false,
             open_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// `SetTarget` for `channel_id`, from the pool.
+    fn set_target(channel_id: u32) -> AnyMessageOwned {
+        use stratum_apps::stratum_core::binary_sv2::U256Owned;
+        use stratum_apps::stratum_core::mining_sv2::SetTargetOwned;
+        AnyMessageOwned::Mining(MiningOwned::SetTarget(SetTargetOwned {
+            channel_id,
+            maximum_target: U256Owned::from([0xff; 32]),
+        }))
+    }
+
+    /// Frames `route` queued towards the pool for `messages`, with the queue `room` frames deep.
+    async fn closes_for(messages: Vec<AnyMessageOwned>, room: usize, known: &[u32]) -> usize {
+        let (raw_tx, raw_in) = mpsc::channel(16);
+        let (out, mut sent) = mpsc::channel(room);
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        for ch in known {
+            routes.lock().unwrap().closed_unrouted.insert(*ch);
+        }
+        let task = tokio::spawn(route(raw_in, routes, CancellationToken::new(), out));
+        for m in messages {
+            raw_tx.send(m).await.unwrap();
+        }
+        drop(raw_tx);
+        task.await.unwrap();
+        let mut n = 0;
+        while sent.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_channel_with_no_miner_is_closed_once() {
+        let jobs = vec![set_target(7), set_target(7), set_target(8)];
+        assert_eq!(
+            closes_for(jobs.clone(), 16, &[]).await,
+            2,
+            "one close per channel"
+        );
+        // Already closed here (by its miner leaving): not closed again.
+        assert_eq!(closes_for(jobs, 16, &[7, 8]).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_close_lost_on_a_full_queue_is_tried_again() {
+        // Room for one frame: the second channel's close is lost, and retried on its next message.
+        let (raw_tx, raw_in) = mpsc::channel(16);
+        let (out, mut sent) = mpsc::channel(1);
+        let routes = Arc::new(Mutex::new(Routes::default()));
+        let task = tokio::spawn(route(raw_in, routes, CancellationToken::new(), out));
+        raw_tx.send(set_target(1)).await.unwrap();
+        raw_tx.send(set_target(2)).await.unwrap();
+        // Wait for the first close to be queued, then drain it: the queue has room again.
+        let first = sent.recv().await;
+        assert!(first.is_some());
+        raw_tx.send(set_target(2)).await.unwrap();
+        drop(raw_tx);
+        task.await.unwrap();
+        assert!(
+            sent.try_recv().is_ok(),
+            "channel 2 was not closed on its second message"
+        );
     }
 
     #[tokio::test]

@@ -129,10 +129,13 @@ async fn connection(
     let setup_by = tokio::time::Instant::now() + deadline;
     // Frames are bounded as they are read: MAX_SETUP_BYTES until SetupConnection, then
     // MAX_DECLARATION_BYTES.
-    let (mut reader, mut writer) =
-        crate::noise_io::accept(tcp, responder, deadline, MAX_SETUP_BYTES)
-            .await
-            .map_err(|e| anyhow::anyhow!("noise handshake: {e:?}"))?;
+    let (mut reader, mut writer) = tokio::time::timeout_at(
+        setup_by,
+        crate::noise_io::accept(tcp, responder, deadline, MAX_SETUP_BYTES),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("noise handshake not done within {deadline:?}"))?
+    .map_err(|e| anyhow::anyhow!("noise handshake: {e:?}"))?;
     // 0: no idle limit (as on the mining port).
     let idle = match ctx.config.limits.idle_timeout_secs {
         0 => Duration::MAX,

@@ -137,8 +137,8 @@ impl Session {
     pub(super) async fn upstream_lost(&mut self) -> Result<(), String> {
         self.upstream = None;
         let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
+        self.rejected += pending.len() as u64;
         for id in pending {
-            self.rejected += 1;
             self.line(sv1::error(id, 20, "upstream-disconnected"))
                 .await?;
         }
