@@ -4,7 +4,8 @@ use clap::Parser;
 use miner::{Behaviour, MinerConfig};
 
 /// Mine on an SV1 proxy with real SHA-256d, as one miner or many (--connections); print share
-/// results and a summary on exit. Exits non-zero when an error ended any connection.
+/// results and a summary on exit. Exits non-zero when what the proxy sent ended a connection
+/// (a line it cannot parse, a refused subscribe); a lost connection does not.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-miner", version)]
 struct Args {
