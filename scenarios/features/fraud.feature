@@ -15,6 +15,12 @@ Feature: Template fraud: operators who declare their own templates are paid only
     And operator nodes "mallory" and "dave" on the pool's chain
     And a faucet payment in the mempool of every node
 
+  Scenario: a declaring proxy's farm of 12 miners declares over one job declaration connection, past the pool's 8 per address, and every miner mines a declared job
+    Given a proxy "dave" with a locking key declaring templates from node "dave"
+    When 12 honest farm miners at 50000 H/s start behind proxy "dave"
+    Then every farm miner has 1 accepted share
+    And the pool counted at least 12 accepted declarations
+
   Scenario Outline: a declared template with <fraud> earns accepted shares but FAILED quotes with Bitcoin Core's reason, its block is refused, and honest operators are paid
     Given a proxy "mallory" with a locking key declaring templates from node "mallory" with fraud "<fraud>"
     And an uncapped honest miner "x" behind proxy "mallory"

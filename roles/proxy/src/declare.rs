@@ -2,6 +2,10 @@
 //! the operator's node, ask the pool's job declarator for a token, declare the job (the full
 //! coinbase, then every transaction when asked), and hand the session a `SetCustomMiningJob`
 //! to set on its channel. With a `fraud` kind, the template is made invalid that way first.
+//!
+//! Every channel of the proxy declares over the proxy's one job declaration connection
+//! ([`SharedJd`]), one declaration at a time: a farm behind one proxy holds one connection to
+//! the pool's declarator, not one per miner (the pool allows 8 per address there).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -101,6 +105,13 @@ struct Jd {
     writer: NoiseTcpWriteHalf,
     next_request: u32,
 }
+
+/// The proxy's one job declaration connection, lent to one channel's declaration at a time
+/// (opened on first use, and again after a failure).
+pub type SharedJd = Arc<tokio::sync::Mutex<Option<JdConnection>>>;
+
+/// An open job declaration connection (opaque outside this module).
+pub struct JdConnection(Jd);
 
 impl Jd {
     async fn connect(p: &DeclareParams) -> anyhow::Result<Self> {
@@ -431,9 +442,9 @@ pub async fn run(
     mut templates: watch::Receiver<Option<Arc<NodeTemplate>>>,
     out: mpsc::Sender<DeclaredWork>,
     status: DeclarationStatus,
+    shared: SharedJd,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let mut jd: Option<Jd> = None;
     let mut current = templates.borrow_and_update().clone();
     // One min_ntime per tip: channels_sv2 treats a changed min_ntime as a new tip and would
     // stale the shares in flight on the previous job.
@@ -449,11 +460,19 @@ pub async fn run(
                 }
             };
             let result = async {
-                if jd.is_none() {
-                    jd = Some(Jd::connect(&p).await?);
+                // Held for the whole declaration: the connection serves one at a time. It is
+                // taken out while in use, so a declaration cut off midway (its miner left and
+                // this task was aborted) leaves no half-read connection behind.
+                let mut slot = shared.lock().await;
+                let mut conn = match slot.take() {
+                    Some(JdConnection(jd)) => jd,
+                    None => Jd::connect(&p).await?,
+                };
+                let r = declare_one(&mut conn, &p, &shape, &t, min_ntime, &status).await;
+                if r.is_ok() {
+                    *slot = Some(JdConnection(conn));
                 }
-                let conn = jd.as_mut().context("no connection")?;
-                declare_one(conn, &p, &shape, &t, min_ntime, &status).await
+                r
             }
             .await;
             match result {
@@ -465,7 +484,6 @@ pub async fn run(
                 }
                 Ok(None) => backoff = Duration::from_millis(100),
                 Err(e) => {
-                    jd = None;
                     tracing::warn!("job declaration failed ({e:#}); retrying in {backoff:?}");
                     count(&status, |s| s.last_error = Some(format!("{e:#}")));
                     tokio::select! {

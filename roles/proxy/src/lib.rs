@@ -52,6 +52,8 @@ pub struct ProxyShared {
     templates: Option<watch::Receiver<Option<Arc<node::NodeTemplate>>>>,
     fraud: Option<FraudKind>,
     declarations: declare::DeclarationStatus,
+    /// The one job declaration connection all miners' declarers share.
+    jd: declare::SharedJd,
     /// The one pool connection all miners' channels share.
     upstream: multiplex::Multiplexer,
 }
@@ -218,6 +220,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         templates,
         fraud,
         declarations,
+        jd: declare::SharedJd::default(),
         upstream,
     });
     let next = AtomicU64::new(1);

@@ -97,6 +97,7 @@ impl Session {
                 templates,
                 tx,
                 self.shared.declarations.clone(),
+                self.shared.jd.clone(),
             )));
             self.declared = Some(rx);
             self.custom_pending.clear();

@@ -363,3 +363,13 @@ async fn nothing_earned(w: &mut HarnessWorld, miner: String, who: String) -> any
     );
     Ok(())
 }
+
+#[then(expr = "the pool counted at least {int} accepted declarations")]
+async fn declarations_accepted(w: &mut HarnessWorld, n: u32) -> anyhow::Result<()> {
+    crate::steps::faults::wait_metric_at_least(
+        w,
+        "hashpool_pool_declarations_total{result=\"accepted\"}",
+        f64::from(n),
+    )
+    .await
+}
