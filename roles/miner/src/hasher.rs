@@ -42,6 +42,8 @@ pub struct WorkUnit {
 pub struct Found {
     /// Job it belongs to.
     pub job_id: String,
+    /// Extranonce1 it was hashed with (a job id may repeat on a new channel).
+    pub extranonce1: Vec<u8>,
     /// Extranonce2 used.
     pub extranonce2: Vec<u8>,
     /// Header time used.
@@ -181,6 +183,7 @@ fn hash_loop(index: u8, farm: Arc<Farm>, rate: Option<f64>) {
                 // A session that ended dropped its receiver: its nonces go nowhere.
                 let _ = slot.found.send(Found {
                     job_id: work.job.job_id.clone(),
+                    extranonce1: work.extranonce1.clone(),
                     extranonce2: en2.clone(),
                     ntime: work.job.ntime,
                     nonce,

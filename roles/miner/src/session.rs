@@ -394,6 +394,9 @@ impl Session {
     }
 
     fn on_found(&mut self, f: Found) -> Vec<String> {
+        if f.extranonce1 != self.extranonce1 {
+            return Vec::new(); // hashed for the channel before a mining.set_extranonce
+        }
         let current = self.job.as_ref().map(|j| j.job_id.as_str());
         if current != Some(f.job_id.as_str()) && self.config.behaviour != Behaviour::Stale {
             return Vec::new(); // found on a job replaced meanwhile
