@@ -139,18 +139,52 @@ async fn accepted_ahead(w: &mut HarnessWorld, name: String, n: usize) -> anyhow:
 
 #[when(expr = "client {string} replays its accepted shares on a second channel")]
 async fn replay_second_channel(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let c = w
-        .clients
-        .get_mut(&name)
-        .ok_or_else(|| anyhow!("no SV2 client {name:?}"))?;
-    let second = open(&mut w.sv2_channels, &mut c.miner, c.key).await?;
-    c.replays.clear();
-    for share in c.accepted.clone() {
-        let expected = c.miner.hash_on(second, &share)?;
-        let answer = c.miner.submit(&share, Some(second)).await?;
-        c.replays.push((share, expected, answer));
+    for attempt in 1..=SAME_TIP_ATTEMPTS {
+        let best: String = w
+            .default_stack()?
+            .bitcoind()?
+            .rpc()
+            .call("getbestblockhash", &[])
+            .await?;
+        let c = w
+            .clients
+            .get_mut(&name)
+            .ok_or_else(|| anyhow!("no SV2 client {name:?}"))?;
+        // Only shares of the current tip can be replayed: a block found since makes the
+        // others stale, which says nothing about the second channel.
+        c.accepted.retain(|s| s.tip == best);
+        if c.accepted.is_empty() {
+            mine_accepted(c, 3, REPLAY_NTIME_AHEAD_SECS).await?;
+        }
+        let second = open(&mut w.sv2_channels, &mut c.miner, c.key).await?;
+        c.replays.clear();
+        for share in c.accepted.clone() {
+            let expected = c.miner.hash_on(second, &share)?;
+            let answer = c.miner.submit(&share, Some(second)).await?;
+            c.replays.push((share, expected, answer));
+        }
+        let stale = c
+            .replays
+            .iter()
+            .any(|(_, _, a)| *a == ShareAnswer::Rejected("stale-share".into()));
+        if !stale {
+            return Ok(());
+        }
+        let now: String = w
+            .default_stack()?
+            .bitcoind()?
+            .rpc()
+            .call("getbestblockhash", &[])
+            .await?;
+        anyhow::ensure!(
+            now != best,
+            "a replay was answered stale-share while the tip stayed {best}"
+        );
+        tracing::info!(
+            "a block was found during the replays (attempt {attempt}): again on the new tip"
+        );
     }
-    Ok(())
+    anyhow::bail!("the tip moved during every one of {SAME_TIP_ATTEMPTS} replay attempts")
 }
 
 #[then("each replay on the second channel gives another header, above the target, and is refused with difficulty-too-low")]
