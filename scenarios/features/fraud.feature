@@ -19,7 +19,7 @@ Feature: Template fraud: operators who declare their own templates are paid only
     Given a proxy "dave" with a locking key declaring templates from node "dave"
     When 12 honest farm miners at 50000 H/s start behind proxy "dave"
     Then every farm miner has 1 accepted share
-    And the pool counted at least 12 accepted declarations
+    And the pool refused no job declaration connection
 
   Scenario Outline: a declared template with <fraud> earns accepted shares but FAILED quotes with Bitcoin Core's reason, its block is refused, and honest operators are paid
     Given a proxy "mallory" with a locking key declaring templates from node "mallory" with fraud "<fraud>"

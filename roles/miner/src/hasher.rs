@@ -29,6 +29,9 @@ pub struct WorkUnit {
     pub job: Job,
     /// From `mining.subscribe`.
     pub extranonce1: Vec<u8>,
+    /// Counts the channels (subscribe, then each `mining.set_extranonce`) of the connection:
+    /// a job id may repeat on a new channel, even with the same extranonce1.
+    pub channel: u64,
     /// From `mining.subscribe`.
     pub extranonce2_size: usize,
     /// Share target, big-endian.
@@ -42,8 +45,8 @@ pub struct WorkUnit {
 pub struct Found {
     /// Job it belongs to.
     pub job_id: String,
-    /// Extranonce1 it was hashed with (a job id may repeat on a new channel).
-    pub extranonce1: Vec<u8>,
+    /// The channel it was hashed for ([`WorkUnit::channel`]).
+    pub channel: u64,
     /// Extranonce2 used.
     pub extranonce2: Vec<u8>,
     /// Header time used.
@@ -183,7 +186,7 @@ fn hash_loop(index: u8, farm: Arc<Farm>, rate: Option<f64>) {
                 // A session that ended dropped its receiver: its nonces go nowhere.
                 let _ = slot.found.send(Found {
                     job_id: work.job.job_id.clone(),
-                    extranonce1: work.extranonce1.clone(),
+                    channel: work.channel,
                     extranonce2: en2.clone(),
                     ntime: work.job.ntime,
                     nonce,

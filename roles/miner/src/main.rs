@@ -4,8 +4,9 @@ use clap::Parser;
 use miner::{Behaviour, MinerConfig};
 
 /// Mine on an SV1 proxy with real SHA-256d, as one miner or many (--connections); print share
-/// results and a summary on exit. Exits non-zero when what the proxy sent ended a connection
-/// (a line it cannot parse, a refused subscribe); a lost connection does not.
+/// results and a summary on exit. Exits non-zero when a connection could not reach the proxy or
+/// was ended by what the proxy sent (a line it cannot parse, a refused subscribe); a connection
+/// the proxy closed or lost later does not.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-miner", version)]
 struct Args {

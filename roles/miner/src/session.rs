@@ -57,6 +57,8 @@ struct Session {
     next_id: u64,
     pending: HashMap<u64, Pending>,
     extranonce1: Vec<u8>,
+    /// Channels this connection had (subscribe, then each `mining.set_extranonce`).
+    channel: u64,
     extranonce2_size: usize,
     difficulty: f64,
     job: Option<work::Job>,
@@ -108,6 +110,7 @@ pub async fn run_connection(
         next_id: 10,
         pending: HashMap::new(),
         extranonce1: Vec::new(),
+        channel: 0,
         extranonce2_size: 0,
         difficulty: 1.0,
         job: None,
@@ -272,6 +275,7 @@ impl Session {
                     .and_then(|v| v.as_str())
                     .ok_or_else(|| anyhow!("subscribe result lacks extranonce1"))?;
                 self.extranonce1 = hex::decode(en1).context("extranonce1 is not hex")?;
+                self.channel += 1;
                 self.extranonce2_size = arr.get(2).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
                 check_extranonce2_size(self.extranonce2_size)?;
                 println!(
@@ -330,6 +334,7 @@ impl Session {
                     self.tag
                 );
                 self.extranonce1 = en1;
+                self.channel += 1;
                 self.extranonce2_size = size;
                 self.job = None; // a notify follows
                 self.slot.set_work(None);
@@ -387,6 +392,7 @@ impl Session {
         self.slot.set_work(Some(WorkUnit {
             job,
             extranonce1: self.extranonce1.clone(),
+            channel: self.channel,
             extranonce2_size: self.extranonce2_size,
             target: target_from_difficulty(self.difficulty),
             report_misses_every: report,
@@ -394,7 +400,7 @@ impl Session {
     }
 
     fn on_found(&mut self, f: Found) -> Vec<String> {
-        if f.extranonce1 != self.extranonce1 {
+        if f.channel != self.channel {
             return Vec::new(); // hashed for the channel before a mining.set_extranonce
         }
         let current = self.job.as_ref().map(|j| j.job_id.as_str());

@@ -41,6 +41,9 @@ use crate::node::NodeTemplate;
 
 /// Time allowed for one answer of the job declarator.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for one whole declaration (connect, token, declaration, transactions), while
+/// it holds the proxy's job declaration connection.
+const DECLARATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Declarations and custom jobs, as `GET /declarations` reports them.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -450,20 +453,24 @@ pub async fn run(
     // stale the shares in flight on the previous job.
     let mut tip_ntime: Option<(String, u32)> = None;
     loop {
-        if let Some(t) = current.clone() {
-            let min_ntime = match &tip_ntime {
-                Some((prev, n)) if *prev == t.gbt.previousblockhash => *n,
-                _ => {
-                    let n = t.gbt.curtime.max(t.gbt.mintime);
-                    tip_ntime = Some((t.gbt.previousblockhash.clone(), n));
-                    n
-                }
-            };
-            let result = async {
+        if current.is_some() {
+            let declared = async {
                 // Held for the whole declaration: the connection serves one at a time. It is
                 // taken out while in use, so a declaration cut off midway (its miner left and
-                // this task was aborted) leaves no half-read connection behind.
+                // this task was aborted, or it timed out) leaves no half-read connection.
                 let mut slot = shared.lock().await;
+                // The newest template: others may have declared for a while.
+                let Some(t) = templates.borrow_and_update().clone() else {
+                    return Ok(None);
+                };
+                let min_ntime = match &tip_ntime {
+                    Some((prev, n)) if *prev == t.gbt.previousblockhash => *n,
+                    _ => {
+                        let n = t.gbt.curtime.max(t.gbt.mintime);
+                        tip_ntime = Some((t.gbt.previousblockhash.clone(), n));
+                        n
+                    }
+                };
                 let mut conn = match slot.take() {
                     Some(JdConnection(jd)) => jd,
                     None => Jd::connect(&p).await?,
@@ -473,8 +480,15 @@ pub async fn run(
                     *slot = Some(JdConnection(conn));
                 }
                 r
-            }
-            .await;
+            };
+            // One stuck declarator connection must not hold every channel of the proxy.
+            let result = tokio::time::timeout(DECLARATION_TIMEOUT, declared)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow!(
+                        "a declaration took over {DECLARATION_TIMEOUT:?}: the job declarator connection is dropped"
+                    ))
+                });
             match result {
                 Ok(Some(work)) => {
                     backoff = Duration::from_millis(100);

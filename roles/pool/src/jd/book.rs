@@ -1,7 +1,8 @@
 //! Tokens and declarations: an allocation token is used for one declaration, a declaration's
 //! job token for one `SetCustomMiningJob`. Both expire after [`TOKEN_LIFETIME`]. Memory is
-//! bounded per job declaration connection and in total, and a full book refuses new
-//! declarations rather than forgetting anyone else's.
+//! bounded per job declaration connection (a connection past its count forgets its own oldest
+//! waiting declaration) and in total (a full book refuses new declarations rather than
+//! forgetting anyone else's).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,9 @@ use bitcoin::Transaction;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 /// Unused allocation tokens one connection may hold (its oldest is forgotten first).
 pub const MAX_TOKENS_PER_CONNECTION: usize = 16;
-/// Declarations of one connection waiting for their `SetCustomMiningJob`.
+/// Declarations of one connection waiting for their `SetCustomMiningJob`; one more forgets the
+/// connection's oldest (a proxy declares for every channel of its farm on one connection, and
+/// a declaration whose channel went away is never set).
 pub const MAX_DECLARED_PER_CONNECTION: usize = 8;
 /// Bytes of transactions all waiting declarations may hold together.
 pub const MAX_DECLARED_BYTES: usize = 64 << 20;
@@ -72,9 +75,7 @@ impl Book {
 /// Why a declaration cannot be kept.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BookFull {
-    /// The connection has [`MAX_DECLARED_PER_CONNECTION`] declarations waiting.
-    Connection,
-    /// All waiting declarations hold [`MAX_DECLARED_BYTES`].
+    /// All waiting declarations hold [`MAX_DECLARED_BYTES`] (or the book is unusable).
     Pool,
 }
 
@@ -131,9 +132,18 @@ impl JobBook {
     pub fn declare(&self, t: DeclaredTemplate, conn: u64) -> Result<Vec<u8>, BookFull> {
         let mut b = self.inner.lock().map_err(|_| BookFull::Pool)?;
         b.expire();
-        if b.declared.values().filter(|(_, c, _)| *c == conn).count() >= MAX_DECLARED_PER_CONNECTION
-        {
-            return Err(BookFull::Connection);
+        let own: Vec<(Instant, Vec<u8>)> = b
+            .declared
+            .iter()
+            .filter(|(_, (_, c, _))| *c == conn)
+            .map(|(token, (t, _, _))| (*t, token.clone()))
+            .collect();
+        if own.len() >= MAX_DECLARED_PER_CONNECTION {
+            if let Some((_, oldest)) = own.into_iter().min() {
+                if let Some((_, _, d)) = b.declared.remove(&oldest) {
+                    b.declared_bytes -= d.bytes();
+                }
+            }
         }
         if b.declared_bytes + t.bytes() > MAX_DECLARED_BYTES {
             return Err(BookFull::Pool);

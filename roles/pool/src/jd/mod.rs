@@ -273,7 +273,6 @@ async fn connection(
                 let kept = checked.and_then(|t| {
                     let (height, n) = (t.height, t.transactions.len());
                     ctx.jobs.declare(t, conn).map(|token| (token, height, n)).map_err(|full| match full {
-                        BookFull::Connection => ("invalid-job", format!("{} declarations of this connection already wait for SetCustomMiningJob", book::MAX_DECLARED_PER_CONNECTION)),
                         BookFull::Pool => ("invalid-job", "the pool holds as many declared transactions as it keeps: declare again later".to_string()),
                     })
                 });

@@ -194,14 +194,24 @@ fn a_connection_cannot_crowd_out_others() {
     let txs = [spend(1)];
     let m = declaration(111, payout(), SUBSIDY, &txs);
     let one = || check_declaration(&m, &raw(&txs), 110, &payout()).unwrap();
-    for _ in 0..book::MAX_DECLARED_PER_CONNECTION {
-        book.declare(one(), 1).unwrap();
-    }
-    assert_eq!(book.declare(one(), 1), Err(BookFull::Connection));
-    let other = book
-        .declare(one(), 2)
-        .expect("another connection still declares");
-    assert!(book.take_declared(&other).is_some());
+    let other = book.declare(one(), 2).unwrap();
+    let mine: Vec<_> = (0..book::MAX_DECLARED_PER_CONNECTION)
+        .map(|_| book.declare(one(), 1).unwrap())
+        .collect();
+    // One more forgets the connection's own oldest, never another connection's.
+    let newest = book
+        .declare(one(), 1)
+        .expect("a full connection still declares");
+    assert!(
+        book.take_declared(&mine[0]).is_none(),
+        "its oldest was forgotten"
+    );
+    assert!(book.take_declared(&mine[1]).is_some());
+    assert!(book.take_declared(&newest).is_some());
+    assert!(
+        book.take_declared(&other).is_some(),
+        "another connection's is kept"
+    );
     // Tokens: a connection's extra allocations forget only its own oldest.
     let theirs = book.allocate(3);
     for _ in 0..=book::MAX_TOKENS_PER_CONNECTION {

@@ -137,6 +137,12 @@ impl Session {
     /// that fails ends the session (the miner is not reading).
     pub(super) async fn upstream_lost(&mut self) -> Result<(), String> {
         self.upstream = None;
+        // Declarations for a lost channel would never be set: its declarer stops here, and
+        // the next channel starts its own.
+        if let Some(d) = self.declarer.take() {
+            d.abort();
+        }
+        self.declared = None;
         let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
         self.rejected += pending.len() as u64;
         for id in pending {

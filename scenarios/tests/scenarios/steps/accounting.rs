@@ -150,25 +150,37 @@ async fn replay_second_channel(w: &mut HarnessWorld, name: String) -> anyhow::Re
             .clients
             .get_mut(&name)
             .ok_or_else(|| anyhow!("no SV2 client {name:?}"))?;
-        // Only shares of the current tip can be replayed: a block found since makes the
-        // others stale, which says nothing about the second channel.
-        c.accepted.retain(|s| s.tip == best);
-        if c.accepted.is_empty() {
+        // Only shares of the current tip are replayed: a block found since makes the others
+        // stale, which says nothing about the second channel. (All accepted shares stay in
+        // `accepted` for the record checks.)
+        if !c.accepted.iter().any(|s| s.tip == best) {
             mine_accepted(c, 3, REPLAY_NTIME_AHEAD_SECS).await?;
         }
+        let replayable: Vec<_> = c
+            .accepted
+            .iter()
+            .filter(|s| s.tip == best)
+            .cloned()
+            .collect();
         let second = open(&mut w.sv2_channels, &mut c.miner, c.key).await?;
         c.replays.clear();
-        for share in c.accepted.clone() {
+        for share in replayable {
             let expected = c.miner.hash_on(second, &share)?;
             let answer = c.miner.submit(&share, Some(second)).await?;
             c.replays.push((share, expected, answer));
         }
-        let stale = c
-            .replays
-            .iter()
-            .any(|(_, _, a)| *a == ShareAnswer::Rejected("stale-share".into()));
-        if !stale {
+        let stale = ShareAnswer::Rejected("stale-share".into());
+        if !c.replays.iter().any(|(_, _, a)| *a == stale) {
             return Ok(());
+        }
+        // Any other answer than the two expected is a finding, whatever the tip did.
+        if let Some((share, _, a)) = c.replays.iter().find(|(_, _, a)| {
+            *a != stale && *a != ShareAnswer::Rejected("difficulty-too-low".into())
+        }) {
+            anyhow::bail!(
+                "replay of {} on the second channel was answered {a:?}",
+                share.hash
+            );
         }
         let now: String = w
             .default_stack()?
@@ -176,9 +188,10 @@ async fn replay_second_channel(w: &mut HarnessWorld, name: String) -> anyhow::Re
             .rpc()
             .call("getbestblockhash", &[])
             .await?;
+        let c = client(w, &name)?;
         anyhow::ensure!(
-            now != best,
-            "a replay was answered stale-share while the tip stayed {best}"
+            c.replays.iter().any(|(s, _, _)| s.tip != now),
+            "a replay was answered stale-share while the tip stayed {now}"
         );
         tracing::info!(
             "a block was found during the replays (attempt {attempt}): again on the new tip"

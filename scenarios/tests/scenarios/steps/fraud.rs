@@ -364,12 +364,13 @@ async fn nothing_earned(w: &mut HarnessWorld, miner: String, who: String) -> any
     Ok(())
 }
 
-#[then(expr = "the pool counted at least {int} accepted declarations")]
-async fn declarations_accepted(w: &mut HarnessWorld, n: u32) -> anyhow::Result<()> {
-    crate::steps::faults::wait_metric_at_least(
-        w,
-        "hashpool_pool_declarations_total{result=\"accepted\"}",
-        f64::from(n),
-    )
-    .await
+#[then("the pool refused no job declaration connection")]
+async fn no_jd_refusal(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let key = "hashpool_pool_connections_refused_total{reason=\"job-declaration-connections\"}";
+    let refused = w.default_stack()?.pool()?.metrics().await?.get(key);
+    anyhow::ensure!(
+        refused == 0.0,
+        "the pool refused {refused} job declaration connections"
+    );
+    Ok(())
 }
