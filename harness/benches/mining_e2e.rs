@@ -13,14 +13,9 @@ const WINDOW: Duration = Duration::from_secs(10);
 const WARMUP: Duration = Duration::from_secs(3);
 
 fn peak_rss_mb(pid: Option<u32>) -> f64 {
-    let Some(pid) = pid else { return 0.0 };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    pid.map_or(0.0, |p| {
+        harness::memory::peak_rss(p) as f64 / (1024.0 * 1024.0)
+    })
 }
 
 fn field(line: &str, key: &str) -> Option<f64> {

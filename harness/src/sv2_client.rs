@@ -51,20 +51,35 @@ fn s0255(s: &str) -> anyhow::Result<Str0255Owned> {
     Str0255Owned::try_from(s.to_string()).map_err(|e| anyhow!("{e:?}"))
 }
 
+/// The pool's authority key, from SRI's base58 form.
+pub(crate) fn authority_key(authority: &str) -> anyhow::Result<Secp256k1PublicKey> {
+    Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))
+}
+
 /// `SetupConnection` for the mining protocol, version 2, no flags.
 pub fn setup_connection() -> anyhow::Result<AnyMessageOwned> {
+    setup_connection_as(0, "harness", "sv2-test-client", "flood")
+}
+
+/// `SetupConnection` for the mining protocol, version 2, with `flags` and these names.
+pub fn setup_connection_as(
+    flags: u32,
+    vendor: &str,
+    hardware: &str,
+    device: &str,
+) -> anyhow::Result<AnyMessageOwned> {
     Ok(AnyMessageOwned::Common(
         CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
             protocol: Protocol::MiningProtocol,
             min_version: 2,
             max_version: 2,
-            flags: 0,
+            flags,
             endpoint_host: s0255("127.0.0.1")?,
             endpoint_port: 0,
-            vendor: s0255("harness")?,
-            hardware_version: s0255("sv2-test-client")?,
+            vendor: s0255(vendor)?,
+            hardware_version: s0255(hardware)?,
             firmware: s0255("0")?,
-            device_id: s0255("flood")?,
+            device_id: s0255(device)?,
         }),
     ))
 }
@@ -72,8 +87,7 @@ pub fn setup_connection() -> anyhow::Result<AnyMessageOwned> {
 impl Sv2Client {
     /// TCP connect and Noise handshake against `authority` (SRI base58 public key).
     pub async fn connect(addr: &str, authority: &str) -> anyhow::Result<Self> {
-        let key =
-            Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let key = authority_key(authority)?;
         let tcp = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
@@ -91,8 +105,7 @@ impl Sv2Client {
         authority: &str,
         source: std::net::Ipv4Addr,
     ) -> anyhow::Result<Self> {
-        let key =
-            Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let key = authority_key(authority)?;
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.bind((source, 0).into())?;
         let tcp = socket

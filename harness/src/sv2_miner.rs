@@ -16,7 +16,6 @@ use bitcoin::{BlockHash, CompactTarget, TxMerkleNode};
 use ehash::{LockingPubkey, EHASH_EXTENSION_TYPE, LOCKING_PUBKEY_FIELD};
 use stratum_apps::stratum_core::binary_sv2::{B032Owned, Seq064KOwned, Str0255Owned, U256Owned};
 use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
-use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
 use stratum_apps::stratum_core::extensions_sv2::RequestExtensionsOwned;
 use stratum_apps::stratum_core::mining_sv2::{
     OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned,
@@ -131,20 +130,12 @@ impl Sv2Miner {
     pub async fn connect(addr: &str, authority: &str, ehash: bool) -> anyhow::Result<Self> {
         let mut client = Sv2Client::connect(addr, authority).await?;
         client
-            .send(AnyMessageOwned::Common(
-                CommonMessagesOwned::SetupConnection(SetupConnectionOwned {
-                    protocol: Protocol::MiningProtocol,
-                    min_version: 2,
-                    max_version: 2,
-                    flags: 0b100,
-                    endpoint_host: s0255("127.0.0.1")?,
-                    endpoint_port: 0,
-                    vendor: s0255("hashpool-harness")?,
-                    hardware_version: s0255("sv2-miner")?,
-                    firmware: s0255("0")?,
-                    device_id: s0255("sv2-miner")?,
-                }),
-            ))
+            .send(crate::sv2_client::setup_connection_as(
+                0b100,
+                "hashpool-harness",
+                "sv2-miner",
+                "sv2-miner",
+            )?)
             .await?;
         match client.recv(scaled(ANSWER_TIMEOUT)).await? {
             AnyMessageOwned::Common(CommonMessagesOwned::SetupConnectionSuccess(_)) => {}

@@ -2,11 +2,9 @@
 //! `NoiseTcpStream`) cannot play: it can send a frame's encrypted header and hold its body
 //! back, to show whether the pool bounds a frame by its header or reads the body first.
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use stratum_apps::key_utils::Secp256k1PublicKey;
 use stratum_apps::stratum_core::codec_sv2::{
     Decoded, Decrypted, Handshake, InitiatorSent, NoiseDecoder, NoiseEncoder,
     TransportDecryptState, TransportEncryptState, ENCRYPTED_SV2_FRAME_HEADER_SIZE,
@@ -37,8 +35,7 @@ impl std::fmt::Debug for RawSv2Client {
 impl RawSv2Client {
     /// TCP connect and the Noise NX handshake against `authority` (SRI base58 public key).
     pub async fn connect(addr: &str, authority: &str) -> anyhow::Result<Self> {
-        let key =
-            Secp256k1PublicKey::from_str(authority).map_err(|e| anyhow!("authority key: {e:?}"))?;
+        let key = crate::sv2_client::authority_key(authority)?;
         let tcp = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;

@@ -137,15 +137,19 @@ async fn accepted_ahead(w: &mut HarnessWorld, name: String, n: usize) -> anyhow:
     mine_accepted(client(w, &name)?, n, REPLAY_NTIME_AHEAD_SECS).await
 }
 
+/// Bitcoin Core's tip.
+async fn best_tip(w: &HarnessWorld) -> anyhow::Result<String> {
+    Ok(w.default_stack()?
+        .bitcoind()?
+        .rpc()
+        .call("getbestblockhash", &[])
+        .await?)
+}
+
 #[when(expr = "client {string} replays its accepted shares on a second channel")]
 async fn replay_second_channel(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     for attempt in 1..=SAME_TIP_ATTEMPTS {
-        let best: String = w
-            .default_stack()?
-            .bitcoind()?
-            .rpc()
-            .call("getbestblockhash", &[])
-            .await?;
+        let best = best_tip(w).await?;
         let c = w
             .clients
             .get_mut(&name)
@@ -182,12 +186,7 @@ async fn replay_second_channel(w: &mut HarnessWorld, name: String) -> anyhow::Re
                 share.hash
             );
         }
-        let now: String = w
-            .default_stack()?
-            .bitcoind()?
-            .rpc()
-            .call("getbestblockhash", &[])
-            .await?;
+        let now = best_tip(w).await?;
         let c = client(w, &name)?;
         anyhow::ensure!(
             c.replays.iter().any(|(s, _, _)| s.tip != now),
@@ -224,12 +223,7 @@ async fn second_channel_outcome(w: &mut HarnessWorld) -> anyhow::Result<()> {
 )]
 async fn replay_after_restart(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     for attempt in 1..=SAME_TIP_ATTEMPTS {
-        let best: String = w
-            .default_stack()?
-            .bitcoind()?
-            .rpc()
-            .call("getbestblockhash", &[])
-            .await?;
+        let best = best_tip(w).await?;
         let c = client(w, &name)?;
         c.accepted.retain(|s| s.tip == best);
         if c.accepted.is_empty() {
@@ -244,12 +238,7 @@ async fn replay_after_restart(w: &mut HarnessWorld, name: String) -> anyhow::Res
             .map(|ch| ch.extranonce_prefix.clone())
             .context("no channel")?;
         super::faults::kill_and_restart_pool(w).await?;
-        let best: String = w
-            .default_stack()?
-            .bitcoind()?
-            .rpc()
-            .call("getbestblockhash", &[])
-            .await?;
+        let best = best_tip(w).await?;
         let key = client(w, &name)?.key;
         let (mut miner, mut channel) = connect(w, key).await?;
         let mut tries = 1;

@@ -123,3 +123,51 @@ async fn one_channel_each(
     }
     Ok(())
 }
+
+#[when(expr = "{int} honest farm miners at {int} H\\/s start behind proxy {string}")]
+async fn farm(w: &mut HarnessWorld, n: usize, hashrate: u64, proxy: String) -> anyhow::Result<()> {
+    for i in 0..n {
+        crate::steps::mining::start_miner(
+            w,
+            &format!("farm-{i}"),
+            &proxy,
+            "honest",
+            Some(hashrate as f64),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[then(expr = "every farm miner has {int} accepted share(s)")]
+async fn farm_accepted(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let farm: Vec<_> = stack
+        .miners()
+        .filter(|m| m.name.starts_with("farm-"))
+        .collect();
+    anyhow::ensure!(!farm.is_empty(), "no farm miners");
+    harness::wait::wait_until(
+        &format!(
+            "{} farm miners to have {n} accepted shares each",
+            farm.len()
+        ),
+        Duration::from_secs(90),
+        || {
+            let short: Vec<String> = farm
+                .iter()
+                .filter(|m| m.log().accepted.len() < n)
+                .map(|m| m.name.clone())
+                .collect();
+            async move {
+                if short.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still short: {short:?}"))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}

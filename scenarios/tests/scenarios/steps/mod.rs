@@ -6,6 +6,7 @@ mod farm;
 pub mod faults;
 mod forged;
 mod fraud;
+mod interop;
 mod lightning;
 pub mod mining;
 mod network;
