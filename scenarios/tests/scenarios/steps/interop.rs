@@ -1,5 +1,6 @@
 //! SRI's translator in front of the pool, and what it may and may not earn.
 
+use anyhow::anyhow;
 use cucumber::{given, then, when};
 
 use crate::world::HarnessWorld;
