@@ -2,9 +2,12 @@
 //! both ways and, on a step, holds the client's bytes on the connections open at that moment
 //! (they reach the server only on release, even if the client gave up and closed meanwhile).
 //! New connections pass. That is how a scenario makes a request's answer arrive too late, or
-//! makes a request land after its sender decided it had failed.
+//! makes a request land after its sender decided it had failed. It can also delay every
+//! client chunk, on every connection old and new, by a set time (a slow link or a slow
+//! server, seen from the client).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -27,6 +30,8 @@ pub struct FaultProxy {
     flows: Arc<Mutex<Vec<watch::Sender<Flow>>>>,
     /// Connections that held bytes and have not finished delivering them.
     holding: Arc<AtomicUsize>,
+    /// Every client chunk waits this long (ms) before it is relayed.
+    delay_ms: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,6 +47,8 @@ impl FaultProxy {
         let target = target.to_string();
         let registry = flows.clone();
         let counter = holding.clone();
+        let delay_ms: Arc<AtomicU64> = Arc::default();
+        let delay = delay_ms.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (tx, rx) = watch::channel(Flow::Pass);
@@ -49,13 +56,20 @@ impl FaultProxy {
                     f.retain(|s| !s.is_closed());
                     f.push(tx);
                 }
-                tokio::spawn(relay(client, target.clone(), rx, counter.clone()));
+                tokio::spawn(relay(
+                    client,
+                    target.clone(),
+                    rx,
+                    counter.clone(),
+                    delay.clone(),
+                ));
             }
         });
         Ok(Self {
             addr,
             flows,
             holding,
+            delay_ms,
             task,
         })
     }
@@ -75,6 +89,12 @@ impl FaultProxy {
     /// closed those connections, so it has acted on them).
     pub fn holding_connections(&self) -> usize {
         self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Delay every client chunk by `delay` from now on, on every connection (zero: none).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Deliver what was held and relay normally again.
@@ -102,6 +122,7 @@ async fn relay(
     target: String,
     mut flow: watch::Receiver<Flow>,
     holding_count: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
 ) {
     let Ok(server) = TcpStream::connect(&target).await else {
         return;
@@ -144,7 +165,14 @@ async fn relay(
                     }
                     held.extend_from_slice(&buf[..n]);
                 }
-                Ok(n) => if server_write.write_all(&buf[..n]).await.is_err() { break },
+                Ok(n) => {
+                    let delay = delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        // The slow link this proxy plays.
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    if server_write.write_all(&buf[..n]).await.is_err() { break }
+                }
             },
         }
     }

@@ -48,10 +48,16 @@ pub fn write_task(path: &Path, task: &AuditTask) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The auditor's verdict on `task` from the node behind `rpc` (no verdict yet is an error
-/// that says why).
-pub async fn audit(rpc: &BitcoinRpc, task: &AuditTask) -> anyhow::Result<(Verdict, String)> {
-    auditor::audit(rpc, task)
+/// The auditor's verdict on `task` from the node behind `rpc`, which is never rewound (it is
+/// a stack's own node): a task whose parent is not that node's tip gets no verdict, an error
+/// that says why.
+pub async fn audit(rpc: BitcoinRpc, task: &AuditTask) -> anyhow::Result<(Verdict, String)> {
+    let node = auditor::AuditNode::new(
+        rpc,
+        auditor::Rewind::Never,
+        std::time::Duration::from_secs(60),
+    );
+    auditor::audit(&node, task)
         .await
         .map_err(|e| anyhow!("no verdict: {e}"))
 }

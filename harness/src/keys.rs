@@ -35,6 +35,14 @@ pub fn locking_keys() -> (String, LockingPubkey) {
     (hex::encode(sk.secret_bytes()), locking)
 }
 
+/// A fresh P2WPKH address on `network` whose key nobody keeps: coins sent there are only
+/// looked at (a pool's payout in scenarios that never spend it, a competing branch's blocks).
+pub fn fresh_address(network: bitcoin::Network) -> bitcoin::Address {
+    use bitcoin::secp256k1::{rand, Secp256k1};
+    let (_, pk) = Secp256k1::new().generate_keypair(&mut rand::thread_rng());
+    bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey(pk), network)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,7 @@ pub mod redis;
 pub mod roles;
 pub mod settlement_sweep;
 pub mod sniffer;
+pub mod sqlite_db;
 pub mod stack;
 pub mod supervisor;
 pub mod sv2_client;

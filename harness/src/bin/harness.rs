@@ -340,7 +340,7 @@ async fn fraud(
 async fn audit(config: &HarnessConfig, file: &Path) -> anyhow::Result<()> {
     let task = harness::fraud_replay::read_task(file)?;
     let (_, rpc) = up_rpc(config)?;
-    let (verdict, reason) = harness::fraud_replay::audit(&rpc, &task).await?;
+    let (verdict, reason) = harness::fraud_replay::audit(rpc, &task).await?;
     println!(
         "template {} ({}, height {} on {}): {} ({reason})",
         task.template_id,

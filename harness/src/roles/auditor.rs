@@ -13,6 +13,29 @@ use crate::http;
 use crate::process::ProcessSpec;
 use crate::supervisor::{Readiness, RestartPolicy, Supervised, SupervisorOptions};
 
+/// How to start an auditor.
+#[derive(Debug, Clone)]
+pub struct AuditorOptions {
+    /// Concurrent audits.
+    pub workers: usize,
+    /// Reach the audit node through a fault proxy the stack keeps (to slow it down).
+    pub through_fault_proxy: bool,
+    /// `unknown_parent_wait_ms`.
+    pub unknown_parent_wait_ms: u64,
+}
+
+impl AuditorOptions {
+    /// `workers` concurrent audits, the node reached directly, the role's default wait for an
+    /// unknown parent.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers,
+            through_fault_proxy: false,
+            unknown_parent_wait_ms: AuditorConfig::default().unknown_parent_wait_ms,
+        }
+    }
+}
+
 /// A running auditor.
 #[derive(Debug)]
 pub struct AuditorRole {
@@ -24,7 +47,8 @@ pub struct AuditorRole {
 }
 
 impl AuditorRole {
-    /// Write the config and start auditor `name` with `workers` workers; ready when `/health`
+    /// Write the config and start auditor `name` on its audit node `bitcoind`, reached at
+    /// `rpc_url` (the node's own, or a fault proxy's in front of it); ready when `/health`
     /// answers and the `auditors` group exists.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
@@ -32,18 +56,20 @@ impl AuditorRole {
         dir: &Path,
         port: u16,
         bitcoind: &Bitcoind,
+        rpc_url: &str,
         redis_url: &str,
-        workers: usize,
+        opts: &AuditorOptions,
         timeouts: (Duration, Duration),
     ) -> anyhow::Result<Self> {
         let exe = role_exe("hashpool-auditor", "HASHPOOL_AUDITOR_EXE")?;
         let config = AuditorConfig {
             listen: format!("127.0.0.1:{port}"),
             consumer: format!("auditor-{name}"),
-            workers,
+            workers: opts.workers,
             reclaim_idle_ms: 2_000,
+            unknown_parent_wait_ms: opts.unknown_parent_wait_ms,
             bitcoind: BitcoindSection {
-                rpc_url: bitcoind.rpc_url(),
+                rpc_url: rpc_url.to_string(),
                 rpc_user: RPC_USER.into(),
                 rpc_password: Secret::new(bitcoind.rpc_password().into()),
                 chain: bitcoind.chain().name().into(),
@@ -87,6 +113,13 @@ impl AuditorRole {
     /// The process.
     pub fn process(&self) -> &Supervised {
         &self.process
+    }
+
+    /// Scrape `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<http::Metrics> {
+        let (code, body) = http::get(&self.addr, "/metrics", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/metrics answered {code}");
+        Ok(http::Metrics::parse(&body))
     }
 
     /// The auditor's log (stdout).

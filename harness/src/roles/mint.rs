@@ -106,6 +106,11 @@ impl MintRole {
         &self.process
     }
 
+    /// The mint's SQLite database (cdk's tables and the ehash and redemption ledgers).
+    pub fn db_path(&self) -> PathBuf {
+        Path::new(&self.config.data_dir).join("mint.sqlite")
+    }
+
     /// The mint's log (stdout).
     pub fn log(&self) -> PathBuf {
         self.process.spec().stdout_log()

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 
-pub use auditor::AuditorRole;
+pub use auditor::{AuditorOptions, AuditorRole};
 pub use miner::{MinerLog, MinerOptions, MinerRole};
 pub use mint::{MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bitcoin::{Address, Network};
+use bitcoin::Address;
 use hashpool_config::pool_side::{PoolConfig, PoolLimits};
 use hashpool_config::Secret;
 
@@ -99,7 +99,7 @@ impl PoolRole {
                 .context("pool payout address")?
                 .require_network(network)
                 .context("pool payout address")?,
-            None => payout_address(network),
+            None => crate::keys::fresh_address(network),
         };
         let config = PoolConfig {
             listen: format!("127.0.0.1:{}", ports.0),
@@ -179,11 +179,4 @@ impl PoolRole {
         anyhow::ensure!(code == 200, "/metrics answered {code}");
         Ok(Metrics::parse(&body))
     }
-}
-
-/// A fresh P2WPKH payout address (its key is not needed by the harness yet).
-fn payout_address(network: Network) -> Address {
-    let (_, pk) = bitcoin::secp256k1::Secp256k1::new()
-        .generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
-    Address::p2wpkh(&bitcoin::CompressedPublicKey(pk), network)
 }

@@ -7,6 +7,8 @@ mod strays;
 pub use strays::{harness_alive, stray_processes};
 mod nodes;
 mod pool_side;
+mod reorg;
+pub use reorg::Reorg;
 mod roles;
 
 use std::collections::BTreeMap;
@@ -100,6 +102,10 @@ pub struct Stack {
     /// How the pool's bitcoind was started (operators' nodes copy it).
     node_options: Option<BitcoindOptions>,
     operator_nodes: BTreeMap<String, Bitcoind>,
+    /// Each auditor's own node, by auditor name.
+    audit_nodes: BTreeMap<String, Bitcoind>,
+    /// Fault proxies between auditors and their nodes, by auditor name.
+    audit_node_proxies: BTreeMap<String, crate::fault_proxy::FaultProxy>,
     lightning_nodes: BTreeMap<String, crate::lightning::LightningNode>,
     /// Lightning nodes stopped or killed by a step, to start again.
     lightning_stopped: BTreeMap<String, crate::lightning::LightningOptions>,
@@ -265,6 +271,8 @@ impl<'a> StackBuilder<'a> {
             auditors: BTreeMap::new(),
             node_options,
             operator_nodes: BTreeMap::new(),
+            audit_nodes: BTreeMap::new(),
+            audit_node_proxies: BTreeMap::new(),
             lightning_nodes: BTreeMap::new(),
             lightning_stopped: BTreeMap::new(),
             cache_dir: config.cache_dir.clone(),

@@ -302,6 +302,9 @@ impl Stack {
         for (name, n) in &self.operator_nodes {
             out.push((format!("bitcoind-{name}"), n.process()));
         }
+        for (name, n) in &self.audit_nodes {
+            out.push((format!("bitcoind-audit-{name}"), n.process()));
+        }
         for (name, n) in &self.lightning_nodes {
             out.push((format!("lightning-{name}"), n.process()));
         }
@@ -494,7 +497,7 @@ impl Stack {
         for n in self.lightning_nodes.values() {
             n.stop().await?;
         }
-        for n in self.operator_nodes.values() {
+        for n in self.operator_nodes.values().chain(self.audit_nodes.values()) {
             n.process().stop().await?;
         }
         Ok(())

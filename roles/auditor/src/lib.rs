@@ -1,6 +1,8 @@
 //! The hashpool auditor role: consumer group `auditors` on `audit:tasks`, `workers`
 //! concurrent audits per process (several processes may share the group). Each task gets a
-//! verdict from Bitcoin Core and the pool policy (`check.rs`); the verdict goes to
+//! verdict from Bitcoin Core and the pool policy (`check.rs`), asked of the auditor's own
+//! bitcoind (the audit node, `node.rs`: rewound to a template's parent when that parent is no
+//! longer its tip, so every template is judged on its content); the verdict goes to
 //! `audit:results` (an invalid one also to `audit:dead`, with the task, for analysis) in one
 //! Redis function that also acknowledges the task and writes each template's verdict once,
 //! so a task reclaimed from a dead auditor never gets a second verdict.
@@ -8,6 +10,7 @@
 //! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
 
 mod check;
+pub mod node;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +29,8 @@ use hashpool_streams::{Consumer, Entry};
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-pub use check::{audit, NotYet, INCONCLUSIVE};
+pub use check::{audit, INCONCLUSIVE, UNKNOWN_PARENT};
+pub use node::{AuditNode, NotYet, Rewind};
 
 /// Consumer group of the auditors.
 pub const GROUP: &str = "auditors";
@@ -73,6 +77,10 @@ struct Metrics {
     verdicts: IntCounterVec,
     audit_seconds: Histogram,
     backlog: IntGauge,
+    /// Verdicts reached on the audit node rewound to the template's parent.
+    rewound: prometheus::IntCounter,
+    /// Templates found `invalid` because the audit node never got their parent.
+    unknown_parent: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -97,7 +105,17 @@ impl Metrics {
                 "hashpool_auditor_stream_backlog",
                 "audit:tasks entries not yet audited by the group",
             ))?,
+            rewound: prometheus::IntCounter::with_opts(Opts::new(
+                "hashpool_auditor_rewound_audits_total",
+                "Verdicts reached on the audit node rewound to the template's parent",
+            ))?,
+            unknown_parent: prometheus::IntCounter::with_opts(Opts::new(
+                "hashpool_auditor_unknown_parent_total",
+                "Templates invalid because the audit node never got their parent block",
+            ))?,
         };
+        m.registry.register(Box::new(m.rewound.clone()))?;
+        m.registry.register(Box::new(m.unknown_parent.clone()))?;
         m.registry.register(Box::new(m.verdicts.clone()))?;
         m.registry.register(Box::new(m.audit_seconds.clone()))?;
         m.registry.register(Box::new(m.backlog.clone()))?;
@@ -171,7 +189,7 @@ async fn write_verdict(
 
 /// Audit one entry and write its verdict. `Err` leaves the task pending (retried).
 async fn handle(
-    rpc: &BitcoinRpc,
+    node: &AuditNode,
     conn: &mut redis::aio::MultiplexedConnection,
     metrics: &Metrics,
     e: &Entry,
@@ -179,7 +197,7 @@ async fn handle(
     let started = Instant::now();
     let (task, template_id, verdict, reason) = match AuditTask::from_fields(&e.fields) {
         Ok(t) => {
-            let (v, r) = audit(rpc, &t)
+            let (v, r) = audit(node, &t)
                 .await
                 .with_context(|| format!("template {}", t.template_id))?;
             let id = t.template_id;
@@ -220,6 +238,12 @@ async fn handle(
             .verdicts
             .with_label_values(&[verdict.as_str()])
             .inc();
+        if result.reason.contains("after rewinding") {
+            metrics.rewound.inc();
+        }
+        if result.reason.starts_with(UNKNOWN_PARENT) {
+            metrics.unknown_parent.inc();
+        }
         tracing::info!(
             template = template_id,
             verdict = verdict.as_str(),
@@ -238,7 +262,7 @@ async fn handle(
 async fn worker(
     config: AuditorConfig,
     name: String,
-    rpc: Arc<BitcoinRpc>,
+    node: Arc<AuditNode>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
@@ -278,7 +302,7 @@ async fn worker(
                 metrics.backlog.set(c.backlog().await? as i64);
             }
             for e in &entries {
-                handle(&rpc, w, &metrics, e).await?;
+                handle(&node, w, &metrics, e).await?;
             }
             anyhow::Ok(())
         }
@@ -310,14 +334,23 @@ pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> a
     config
         .validate()
         .map_err(|e| hashpool_config::role_main::invalid("auditor", e))?;
-    let rpc = Arc::new(BitcoinRpc::new(
+    let rpc = BitcoinRpc::new(
         &config.bitcoind.rpc_url,
         &config.bitcoind.rpc_user,
         config.bitcoind.rpc_password.expose(),
-    )?);
+    )?;
     rpc.call::<u64>("getblockcount", &[])
         .await
         .with_context(|| format!("bitcoind at {} does not answer", config.bitcoind.rpc_url))?;
+    let node = Arc::new(AuditNode::new(
+        rpc,
+        Rewind::Allowed,
+        Duration::from_millis(config.unknown_parent_wait_ms),
+    ));
+    // A rewind a crash left half done is undone before anything else (else at the first audit).
+    if let Err(e) = node.recover().await {
+        tracing::warn!("audit node: checking for a rewind left half done failed (retried at the first audit): {e}");
+    }
     let timeout = Duration::from_millis(config.redis.append_timeout_ms);
     let mut conn = hashpool_streams::connect(&config.redis.url, timeout).await?;
     redis::cmd("FUNCTION")
@@ -343,7 +376,7 @@ pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> a
         tasks.push(tokio::spawn(worker(
             config.clone(),
             format!("{}-{i}", config.consumer),
-            rpc.clone(),
+            node.clone(),
             metrics.clone(),
             stop.clone(),
         )));

@@ -79,6 +79,12 @@ pub struct HarnessWorld {
     pub silent_sockets: Vec<tokio::net::TcpStream>,
     /// Plain SV2 clients (no ehash) a scenario holds open, by name.
     pub sv2_clients: BTreeMap<String, harness::sv2_client::Sv2Client>,
+    /// The last reorganisation of the pool's node.
+    pub reorg: Option<harness::stack::Reorg>,
+    /// The redemption rate remembered before an action: (msat, ehash).
+    pub rate_remembered: Option<(u128, u128)>,
+    /// An invoice kept to quote again, and what its first quote cost (ehash).
+    pub probe: Option<(String, u64)>,
 }
 
 impl HarnessWorld {
@@ -114,6 +120,9 @@ impl HarnessWorld {
             sv2_clients: BTreeMap::new(),
             silent_sockets: Vec::new(),
             memory_before: None,
+            reorg: None,
+            rate_remembered: None,
+            probe: None,
         })
     }
 

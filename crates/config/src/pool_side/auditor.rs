@@ -15,7 +15,8 @@ pub const AUDITOR_ENV_PREFIX: &str = "HASHPOOL_AUDITOR";
 /// | `consumer` | `auditor-1` | this auditor's name in the `auditors` group (workers add `-<n>`) |
 /// | `workers` | 2 | concurrent audits |
 /// | `reclaim_idle_ms` | 5000 | tasks pending this long with a dead consumer are claimed |
-/// | `[bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password`, `chain` |
+/// | `unknown_parent_wait_ms` | 60000 | a template whose parent the audit node has not got after this long (in this process) is `invalid` (`unknown-parent`) |
+/// | `[bitcoind]` | | the audit node, the auditor's own (it is rewound to audit templates on older parents): `rpc_url`, `rpc_user`, `rpc_password`, `chain` |
 /// | `[redis]` | | `url`, `append_timeout_ms` (used as the Redis command timeout) |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -28,7 +29,10 @@ pub struct AuditorConfig {
     pub workers: usize,
     /// Idle time after which another consumer's pending tasks are claimed, milliseconds.
     pub reclaim_idle_ms: u64,
-    /// bitcoind (proposal checks).
+    /// How long a template's parent may stay unknown to the audit node, milliseconds.
+    pub unknown_parent_wait_ms: u64,
+    /// The audit node: a bitcoind of the auditor's own, following the pool's chain over P2P
+    /// (proposal checks; rewound to audit templates whose parent is no longer its tip).
     pub bitcoind: BitcoindSection,
     /// Redis.
     pub redis: RedisSection,
@@ -41,6 +45,7 @@ impl Default for AuditorConfig {
             consumer: "auditor-1".into(),
             workers: 2,
             reclaim_idle_ms: 5_000,
+            unknown_parent_wait_ms: 60_000,
             bitcoind: BitcoindSection::default(),
             redis: RedisSection::default(),
         }
@@ -58,6 +63,12 @@ impl AuditorConfig {
         }
         if self.reclaim_idle_ms == 0 {
             return Err("`reclaim_idle_ms` must be at least 1".into());
+        }
+        if self.unknown_parent_wait_ms < 1_000 {
+            return Err(format!(
+                "`unknown_parent_wait_ms` must be at least 1000 (the audit node needs time to get a new block), got {}",
+                self.unknown_parent_wait_ms
+            ));
         }
         Ok(())
     }

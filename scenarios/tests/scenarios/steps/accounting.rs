@@ -28,13 +28,13 @@ const REPLAY_NTIME_AHEAD_SECS: u32 = 3600;
 
 /// One of the harness's SV2 clients.
 pub struct Client {
-    miner: Sv2Miner,
+    pub(crate) miner: Sv2Miner,
     /// The locking key its channels carry.
     pub key: LockingPubkey,
     /// Its secret (hex).
     pub secret: String,
     /// The channel it mines on.
-    channel: u32,
+    pub(crate) channel: u32,
     /// Shares the pool accepted, in order.
     pub accepted: Vec<MinedShare>,
     /// The last replay step's replays: the share, the hash its fields give on the replay
@@ -42,6 +42,8 @@ pub struct Client {
     pub replays: Vec<(MinedShare, String, ShareAnswer)>,
     /// The last tweaked share and its answer.
     pub tweaked: Option<(MinedShare, ShareAnswer)>,
+    /// A share mined and kept back, to submit later.
+    pub kept: Option<MinedShare>,
 }
 
 impl std::fmt::Debug for Client {
@@ -54,7 +56,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn client<'a>(w: &'a mut HarnessWorld, name: &str) -> anyhow::Result<&'a mut Client> {
+pub(crate) fn client<'a>(w: &'a mut HarnessWorld, name: &str) -> anyhow::Result<&'a mut Client> {
     w.clients
         .get_mut(name)
         .ok_or_else(|| anyhow!("no SV2 client {name:?} in this scenario"))
@@ -98,6 +100,7 @@ async fn new_client(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
             accepted: Vec::new(),
             replays: Vec::new(),
             tweaked: None,
+            kept: None,
         },
     );
     Ok(())

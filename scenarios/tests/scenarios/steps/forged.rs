@@ -24,13 +24,32 @@ use crate::world::HarnessWorld;
 /// The witness commitment output's script prefix (OP_RETURN, push 36, 0xaa21a9ed).
 const COMMITMENT_PREFIX: [u8; 6] = [0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
 
+/// What is wrong with a forged template.
+enum Forgery {
+    /// One more transaction, spending an output that does not exist.
+    MissingInput,
+    /// A parent no node has (a made-up previous block hash).
+    MadeUpParent,
+}
+
 #[when(
     expr = "a template spending a missing output is forged from a share of {string} and appended with the pool's function"
 )]
-async fn forge(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+async fn forge_missing_input(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    forge(w, &who, Forgery::MissingInput).await
+}
+
+#[when(
+    expr = "a template on a made-up parent is forged from a share of {string} and appended with the pool's function"
+)]
+async fn forge_made_up_parent(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    forge(w, &who, Forgery::MadeUpParent).await
+}
+
+async fn forge(w: &mut HarnessWorld, who: &str, forgery: Forgery) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let min_bits = stack.pool()?.config.min_bits;
-    let client = w.clients.get(&who).context("no such client")?;
+    let client = w.clients.get(who).context("no such client")?;
     let share = client
         .accepted
         .last()
@@ -48,7 +67,17 @@ async fn forge(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
         .find(|t| t.template_id == record.template_id)
         .context("the share's template has no audit task")?;
     let mut block = share_block(&task, &record)?;
-    block.txdata.push(Transaction {
+    let mut task = task;
+    if let Forgery::MadeUpParent = forgery {
+        let made_up = bitcoin::BlockHash::from_byte_array(
+            bitcoin::hashes::sha256d::Hash::hash(format!("made up {}", record.nonce).as_bytes())
+                .to_byte_array(),
+        );
+        block.header.prev_blockhash = made_up;
+        task.prev_hash = made_up.to_string();
+    }
+    if let Forgery::MissingInput = forgery {
+      block.txdata.push(Transaction {
         version: Version::TWO,
         lock_time: LockTime::ZERO,
         input: vec![TxIn {
@@ -64,7 +93,8 @@ async fn forge(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
             value: Amount::from_sat(10_000),
             script_pubkey: ScriptBuf::new_op_return([0u8; 4]),
         }],
-    });
+      });
+    }
     let witness_root = block.witness_root().context("witness root")?;
     let commitment = bitcoin::Block::compute_witness_commitment(&witness_root, &[0u8; 32]);
     let coinbase = block.txdata.first_mut().context("no coinbase")?;
@@ -123,18 +153,35 @@ async fn forge(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
 
 #[then(expr = "the forged share's quote for {string} ends FAILED with {string}")]
 async fn forged_failed(w: &mut HarnessWorld, who: String, reason: String) -> anyhow::Result<()> {
+    forged_failed_with(w, &who, |r| r == reason).await
+}
+
+#[then(expr = "the forged share's quote for {string} ends FAILED with a reason starting {string}")]
+async fn forged_failed_starting(
+    w: &mut HarnessWorld,
+    who: String,
+    start: String,
+) -> anyhow::Result<()> {
+    forged_failed_with(w, &who, |r| r.starts_with(&start)).await
+}
+
+async fn forged_failed_with(
+    w: &HarnessWorld,
+    who: &str,
+    reason_ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
     let (hash, _) = w.forged.clone().context("nothing forged")?;
     let stack = w.default_stack()?;
     let mint = stack.mint()?;
     let secret = w
         .clients
-        .get(&who)
+        .get(who)
         .context("no such client")?
         .secret
         .clone();
     wait_until(
         "the forged share's quote to be FAILED",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || async {
             let quotes = ehash_api::lookup(&mint.addr, &secret)
                 .await
@@ -142,7 +189,7 @@ async fn forged_failed(w: &mut HarnessWorld, who: String, reason: String) -> any
             match quotes.iter().find(|q| q.share_hash == hash) {
                 Some(q)
                     if q.audit_status == "FAILED"
-                        && q.reason.as_deref() == Some(reason.as_str())
+                        && reason_ok(q.reason.as_deref().unwrap_or(""))
                         && q.state == "UNPAID" =>
                 {
                     Ok(())

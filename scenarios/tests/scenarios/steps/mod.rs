@@ -1,6 +1,7 @@
 //! Step definitions, one module per domain (not per feature).
 
 pub mod accounting;
+mod audit;
 mod chain;
 mod farm;
 pub mod faults;
@@ -8,11 +9,14 @@ mod forged;
 mod fraud;
 mod interop;
 mod lightning;
+mod mint_store;
 pub mod mining;
 mod network;
 pub mod redemption;
 mod redemption_faults;
+mod redemption_holds;
 mod redis;
+mod reorg;
 mod settlement;
 mod settlement_faults;
 mod sniffer;

@@ -341,7 +341,7 @@ async fn refused_with(
 }
 
 #[when(
-    regex = r#"^a lookup for "([^"]+)"'s key is (replayed|signed five minutes ago|signed by another key)$"#
+    regex = r#"^a lookup for "([^"]+)"'s key is (replayed|signed five minutes ago|signed by another key|signed the old way, naming no mint|signed for another mint)$"#
 )]
 async fn bad_lookup(w: &mut HarnessWorld, who: String, how: String) -> anyhow::Result<()> {
     let mint = w.default_stack()?.mint()?;
@@ -356,6 +356,24 @@ async fn bad_lookup(w: &mut HarnessWorld, who: String, how: String) -> anyhow::R
         "signed five minutes ago" => {
             let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
             req = ehash::lookup::sign_lookup(&sk, req.timestamp - 300_000);
+        }
+        "signed the old way, naming no mint" => {
+            let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
+            let v1 = ehash::lookup::sign_lookup(&sk, req.timestamp);
+            let body = serde_json::json!({
+                "pubkey": v1.pubkey, "timestamp": v1.timestamp, "signature": v1.signature,
+            });
+            let (code, body) = ehash_api::post_lookup(&mint.addr, &body.to_string()).await?;
+            w.last_error = Some(format!("{code} {body}"));
+            return Ok(());
+        }
+        "signed for another mint" => {
+            let (_, other_mint) = harness::keys::locking_keys();
+            let mut body = serde_json::to_value(&req)?;
+            body["mint"] = serde_json::json!(other_mint.to_string());
+            let (code, body) = ehash_api::post_lookup(&mint.addr, &body.to_string()).await?;
+            w.last_error = Some(format!("{code} {body}"));
+            return Ok(());
         }
         _ => {
             let (other, _) = harness::keys::locking_keys();

@@ -1,0 +1,166 @@
+//! The mint's own store under pressure: its database locked by another process while share
+//! records arrive, and signed lookups from many fresh keys. The oracles are the pool's
+//! records in Redis, the mint's answers over HTTP and the database file's size as SQLite
+//! counts it.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cucumber::{then, when};
+use ehash::SHARES_STREAM;
+use harness::ehash_api;
+use harness::invariants::stream_entries;
+use harness::sqlite_db::{logical_size, WriteLock};
+use harness::wait::{scaled, wait_until};
+
+use crate::world::HarnessWorld;
+
+#[when(
+    expr = "another process holds the mint database's write lock while miner {string} gets {int} more accepted shares, for at least {int} seconds in all"
+)]
+async fn lock_mint_db(
+    w: &mut HarnessWorld,
+    miner: String,
+    n: usize,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let path = stack.mint()?.db_path();
+    let m = stack.miner(&miner)?;
+    let before = m.log().accepted.len();
+    let lock = WriteLock::take(&path)?;
+    let taken = Instant::now();
+    let outcome = async {
+        wait_until(
+            &format!("miner {miner} to get {n} more accepted shares while the mint's database is locked"),
+            Duration::from_secs(60),
+            || async {
+                let now = m.log().accepted.len();
+                if now >= before + n {
+                    Ok(())
+                } else {
+                    Err(format!("{} more", now - before))
+                }
+            },
+        )
+        .await?;
+        // The fault lasts at least `secs`: longer than the mint's busy timeout (10 s).
+        let rest = Duration::from_secs(secs).saturating_sub(taken.elapsed());
+        tokio::time::sleep(rest).await; // the fault's own length, not a synchronisation
+        anyhow::Ok(())
+    }
+    .await;
+    lock.release()?;
+    println!(
+        "[scenario] the mint's database was locked for {:.1} s",
+        taken.elapsed().as_secs_f64()
+    );
+    outcome
+}
+
+#[then("every share record has exactly one quote")]
+async fn every_record_quoted(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mint = stack.mint()?;
+    let mut conn = stack.redis()?.connect().await?;
+    let records: Vec<ehash::ShareRecord> = stream_entries(&mut conn, SHARES_STREAM)
+        .await?
+        .into_iter()
+        .filter_map(|(_, f)| ehash::ShareRecord::from_fields(&f).ok())
+        .collect();
+    anyhow::ensure!(!records.is_empty(), "no share record");
+    let mut secrets = Vec::new();
+    for (_, proxy) in stack.proxies() {
+        if let (Some(k), Some(s)) = (proxy.locking_pubkey, &proxy.locking_secret) {
+            secrets.push((k, s.clone()));
+        }
+    }
+    wait_until(
+        &format!("a quote for each of the {} share record(s)", records.len()),
+        Duration::from_secs(60),
+        || async {
+            let mut quoted = HashSet::new();
+            for (_, secret) in &secrets {
+                for q in ehash_api::lookup(&mint.addr, secret)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    if !quoted.insert(q.share_hash.clone()) {
+                        return Err(format!("share {} has two quotes", q.share_hash));
+                    }
+                }
+            }
+            let missing: Vec<&str> = records
+                .iter()
+                .filter(|r| !quoted.contains(&r.share_hash))
+                .map(|r| r.share_hash.as_str())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {} record(s) have no quote: {missing:?}",
+                    missing.len(),
+                    records.len()
+                ))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[when(expr = "{int} lookups are signed by fresh keys")]
+async fn fresh_key_lookups(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mint = stack.mint()?;
+    let path = mint.db_path();
+    let size_before = logical_size(&path)?;
+    let started = Instant::now();
+    let addr = mint.addr.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task = n.div_ceil(8);
+    for t in 0..8 {
+        let addr = addr.clone();
+        let count = per_task.min(n.saturating_sub(t * per_task));
+        tasks.spawn(async move {
+            for _ in 0..count {
+                let (secret, _) = harness::keys::locking_keys();
+                let req = ehash_api::signed_lookup(&secret)?;
+                let (code, body) =
+                    ehash_api::post_lookup(&addr, &serde_json::to_string(&req)?).await?;
+                anyhow::ensure!(code == 200, "a fresh key's lookup answered {code}: {body}");
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let took = started.elapsed();
+    anyhow::ensure!(
+        took < scaled(Duration::from_secs(600)),
+        "{n} lookups took {took:?}"
+    );
+    println!(
+        "[scenario] {n} fresh-key lookups in {:.1} s ({:.0}/s)",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    w.counter_before = Some(size_before as f64);
+    Ok(())
+}
+
+#[then(expr = "the mint's database grew by less than {int} KB")]
+async fn db_growth(w: &mut HarnessWorld, kb: u64) -> anyhow::Result<()> {
+    let before = w.counter_before.context("no size remembered")? as u64;
+    let path = w.default_stack()?.mint()?.db_path();
+    let after = logical_size(&path).with_context(|| format!("{}", path.display()))?;
+    let grew = after.saturating_sub(before);
+    anyhow::ensure!(
+        grew < kb * 1024,
+        "the mint's database grew by {grew} bytes ({before} -> {after}), the bound is {kb} KB"
+    );
+    Ok(())
+}
