@@ -241,7 +241,21 @@ pub async fn sweep_records(
         let parent_mtp = match mtp.get(&task.prev_hash) {
             Some(t) => *t,
             None => {
-                let h: Value = rpc.call("getblockheader", &[json!(task.prev_hash)]).await?;
+                let h: Value = match rpc.call("getblockheader", &[json!(task.prev_hash)]).await {
+                    Ok(h) => h,
+                    // A parent Bitcoin Core never had (a made-up one): its template must not
+                    // be paid, so it must have been found invalid.
+                    Err(bitcoind_rpc::RpcError::Node { code: -5, .. }) => {
+                        if !invalid.contains(&r.template_id) {
+                            report.problems.push(format!(
+                                "record {id}: template {} builds on {}, a block Bitcoin Core does not know, and has no invalid verdict",
+                                r.template_id, task.prev_hash
+                            ));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let t = h["mediantime"]
                     .as_u64()
                     .ok_or_else(|| anyhow!("no mediantime for {}", task.prev_hash))?;

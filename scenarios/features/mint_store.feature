@@ -11,7 +11,7 @@ Feature: The mint keeps every record it was handed and no state a stranger can g
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"
     When miner "m" has 2 accepted shares
-    And another process holds the mint database's write lock while miner "m" gets 4 more accepted shares, for at least 25 seconds in all
+    And the mint is paused while miner "m" gets 20 more accepted shares, and another process holds its database's write lock for 45 seconds from when it resumes
     Then every share record has exactly one quote
     When the miners stop
     Then every quote of "alice" becomes PAID and its wallet mints it

@@ -13,8 +13,8 @@ Feature: Money is never stuck, lost or shifted: honest work is paid after its ti
     And operator nodes "mallory" and "dave" on the pool's chain
     And a proxy "alice" with a locking key
     And a proxy "mallory" with a locking key declaring templates from node "mallory" with fraud "coinbase-overclaim"
-    And an honest miner "m" behind proxy "alice"
-    And an honest miner "x" behind proxy "mallory"
+    And a slow honest miner "m" behind proxy "alice"
+    And a slow honest miner "x" behind proxy "mallory"
     When auditor "a" stops
     And bitcoind mines 3 blocks, one after each of miners "m" and "x" has a share recorded on the tip
     And the miners stop
@@ -33,8 +33,8 @@ Feature: Money is never stuck, lost or shifted: honest work is paid after its ti
     And auditor "b" with 2 workers, reaching its node through a fault proxy
     And a proxy "alice" with a locking key
     And a proxy "bob" with a locking key
-    And an honest miner "m" behind proxy "alice"
-    And an honest miner "n" behind proxy "bob"
+    And a slow honest miner "m" behind proxy "alice"
+    And a slow honest miner "n" behind proxy "bob"
     When every auditor's node answers 4000 ms late
     And bitcoind mines 3 blocks, one after each of miners "m" and "n" has a share recorded on the tip
     And the miners stop
@@ -58,17 +58,17 @@ Feature: Money is never stuck, lost or shifted: honest work is paid after its ti
     And the miners stop
     Then every quote of "alice" becomes PAID, none FAILED, and its wallet mints it
 
-  Scenario Outline: a reorganisation <depth> block(s) deep: miners get the branch's job within a second, shares made on the replaced tip are paid on their content, a share kept for it is stale, a replay on the branch is a duplicate
+  Scenario Outline: a reorganisation <depth> block deep: miners get the branch's job within a second, shares made on the replaced tip are paid on their content, a share kept for it is stale, a replay on the branch is a duplicate
     Given a signet stack with the pool side
     And operator node "olga" on the pool's chain
     And a proxy "alice" with a locking key
-    And an honest miner "m" behind proxy "alice"
+    And a slow honest miner "m" behind proxy "alice"
     And an SV2 client "carol" with a locking key and a channel
-    When bitcoind mines <depth> block(s), one after miner "m" has a share recorded on the tip
+    When bitcoind mines <blocks>, one after miner "m" has a share recorded on the tip
     And auditor "a" stops
     And miner "m" has a share recorded on the tip
     And client "carol" mines a share on the tip and keeps it
-    And node "olga" replaces the pool's last <depth> block(s) with a longer branch
+    And node "olga" replaces the pool's last <blocks> with a longer branch
     Then every miner gets a job on the branch's tip within 1 second of the switch
     When client "carol" submits its kept share
     Then the share is refused with "stale-share" and has no record
@@ -83,6 +83,6 @@ Feature: Money is never stuck, lost or shifted: honest work is paid after its ti
     And every verdict on a template of "alice" on a replaced block was reached after rewinding the audit node
 
     Examples:
-      | depth |
-      | 1     |
-      | 3     |
+      | depth | blocks   |
+      | 1     | 1 block  |
+      | 3     | 3 blocks |

@@ -89,9 +89,17 @@ async fn nodes_fast(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether miner `name` has an accepted share recorded on a template whose parent is `tip`.
-async fn share_on(w: &HarnessWorld, name: &str, tip: &str) -> Result<(), String> {
+/// Whether miner `name` has an accepted share recorded on a template whose parent is the
+/// pool node's tip now (read again at every look: the miners may find a block meanwhile).
+async fn share_on_tip(w: &HarnessWorld, name: &str) -> Result<(), String> {
     let stack = w.default_stack().map_err(|e| e.to_string())?;
+    let tip: String = stack
+        .bitcoind()
+        .map_err(|e| e.to_string())?
+        .rpc()
+        .call("getbestblockhash", &[])
+        .await
+        .map_err(|e| e.to_string())?;
     let accepted: HashSet<String> = stack
         .miner(name)
         .map_err(|e| e.to_string())?
@@ -99,7 +107,7 @@ async fn share_on(w: &HarnessWorld, name: &str, tip: &str) -> Result<(), String>
         .accepted
         .into_iter()
         .collect();
-    let mut conn = stack
+    let conn = stack
         .redis()
         .map_err(|e| e.to_string())?
         .connect()
@@ -153,7 +161,7 @@ async fn blocks_between_one(w: &mut HarnessWorld, n: u64, a: String) -> anyhow::
 }
 
 #[when(expr = "miner {string} has a share recorded on the tip")]
-async fn share_on_tip(w: &mut HarnessWorld, a: String) -> anyhow::Result<()> {
+async fn one_share_on_tip(w: &mut HarnessWorld, a: String) -> anyhow::Result<()> {
     blocks_between(w, 0, &[a]).await
 }
 
@@ -161,17 +169,11 @@ async fn share_on_tip(w: &mut HarnessWorld, a: String) -> anyhow::Result<()> {
 /// recorded on the tip; then wait for a share of each on the final tip.
 async fn blocks_between(w: &mut HarnessWorld, n: u64, miners: &[String]) -> anyhow::Result<()> {
     for i in 0..=n {
-        let tip: String = w
-            .default_stack()?
-            .bitcoind()?
-            .rpc()
-            .call("getbestblockhash", &[])
-            .await?;
         for m in miners {
             wait_until(
-                &format!("miner {m} to have a share recorded on a template on {tip}"),
+                &format!("miner {m} to have a share recorded on a template on the tip"),
                 Duration::from_secs(60),
-                || share_on(w, m, &tip),
+                || share_on_tip(w, m),
             )
             .await?;
         }

@@ -59,6 +59,48 @@ async fn lock_mint_db(
     outcome
 }
 
+#[when(
+    expr = "the mint is paused while miner {string} gets {int} more accepted shares, and another process holds its database's write lock for {int} seconds from when it resumes"
+)]
+async fn backlog_then_lock(
+    w: &mut HarnessWorld,
+    miner: String,
+    n: usize,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mint = stack.mint()?;
+    let m = stack.miner(&miner)?;
+    let before = m.log().accepted.len();
+    mint.process().pause()?;
+    let backlog = wait_until(
+        &format!("miner {miner} to get {n} more accepted shares while the mint is paused"),
+        Duration::from_secs(60),
+        || async {
+            let now = m.log().accepted.len();
+            if now >= before + n {
+                Ok(())
+            } else {
+                Err(format!("{} more", now - before))
+            }
+        },
+    )
+    .await;
+    let lock = WriteLock::take(&mint.db_path());
+    mint.process().resume()?;
+    backlog?;
+    let lock = lock?;
+    let taken = Instant::now();
+    // The fault's own length: longer than the mint's busy timeout (10 s) several times over.
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    lock.release()?;
+    println!(
+        "[scenario] the mint resumed with a backlog into a database locked for {:.1} s",
+        taken.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 #[then("every share record has exactly one quote")]
 async fn every_record_quoted(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
