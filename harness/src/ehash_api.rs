@@ -48,8 +48,30 @@ fn last_timestamps() -> &'static Mutex<HashMap<String, u64>> {
     LAST.get_or_init(Default::default)
 }
 
-/// A fresh signed lookup for `secret_hex` (its timestamp after any earlier one of the harness).
-pub fn signed_lookup(secret_hex: &str) -> anyhow::Result<LookupRequest> {
+/// The pubkey in the `/v1/info` of the mint at `mint_addr` (what signed lookups name).
+pub async fn mint_pubkey(mint_addr: &str) -> anyhow::Result<ehash::LockingPubkey> {
+    let (code, body) = http::get(mint_addr, "/v1/info", Duration::from_secs(5)).await?;
+    anyhow::ensure!(code == 200, "/v1/info answered {code}: {body}");
+    let info: serde_json::Value = serde_json::from_str(&body)?;
+    info["pubkey"]
+        .as_str()
+        .context("/v1/info has no pubkey")?
+        .parse()
+        .map_err(|e| anyhow!("/v1/info pubkey: {e}"))
+}
+
+/// A fresh signed lookup for `secret_hex`, for the mint at `mint_addr` (its timestamp after any
+/// earlier one of the harness).
+pub async fn signed_lookup(mint_addr: &str, secret_hex: &str) -> anyhow::Result<LookupRequest> {
+    let mint = mint_pubkey(mint_addr).await?;
+    signed_lookup_for(&mint, secret_hex)
+}
+
+/// A fresh signed lookup for `secret_hex`, naming the mint `mint`.
+pub fn signed_lookup_for(
+    mint: &ehash::LockingPubkey,
+    secret_hex: &str,
+) -> anyhow::Result<LookupRequest> {
     let secret = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(secret_hex)?)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -59,7 +81,7 @@ pub fn signed_lookup(secret_hex: &str) -> anyhow::Result<LookupRequest> {
         .map_err(|_| anyhow!("lock poisoned"))?;
     let entry = last.entry(secret_hex.to_string()).or_default();
     *entry = now.max(*entry + 1);
-    Ok(sign_lookup(&secret, *entry))
+    Ok(sign_lookup(&secret, *entry, mint))
 }
 
 /// POST a lookup body as is; returns status and body.
@@ -70,8 +92,9 @@ pub async fn post_lookup(mint_addr: &str, body: &str) -> anyhow::Result<(u16, St
 /// Every quote of the key `secret_hex` (retried once if the key's own wallet used a later
 /// timestamp in the same millisecond).
 pub async fn lookup(mint_addr: &str, secret_hex: &str) -> anyhow::Result<Vec<QuoteInfo>> {
+    let mint = mint_pubkey(mint_addr).await?;
     for _ in 0..3 {
-        let req = serde_json::to_string(&signed_lookup(secret_hex)?)?;
+        let req = serde_json::to_string(&signed_lookup_for(&mint, secret_hex)?)?;
         let (code, body) = post_lookup(mint_addr, &req).await?;
         if code == 200 {
             let a: LookupAnswer = serde_json::from_str(&body).context("lookup answer")?;

@@ -21,6 +21,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `data_dir` | `proxy-data` | the wallet's SQLite database |
 /// | `http_listen` | (empty: none) | status endpoints: `GET /wallet` (with a wallet), `GET /declarations` (when declaring), `GET /health` |
 /// | `wallet_poll_ms` | 1000 | lookup interval when no NUT-17 notification comes |
+/// | `max_rounding_loss_ppm` | 10000 | a redemption that would lose more of its value to rounding to whole ehash (parts per million) is refused unless accepted |
 /// | `nominal_hashrate` | 5e6 | hashrate announced per miner, H/s |
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
@@ -66,6 +67,8 @@ pub struct ProxyConfig {
     pub http_listen: String,
     /// Lookup interval of the wallet, milliseconds.
     pub wallet_poll_ms: u64,
+    /// Largest share of a redemption's value rounding may lose without being accepted, ppm.
+    pub max_rounding_loss_ppm: u64,
     /// `pool` or `miner` (declare templates built from `node`).
     pub template_source: String,
     /// The pool's job declaration address.
@@ -123,6 +126,7 @@ impl Default for ProxyConfig {
             data_dir: "proxy-data".into(),
             http_listen: String::new(),
             wallet_poll_ms: 1000,
+            max_rounding_loss_ppm: 10_000,
             template_source: "pool".into(),
             jd_address: String::new(),
             node: NodeSection::default(),
@@ -170,6 +174,12 @@ impl ProxyConfig {
         }
         if self.wallet_poll_ms == 0 {
             return Err("`wallet_poll_ms` must be at least 1".into());
+        }
+        if self.max_rounding_loss_ppm > 1_000_000 {
+            return Err(format!(
+                "`max_rounding_loss_ppm` is parts per million, at most 1000000 (100 %), got {}",
+                self.max_rounding_loss_ppm
+            ));
         }
         match self.template_source.as_str() {
             "pool" => {

@@ -25,3 +25,6 @@ pub const AUDIT_TASKS_STREAM: &str = "audit:tasks";
 pub const AUDIT_RESULTS_STREAM: &str = "audit:results";
 /// Redis stream of failed audits kept for people to analyse.
 pub const AUDIT_DEAD_STREAM: &str = "audit:dead";
+/// Entries the mint can never process (an unreadable share record or verdict), each with its
+/// stream, entry id and reason; kept for people, never read by a role.
+pub const MINT_DEAD_STREAM: &str = "mint:dead";

@@ -227,7 +227,51 @@ impl Consumer {
         }
     }
 
-    /// Acknowledge entries whose effect is durable.
+    /// Acknowledge `ids` and, in the same transaction (`MULTI`), append each entry of `dead`
+    /// (an entry that can never be processed) to `dead_stream` with its fields, its stream,
+    /// its entry id and the reason: an entry leaves the group only with its dead letter.
+    pub async fn ack_with_dead_letters(
+        &mut self,
+        ids: &[String],
+        dead_stream: &str,
+        dead: &[(&Entry, String)],
+    ) -> Result<(), StreamError> {
+        if dead.is_empty() {
+            return self.ack(ids).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (entry, reason) in dead {
+            let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
+            let mut fields: Vec<(&String, &String)> = entry.fields.iter().collect();
+            fields.sort();
+            for (k, v) in fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd.arg("dead_stream")
+                .arg(&self.stream)
+                .arg("dead_entry")
+                .arg(&entry.id)
+                .arg("dead_reason")
+                .arg(reason)
+                .ignore();
+        }
+        pipe.cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(ids)
+            .ignore();
+        tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut self.conn))
+            .await
+            .map_err(|_| StreamError {
+                what: "XADD dead letters + XACK",
+                reason: format!("no answer within {:?}", self.timeout),
+            })?
+            .map_err(failed("XADD dead letters + XACK"))?;
+        Ok(())
+    }
+
+    /// Acknowledge `ids` (their effect is durable).
     pub async fn ack(&mut self, ids: &[String]) -> Result<(), StreamError> {
         if ids.is_empty() {
             return Ok(());

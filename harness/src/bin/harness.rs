@@ -540,20 +540,57 @@ fn chain_fixtures(out: &std::path::Path) -> anyhow::Result<()> {
         .last()
         .map(bitcoin::Block::block_hash)
         .ok_or_else(|| anyhow::anyhow!("no signet blocks"))?;
-    let pool: bitcoin::Address = harness::lightning::POOL_NODE_ADDRESS
-        .parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
-        .require_network(bitcoin::Network::Signet)?;
-    let mut payouts = vec![pool.script_pubkey(); harness::lightning::REWARD_BLOCKS as usize];
+    let address = |a: &str| -> anyhow::Result<bitcoin::ScriptBuf> {
+        Ok(a.parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
+            .require_network(bitcoin::Network::Signet)?
+            .script_pubkey())
+    };
+    let subsidy = bitcoin::Amount::from_btc(50.0)?;
+    let mut payouts = vec![(
+        address(harness::lightning::POOL_NODE_LIQUIDITY_ADDRESS)?,
+        bitcoin::Amount::from_sat(harness::lightning::LIQUIDITY_SATS),
+    )];
     payouts.extend(std::iter::repeat_n(
-        faucet(Chain::Signet),
+        (
+            address(harness::lightning::POOL_NODE_ADDRESS)?,
+            bitcoin::Amount::from_sat(harness::lightning::REWARD_SATS),
+        ),
+        harness::lightning::REWARD_BLOCKS as usize,
+    ));
+    payouts.extend(std::iter::repeat_n(
+        (faucet(Chain::Signet), subsidy),
         harness::lightning::MATURITY as usize,
     ));
-    let rewards =
-        chain_fixture::build_above(Chain::Signet, tip, signet.len() as u32 + 1, &payouts)?;
+    let first = signet.len() as u32 + 1;
+    let rewards = chain_fixture::build_above(Chain::Signet, tip, first, &payouts)?;
     write(
         "signet-rewards.blocks",
-        "signet rewards: above signet.blocks, 3 coinbases to the pool's Lightning node, then 100 to the faucet to mature them",
+        &format!(
+            "signet rewards: above signet.blocks, the pool node's liquidity ({} sat to its second address), {} coinbases of {} sat to its payout address, then {} to the faucet to mature them",
+            harness::lightning::LIQUIDITY_SATS,
+            harness::lightning::REWARD_BLOCKS,
+            harness::lightning::REWARD_SATS,
+            harness::lightning::MATURITY
+        ),
         &rewards,
+        start,
+    )?;
+    // The fork: from the block before the last reward, long enough to mature its own blocks
+    // past the rewards chain's tip and what a scenario mines.
+    let start = std::time::Instant::now();
+    let last_reward = harness::lightning::REWARD_BLOCKS as usize; // index in `rewards`
+    let fork_parent = rewards[last_reward - 1].block_hash();
+    let fork_first = first + last_reward as u32;
+    let branch = vec![(faucet(Chain::Signet), subsidy); harness::stack::REWARDS_FORK_BLOCKS];
+    let fork = chain_fixture::build_above(Chain::Signet, fork_parent, fork_first, &branch)?;
+    write(
+        "signet-rewards-fork.blocks",
+        &format!(
+            "signet rewards fork: a branch of the rewards chain from height {}, replacing its last reward, {} blocks to the faucet",
+            fork_first,
+            harness::stack::REWARDS_FORK_BLOCKS
+        ),
+        &fork,
         start,
     )?;
     println!("rebuild the harness (the fixtures are compiled in); the next run loads them into new chain caches");

@@ -42,6 +42,13 @@ pub fn fixture_text(chain: Chain) -> &'static str {
 /// Lightning node and mature its coinbases (see `crate::lightning::rewards_cache`).
 pub const REWARDS_FIXTURE: &str = include_str!("../../../fixtures/chains/signet-rewards.blocks");
 
+/// A competing branch of the rewards chain: it leaves it just before the last reward coinbase
+/// and is long enough to mature its own blocks past the rewards chain's tip and the blocks a
+/// scenario adds, so a reorganisation onto it removes a matured reward (see
+/// `crate::stack::reorg`).
+pub const REWARDS_FORK_FIXTURE: &str =
+    include_str!("../../../fixtures/chains/signet-rewards-fork.blocks");
+
 /// The committed fixture's blocks, in height order from 1.
 pub fn fixture_blocks(chain: Chain) -> anyhow::Result<Vec<Block>> {
     parse(fixture_text(chain), &format!("{chain}.blocks"))
@@ -78,18 +85,24 @@ pub fn fixture_id(chain: Chain) -> anyhow::Result<String> {
 /// Build `count` blocks above `chain`'s genesis, each paying 50 BTC to `payout`.
 pub fn build(chain: Chain, count: u32, payout: &bitcoin::ScriptBuf) -> anyhow::Result<Vec<Block>> {
     let genesis = bitcoin::constants::genesis_block(chain.network()).block_hash();
-    build_above(chain, genesis, 1, &vec![payout.clone(); count as usize])
+    let subsidy = Amount::from_btc(50.0)?;
+    build_above(
+        chain,
+        genesis,
+        1,
+        &vec![(payout.clone(), subsidy); count as usize],
+    )
 }
 
 /// Build one block per entry of `payouts` above block `parent` (at `first_height - 1`), block
-/// `i` paying 50 BTC to `payouts[i]`. Every fixture block has the genesis difficulty (the
-/// chains stay far below the first retarget at 2016) and time
-/// `START_TIME + SPACING * (height - 1)`.
+/// `i`'s coinbase paying `payouts[i].1` (the subsidy or less: a coinbase may claim less) to
+/// `payouts[i].0`. Every fixture block has the genesis difficulty (the chains stay far below
+/// the first retarget at 2016) and time `START_TIME + SPACING * (height - 1)`.
 pub fn build_above(
     chain: Chain,
     parent: BlockHash,
     first_height: u32,
-    payouts: &[bitcoin::ScriptBuf],
+    payouts: &[(bitcoin::ScriptBuf, Amount)],
 ) -> anyhow::Result<Vec<Block>> {
     let bits = bitcoin::constants::genesis_block(chain.network())
         .header
@@ -97,8 +110,8 @@ pub fn build_above(
     let target = bits.into();
     let mut prev = parent;
     let mut out = Vec::with_capacity(payouts.len());
-    for (height, payout) in (first_height..).zip(payouts) {
-        let coinbase = coinbase(height, payout)?;
+    for (height, (payout, value)) in (first_height..).zip(payouts) {
+        let coinbase = coinbase(height, payout, *value)?;
         let merkle_root = TxMerkleNode::from_raw_hash(coinbase.compute_txid().to_raw_hash());
         let mut header = Header {
             version: Version::from_consensus(0x2000_0000),
@@ -137,10 +150,10 @@ pub fn render(what: &str, blocks: &[Block]) -> String {
     text
 }
 
-/// The coinbase: BIP34 height, 50 BTC to `payout`, and the BIP141 witness commitment (signet
+/// The coinbase: BIP34 height, `value` to `payout`, and the BIP141 witness commitment (signet
 /// refuses a block without one; with only a coinbase the witness root is all zeros, and the
 /// reserved value in the coinbase witness is 32 zero bytes).
-fn coinbase(height: u32, payout: &bitcoin::ScriptBuf) -> anyhow::Result<Transaction> {
+fn coinbase(height: u32, payout: &bitcoin::ScriptBuf, value: Amount) -> anyhow::Result<Transaction> {
     let tag = PushBytesBuf::try_from(COINBASE_TAG.to_vec()).map_err(|e| anyhow!("{e}"))?;
     let mut committed = [0u8; 64];
     committed[..32].copy_from_slice(&[0u8; 32]); // witness root
@@ -162,7 +175,7 @@ fn coinbase(height: u32, payout: &bitcoin::ScriptBuf) -> anyhow::Result<Transact
         }],
         output: vec![
             TxOut {
-                value: Amount::from_btc(50.0)?,
+                value,
                 script_pubkey: payout.clone(),
             },
             TxOut {

@@ -3,10 +3,18 @@
 //!
 //! Rewards count only after 100 confirmations, and no scenario can wait for 100 signet
 //! blocks (about 1.6 s each here). So the harness builds, once, a chain on top of the cached
-//! signet chain in which [`REWARD_BLOCKS`] coinbases pay the pool node's wallet (a
-//! `lightningd` with the fixed seed [`pool_hsm_secret`]) and 100 more blocks mature them,
-//! and keeps that node's lightning directory with it: every stack that wants rewards starts
-//! from a copy of both, as a pool node that has been mining for a while would be.
+//! signet chain in which one coinbase pays the pool node's wallet (a `lightningd` with the
+//! fixed seed [`pool_hsm_secret`]) its channel liquidity at a second address (not the payout
+//! address: it is no reward), then [`REWARD_BLOCKS`] coinbases of [`REWARD_SATS`] each pay
+//! the payout address, and 100 more blocks mature them; and it keeps that node's lightning
+//! directory with it: every stack that wants rewards starts from a copy of both, as a pool
+//! node that has been mining for a while would be.
+//!
+//! The rewards are small on purpose (a coinbase may claim less than the subsidy): with the
+//! ehash a few shares earn in a scenario, one ehash is worth some sats to some tens of sats,
+//! as on a pool that has been paying shares for a while, so a redemption loses next to
+//! nothing to rounding to whole ehash (at 50 BTC per coinbase one ehash was worth about
+//! 10^8 sat and any invoice cost a whole ehash).
 //! `<cache_dir>/chains/signet-rewards-v<FORMAT>-<hashes of the signet and rewards fixtures>-<bitcoind version>-<lightningd version>/`.
 
 use std::path::{Path, PathBuf};
@@ -24,9 +32,14 @@ use crate::ports::PortAllocator;
 use crate::wait::wait_until;
 
 /// Bump when the layout or content changes.
-const FORMAT: u32 = 3;
-/// Coinbases paid to the pool node (50 BTC each on this young chain).
+const FORMAT: u32 = 4;
+/// Coinbases paid to the pool's payout address (the pool node's first address).
 pub const REWARD_BLOCKS: u64 = 3;
+/// What each of them claims, sats.
+pub const REWARD_SATS: u64 = 20_000;
+/// What the coinbase paying the pool node's liquidity claims, sats (channels are funded from
+/// it; it is not a reward: it pays another address).
+pub const LIQUIDITY_SATS: u64 = 100_000_000;
 /// Blocks that mature them.
 pub const MATURITY: u64 = 100;
 /// Seed of the pool node's `hsm_secret`.
@@ -34,6 +47,8 @@ const POOL_LN_SEED: &str = "hashpool-harness pool lightning node v1";
 /// The first address the pool node's wallet gives (`newaddr`, from [`pool_hsm_secret`]): the
 /// rewards fixture's coinbases pay it. The build checks lightningd still derives it.
 pub const POOL_NODE_ADDRESS: &str = "tb1qqs2lgan9cxvqfcqwanw4j7258x5veaha2kejf7";
+/// The second (`newaddr` again): the liquidity coinbase pays it.
+pub const POOL_NODE_LIQUIDITY_ADDRESS: &str = "tb1qehrhwjrkn3xxzkkv7xzdenafndnzkrx7puaehh";
 
 /// The pool node's fixed wallet seed.
 pub fn pool_hsm_secret() -> [u8; 32] {
@@ -195,18 +210,25 @@ async fn build(
         "lightningd derived {pool_address} from the pool node's fixed hsm_secret, the rewards \
          fixture pays {POOL_NODE_ADDRESS}: set POOL_NODE_ADDRESS to it and run `just chain-fixtures`"
     );
+    let liquidity_address = ln.new_address().await?;
+    anyhow::ensure!(
+        liquidity_address == POOL_NODE_LIQUIDITY_ADDRESS,
+        "lightningd derived {liquidity_address} as the pool node's second address, the rewards \
+         fixture pays its liquidity to {POOL_NODE_LIQUIDITY_ADDRESS}: set POOL_NODE_LIQUIDITY_ADDRESS \
+         to it and run `just chain-fixtures`"
+    );
     let fixture = crate::bitcoind::chain_fixture::parse(
         crate::bitcoind::chain_fixture::REWARDS_FIXTURE,
         "signet-rewards.blocks",
     )?;
     anyhow::ensure!(
-        fixture.len() as u64 == REWARD_BLOCKS + MATURITY,
+        fixture.len() as u64 == 1 + REWARD_BLOCKS + MATURITY,
         "fixtures/chains/signet-rewards.blocks holds {} blocks, not {}: run `just chain-fixtures`",
         fixture.len(),
-        REWARD_BLOCKS + MATURITY
+        1 + REWARD_BLOCKS + MATURITY
     );
     eprintln!(
-        "[harness] building the rewards chain once for this machine: {REWARD_BLOCKS} blocks to the pool's Lightning node, {MATURITY} to mature them, from fixtures/chains/signet-rewards.blocks"
+        "[harness] building the rewards chain once for this machine: the pool node's liquidity, {REWARD_BLOCKS} rewards to its payout address, {MATURITY} blocks to mature them, from fixtures/chains/signet-rewards.blocks"
     );
     for (i, block) in fixture.iter().enumerate() {
         let hex = bitcoin::consensus::encode::serialize_hex(block);
@@ -219,7 +241,7 @@ async fn build(
         );
     }
     let height = node.height().await?;
-    let rewards_sats = REWARD_BLOCKS * 50 * 100_000_000;
+    let rewards_sats = REWARD_BLOCKS * REWARD_SATS;
     wait_until(
         "the pool's Lightning node to count its matured rewards",
         Duration::from_secs(120),
@@ -229,7 +251,9 @@ async fn build(
                 .await
                 .map_err(|e| e.to_string())?;
             let (onchain, _) = ln.balances().await.map_err(|e| e.to_string())?;
-            if info["blockheight"].as_u64() == Some(height) && onchain >= rewards_sats {
+            if info["blockheight"].as_u64() == Some(height)
+                && onchain >= rewards_sats + LIQUIDITY_SATS
+            {
                 Ok(())
             } else {
                 Err(format!("at {:?}, {onchain} sat", info["blockheight"]))

@@ -77,6 +77,12 @@ pub struct WalletStatus {
     pub held: u64,
     /// ehash minted so far.
     pub minted: u64,
+    /// ehash in proofs a melt holds.
+    #[serde(default)]
+    pub melting: u64,
+    /// ehash completed melts took.
+    #[serde(default)]
+    pub melted: u64,
     /// ehash of PENDING quotes.
     pub pending: u64,
     /// ehash of PAID quotes not minted yet.
@@ -222,14 +228,63 @@ impl ProxyRole {
         invoice: &str,
         timeout: Duration,
     ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        self.wallet_post(
+            "/wallet/redeem",
+            serde_json::json!({ "invoice": invoice }),
+            timeout,
+        )
+        .await
+    }
+
+    /// Redeem with the options the proxy's `POST /wallet/redeem` takes (`invoice` or `quote`,
+    /// `accept_loss`): the redemption, or the proxy's error text.
+    pub async fn redeem_with(
+        &self,
+        options: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        self.wallet_post("/wallet/redeem", options, timeout).await
+    }
+
+    /// A melt quote for `invoice` and what it costs (`POST /wallet/quote`), or the proxy's
+    /// error text.
+    pub async fn melt_quote(
+        &self,
+        invoice: &str,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        self.wallet_post(
+            "/wallet/quote",
+            serde_json::json!({ "invoice": invoice }),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// The wallet's melts (`GET /wallet/melts`).
+    pub async fn wallet_melts(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let addr = self
             .wallet_addr
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
-        let body = serde_json::json!({ "invoice": invoice }).to_string();
-        let (code, body) = crate::http::post_json(addr, "/wallet/redeem", &body, timeout).await?;
+        let (code, body) =
+            crate::http::get(addr, "/wallet/melts", Duration::from_secs(10)).await?;
+        anyhow::ensure!(code == 200, "/wallet/melts answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    async fn wallet_post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        let addr = self
+            .wallet_addr
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
+        let (code, body) = crate::http::post_json(addr, path, &body.to_string(), timeout).await?;
         let v: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| anyhow::anyhow!("/wallet/redeem answered {code} {body}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{path} answered {code} {body}: {e}"))?;
         Ok(match code {
             200 => Ok(v),
             _ => Err(v["error"].as_str().unwrap_or(&body).to_string()),

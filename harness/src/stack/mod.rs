@@ -8,7 +8,7 @@ pub use strays::{harness_alive, stray_processes};
 mod nodes;
 mod pool_side;
 mod reorg;
-pub use reorg::Reorg;
+pub use reorg::{Reorg, REWARDS_FORK_BLOCKS};
 mod roles;
 
 use std::collections::BTreeMap;

@@ -1,7 +1,8 @@
 //! Chain reorganisations of the pool's node, made the way they happen: an operator's node
 //! (a real peer of the pool's node) builds a competing branch from a fork point while cut off
-//! from the network, then reconnects, and the pool's node switches to the branch with more
-//! work. Nothing is invalidated on the pool's node.
+//! from the network (mined there, or the pre-mined fork of the rewards chain), then
+//! reconnects, and the pool's node switches to the branch with more work. Nothing is
+//! invalidated on the pool's node.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,18 @@ use crate::wait::wait_until;
 /// Blocks mined past the pool's height at most (the pool's own miners may find blocks while
 /// the branch grows).
 const MAX_EXTRA_BLOCKS: u64 = 10;
+/// Blocks of the rewards chain's pre-mined fork (`fixtures/chains/signet-rewards-fork.blocks`):
+/// it replaces the last reward and the 100 blocks that matured it, and matures its own blocks
+/// past the rewards chain's tip plus what a scenario mines (up to about 100 blocks).
+pub const REWARDS_FORK_BLOCKS: usize = 220;
+
+/// Where a competing branch comes from.
+enum Branch {
+    /// Mined on the operator's node until it outworks the pool's chain.
+    Mine,
+    /// Pre-mined blocks, submitted to the operator's node.
+    Blocks(Vec<bitcoin::Block>),
+}
 
 /// What a reorganisation did.
 #[derive(Debug, Clone)]
@@ -34,20 +47,55 @@ pub struct Reorg {
 impl Stack {
     /// Replace the pool node's last `depth` blocks: operator `name`'s node goes offline,
     /// invalidates its copy of the first of them, mines a branch on the fork point (to a key
-    /// the harness holds) until it is longer than the pool's chain, and reconnects; returns
-    /// once the pool's node has the branch's tip.
+    /// nobody keeps) until it is longer than the pool's chain, and reconnects; returns once the
+    /// pool's node has the branch's tip.
     pub async fn reorganise(&self, name: &str, depth: u64) -> anyhow::Result<Reorg> {
         anyhow::ensure!(depth >= 1, "a reorganisation replaces at least one block");
+        let tip = self.bitcoind()?.height().await?;
+        anyhow::ensure!(tip > depth, "the pool's chain is only {tip} blocks high");
+        self.replace_from(name, tip - depth, Branch::Mine).await
+    }
+
+    /// Replace the rewards chain from its last reward on with its pre-mined fork
+    /// ([`REWARDS_FORK_BLOCKS`] blocks), through operator `name`'s node: the last reward and
+    /// every block after it (the scenario's included) leave the active chain.
+    pub async fn reorganise_onto_rewards_fork(&self, name: &str) -> anyhow::Result<Reorg> {
+        let blocks = crate::bitcoind::chain_fixture::parse(
+            crate::bitcoind::chain_fixture::REWARDS_FORK_FIXTURE,
+            "signet-rewards-fork.blocks",
+        )?;
+        let parent = blocks
+            .first()
+            .context("the rewards fork fixture holds no block: run `just chain-fixtures`")?
+            .header
+            .prev_blockhash;
+        let header: Value = self
+            .bitcoind()?
+            .rpc()
+            .call("getblockheader", &[json!(parent)])
+            .await
+            .context("the rewards fork leaves a chain this stack does not run")?;
+        let fork_height = header["height"].as_u64().context("fork height")?;
+        self.replace_from(name, fork_height, Branch::Blocks(blocks))
+            .await
+    }
+
+    async fn replace_from(
+        &self,
+        name: &str,
+        fork_height: u64,
+        source: Branch,
+    ) -> anyhow::Result<Reorg> {
         let started = Instant::now();
         let pool = self.bitcoind()?;
         let node = self.operator_node(name)?;
         let tip = pool.chain_info().await?;
         anyhow::ensure!(
-            tip.blocks > depth,
-            "the pool's chain is only {} blocks high",
+            tip.blocks > fork_height,
+            "the pool's chain ({}) does not go past the fork point {fork_height}",
             tip.blocks
         );
-        let fork_height = tip.blocks - depth;
+        let depth = tip.blocks - fork_height;
         wait_until(
             &format!("node {name} to have the pool node's tip {}", tip.bestblockhash),
             Duration::from_secs(30),
@@ -78,19 +126,42 @@ impl Stack {
                 .call::<Value>("invalidateblock", &[json!(first)])
                 .await?;
             // A key of the branch's own: a block the node invalidated is never mined again.
-            let to = crate::keys::fresh_address(pool.chain().network());
             let mut branch = Vec::new();
-            loop {
-                let pool_height = pool.height().await?;
-                let ours = fork_height + branch.len() as u64;
-                if ours > pool_height {
-                    break;
+            match source {
+                Branch::Mine => {
+                    let to = crate::keys::fresh_address(pool.chain().network());
+                    loop {
+                        let pool_height = pool.height().await?;
+                        let ours = fork_height + branch.len() as u64;
+                        if ours > pool_height {
+                            break;
+                        }
+                        anyhow::ensure!(
+                            ours <= tip.blocks + MAX_EXTRA_BLOCKS,
+                            "the pool's chain outgrew the branch ({pool_height} against {ours})"
+                        );
+                        branch.extend(node.generate_to_address(1, &to).await?);
+                    }
                 }
-                anyhow::ensure!(
-                    ours <= tip.blocks + MAX_EXTRA_BLOCKS,
-                    "the pool's chain outgrew the branch ({pool_height} against {ours})"
-                );
-                branch.extend(node.generate_to_address(1, &to).await?);
+                Branch::Blocks(blocks) => {
+                    for b in &blocks {
+                        let hex = bitcoin::consensus::encode::serialize_hex(b);
+                        let answer: Value =
+                            node.rpc().call("submitblock", &[json!(hex)]).await?;
+                        anyhow::ensure!(
+                            answer.is_null(),
+                            "node {name} refused branch block {}: {answer}",
+                            b.block_hash()
+                        );
+                        branch.push(b.block_hash());
+                    }
+                    let pool_height = pool.height().await?;
+                    anyhow::ensure!(
+                        fork_height + branch.len() as u64 > pool_height,
+                        "the pre-mined branch ends at {} and the pool's chain is at {pool_height}: the scenario mined too many blocks for it",
+                        fork_height + branch.len() as u64
+                    );
+                }
             }
             anyhow::Ok(branch)
         }

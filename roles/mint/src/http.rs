@@ -7,11 +7,16 @@
 //! | `POST /v1/ehash/quotes` | signed lookup of every quote of a key ([`ehash::lookup`]) |
 //! | `POST /v1/mint/quote/mining_share` | refused: quotes come only from share records |
 //! | `GET /v1/ehash/redemption` | the Lightning redemption reserve and rate ([`Reserve`]) |
+//! | `GET /v1/ehash/melt/{id}` | a melt quote's terms, the ehash it costs, what rounding loses, its state and why it was refused ([`MeltView`]) |
 //!
 //! Errors are Cashu-style `{"code": N, "detail": "..."}`: 30001 quote creation refused,
-//! 30002 bad lookup signature or key, 30003 stale lookup, 30004 replayed lookup, 30005 no
-//! such quote, 30006 malformed lookup body, 30007 redemption is off, 30008 a bolt11 melt quote
-//! refused (no amount, or above the redeemable reserve).
+//! 30002 bad lookup signature or key, 30003 stale lookup, 30004 replayed lookup (or one from
+//! before the mint's start), 30005 no such quote, 30006 malformed lookup body, 30007
+//! redemption is off, 30008 a bolt11 melt quote refused (no amount, or above the redeemable
+//! reserve), 30009 a lookup naming no mint (the first version), 30010 a lookup signed for
+//! another mint, 30011 too many distinct keys looked up within the window (retry), 30012 a
+//! melt refused at payment time (quote too old, the rate fell since, the reserve short), with
+//! what to do; 30013 no such melt quote.
 
 use std::sync::Arc;
 
@@ -25,8 +30,8 @@ use serde_json::json;
 
 use crate::backend::REFUSE_QUOTE;
 use crate::metrics::MintMetrics;
-use crate::redeem::ledger::{Ledger, Reserve};
-use crate::store::Store;
+use crate::redeem::ledger::{Ledger, MeltView, Reserve};
+use crate::store::{LookupRefused, Store};
 
 /// What the handlers share.
 pub struct Api {
@@ -38,6 +43,8 @@ pub struct Api {
     pub max_skew_ms: u64,
     /// The redemption ledger (None: redemption is off).
     pub redemption: Option<Arc<Ledger>>,
+    /// This mint's public key (`/v1/info` `pubkey`), which signed lookups must name.
+    pub mint_pubkey: ehash::LockingPubkey,
 }
 
 /// The reserve as served: [`Reserve`] plus the rate.
@@ -86,6 +93,21 @@ fn internal(e: anyhow::Error) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, 30000, format!("{e:#}"))
 }
 
+async fn melt_view(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
+    let Some(ledger) = &api.redemption else {
+        return error(
+            StatusCode::NOT_FOUND,
+            30007,
+            "Lightning redemption is off on this mint (no `redemption.lightning_rpc`)",
+        );
+    };
+    match ledger.view(&id).await {
+        Ok(Some(v)) => Json::<MeltView>(v).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, 30013, format!("no melt quote {id}")),
+        Err(e) => internal(e),
+    }
+}
+
 async fn refuse_quote() -> Response {
     error(StatusCode::BAD_REQUEST, 30001, REFUSE_QUOTE)
 }
@@ -115,22 +137,45 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let key = match verify_lookup(&req, now, api.max_skew_ms) {
+    let key = match verify_lookup(&req, now, api.max_skew_ms, &api.mint_pubkey) {
         Ok(k) => k,
         Err(e @ LookupError::Stale { .. }) => return error(StatusCode::UNAUTHORIZED, 30003, e),
+        Err(e @ LookupError::Unbound) => return error(StatusCode::UNAUTHORIZED, 30009, e),
+        Err(e @ LookupError::OtherMint { .. }) => {
+            return error(StatusCode::UNAUTHORIZED, 30010, e)
+        }
         Err(e) => return error(StatusCode::UNAUTHORIZED, 30002, e),
     };
     let pubkey = key.to_string();
-    match api.store.bump_lookup(&pubkey, req.timestamp).await {
-        Ok(Ok(())) => {}
-        Ok(Err(last)) => {
+    match api.store.bump_lookup(&pubkey, req.timestamp) {
+        Ok(()) => {}
+        Err(LookupRefused::Replayed { last }) => {
             let e = LookupError::Replayed {
                 timestamp: req.timestamp,
                 last,
             };
             return error(StatusCode::UNAUTHORIZED, 30004, e);
         }
-        Err(e) => return internal(e),
+        Err(LookupRefused::BeforeStart { start }) => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                30004,
+                format!(
+                    "timestamp {} ms is not after the mint's start ({start} ms), which forgot earlier lookups: sign a fresh one",
+                    req.timestamp
+                ),
+            )
+        }
+        Err(LookupRefused::Full) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                30011,
+                format!(
+                    "more than {} distinct keys looked up within the lookup window: retry in a minute",
+                    crate::store::MAX_LOOKUP_KEYS
+                ),
+            )
+        }
     }
     match api.store.quotes_of(&pubkey, req.unissued_only).await {
         Ok(quotes) => Json(json!({"pubkey": pubkey, "quotes": quotes})).into_response(),
@@ -163,6 +208,9 @@ pub async fn melt_quote_guard(
     let Some(ledger) = api.redemption.clone() else {
         return next.run(req).await;
     };
+    if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/melt/bolt11" {
+        return melt_guard(ledger, req, next).await;
+    }
     if req.method() != axum::http::Method::POST || req.uri().path() != "/v1/melt/quote/bolt11" {
         return next.run(req).await;
     }
@@ -199,6 +247,41 @@ pub async fn melt_quote_guard(
     .await
 }
 
+/// Refuse a melt the ledger already knows it cannot pay (quote too old, the rate fell since,
+/// the reserve short) with the reason before cdk starts it: cdk reports a processor's refusal
+/// only as "Payment failed". The processor checks again, atomically, when it pays; a refusal
+/// there is kept and shown by `GET /v1/ehash/melt/{id}`.
+async fn melt_guard(
+    ledger: Arc<Ledger>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, 4 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, 30012, format!("melt body: {e}")),
+    };
+    let quote: Option<String> = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["quote"].as_str().map(str::to_string));
+    if let Some(q) = quote {
+        if let Ok(Some(terms)) = ledger.terms(&q).await {
+            if let Some(why) = crate::redeem::stale_or_expired(&ledger, &terms).await {
+                tracing::info!(quote = %q, "melt refused before it started: {why}");
+                if let Err(e) = ledger.refuse(&q, &why).await {
+                    tracing::warn!(quote = %q, "keeping the refusal's reason failed: {e:#}");
+                }
+                return error(StatusCode::BAD_REQUEST, 30012, why);
+            }
+        }
+    }
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
 /// The ehash routes (merged with cdk's by the caller).
 pub fn routes(api: Arc<Api>) -> Router {
     Router::new()
@@ -206,6 +289,7 @@ pub fn routes(api: Arc<Api>) -> Router {
         .route("/v1/ehash/quotes", post(lookup))
         .route("/v1/mint/quote/mining_share", post(refuse_quote))
         .route("/v1/ehash/redemption", get(redemption))
+        .route("/v1/ehash/melt/{id}", get(melt_view))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .with_state(api)

@@ -2,12 +2,19 @@
 //! `audit:results` (verdicts), and the settlement clock. Entries are acknowledged only after
 //! the database transaction that holds their effect committed; a crash before that makes the
 //! mint re-read them (its own pending entries first), and the effects are idempotent.
+//!
+//! An entry that can never be processed (it does not parse, or its locking key is no curve
+//! point) leaves the group only together with its dead letter in `mint:dead` (one Redis
+//! transaction), counted in `hashpool_mint_dead_letters_total`. Any other failure (the
+//! database busy past its timeout, a failed commit, a full disk, Redis gone) fails the whole
+//! batch: nothing is acknowledged and the batch is read again after a backoff, so a record the
+//! pool acknowledged to its miner always becomes a quote.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cdk::mint::Mint;
-use ehash::{AuditResult, ShareRecord, AUDIT_RESULTS_STREAM, SHARES_STREAM};
+use ehash::{AuditResult, ShareRecord, AUDIT_RESULTS_STREAM, MINT_DEAD_STREAM, SHARES_STREAM};
 use hashpool_config::pool_side::MintConfig;
 use hashpool_streams::{Consumer, Entry};
 use tokio_util::sync::CancellationToken;
@@ -56,12 +63,17 @@ fn notify(mint: &Mint, metrics: &MintMetrics, changed: &Changed) {
     }
 }
 
-/// What a reader does with a batch: its effect, committed; returns the quotes to notify.
-/// Entries it cannot read are logged and counted, and acknowledged with the rest (they can
-/// never be processed).
+/// What a reader did with a batch, its effect committed: the quotes to notify, and the
+/// entries that can never be processed with why (their dead letters go out with the ack).
+struct Handled<'a> {
+    changed: Changed,
+    dead: Vec<(&'a Entry, String)>,
+}
+
+/// What a reader does with a batch. `Err` means nothing was committed: the batch is read again.
 #[async_trait::async_trait]
 trait Handler: Send + Sync {
-    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed>;
+    async fn handle<'a>(&self, entries: &'a [Entry]) -> anyhow::Result<Handled<'a>>;
 }
 
 struct Shares {
@@ -71,49 +83,33 @@ struct Shares {
 
 #[async_trait::async_trait]
 impl Handler for Shares {
-    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed> {
+    async fn handle<'a>(&self, entries: &'a [Entry]) -> anyhow::Result<Handled<'a>> {
         let mut records = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
         for e in entries {
-            match ShareRecord::from_fields(&e.fields) {
+            // Everything a record could fail on for good is checked here, before the database.
+            let checked = ShareRecord::from_fields(&e.fields)
+                .map_err(|err| format!("unreadable share record: {err}"))
+                .and_then(|r| {
+                    cdk_common::PublicKey::from_slice(r.locking_pubkey.as_bytes())
+                        .map(|_| r)
+                        .map_err(|err| format!("locking key is no secp256k1 point: {err}"))
+                });
+            match checked {
                 Ok(r) => records.push((e.millis(), r)),
-                Err(err) => {
+                Err(why) => {
                     self.metrics
                         .unreadable
                         .with_label_values(&[SHARES_STREAM])
                         .inc();
-                    tracing::error!(entry = %e.id, "unreadable ehash:shares record, no quote made: {err}");
+                    tracing::error!(entry = %e.id, "{why}: no quote can be made, sent to {MINT_DEAD_STREAM}");
+                    dead.push((e, why));
                 }
             }
         }
-        let (created, paid) = match self.store.add_shares(&records).await {
-            Ok(r) => r,
-            Err(batch_error) if records.len() > 1 => {
-                // One record must not hold up the rest: retry them one by one.
-                tracing::warn!(
-                    "a batch of {} records failed ({batch_error:#}): one by one",
-                    records.len()
-                );
-                let mut created = 0;
-                let mut paid = Vec::new();
-                for r in &records {
-                    match self.store.add_shares(std::slice::from_ref(r)).await {
-                        Ok((c, p)) => {
-                            created += c;
-                            paid.extend(p);
-                        }
-                        Err(e) => {
-                            self.metrics
-                                .unreadable
-                                .with_label_values(&[SHARES_STREAM])
-                                .inc();
-                            tracing::error!(share = %r.1.share_hash, "record cannot become a quote, skipped: {e:#}");
-                        }
-                    }
-                }
-                (created, paid)
-            }
-            Err(e) => return Err(e),
-        };
+        // A failure here is the database's, never the records': nothing is acknowledged and
+        // the whole batch comes again.
+        let (created, changed) = self.store.add_shares(&records).await?;
         self.metrics
             .quotes
             .with_label_values(&["created"])
@@ -124,7 +120,7 @@ impl Handler for Shares {
                 .record_to_quote_seconds
                 .observe(now.saturating_sub(e.millis()) as f64 / 1000.0);
         }
-        Ok(paid)
+        Ok(Handled { changed, dead })
     }
 }
 
@@ -136,8 +132,9 @@ struct Verdicts {
 
 #[async_trait::async_trait]
 impl Handler for Verdicts {
-    async fn handle(&self, entries: &[Entry]) -> anyhow::Result<Changed> {
+    async fn handle<'a>(&self, entries: &'a [Entry]) -> anyhow::Result<Handled<'a>> {
         let mut results = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
         for e in entries {
             match AuditResult::from_fields(&e.fields) {
                 Ok(r) => {
@@ -152,13 +149,17 @@ impl Handler for Verdicts {
                         .unreadable
                         .with_label_values(&[AUDIT_RESULTS_STREAM])
                         .inc();
-                    tracing::error!(entry = %e.id, "unreadable audit:results record: {err}");
+                    let why = format!("unreadable verdict: {err}");
+                    tracing::error!(entry = %e.id, "{why}: sent to {MINT_DEAD_STREAM}");
+                    dead.push((e, why));
                 }
             }
         }
-        self.store
+        let changed = self
+            .store
             .add_verdicts(&results, now_ms(), self.delay_ms)
-            .await
+            .await?;
+        Ok(Handled { changed, dead })
     }
 }
 
@@ -217,18 +218,24 @@ async fn read_loop(
                     .set(c.backlog().await? as i64);
                 return Ok(());
             }
-            let changed = handler.handle(&entries).await?;
+            let handled = handler.handle(&entries).await?;
             // Committed: tell subscribers now (a failed ack must not lose the push).
-            notify(&mint, &metrics, &changed);
+            notify(&mint, &metrics, &handled.changed);
             let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-            c.ack(&ids).await?;
+            c.ack_with_dead_letters(&ids, MINT_DEAD_STREAM, &handled.dead)
+                .await?;
+            metrics
+                .dead_letters
+                .with_label_values(&[stream])
+                .inc_by(handled.dead.len() as u64);
             anyhow::Ok(())
         }
         .await;
         match result {
             Ok(()) => backoff = MIN_BACKOFF,
             Err(e) => {
-                tracing::warn!(stream, "reading failed, retrying in {backoff:?}: {e:#}");
+                metrics.batch_failures.with_label_values(&[stream]).inc();
+                tracing::warn!(stream, "a batch failed, nothing acknowledged; reading it again in {backoff:?}: {e:#}");
                 consumer = None;
                 tokio::select! {
                     _ = stop.cancelled() => return,

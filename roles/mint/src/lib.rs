@@ -61,11 +61,31 @@ async fn advertise_minting_only(mint: &cdk::mint::Mint) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("mint info: {e}"))
 }
 
+/// The mint's public key (NUT-06 `pubkey` in `/v1/info`), derived from its seed: signed
+/// lookups name it, so a lookup made for another mint is refused here.
+fn identity(seed: &[u8]) -> anyhow::Result<(cdk::nuts::PublicKey, ehash::LockingPubkey)> {
+    use bitcoin::hashes::{sha256, Hash, HashEngine};
+    let mut engine = sha256::Hash::engine();
+    engine.input(b"hashpool/mint-identity/v1");
+    engine.input(seed);
+    let secret =
+        bitcoin::secp256k1::SecretKey::from_slice(sha256::Hash::from_engine(engine).as_byte_array())
+            .context("the seed gives no identity key")?;
+    let public = secret
+        .public_key(&bitcoin::secp256k1::Secp256k1::new())
+        .serialize();
+    Ok((
+        cdk::nuts::PublicKey::from_slice(&public).map_err(|e| anyhow!("identity key: {e}"))?,
+        ehash::LockingPubkey::from_slice(&public).map_err(|e| anyhow!("identity key: {e}"))?,
+    ))
+}
+
 /// The (`ehash`, `bolt11`) processor and its ledger, paying through the pool's node.
 async fn redemption_backend(
     config: &MintConfig,
     db: Arc<MintSqliteDatabase>,
-) -> anyhow::Result<(redeem::RedeemBackend, Arc<redeem::ledger::Ledger>)> {
+    metrics: Arc<metrics::MintMetrics>,
+) -> anyhow::Result<(Arc<redeem::RedeemBackend>, Arc<redeem::ledger::Ledger>)> {
     let r = &config.redemption;
     let network = match r.bitcoind.chain.as_str() {
         "regtest" => bitcoin::Network::Regtest,
@@ -114,7 +134,13 @@ async fn redemption_backend(
     .await
     .map_err(|e| anyhow!("`redemption.lightning_rpc`: {e}"))?
     .with_bolt12(false);
-    let backend = redeem::RedeemBackend::new(cln, ledger.clone());
+    let backend = Arc::new(redeem::RedeemBackend::new(
+        cln,
+        redeem::lightning::Node::new(std::path::Path::new(&r.lightning_rpc)),
+        ledger.clone(),
+        metrics,
+        redeem::Timing::of(r),
+    ));
     Ok((backend, ledger))
 }
 
@@ -150,21 +176,24 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
             Arc::new(ShareBackend),
         )
         .await?;
-    let ledger = match config.redemption.enabled() {
+    let metrics = Arc::new(metrics::MintMetrics::new()?);
+    let redemption = match config.redemption.enabled() {
         true => {
-            let (backend, ledger) = redemption_backend(&config, db.clone()).await?;
+            let (backend, ledger) =
+                redemption_backend(&config, db.clone(), metrics.clone()).await?;
             builder
                 .add_payment_processor(
                     unit.clone(),
                     PaymentMethod::Known(cdk_common::nuts::nut00::KnownMethod::Bolt11),
                     MintMeltLimits::new(1, u64::MAX),
-                    Arc::new(backend),
+                    backend.clone(),
                 )
                 .await?;
-            Some(ledger)
+            Some((backend, ledger))
         }
         false => None,
     };
+    let ledger = redemption.as_ref().map(|(_, l)| l.clone());
     let builder = builder
         .with_name("hashpool ehash mint".into())
         .with_description(
@@ -174,22 +203,30 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
         .with_supported_websockets(SupportedMethods::default_custom(method, unit))
         .with_batch_minting(Some(MAX_BATCH), Some(vec![METHOD.into()]));
     let seed = hex::decode(config.seed.expose()).context("seed is not hex")?;
+    let (identity, mint_pubkey) = identity(&seed)?;
+    let builder = builder.with_pubkey(identity);
     let mint = Arc::new(
         builder
             .build_with_seed(db.clone(), &seed)
             .await
             .map_err(|e| anyhow!("building the mint: {e}"))?,
     );
+    // The ledgers first: starting the mint checks melts left pending, which settles them.
+    let store = Arc::new(store::Store::new(
+        mint.clone(),
+        config.lookup_max_skew_ms + ehash::lookup::MAX_AHEAD_MS,
+    ));
+    store
+        .upgrade()
+        .await
+        .context("bringing the mint's database up to date")?;
+    if let Some(l) = &ledger {
+        l.set_store(store.clone());
+    }
     mint.start()
         .await
         .map_err(|e| anyhow!("starting the mint: {e}"))?;
     advertise_minting_only(&mint).await?;
-    if let Some(l) = &ledger {
-        l.set_mint(mint.clone());
-    }
-
-    let metrics = Arc::new(metrics::MintMetrics::new()?);
-    let store = Arc::new(store::Store::new(mint.clone()));
     let mut methods = vec![METHOD.to_string()];
     if ledger.is_some() {
         methods.push("bolt11".into());
@@ -202,6 +239,7 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
         metrics: metrics.clone(),
         max_skew_ms: config.lookup_max_skew_ms,
         redemption: ledger.clone(),
+        mint_pubkey,
     });
     let app = http::routes(api.clone())
         .merge(cashu)
@@ -213,7 +251,17 @@ pub async fn run(config: MintConfig, shutdown: impl Future<Output = ()>) -> anyh
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let stop = CancellationToken::new();
-    let tasks = ingest::spawn(&config, store, mint.clone(), metrics, stop.clone());
+    let mut tasks = ingest::spawn(&config, store, mint.clone(), metrics.clone(), stop.clone());
+    if let Some((backend, ledger)) = redemption {
+        tasks.push(tokio::spawn(redeem::resolve_holds(
+            mint.clone(),
+            ledger,
+            backend,
+            metrics,
+            std::time::Duration::from_secs(config.redemption.hold_check_secs),
+            stop.clone(),
+        )));
+    }
     tracing::info!(
         "mint listening on http://{} (unit {UNIT}, method {METHOD}, settlement delay {} s, Lightning redemption {})",
         listener.local_addr()?,

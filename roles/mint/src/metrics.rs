@@ -14,6 +14,10 @@ pub struct MintMetrics {
     pub templates: IntCounterVec,
     /// Stream entries that could not be read, by stream.
     pub unreadable: IntCounterVec,
+    /// Entries sent to `mint:dead` (never processable), by stream.
+    pub dead_letters: IntCounterVec,
+    /// Batches that failed and will be read again (database or Redis unavailable), by stream.
+    pub batch_failures: IntCounterVec,
     /// Entries of a stream not yet processed by the mint's group (lag + pending).
     pub backlog: IntGaugeVec,
     /// Time from a share record's append to its quote being committed.
@@ -22,6 +26,12 @@ pub struct MintMetrics {
     pub record_to_paid_seconds: Histogram,
     /// The Lightning redemption reserve, by quantity.
     pub redemption: IntGaugeVec,
+    /// Held payments resolved, by outcome: `paid`, `failed` (Core Lightning failed it),
+    /// `orphaned` (pending with no HTLC anywhere), `never_sent` (no payment after the grace),
+    /// `not_sent` (the payment call failed before reaching the node).
+    pub holds_resolved: IntCounterVec,
+    /// Held payments now, and the age of the oldest (seconds).
+    pub holds: IntGaugeVec,
 }
 
 impl MintMetrics {
@@ -47,6 +57,20 @@ impl MintMetrics {
                 Opts::new(
                     "hashpool_mint_unreadable_records_total",
                     "Stream entries that could not be read, by stream",
+                ),
+                &["stream"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_dead_letters_total",
+                    "Entries sent to mint:dead because they can never be processed, by stream",
+                ),
+                &["stream"],
+            )?,
+            batch_failures: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_batch_failures_total",
+                    "Batches that failed and were read again, nothing acknowledged, by stream",
                 ),
                 &["stream"],
             )?,
@@ -78,11 +102,29 @@ impl MintMetrics {
                 ),
                 &["quantity"],
             )?,
+            holds_resolved: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_holds_resolved_total",
+                    "Held redemption payments resolved without an operator, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            holds: IntGaugeVec::new(
+                Opts::new(
+                    "hashpool_mint_holds",
+                    "Held redemption payments: count, oldest_seconds",
+                ),
+                &["quantity"],
+            )?,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.holds_resolved.clone()),
+            Box::new(m.holds.clone()),
             Box::new(m.quotes.clone()),
             Box::new(m.templates.clone()),
             Box::new(m.unreadable.clone()),
+            Box::new(m.dead_letters.clone()),
+            Box::new(m.batch_failures.clone()),
             Box::new(m.backlog.clone()),
             Box::new(m.record_to_quote_seconds.clone()),
             Box::new(m.record_to_paid_seconds.clone()),
@@ -94,6 +136,21 @@ impl MintMetrics {
         Ok(m)
     }
 
+    /// Record the held payments (`since` in Unix seconds) at `now`.
+    pub fn observe_holds(&self, holds: &[crate::redeem::ledger::Hold], now: u64) {
+        let oldest = holds
+            .iter()
+            .map(|h| now.saturating_sub(h.since))
+            .max()
+            .unwrap_or(0);
+        self.holds
+            .with_label_values(&["count"])
+            .set(holds.len() as i64);
+        self.holds
+            .with_label_values(&["oldest_seconds"])
+            .set(i64::try_from(oldest).unwrap_or(i64::MAX));
+    }
+
     /// Record the redemption reserve.
     pub fn observe_reserve(&self, r: &crate::redeem::ledger::Reserve) {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -102,6 +159,7 @@ impl MintMetrics {
             ("pool_fee_sat", r.pool_fee_sat),
             ("redeemed_msat", r.redeemed_msat),
             ("held_msat", r.held_msat),
+            ("redeemable_msat", r.redeemable_msat),
             ("available_msat", r.available_msat),
             ("outstanding_ehash", r.outstanding_ehash),
             ("rate_msat_per_ehash", r.rate_msat_per_ehash() as u64),

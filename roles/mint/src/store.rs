@@ -12,7 +12,13 @@
 //! Key-value layout (primary namespace `ehash`): `share/<hash>` -> quote id,
 //! `quote/<quote id>` -> template id, `t<template id>/<quote id>` -> amount,
 //! `p<pubkey>/<quote id>`, `template/<id>` -> [`TemplateState`], `due/<template id>` ->
-//! settlement time, `lookup/<pubkey>` -> last signed-lookup timestamp.
+//! settlement time, `tally/quoted` and `tally/failed` -> the ehash of every quote made and of
+//! those whose template was found invalid (kept in the transactions that change them, so the
+//! redemption reserve never scans the quotes).
+//!
+//! Signed lookups leave nothing in the database: the last timestamp of each key is kept in
+//! memory only while it is within the lookup window (an older one cannot be replayed: it is
+//! stale), and after a restart only timestamps after the mint's start are taken.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +35,13 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{METHOD, UNIT};
 
 const NS: &str = "ehash";
+/// Secondary namespace of the running sums.
+const TALLY: &str = "tally";
+/// Keys past which the lookup guard forgets stale entries.
+const LOOKUP_PRUNE_AT: usize = 10_000;
+/// Keys the lookup guard holds at most (all within the window): past it, lookups from new
+/// keys are refused until the window moves on.
+pub const MAX_LOOKUP_KEYS: usize = 1_000_000;
 /// Quotes never expire (a share stays owed until audited and minted).
 const QUOTE_EXPIRY: u64 = u64::MAX / 2;
 
@@ -87,6 +100,56 @@ pub struct QuoteView {
 /// Quotes whose state changed, to push over NUT-17 once committed.
 pub type Changed = Vec<MintQuote>;
 
+/// Why a signed lookup's timestamp is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupRefused {
+    /// Not after the key's last accepted timestamp.
+    Replayed {
+        /// The last one accepted.
+        last: u64,
+    },
+    /// Not after the mint's start (what came before is forgotten).
+    BeforeStart {
+        /// When the mint started (ms).
+        start: u64,
+    },
+    /// Too many distinct keys looked up within the window.
+    Full,
+}
+
+/// The last accepted lookup timestamp of each key seen within the window.
+#[derive(Debug)]
+struct LookupGuard {
+    /// Timestamps at or before this are refused (the mint's start).
+    floor: u64,
+    window_ms: u64,
+    last: HashMap<String, u64>,
+}
+
+impl LookupGuard {
+    fn bump(&mut self, pubkey: &str, timestamp: u64, now: u64) -> Result<(), LookupRefused> {
+        if timestamp <= self.floor {
+            return Err(LookupRefused::BeforeStart { start: self.floor });
+        }
+        if let Some(last) = self.last.get(pubkey) {
+            if *last >= timestamp {
+                return Err(LookupRefused::Replayed { last: *last });
+            }
+        }
+        if self.last.len() >= LOOKUP_PRUNE_AT && !self.last.contains_key(pubkey) {
+            // A key whose last timestamp left the window needs no state: anything it could
+            // replay is stale.
+            let horizon = now.saturating_sub(self.window_ms);
+            self.last.retain(|_, t| *t >= horizon);
+            if self.last.len() >= MAX_LOOKUP_KEYS {
+                return Err(LookupRefused::Full);
+            }
+        }
+        self.last.insert(pubkey.to_string(), timestamp);
+        Ok(())
+    }
+}
+
 /// The ledger.
 pub struct Store {
     mint: Arc<Mint>,
@@ -95,24 +158,144 @@ pub struct Store {
     /// One writer at a time: settlement reads a template's quotes and marks it settled
     /// while new shares of it may arrive.
     writer: tokio::sync::Mutex<()>,
-    /// Serialises the replay check of signed lookups.
-    lookups: tokio::sync::Mutex<()>,
+    /// The replay check of signed lookups.
+    lookups: std::sync::Mutex<LookupGuard>,
 }
 
 fn json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
     Ok(serde_json::to_vec(v)?)
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn number(raw: Option<Vec<u8>>) -> u64 {
+    raw.and_then(|b| String::from_utf8_lossy(&b).parse().ok())
+        .unwrap_or(0)
+}
+
 impl Store {
-    /// A ledger on `mint`'s database.
-    pub fn new(mint: Arc<Mint>) -> Self {
+    /// A ledger on `mint`'s database; signed lookups are taken within `lookup_window_ms` of
+    /// the mint's clock.
+    pub fn new(mint: Arc<Mint>, lookup_window_ms: u64) -> Self {
         Self {
             mint,
             unit: CurrencyUnit::custom(UNIT),
             method: PaymentMethod::Custom(METHOD.into()),
             writer: tokio::sync::Mutex::new(()),
-            lookups: tokio::sync::Mutex::new(()),
+            lookups: std::sync::Mutex::new(LookupGuard {
+                floor: now_ms(),
+                window_ms: lookup_window_ms,
+                last: HashMap::new(),
+            }),
         }
+    }
+
+    /// Bring the database up to this version: the running sums are computed once from the
+    /// quotes when a database predates them, and the lookup timestamps older versions kept
+    /// (one row per key ever seen) are removed.
+    pub async fn upgrade(&self) -> anyhow::Result<()> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        if tx
+            .kv_read(NS, TALLY, "version")
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .is_none()
+        {
+            let (mut quoted, mut failed) = (0u64, 0u64);
+            let mut invalid: HashMap<u64, bool> = HashMap::new();
+            // Before the readers start: nothing writes quotes meanwhile.
+            let quotes = self
+                .mint
+                .localstore()
+                .get_mint_quotes()
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            for q in quotes {
+                if q.payment_method != self.method {
+                    continue;
+                }
+                let amount = q.amount.as_ref().map(|a| a.value()).unwrap_or(0);
+                quoted += amount;
+                let template = number(
+                    tx.kv_read(NS, "quote", &q.id.to_string())
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?,
+                );
+                if let std::collections::hash_map::Entry::Vacant(slot) = invalid.entry(template) {
+                    let state = Self::template(&mut tx, template).await?;
+                    slot.insert(state.is_some_and(|t| t.verdict == "invalid"));
+                }
+                if invalid.get(&template) == Some(&true) {
+                    failed += amount;
+                }
+            }
+            tx.kv_write(NS, TALLY, "quoted", quoted.to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(NS, TALLY, "failed", failed.to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(NS, TALLY, "version", b"1")
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tracing::info!(quoted, failed, "ehash tallies computed from the quotes");
+        }
+        let old = tx
+            .kv_list(NS, "lookup")
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        for k in &old {
+            tx.kv_remove(NS, "lookup", k)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        if !old.is_empty() {
+            tracing::info!(
+                keys = old.len(),
+                "removed the lookup timestamps an older mint kept"
+            );
+        }
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))
+    }
+
+    /// ehash of every quote made, and of those whose template was found invalid.
+    pub async fn tallies(&self) -> anyhow::Result<(u64, u64)> {
+        let db = self.mint.localstore();
+        let quoted = number(
+            db.kv_read(NS, TALLY, "quoted")
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+        let failed = number(
+            db.kv_read(NS, TALLY, "failed")
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+        Ok((quoted, failed))
+    }
+
+    /// Add `quoted` and `failed` ehash to the running sums, in `tx`.
+    async fn add_to_tallies(
+        tx: &mut DynMintTransaction,
+        quoted: u64,
+        failed: u64,
+    ) -> anyhow::Result<()> {
+        for (key, add) in [("quoted", quoted), ("failed", failed)] {
+            if add == 0 {
+                continue;
+            }
+            let now = number(tx.kv_read(NS, TALLY, key).await.map_err(|e| anyhow!("{e}"))?);
+            tx.kv_write(NS, TALLY, key, now.saturating_add(add).to_string().as_bytes())
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        Ok(())
     }
 
     async fn begin(&self) -> anyhow::Result<DynMintTransaction> {
@@ -172,6 +355,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let now = cdk_common::util::unix_time();
         let mut created = 0;
+        let (mut quoted, mut failed) = (0u64, 0u64);
         let mut paid = Vec::new();
         let mut templates: HashMap<u64, Option<TemplateState>> = HashMap::new();
         for (recorded_at, r) in records {
@@ -223,6 +407,7 @@ impl Store {
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             created += 1;
+            quoted += r.amount;
             if let std::collections::hash_map::Entry::Vacant(slot) = templates.entry(r.template_id)
             {
                 slot.insert(Self::template(&mut tx, r.template_id).await?);
@@ -231,8 +416,12 @@ impl Store {
                 if t.verdict == "valid" && t.settled {
                     paid.extend(self.pay(&mut tx, &id).await?);
                 }
+                if t.verdict == "invalid" {
+                    failed += r.amount;
+                }
             }
         }
+        Self::add_to_tallies(&mut tx, quoted, failed).await?;
         tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
         Ok((created, paid))
     }
@@ -272,11 +461,27 @@ impl Store {
                 continue;
             }
             match r.verdict {
-                Verdict::Invalid => tracing::info!(
-                    template = r.template_id,
-                    "template invalid ({}): its quotes are FAILED",
-                    r.reason
-                ),
+                Verdict::Invalid => {
+                    let mut failed = 0u64;
+                    for q in tx
+                        .kv_list(NS, &format!("t{}", r.template_id))
+                        .await
+                        .map_err(|e| anyhow!("{e}"))?
+                    {
+                        failed += number(
+                            tx.kv_read(NS, &format!("t{}", r.template_id), &q)
+                                .await
+                                .map_err(|e| anyhow!("{e}"))?,
+                        );
+                    }
+                    Self::add_to_tallies(&mut tx, 0, failed).await?;
+                    tracing::info!(
+                        template = r.template_id,
+                        failed_ehash = failed,
+                        "template invalid ({}): its quotes are FAILED",
+                        r.reason
+                    )
+                }
                 Verdict::Valid if delay_ms == 0 => {
                     paid.extend(self.settle(&mut tx, r.template_id, state).await?);
                 }
@@ -424,29 +629,45 @@ impl Store {
         Ok(out)
     }
 
-    /// Accept a signed lookup's `timestamp` for `pubkey` if it is after the last one (and
-    /// remember it); `Err(last)` for a replay.
-    pub async fn bump_lookup(
-        &self,
-        pubkey: &str,
-        timestamp: u64,
-    ) -> anyhow::Result<Result<(), u64>> {
-        // Lookups have their own lock: a burst of them never holds up share ingestion.
-        let _l = self.lookups.lock().await;
-        let mut tx = self.begin().await?;
-        let last = tx
-            .kv_read(NS, "lookup", pubkey)
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .and_then(|b| String::from_utf8_lossy(&b).parse::<u64>().ok());
-        if let Some(last) = last.filter(|l| *l >= timestamp) {
-            tx.rollback().await.map_err(|e| anyhow!("{e}"))?;
-            return Ok(Err(last));
+    /// Accept a signed lookup's `timestamp` for `pubkey` if it is after the last one this
+    /// mint accepted for the key and after the mint's start; nothing is written.
+    pub fn bump_lookup(&self, pubkey: &str, timestamp: u64) -> Result<(), LookupRefused> {
+        match self.lookups.lock() {
+            Ok(mut g) => g.bump(pubkey, timestamp, now_ms()),
+            // A panic while holding the guard: refuse rather than skip the replay check.
+            Err(_) => Err(LookupRefused::Full),
         }
-        tx.kv_write(NS, "lookup", pubkey, timestamp.to_string().as_bytes())
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
-        Ok(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LookupGuard, LookupRefused, LOOKUP_PRUNE_AT};
+
+    #[test]
+    fn the_lookup_guard_refuses_replays_and_forgets_keys_past_the_window() {
+        let mut g = LookupGuard {
+            floor: 1_000,
+            window_ms: 60_000,
+            last: Default::default(),
+        };
+        assert_eq!(
+            g.bump("a", 1_000, 2_000),
+            Err(LookupRefused::BeforeStart { start: 1_000 })
+        );
+        assert_eq!(g.bump("a", 1_500, 2_000), Ok(()));
+        assert_eq!(
+            g.bump("a", 1_500, 2_000),
+            Err(LookupRefused::Replayed { last: 1_500 })
+        );
+        assert_eq!(g.bump("a", 1_501, 2_000), Ok(()));
+        // Fresh keys: the guard holds only those within the window once it has many.
+        let now = 10_000_000;
+        for i in 0..LOOKUP_PRUNE_AT * 3 {
+            assert_eq!(g.bump(&format!("k{i}"), now - 120_000 + i as u64, now), Ok(()));
+        }
+        assert!(g.last.len() <= LOOKUP_PRUNE_AT * 2, "{}", g.last.len());
+        // The first key was pruned; a replay of its last lookup is stale at the mint anyway.
+        assert!(!g.last.contains_key("a"));
     }
 }

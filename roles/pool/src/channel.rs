@@ -198,6 +198,14 @@ impl ChannelState {
         Ok(out)
     }
 
+    /// Whether `job_id` was given to this channel before its active job (job ids of a channel
+    /// only grow): a share on it is late, not on a job the pool never sent.
+    pub fn issued_earlier(&self, job_id: u32) -> bool {
+        self.channel
+            .get_active_job()
+            .is_some_and(|active| job_id < active.get_job_id())
+    }
+
     /// The template job `job_id` (active or past) mines.
     pub fn job_template(&self, job_id: u32) -> Option<JobTemplate> {
         let job = match self.channel.get_active_job() {

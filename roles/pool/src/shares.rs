@@ -160,7 +160,15 @@ impl Connection {
             Ok(ShareValidationResult::Valid(hash)) => (hash, None),
             Ok(ShareValidationResult::BlockFound(hash, _, coinbase)) => (hash, Some(coinbase)),
             Err(e) => {
-                let code = reject_code(&e);
+                let code = match &e {
+                    // A job this channel was given on an older tip (channels_sv2 keeps the jobs
+                    // of the last tip only: after a reorganisation's several tip changes the
+                    // job is gone): the share is stale, not a job the pool never sent.
+                    ShareValidationError::InvalidJobId(_) if ch.issued_earlier(s.job_id) => {
+                        "stale-share"
+                    }
+                    _ => reject_code(&e),
+                };
                 let exhausted = matches!(e, ShareValidationError::SeenSharesBudgetExhausted);
                 self.reject(s.channel_id, s.sequence_number, code)?;
                 if exhausted {

@@ -23,11 +23,32 @@ fn loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// `POST /wallet/redeem` body.
+/// `POST /wallet/quote` body.
 #[derive(Debug, serde::Deserialize)]
-pub struct RedeemRequest {
+pub struct QuoteRequest {
     /// A BOLT11 invoice with an amount, from the operator's own node.
     pub invoice: String,
+}
+
+/// Spending the operator's ehash: only from this machine, whatever address the status
+/// endpoints listen on. The Host too: a web page the operator opens cannot rebind a name of
+/// its own to 127.0.0.1 and post here.
+fn from_this_machine(
+    peer: &std::net::SocketAddr,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), (axum::http::StatusCode, axum::Json<serde_json::Value>)> {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if peer.ip().to_canonical().is_loopback() && loopback_host(host) {
+        return Ok(());
+    }
+    tracing::warn!(%peer, "wallet request refused: not from loopback");
+    Err((
+        axum::http::StatusCode::FORBIDDEN,
+        axum::Json(serde_json::json!({"error": "redemptions are taken only from this machine (loopback)"})),
+    ))
 }
 
 use std::future::Future;
@@ -134,7 +155,9 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         )
         .await?;
         let status = w.status.clone();
-        let redeemer = w.redeemer();
+        let redeemer = w.redeemer(config.max_rounding_loss_ppm);
+        let quoter = redeemer.clone();
+        let melts = redeemer.clone();
         let poll = std::time::Duration::from_millis(config.wallet_poll_ms);
         background.push(tokio::spawn(w.run(poll, stop.clone())));
         app = app
@@ -146,29 +169,54 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                 }),
             )
             .route(
+                "/wallet/melts",
+                axum::routing::get(move || {
+                    let r = melts.clone();
+                    async move {
+                        match r.melts().await {
+                            Ok(m) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(m))),
+                            Err(e) => (
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                            ),
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/wallet/quote",
+                axum::routing::post(
+                    move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
+                          headers: axum::http::HeaderMap,
+                          body: axum::Json<QuoteRequest>| {
+                    let r = quoter.clone();
+                    async move {
+                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                            return refused;
+                        }
+                        match r.quote(&body.invoice).await {
+                            Ok(q) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(q))),
+                            Err(e) => (
+                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                            ),
+                        }
+                    }
+                },
+                ),
+            )
+            .route(
                 "/wallet/redeem",
                 axum::routing::post(
                     move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
                           headers: axum::http::HeaderMap,
-                          body: axum::Json<RedeemRequest>| {
+                          body: axum::Json<wallet::RedeemOptions>| {
                     let r = redeemer.clone();
                     async move {
-                        // Spending the operator's ehash: only from this machine, whatever
-                        // address the status endpoints listen on.
-                        // The Host too: a web page the operator opens cannot rebind a
-                        // name of its own to 127.0.0.1 and post here.
-                        let host = headers
-                            .get(axum::http::header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                            .unwrap_or("");
-                        if !peer.0.ip().to_canonical().is_loopback() || !loopback_host(host) {
-                            tracing::warn!(peer = %peer.0, "redemption refused: not from loopback");
-                            return (
-                                axum::http::StatusCode::FORBIDDEN,
-                                axum::Json(serde_json::json!({"error": "redemptions are taken only from this machine (loopback)"})),
-                            );
+                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                            return refused;
                         }
-                        match r.redeem(&body.invoice).await {
+                        match r.redeem(&body).await {
                             Ok(r) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r))),
                             Err(e) => (
                                 axum::http::StatusCode::UNPROCESSABLE_ENTITY,

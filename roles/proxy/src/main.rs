@@ -32,8 +32,24 @@ enum WalletAction {
     /// signed lookup at the mint; mints nothing).
     Balance,
     /// Redeem ehash for sats: melt (NUT-05) against a BOLT11 invoice of your own Lightning
-    /// node, paid by the pool's node at the mint's rate; prints what was spent as JSON.
+    /// node, paid by the pool's node at the mint's rate; prints what was spent as JSON. Refused,
+    /// with nothing spent, when rounding to whole ehash would lose more than
+    /// `max_rounding_loss_ppm` of the value unless --accept-loss.
     Redeem {
+        /// The invoice (it must carry an amount); a new melt quote is made for it.
+        #[arg(long, conflicts_with = "quote", required_unless_present = "quote")]
+        invoice: Option<String>,
+        /// Pay a melt quote made earlier with `wallet quote` instead.
+        #[arg(long)]
+        quote: Option<String>,
+        /// Melt even if rounding loses more than the wallet's limit.
+        #[arg(long)]
+        accept_loss: bool,
+    },
+    /// Ask the mint for a melt quote for a BOLT11 invoice and print what it costs in ehash and
+    /// what rounding to whole ehash loses, as JSON; nothing is spent (pay it with
+    /// `wallet redeem --quote`).
+    Quote {
         /// The invoice (it must carry an amount).
         #[arg(long)]
         invoice: String,
@@ -76,7 +92,7 @@ async fn main() -> std::process::ExitCode {
             .await
         }
         Some(Command::Wallet {
-            action: WalletAction::Redeem { invoice },
+            action: WalletAction::Quote { invoice },
         }) => {
             hashpool_config::role_main::run(
                 PROXY_ENV_PREFIX,
@@ -86,7 +102,7 @@ async fn main() -> std::process::ExitCode {
                         !c.mint_url.is_empty(),
                         "no `mint_url` in the config: this proxy has no wallet"
                     );
-                    let r = proxy::wallet::redeem_with(
+                    let q = proxy::wallet::quote_with(
                         &c.mint_url,
                         c.locking_secret_key.expose(),
                         std::path::Path::new(&c.data_dir),
@@ -94,11 +110,48 @@ async fn main() -> std::process::ExitCode {
                         &invoice,
                     )
                     .await?;
+                    println!("{}", serde_json::to_string_pretty(&q)?);
+                    Ok(())
+                },
+            )
+            .await
+        }
+        Some(Command::Wallet {
+            action:
+                WalletAction::Redeem {
+                    invoice,
+                    quote,
+                    accept_loss,
+                },
+        }) => {
+            hashpool_config::role_main::run(
+                PROXY_ENV_PREFIX,
+                args.config.as_deref(),
+                |c: ProxyConfig, _stop| async move {
+                    anyhow::ensure!(
+                        !c.mint_url.is_empty(),
+                        "no `mint_url` in the config: this proxy has no wallet"
+                    );
+                    let opts = proxy::wallet::RedeemOptions {
+                        invoice,
+                        quote,
+                        accept_loss,
+                    };
+                    let r = proxy::wallet::redeem_with(
+                        &c.mint_url,
+                        c.locking_secret_key.expose(),
+                        std::path::Path::new(&c.data_dir),
+                        &c.http_listen,
+                        c.max_rounding_loss_ppm,
+                        &opts,
+                    )
+                    .await?;
                     println!("{}", serde_json::to_string_pretty(&r)?);
                     anyhow::ensure!(
                         r.state == "PAID",
-                        "the redemption ended {} (PENDING: the proxy's wallet keeps asking the mint until it is final; FAILED or UNPAID: its ehash is back)",
-                        r.state
+                        "the redemption ended {}{} (PENDING: the proxy's wallet keeps asking the mint until it is final; FAILED or UNPAID: its ehash is back)",
+                        r.state,
+                        r.reason.as_deref().map(|w| format!(": {w}")).unwrap_or_default()
                     );
                     Ok(())
                 },

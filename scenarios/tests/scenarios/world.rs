@@ -85,6 +85,10 @@ pub struct HarnessWorld {
     pub rate_remembered: Option<(u128, u128)>,
     /// An invoice kept to quote again, and what its first quote cost (ehash).
     pub probe: Option<(String, u64)>,
+    /// A melt quote an operator got and has not paid yet: (operator, the proxy's answer).
+    pub melt_quote: Option<(String, serde_json::Value)>,
+    /// Matured rewards (sats) as Bitcoin Core counted them before an action.
+    pub matured_remembered: Option<u64>,
 }
 
 impl HarnessWorld {
@@ -123,6 +127,8 @@ impl HarnessWorld {
             reorg: None,
             rate_remembered: None,
             probe: None,
+            melt_quote: None,
+            matured_remembered: None,
         })
     }
 

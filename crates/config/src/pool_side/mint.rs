@@ -62,6 +62,10 @@ pub struct MintConfig {
 /// | `pool_fee_ppm` | 20000 | the pool's share of the matured rewards, parts per million |
 /// | `routing_fee_reserve_ppm` | 10000 | Lightning fee reserve per melt, parts per million of the invoice |
 /// | `min_routing_fee_reserve_sat` | 10 | the smallest fee reserve, sats |
+/// | `payment_timeout_secs` | 90 | longest the mint waits on one payment call; past it the payment's outcome is found from Core Lightning later |
+/// | `hold_check_secs` | 10 | how often held payments are checked with Core Lightning (and at start) |
+/// | `orphan_payment_grace_secs` | 60 | a payment Core Lightning calls pending with no HTLC on any channel for this long can never complete: released |
+/// | `undispatched_grace_secs` | 120 | a hold Core Lightning has no payment for, this long after it was written, was never sent: released (at least 75: xpay routes for up to 60 s) |
 /// | `[redemption.bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password` of a node that sees the pool's blocks |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -76,6 +80,15 @@ pub struct RedemptionSection {
     pub routing_fee_reserve_ppm: u64,
     /// Smallest fee reserve, sats.
     pub min_routing_fee_reserve_sat: u64,
+    /// Longest wait on one payment call, seconds.
+    pub payment_timeout_secs: u64,
+    /// How often held payments are checked with Core Lightning, seconds.
+    pub hold_check_secs: u64,
+    /// Pending with no HTLC on any channel this long: released, seconds.
+    pub orphan_payment_grace_secs: u64,
+    /// A hold Core Lightning has no payment for this long after it was written: released,
+    /// seconds.
+    pub undispatched_grace_secs: u64,
     /// Where matured rewards are counted.
     pub bitcoind: BitcoindSection,
 }
@@ -88,6 +101,10 @@ impl Default for RedemptionSection {
             pool_fee_ppm: 20_000,
             routing_fee_reserve_ppm: 10_000,
             min_routing_fee_reserve_sat: 10,
+            payment_timeout_secs: 90,
+            hold_check_secs: 10,
+            orphan_payment_grace_secs: 60,
+            undispatched_grace_secs: 120,
             bitcoind: BitcoindSection::default(),
         }
     }
@@ -116,6 +133,28 @@ impl RedemptionSection {
         }
         if self.bitcoind.rpc_url.is_empty() {
             return Err("`redemption.bitcoind.rpc_url` is required when redemption is on".into());
+        }
+        if self.payment_timeout_secs == 0 || self.hold_check_secs == 0 {
+            return Err(
+                "`redemption.payment_timeout_secs` and `redemption.hold_check_secs` must be at least 1"
+                    .into(),
+            );
+        }
+        // Core Lightning fails an HTLC it could not add within 30 s while it runs; and a
+        // payment call still running may create its record until it times out.
+        if self.orphan_payment_grace_secs < 35 {
+            return Err(format!(
+                "`redemption.orphan_payment_grace_secs` must be at least 35 (Core Lightning gives an HTLC 30 s to be added), got {}",
+                self.orphan_payment_grace_secs
+            ));
+        }
+        // xpay routes a payment for up to 60 s (its retry_for) before its first attempt may
+        // be recorded, even after the mint that asked is gone.
+        if self.undispatched_grace_secs < 75 {
+            return Err(format!(
+                "`redemption.undispatched_grace_secs` must be at least 75 (a payment call cut off by a crash may still be routing in Core Lightning for 60 s), got {}",
+                self.undispatched_grace_secs
+            ));
         }
         Ok(())
     }

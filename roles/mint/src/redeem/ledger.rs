@@ -1,119 +1,87 @@
-//! What the pool can redeem: matured rewards counted from bitcoind, minus the pool's fee,
-//! minus sats already paid or held for payments in flight; and the terms of each melt quote.
+//! What the pool can redeem, kept in cdk's database (primary namespace `redeem`) so that a
+//! melt quote's terms and a payment's hold survive a crash, with the running sums of
+//! [`Tally`] updated in the same transaction as the entries they sum:
 //!
-//! Kept in cdk's database (primary namespace `redeem`), so a melt quote's terms and a
-//! payment's hold survive a crash: `quote/<quote id>` -> [`QuoteTerms`],
-//! `held/<quote id>` -> `<msat>:<ehash>` held while its payment is in flight,
-//! `paid/<quote id>` -> msat spent (amount + routing fee), `hash/<payment hash>` -> the quote
-//! being paid (written with its hold).
+//! - `quote/<quote id>` -> [`QuoteTerms`];
+//! - `held/<quote id>` -> `<msat>:<ehash>:<unix secs>` while its payment is in flight;
+//! - `paid/<quote id>` -> `<msat spent>:<ehash melted>`;
+//! - `hash/<payment hash>` -> the quote whose payment was dispatched for it (one per hash:
+//!   an invoice is paid by one melt at most);
+//! - `refused/<quote id>` -> why its melt was refused or released (for the operator);
+//! - `tally/<name>` -> the sums (`redeemed_msat`, `melted_ehash`, `held_msat`, `payments`);
+//!   the quotes' sums are the ehash store's.
 //!
-//! A hold (and the hash's quote) is written before the payment is dispatched and released only
-//! when Lightning says the payment failed, so a crash between the two can only hold sats back,
-//! never pay twice from the same reserve; a payment hash no hold names was never dispatched.
+//! A hold is written before the payment is dispatched and released only once Core Lightning
+//! says the payment can no longer complete (see `mod.rs`), so a crash between the two holds
+//! sats back for a while, never pays twice from the same reserve.
+//!
+//! Matured rewards are counted from bitcoind incrementally, and follow the active chain: when
+//! a reorganisation replaces a block the count went past, the count goes back to the fork and
+//! counts the new blocks (a reorganisation that removes a matured coinbase lowers the reserve).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use bitcoind_rpc::BitcoinRpc;
-use cdk::mint::Mint;
 use cdk_common::database::DynKVStore;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
 use tokio::sync::Mutex;
+
+pub use super::tally::{fee_reserve_msat, to_ehash, QuoteTerms, Reserve, Tally};
+use crate::store::Store;
 
 const NS: &str = "redeem";
 /// Confirmations a coinbase needs before it may be spent (consensus).
 pub const COINBASE_MATURITY: u64 = 100;
+/// Longest wait for one bitcoind answer: a paused node must not hang melts and `/metrics`.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Blocks walked back at most to find where a reorganisation left the counted chain.
+const MAX_REORG_DEPTH: u64 = 10_000;
 
-/// The fixed terms of one melt quote.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QuoteTerms {
-    /// The invoice's amount, msat.
-    pub invoice_msat: u64,
-    /// Routing fee reserve, msat.
-    pub fee_reserve_msat: u64,
-    /// The rate's numerator: redeemable msat when quoted.
-    pub rate_msat: u64,
-    /// The rate's denominator: ehash outstanding when quoted.
-    pub rate_ehash: u64,
-    /// ehash the invoice costs.
-    pub amount_ehash: u64,
-    /// ehash the fee reserve costs.
-    pub fee_ehash: u64,
-    /// The invoice's payment hash (hex).
-    pub payment_hash: String,
-    /// When the quote was made (Unix seconds).
-    pub created_at: u64,
-}
-
-impl QuoteTerms {
-    /// msat converted to ehash at the quote's rate, rounded up.
-    pub fn to_ehash(&self, msat: u64) -> u64 {
-        to_ehash(msat, self.rate_msat, self.rate_ehash)
-    }
-
-    /// Whether `reserve` pays less per ehash than this quote (the quote is then stale).
-    pub fn rate_above(&self, reserve: &Reserve) -> bool {
-        u128::from(reserve.available_msat) * u128::from(self.rate_ehash)
-            < u128::from(self.rate_msat) * u128::from(reserve.outstanding_ehash)
-    }
-}
-
-/// msat converted at `rate_msat / rate_ehash`, rounded up (the pool never gives away a part).
-pub fn to_ehash(msat: u64, rate_msat: u64, rate_ehash: u64) -> u64 {
-    if rate_msat == 0 {
-        return u64::MAX;
-    }
-    let n = u128::from(msat) * u128::from(rate_ehash);
-    u64::try_from(n.div_ceil(u128::from(rate_msat))).unwrap_or(u64::MAX)
-}
-
-/// The reserve as the mint sees it now.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Reserve {
-    /// Tip height the rewards were counted at.
-    pub height: u64,
-    /// Coinbase outputs to the payout address at least 100 blocks deep, sats.
-    pub matured_sat: u64,
-    /// The pool's fee on them, sats.
-    pub pool_fee_sat: u64,
-    /// Paid out over Lightning (amount + routing fees), msat.
-    pub redeemed_msat: u64,
-    /// Held for payments in flight, msat.
-    pub held_msat: u64,
-    /// ehash of the melts in flight (their inputs are still unspent at cdk).
-    pub held_ehash: u64,
-    /// Redemptions paid (one Lightning payment each).
-    pub payments: u64,
-    /// What may still be redeemed, msat.
-    pub available_msat: u64,
-    /// ehash owed and not melted: issued and unspent, plus PAID quotes not minted yet, less
-    /// the melts in flight.
-    pub outstanding_ehash: u64,
-}
-
-impl Reserve {
-    /// msat per ehash, as a decimal string (0 when nothing is outstanding).
-    pub fn rate_msat_per_ehash(&self) -> f64 {
-        if self.outstanding_ehash == 0 {
-            0.0
-        } else {
-            self.available_msat as f64 / self.outstanding_ehash as f64
-        }
-    }
-}
-
-/// msat of the routing fee reserve for an invoice of `invoice_msat`.
-pub fn fee_reserve_msat(invoice_msat: u64, ppm: u64, min_msat: u64) -> u64 {
-    let fee = u128::from(invoice_msat) * u128::from(ppm) / 1_000_000;
-    u64::try_from(fee).unwrap_or(u64::MAX).max(min_msat)
-}
-
+/// How far the matured rewards are counted, and what was counted per block.
 #[derive(Debug, Default)]
 struct Scan {
     /// Heights below this are counted.
     next: u64,
+    /// Hash of block `next - 1` as counted.
+    last: Option<String>,
     matured_sat: u64,
+    /// Blocks whose coinbase paid the payout script: height -> (hash, sats).
+    counted: BTreeMap<u64, (String, u64)>,
+}
+
+/// One held melt, as the resolver sees it.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    /// The melt quote.
+    pub quote_id: String,
+    /// msat held.
+    pub msat: u64,
+    /// When the hold was written (Unix seconds).
+    pub since: u64,
+}
+
+/// A melt quote as `GET /v1/ehash/melt/{id}` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MeltView {
+    /// The quote's terms.
+    #[serde(flatten)]
+    pub terms: QuoteTerms,
+    /// What the invoice's ehash is worth beyond the invoice, msat.
+    pub rounding_loss_msat: u64,
+    /// The same, in parts per million of what the ehash is worth.
+    pub rounding_loss_ppm: u64,
+    /// `quoted`, `in_flight`, `paid` or `not_paid`.
+    pub state: &'static str,
+    /// msat spent, once paid.
+    pub spent_msat: Option<u64>,
+    /// ehash melted, once paid.
+    pub melted_ehash: Option<u64>,
+    /// Why it was refused or released, with what to do.
+    pub reason: Option<String>,
 }
 
 /// The redemption ledger.
@@ -124,14 +92,30 @@ pub struct Ledger {
     pool_fee_ppm: u64,
     /// Routing fee reserve: parts per million of the invoice, at least this many msat.
     pub(crate) fee_reserve: (u64, u64),
-    mint: OnceLock<Arc<Mint>>,
+    store: OnceLock<Arc<Store>>,
     scan: Mutex<Scan>,
-    /// Held across "check the reserve, then hold": two melts cannot both take the last sats.
+    /// Held across "check the reserve, then hold" and every change of a hold: two melts
+    /// cannot both take the last sats, and a hold is settled or released once.
     pub(crate) hold_lock: Mutex<()>,
 }
 
 fn kv_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("database: {e}")
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The numbers of a `<n>:<m>:...` value.
+fn numbers(raw: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(raw)
+        .split(':')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect()
 }
 
 impl Ledger {
@@ -149,131 +133,135 @@ impl Ledger {
             payout_script,
             pool_fee_ppm,
             fee_reserve,
-            mint: OnceLock::new(),
+            store: OnceLock::new(),
             scan: Mutex::new(Scan::default()),
             hold_lock: Mutex::new(()),
         }
     }
 
-    /// The mint whose outstanding ehash sets the rate (set once it is built).
-    pub fn set_mint(&self, mint: Arc<Mint>) {
-        let _ = self.mint.set(mint);
+    /// The ehash store whose quote sums set the outstanding ehash (set once it is built).
+    pub fn set_store(&self, store: Arc<Store>) {
+        let _ = self.store.set(store);
     }
 
-    /// Matured rewards: coinbase outputs to the payout script with 100 confirmations, counted
-    /// incrementally from bitcoind.
+    async fn call<T: DeserializeOwned>(&self, method: &str, params: &[Value]) -> anyhow::Result<T> {
+        Ok(self.rpc.call_timeout(method, params, RPC_TIMEOUT).await?)
+    }
+
+    /// Matured rewards on the active chain: coinbase outputs to the payout script with 100
+    /// confirmations, counted incrementally from bitcoind; a reorganisation below the count
+    /// takes back what the replaced blocks added.
     async fn matured(&self) -> anyhow::Result<(u64, u64)> {
-        let tip: u64 = self.rpc.call("getblockcount", &[]).await?;
+        let tip: u64 = self.call("getblockcount", &[]).await?;
         let mut scan = self.scan.lock().await;
-        // A coinbase at height h has tip - h + 1 confirmations.
-        let last_mature = (tip + 1).checked_sub(COINBASE_MATURITY);
-        if let Some(last) = last_mature {
-            while scan.next <= last {
-                let hash: String = self
-                    .rpc
-                    .call("getblockhash", &[Value::from(scan.next)])
-                    .await?;
-                let block: Value = self
-                    .rpc
-                    .call("getblock", &[Value::from(hash), Value::from(2)])
-                    .await?;
-                let coinbase = &block["tx"][0];
-                for out in coinbase["vout"].as_array().into_iter().flatten() {
-                    if out["scriptPubKey"]["hex"].as_str() == Some(&self.payout_script) {
-                        let sats = bitcoin::Amount::from_btc(out["value"].as_f64().unwrap_or(0.0))
-                            .context("coinbase output value")?
-                            .to_sat();
-                        scan.matured_sat += sats;
+        if let Some(last) = scan.last.clone() {
+            let header: Value = self.call("getblockheader", &[json!(last)]).await?;
+            if header["confirmations"].as_i64().unwrap_or(-1) < 0 {
+                let fork = self.fork_height(&last).await?;
+                let gone: Vec<u64> = scan.counted.range(fork + 1..).map(|(h, _)| *h).collect();
+                let mut lost = 0;
+                for h in gone {
+                    if let Some((_, sats)) = scan.counted.remove(&h) {
+                        lost += sats;
                     }
                 }
+                scan.matured_sat -= lost;
+                scan.next = fork + 1;
+                scan.last = Some(self.call("getblockhash", &[json!(fork)]).await?);
+                tracing::warn!(
+                    fork,
+                    lost_sat = lost,
+                    "a reorganisation replaced counted blocks: their matured rewards no longer count"
+                );
+            }
+        }
+        // A coinbase at height h has tip - h + 1 confirmations.
+        if let Some(last_mature) = (tip + 1).checked_sub(COINBASE_MATURITY) {
+            while scan.next <= last_mature {
+                let height = scan.next;
+                let hash: String = self.call("getblockhash", &[json!(height)]).await?;
+                let block: Value = self.call("getblock", &[json!(hash), json!(2)]).await?;
+                let mut sats = 0;
+                for out in block["tx"][0]["vout"].as_array().into_iter().flatten() {
+                    if out["scriptPubKey"]["hex"].as_str() == Some(&self.payout_script) {
+                        sats += bitcoin::Amount::from_btc(out["value"].as_f64().unwrap_or(0.0))
+                            .context("coinbase output value")?
+                            .to_sat();
+                    }
+                }
+                if sats > 0 {
+                    scan.counted.insert(height, (hash.clone(), sats));
+                    scan.matured_sat += sats;
+                }
+                scan.last = Some(hash);
                 scan.next += 1;
             }
         }
         Ok((tip, scan.matured_sat))
     }
 
-    /// (entries, sum of the first numbers, sum of the second numbers) of a secondary
-    /// namespace whose values are `<n>` or `<n>:<m>`.
-    async fn sum(&self, secondary: &str) -> anyhow::Result<(u64, u64, u64)> {
-        let keys = self.kv.kv_list(NS, secondary).await.map_err(kv_err)?;
-        let (mut first, mut second) = (0u64, 0u64);
-        for k in &keys {
-            if let Some(v) = self.kv.kv_read(NS, secondary, k).await.map_err(kv_err)? {
-                let v = String::from_utf8_lossy(&v).into_owned();
-                let mut parts = v.split(':');
-                first += parts
-                    .next()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .unwrap_or(0);
-                second += parts
-                    .next()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .unwrap_or(0);
+    /// Height of the last block `hash` (no longer in the active chain) shares with it.
+    async fn fork_height(&self, hash: &str) -> anyhow::Result<u64> {
+        let mut at = hash.to_string();
+        for _ in 0..MAX_REORG_DEPTH {
+            let h: Value = self.call("getblockheader", &[json!(at)]).await?;
+            if h["confirmations"].as_i64().unwrap_or(-1) >= 0 {
+                return h["height"].as_u64().context("header height");
             }
+            at = h["previousblockhash"]
+                .as_str()
+                .context("a stale block without a parent")?
+                .to_string();
         }
-        Ok((keys.len() as u64, first, second))
+        anyhow::bail!("a reorganisation deeper than {MAX_REORG_DEPTH} blocks")
     }
 
-    async fn outstanding(&self) -> anyhow::Result<u64> {
-        let mint = self.mint.get().context("the mint is not built yet")?;
-        let issued: u64 = mint
-            .total_issued()
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .values()
-            .map(|a| u64::from(*a))
-            .sum();
-        let redeemed: u64 = mint
-            .total_redeemed()
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .values()
-            .map(|a| u64::from(*a))
-            .sum();
-        // PAID quotes not minted yet are owed as much as minted ehash.
-        let unminted: u64 = mint
-            .localstore()
-            .get_mint_quotes()
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .iter()
-            .map(|q| {
-                q.amount_paid()
-                    .value()
-                    .saturating_sub(q.amount_issued().value())
-            })
-            .sum();
-        Ok(issued.saturating_sub(redeemed).saturating_add(unminted))
+    async fn read_tally(&self) -> anyhow::Result<Tally> {
+        let mut t = Tally::default();
+        for (name, field) in [
+            ("redeemed_msat", &mut t.redeemed_msat),
+            ("melted_ehash", &mut t.melted_ehash),
+            ("held_msat", &mut t.held_msat),
+            ("payments", &mut t.payments),
+        ] {
+            *field = self
+                .kv
+                .kv_read(NS, "tally", name)
+                .await
+                .map_err(kv_err)?
+                .and_then(|b| numbers(&b).first().copied())
+                .unwrap_or(0);
+        }
+        let store = self.store.get().context("the ehash store is not set yet")?;
+        (t.quoted_ehash, t.failed_ehash) = store.tallies().await?;
+        Ok(t)
+    }
+
+    /// Write the ledger's sums of `t` in `tx`.
+    async fn write_tally(
+        tx: &mut Box<dyn cdk_common::database::KVStoreTransaction<cdk_common::database::Error> + Send + Sync>,
+        t: &Tally,
+    ) -> anyhow::Result<()> {
+        for (name, v) in [
+            ("redeemed_msat", t.redeemed_msat),
+            ("melted_ehash", t.melted_ehash),
+            ("held_msat", t.held_msat),
+            ("payments", t.payments),
+        ] {
+            tx.kv_write(NS, "tally", name, v.to_string().as_bytes())
+                .await
+                .map_err(kv_err)?;
+        }
+        Ok(())
     }
 
     /// The reserve now.
     pub async fn reserve(&self) -> anyhow::Result<Reserve> {
         let (height, matured_sat) = self.matured().await?;
-        // Rounded up: the pool's fee never gives a fraction away.
-        let pool_fee_sat = u64::try_from(
-            (u128::from(matured_sat) * u128::from(self.pool_fee_ppm)).div_ceil(1_000_000),
-        )
-        .unwrap_or(u64::MAX)
-        .min(matured_sat);
-        // Held before paid: a payment settling in between is then counted (as paid), never
-        // missed.
-        let (_, held_msat, held_ehash) = self.sum("held").await?;
-        let (payments, redeemed_msat, _) = self.sum("paid").await?;
-        let available_msat = (matured_sat - pool_fee_sat)
-            .saturating_mul(1000)
-            .saturating_sub(redeemed_msat)
-            .saturating_sub(held_msat);
-        Ok(Reserve {
-            height,
-            matured_sat,
-            pool_fee_sat,
-            redeemed_msat,
-            held_msat,
-            held_ehash,
-            payments,
-            available_msat,
-            outstanding_ehash: self.outstanding().await?.saturating_sub(held_ehash),
-        })
+        Ok(self
+            .read_tally()
+            .await?
+            .reserve(height, matured_sat, self.pool_fee_ppm))
     }
 
     /// The terms an invoice of `invoice_msat` gets now, or why the pool cannot redeem it (the
@@ -284,47 +272,8 @@ impl Ledger {
         payment_hash: String,
     ) -> anyhow::Result<(Result<QuoteTerms, String>, Reserve)> {
         let r = self.reserve().await?;
-        if invoice_msat == 0 {
-            return Ok((
-                Err("the invoice has no amount: ask for one with an amount".into()),
-                r,
-            ));
-        }
-        if r.outstanding_ehash == 0 {
-            return Ok((Err("no ehash is outstanding: nothing to redeem".into()), r));
-        }
-        let fee_reserve_msat =
-            fee_reserve_msat(invoice_msat, self.fee_reserve.0, self.fee_reserve.1);
-        let needed = invoice_msat.saturating_add(fee_reserve_msat);
-        if needed > r.available_msat {
-            let why = format!(
-                "{}: the invoice asks {} sat plus a {} sat routing fee reserve, the pool can pay at most {} sat now (matured rewards {} sat - pool fee {} sat - redeemed {} sat - held {} sat)",
-                super::OVER_RESERVE,
-                invoice_msat / 1000,
-                fee_reserve_msat.div_ceil(1000),
-                r.available_msat / 1000,
-                r.matured_sat,
-                r.pool_fee_sat,
-                r.redeemed_msat / 1000,
-                r.held_msat / 1000,
-            );
-            return Ok((Err(why), r));
-        }
-        let (rate_msat, rate_ehash) = (r.available_msat, r.outstanding_ehash);
-        let terms = QuoteTerms {
-            invoice_msat,
-            fee_reserve_msat,
-            rate_msat,
-            rate_ehash,
-            amount_ehash: to_ehash(invoice_msat, rate_msat, rate_ehash),
-            fee_ehash: to_ehash(fee_reserve_msat, rate_msat, rate_ehash),
-            payment_hash,
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
-        Ok((Ok(terms), r))
+        let fee = fee_reserve_msat(invoice_msat, self.fee_reserve.0, self.fee_reserve.1);
+        Ok((r.terms(invoice_msat, fee, payment_hash, now_secs()), r))
     }
 
     /// Store a quote's terms.
@@ -347,7 +296,7 @@ impl Ledger {
             .transpose()
     }
 
-    /// The quote paying `payment_hash`.
+    /// The quote whose payment was dispatched for `payment_hash`.
     pub async fn quote_of_hash(&self, payment_hash: &str) -> anyhow::Result<Option<String>> {
         let raw = self
             .kv
@@ -357,73 +306,160 @@ impl Ledger {
         Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Hold the quote's msat (and count its ehash as melting) for a payment about to be
-    /// dispatched, and name it as the quote paying its hash (call under `hold_lock`).
-    pub async fn hold(&self, quote_id: &str, terms: &QuoteTerms) -> anyhow::Result<()> {
-        let msat = terms.invoice_msat.saturating_add(terms.fee_reserve_msat);
-        let ehash = terms.amount_ehash.saturating_add(terms.fee_ehash);
+    /// Hold the quote's msat for a payment about to be dispatched, and name it as the quote
+    /// paying its hash (call under `hold_lock`). Refused (with the reason) if another quote's
+    /// payment of the same invoice is in flight or done.
+    pub async fn hold(&self, quote_id: &str, terms: &QuoteTerms) -> anyhow::Result<Result<(), String>> {
+        if let Some(other) = self.quote_of_hash(&terms.payment_hash).await? {
+            if other != quote_id && (self.is_held(&other).await? || self.paid(&other).await?.is_some()) {
+                return Ok(Err(format!(
+                    "this invoice is already being paid, or was paid, by melt quote {other}: ask for a new invoice"
+                )));
+            }
+        }
+        let mut tally = self.read_tally().await?;
+        tally.hold(terms.held_msat());
         let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
-        tx.kv_write(NS, "held", quote_id, format!("{msat}:{ehash}").as_bytes())
-            .await
-            .map_err(kv_err)?;
+        let ehash = terms.amount_ehash.saturating_add(terms.fee_ehash);
+        tx.kv_write(
+            NS,
+            "held",
+            quote_id,
+            format!("{}:{ehash}:{}", terms.held_msat(), now_secs()).as_bytes(),
+        )
+        .await
+        .map_err(kv_err)?;
         tx.kv_write(NS, "hash", &terms.payment_hash, quote_id.as_bytes())
             .await
             .map_err(kv_err)?;
-        tx.commit().await.map_err(kv_err)
+        Self::write_tally(&mut tx, &tally).await?;
+        tx.commit().await.map_err(kv_err)?;
+        Ok(Ok(()))
     }
 
-    /// Whether the quote's sats are held (its payment was dispatched or about to be).
-    pub async fn is_held(&self, quote_id: &str) -> anyhow::Result<bool> {
+    async fn held(&self, quote_id: &str) -> anyhow::Result<Option<Vec<u64>>> {
         Ok(self
             .kv
             .kv_read(NS, "held", quote_id)
             .await
             .map_err(kv_err)?
-            .is_some())
+            .map(|b| numbers(&b)))
     }
 
-    /// Whether the quote's payment has been recorded as paid.
+    /// Whether the quote's sats are held (its payment was dispatched or about to be).
+    pub async fn is_held(&self, quote_id: &str) -> anyhow::Result<bool> {
+        Ok(self.held(quote_id).await?.is_some())
+    }
+
+    /// Every hold, oldest first.
+    pub async fn holds(&self) -> anyhow::Result<Vec<Hold>> {
+        let mut out = Vec::new();
+        for q in self.kv.kv_list(NS, "held").await.map_err(kv_err)? {
+            if let Some(v) = self.held(&q).await? {
+                out.push(Hold {
+                    quote_id: q,
+                    msat: v.first().copied().unwrap_or(0),
+                    since: v.get(2).copied().unwrap_or(0),
+                });
+            }
+        }
+        out.sort_by_key(|h| h.since);
+        Ok(out)
+    }
+
+    /// msat spent by the quote's payment, once recorded as paid.
     pub async fn paid(&self, quote_id: &str) -> anyhow::Result<Option<u64>> {
         let raw = self
             .kv
             .kv_read(NS, "paid", quote_id)
             .await
             .map_err(kv_err)?;
-        Ok(raw.map(|b| String::from_utf8_lossy(&b).parse().unwrap_or(0)))
+        Ok(raw.and_then(|b| numbers(&b).first().copied()))
     }
 
-    /// The payment is final: `spent_msat` moves from held to redeemed (idempotent).
-    pub async fn settle(&self, quote_id: &str, spent_msat: u64) -> anyhow::Result<()> {
+    /// The payment is final: `spent_msat` moves from held to redeemed and the melt takes
+    /// `ehash` (idempotent: a second call changes nothing).
+    pub async fn settle(&self, quote_id: &str, spent_msat: u64, ehash: u64) -> anyhow::Result<()> {
         let _g = self.hold_lock.lock().await;
+        if self.paid(quote_id).await?.is_some() {
+            return Ok(());
+        }
+        let held = self.held(quote_id).await?;
+        let mut tally = self.read_tally().await?;
+        tally.settle(
+            held.as_ref().and_then(|v| v.first().copied()).unwrap_or(0),
+            spent_msat,
+            ehash,
+        );
         let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
-        tx.kv_write_if_absent(NS, "paid", quote_id, spent_msat.to_string().as_bytes())
+        tx.kv_write(NS, "paid", quote_id, format!("{spent_msat}:{ehash}").as_bytes())
             .await
             .map_err(kv_err)?;
-        tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
+        if held.is_some() {
+            tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
+        }
+        Self::write_tally(&mut tx, &tally).await?;
         tx.commit().await.map_err(kv_err)
     }
 
-    /// The payment definitely failed: its hold is released.
-    pub async fn release(&self, quote_id: &str) -> anyhow::Result<()> {
+    /// The payment can no longer complete: its hold goes (idempotent), and `why` is kept for
+    /// the operator.
+    pub async fn release(&self, quote_id: &str, why: &str) -> anyhow::Result<()> {
         let _g = self.hold_lock.lock().await;
+        let held = self.held(quote_id).await?;
         let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
-        tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
+        if let Some(v) = held {
+            let mut tally = self.read_tally().await?;
+            tally.release(v.first().copied().unwrap_or(0));
+            tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
+            Self::write_tally(&mut tx, &tally).await?;
+        }
+        tx.kv_write(NS, "refused", quote_id, why.as_bytes())
+            .await
+            .map_err(kv_err)?;
         tx.commit().await.map_err(kv_err)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::to_ehash;
+    /// Keep why a melt was refused before anything was held.
+    pub async fn refuse(&self, quote_id: &str, why: &str) -> anyhow::Result<()> {
+        let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
+        tx.kv_write(NS, "refused", quote_id, why.as_bytes())
+            .await
+            .map_err(kv_err)?;
+        tx.commit().await.map_err(kv_err)
+    }
 
-    #[test]
-    fn conversion_rounds_up_and_never_divides_by_zero() {
-        // 1000 msat per ehash.
-        assert_eq!(to_ehash(1000, 10_000, 10), 1);
-        assert_eq!(to_ehash(1001, 10_000, 10), 2);
-        assert_eq!(to_ehash(0, 10_000, 10), 0);
-        assert_eq!(to_ehash(1, 0, 10), u64::MAX);
-        // 150 BTC over 3 ehash: 10,000 sat costs one whole ehash.
-        assert_eq!(to_ehash(10_000_000, 15_000_000_000_000, 3), 1);
+    /// A melt quote as the operator may see it, or `None` if the ledger has no such quote.
+    pub async fn view(&self, quote_id: &str) -> anyhow::Result<Option<MeltView>> {
+        let Some(terms) = self.terms(quote_id).await? else {
+            return Ok(None);
+        };
+        let paid = self
+            .kv
+            .kv_read(NS, "paid", quote_id)
+            .await
+            .map_err(kv_err)?
+            .map(|b| numbers(&b));
+        let reason = self
+            .kv
+            .kv_read(NS, "refused", quote_id)
+            .await
+            .map_err(kv_err)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let state = match (&paid, self.is_held(quote_id).await?, &reason) {
+            (Some(_), _, _) => "paid",
+            (None, true, _) => "in_flight",
+            (None, false, Some(_)) => "not_paid",
+            (None, false, None) => "quoted",
+        };
+        Ok(Some(MeltView {
+            rounding_loss_msat: terms.rounding_loss_msat(),
+            rounding_loss_ppm: terms.rounding_loss_ppm(),
+            spent_msat: paid.as_ref().and_then(|v| v.first().copied()),
+            melted_ehash: paid.as_ref().and_then(|v| v.get(1).copied()),
+            terms,
+            state,
+            reason,
+        }))
     }
 }

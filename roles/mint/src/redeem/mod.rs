@@ -1,18 +1,29 @@
 //! Lightning redemption: the mint's payment processor for (`ehash`, `bolt11`).
 //!
 //! A NUT-05 melt quote for a BOLT11 invoice costs `ceil(invoice msat / rate)` ehash, plus a
-//! routing fee reserve converted the same way, where `rate = (matured rewards - pool fee -
-//! sats redeemed or held) / ehash outstanding`, fixed when the quote is made. A quote the
-//! reserve cannot cover is refused. The payment goes through the pool's Lightning node with
-//! `cdk-cln`; what it spent is converted back at the quote's rate so the melt's change is
-//! exact, and cdk's melt saga keeps the proofs pending (never lost) while the payment's
-//! outcome is unknown.
+//! routing fee reserve converted the same way, at the rate of [`tally`] fixed when the quote
+//! is made. A quote the reserve cannot cover is refused. The payment goes through the pool's
+//! Lightning node with `cdk-cln`; what it spent is converted back at the quote's rate so the
+//! melt's change is exact.
+//!
+//! Every melt ends paid exactly once or unpaid with its proofs back, without an operator:
+//! before the payment is sent its sats are held; a payment call that fails before reaching
+//! Core Lightning releases the hold at once; otherwise the hold stays until Core Lightning
+//! tells what became of the payment, asked when cdk asks ([`MintPayment::check_outgoing_payment`])
+//! and by [`resolve_holds`] at start and every `hold_check_secs`: complete is settled, failed
+//! is released, pending with no HTLC on any channel for `orphan_payment_grace_secs` (a node
+//! killed before it committed the HTLC forgets it, and nothing will ever complete it) is
+//! released, and no payment at all `undispatched_grace_secs` after the hold (the mint died
+//! between holding and sending) is released.
 
 pub mod ledger;
+pub mod lightning;
+pub mod tally;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cdk_common::nuts::MeltQuoteState;
@@ -23,25 +34,78 @@ use cdk_common::payment::{
 };
 use cdk_common::{Amount, CurrencyUnit};
 use futures::Stream;
+use hashpool_config::pool_side::RedemptionSection;
 
 use crate::backend::UNIT;
+use crate::metrics::MintMetrics;
 use ledger::{Ledger, QuoteTerms};
+use lightning::PaymentStatus;
 
 /// Error code text prefix clients can match on.
 pub const OVER_RESERVE: &str = "redemption exceeds the pool's redeemable reserve";
 /// A melt quote's rate holds this long; a melt after it fails (ask for a new quote).
 pub const QUOTE_TTL_SECS: u64 = 600;
 
+/// How long the processor waits, and how long a hold may stay unexplained.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Longest wait on one payment call.
+    pub payment_timeout: Duration,
+    /// Pending with no HTLC anywhere this long: released.
+    pub orphan_grace: Duration,
+    /// No payment this long after the hold: released.
+    pub undispatched_grace: Duration,
+}
+
+impl Timing {
+    /// From the `[redemption]` settings.
+    pub fn of(r: &RedemptionSection) -> Self {
+        Self {
+            payment_timeout: Duration::from_secs(r.payment_timeout_secs),
+            orphan_grace: Duration::from_secs(r.orphan_payment_grace_secs),
+            undispatched_grace: Duration::from_secs(r.undispatched_grace_secs),
+        }
+    }
+}
+
 /// The processor.
 pub struct RedeemBackend {
     cln: cdk_cln::Cln,
+    node: lightning::Node,
     ledger: Arc<Ledger>,
+    metrics: Arc<MintMetrics>,
+    timing: Timing,
+    /// Quotes whose payment call is running in this process.
+    dispatching: Mutex<HashSet<String>>,
+    /// When each payment was first seen pending with no HTLC on any channel.
+    orphans: Mutex<HashMap<String, Instant>>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl RedeemBackend {
-    /// Pay through `cln`, within `ledger`'s reserve.
-    pub fn new(cln: cdk_cln::Cln, ledger: Arc<Ledger>) -> Self {
-        Self { cln, ledger }
+    /// Pay through `cln` (whose socket is `node`), within `ledger`'s reserve.
+    pub fn new(
+        cln: cdk_cln::Cln,
+        node: lightning::Node,
+        ledger: Arc<Ledger>,
+        metrics: Arc<MintMetrics>,
+        timing: Timing,
+    ) -> Self {
+        Self {
+            cln,
+            node,
+            ledger,
+            metrics,
+            timing,
+            dispatching: Mutex::new(HashSet::new()),
+            orphans: Mutex::new(HashMap::new()),
+        }
     }
 
     fn ehash(v: u64) -> Amount<CurrencyUnit> {
@@ -52,58 +116,208 @@ impl RedeemBackend {
         Error::Custom(e.to_string())
     }
 
-    /// Convert what Lightning reported (msat) into the quote's ehash, settling the ledger.
+    fn response(lookup: &PaymentIdentifier, status: MeltQuoteState) -> MakePaymentResponse {
+        MakePaymentResponse {
+            payment_lookup_id: lookup.clone(),
+            payment_proof: None,
+            status,
+            total_spent: Self::ehash(0),
+        }
+    }
+
+    /// The payment completed, `spent_msat` sent: settle it at the quote's rate.
+    async fn paid(
+        &self,
+        quote_id: &str,
+        terms: &QuoteTerms,
+        lookup: &PaymentIdentifier,
+        spent_msat: u64,
+        preimage: Option<String>,
+    ) -> Result<MakePaymentResponse, Error> {
+        let ehash = terms.melted_ehash(spent_msat);
+        self.ledger
+            .settle(quote_id, spent_msat, ehash)
+            .await
+            .map_err(Self::custom)?;
+        self.metrics
+            .holds_resolved
+            .with_label_values(&["paid"])
+            .inc();
+        tracing::info!(
+            quote = quote_id,
+            spent_msat,
+            ehash,
+            "redemption paid over Lightning"
+        );
+        Ok(MakePaymentResponse {
+            payment_lookup_id: lookup.clone(),
+            payment_proof: preimage,
+            status: MeltQuoteState::Paid,
+            total_spent: Self::ehash(ehash),
+        })
+    }
+
+    /// The payment can no longer complete: release the hold (`why` kept for the operator).
+    async fn released(
+        &self,
+        quote_id: &str,
+        lookup: &PaymentIdentifier,
+        outcome: &str,
+        why: String,
+    ) -> Result<MakePaymentResponse, Error> {
+        self.ledger
+            .release(quote_id, &why)
+            .await
+            .map_err(Self::custom)?;
+        if let Ok(mut o) = self.orphans.lock() {
+            o.remove(quote_id);
+        }
+        self.metrics
+            .holds_resolved
+            .with_label_values(&[outcome])
+            .inc();
+        tracing::warn!(
+            quote = quote_id,
+            outcome,
+            "redemption not paid, hold released, proofs go back: {why}"
+        );
+        Ok(Self::response(lookup, MeltQuoteState::Failed))
+    }
+
+    /// Refused before anything was held: the melt fails and its proofs come back.
+    async fn refuse(
+        &self,
+        quote_id: &str,
+        lookup: &PaymentIdentifier,
+        why: String,
+    ) -> Result<MakePaymentResponse, Error> {
+        tracing::warn!(quote = quote_id, "redemption not paid: {why}");
+        if let Err(e) = self.ledger.refuse(quote_id, &why).await {
+            tracing::warn!(quote = quote_id, "keeping the refusal's reason failed: {e:#}");
+        }
+        Ok(Self::response(lookup, MeltQuoteState::Failed))
+    }
+
+    /// Convert what the payment call reported into the quote's ehash, settling the ledger.
     async fn account(
         &self,
         quote_id: &str,
         terms: &QuoteTerms,
-        mut resp: MakePaymentResponse,
+        resp: MakePaymentResponse,
     ) -> Result<MakePaymentResponse, Error> {
-        match resp.status {
-            MeltQuoteState::Paid
-                if resp
-                    .total_spent
-                    .convert_to(&CurrencyUnit::Msat)
-                    .map(|a| a.value() < terms.invoice_msat)
-                    .unwrap_or(true) =>
-            {
-                // Paid, but Lightning did not say how much was sent: keep holding until it does.
-                tracing::warn!(quote = quote_id, total_spent = %resp.total_spent, "redemption paid without the amount sent; sats stay held");
-                resp.status = MeltQuoteState::Unknown;
-                resp.total_spent = Self::ehash(0);
-            }
-            MeltQuoteState::Paid => {
-                let spent_msat = resp
-                    .total_spent
-                    .convert_to(&CurrencyUnit::Msat)
-                    .map_err(Self::custom)?
-                    .value();
-                self.ledger
-                    .settle(quote_id, spent_msat)
+        let lookup = resp.payment_lookup_id.clone();
+        let sent = resp
+            .total_spent
+            .convert_to(&CurrencyUnit::Msat)
+            .map(|a| a.value())
+            .ok();
+        match (resp.status, sent) {
+            (MeltQuoteState::Paid, Some(spent)) if spent >= terms.invoice_msat => {
+                self.paid(quote_id, terms, &lookup, spent, resp.payment_proof)
                     .await
-                    .map_err(Self::custom)?;
-                let ehash = terms
-                    .to_ehash(spent_msat)
-                    .min(terms.amount_ehash.saturating_add(terms.fee_ehash));
-                tracing::info!(
-                    quote = quote_id,
-                    spent_msat,
-                    ehash,
-                    "redemption paid over Lightning"
-                );
-                resp.total_spent = Self::ehash(ehash);
             }
-            MeltQuoteState::Failed | MeltQuoteState::Unpaid => {
-                self.ledger.release(quote_id).await.map_err(Self::custom)?;
-                tracing::warn!(quote = quote_id, status = %resp.status, "redemption not paid; hold released");
-                resp.total_spent = Self::ehash(0);
+            // Lightning failed it for good (no route, expired, refused by the payee).
+            (MeltQuoteState::Failed | MeltQuoteState::Unpaid, _) => {
+                self.released(
+                    quote_id,
+                    &lookup,
+                    "failed",
+                    format!("Core Lightning could not pay the invoice ({})", resp.status),
+                )
+                .await
             }
-            _ => {
-                tracing::warn!(quote = quote_id, status = %resp.status, "redemption outcome not known yet; sats stay held");
-                resp.total_spent = Self::ehash(0);
+            // Paid without the amount, pending or unknown: keep holding until Core
+            // Lightning tells (the next check).
+            (status, _) => {
+                tracing::warn!(quote = quote_id, %status, "redemption outcome not known yet; sats stay held");
+                Ok(Self::response(&lookup, MeltQuoteState::Pending))
             }
         }
-        Ok(resp)
+    }
+
+    /// What became of the held payment of `quote_id`, from Core Lightning; releases the hold
+    /// when the payment can no longer complete.
+    async fn resolve(
+        &self,
+        quote_id: &str,
+        terms: &QuoteTerms,
+        lookup: &PaymentIdentifier,
+        held_since: u64,
+    ) -> Result<MakePaymentResponse, Error> {
+        if self
+            .dispatching
+            .lock()
+            .map(|d| d.contains(quote_id))
+            .unwrap_or(true)
+        {
+            return Ok(Self::response(lookup, MeltQuoteState::Pending));
+        }
+        let status = self
+            .node
+            .status(&terms.payment_hash)
+            .await
+            .map_err(Self::custom)?;
+        match status {
+            PaymentStatus::Complete {
+                sent_msat,
+                preimage,
+            } => {
+                self.paid(quote_id, terms, lookup, sent_msat, preimage)
+                    .await
+            }
+            PaymentStatus::Failed => {
+                self.released(
+                    quote_id,
+                    lookup,
+                    "failed",
+                    "Core Lightning reports every attempt of the payment failed".into(),
+                )
+                .await
+            }
+            PaymentStatus::Pending { htlc: true } => {
+                if let Ok(mut o) = self.orphans.lock() {
+                    o.remove(quote_id);
+                }
+                Ok(Self::response(lookup, MeltQuoteState::Pending))
+            }
+            PaymentStatus::Pending { htlc: false } => {
+                let since = self
+                    .orphans
+                    .lock()
+                    .map(|mut o| *o.entry(quote_id.to_string()).or_insert_with(Instant::now))
+                    .unwrap_or_else(|_| Instant::now());
+                if since.elapsed() >= self.timing.orphan_grace {
+                    self.released(
+                        quote_id,
+                        lookup,
+                        "orphaned",
+                        format!(
+                            "Core Lightning lists the payment as pending but no channel has had an HTLC for it for {} s (the node was stopped before it committed one, and will never send it): it can never complete; pay a new invoice",
+                            since.elapsed().as_secs()
+                        ),
+                    )
+                    .await
+                } else {
+                    Ok(Self::response(lookup, MeltQuoteState::Pending))
+                }
+            }
+            PaymentStatus::None => {
+                let age = now_secs().saturating_sub(held_since);
+                if age >= self.timing.undispatched_grace.as_secs() {
+                    self.released(
+                        quote_id,
+                        lookup,
+                        "never_sent",
+                        format!(
+                            "Core Lightning has no payment for this invoice {age} s after the mint held its sats: the mint stopped before sending it"
+                        ),
+                    )
+                    .await
+                } else {
+                    Ok(Self::response(lookup, MeltQuoteState::Unknown))
+                }
+            }
+        }
     }
 }
 
@@ -165,6 +379,7 @@ impl MintPayment for RedeemBackend {
             invoice_msat,
             amount_ehash = terms.amount_ehash,
             fee_ehash = terms.fee_ehash,
+            rounding_loss_msat = terms.rounding_loss_msat(),
             rate_msat_per_ehash = reserve.rate_msat_per_ehash(),
             "melt quote"
         );
@@ -178,6 +393,7 @@ impl MintPayment for RedeemBackend {
                 "rate_ehash": terms.rate_ehash,
                 "invoice_msat": invoice_msat,
                 "fee_reserve_msat": terms.fee_reserve_msat,
+                "rounding_loss_msat": terms.rounding_loss_msat(),
             })),
             estimated_blocks: None,
             fee_options: None,
@@ -194,62 +410,79 @@ impl MintPayment for RedeemBackend {
         };
         let quote_id = opts.quote_id.to_string();
         let lookup = PaymentIdentifier::PaymentHash(*opts.bolt11.payment_hash().as_ref());
-        // Refused before anything is held or sent: the melt fails and its proofs come back.
-        let refuse = |why: String| {
-            tracing::warn!(quote = quote_id, "redemption not paid: {why}");
-            Ok(MakePaymentResponse {
-                payment_lookup_id: lookup.clone(),
-                payment_proof: None,
-                status: MeltQuoteState::Failed,
-                total_spent: Self::ehash(0),
-            })
-        };
         let terms = match self.ledger.terms(&quote_id).await {
             Ok(Some(t)) => t,
-            Ok(None) => return refuse(format!("melt quote {quote_id} has no terms")),
-            Err(e) => return refuse(format!("reading the quote's terms: {e:#}")),
+            Ok(None) => {
+                return self
+                    .refuse(&quote_id, &lookup, format!("melt quote {quote_id} has no terms"))
+                    .await
+            }
+            Err(e) => {
+                return self
+                    .refuse(&quote_id, &lookup, format!("reading the quote's terms: {e:#}"))
+                    .await
+            }
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        if now.saturating_sub(terms.created_at) > QUOTE_TTL_SECS {
-            return refuse(format!(
-                "the quote is older than {QUOTE_TTL_SECS} s: ask for a new one"
-            ));
-        }
         {
             let _g = self.ledger.hold_lock.lock().await;
-            let reserve = match self.ledger.reserve().await {
-                Ok(r) => r,
-                Err(e) => return refuse(format!("the reserve cannot be counted: {e:#}")),
-            };
-            let needed = terms.invoice_msat.saturating_add(terms.fee_reserve_msat);
-            if needed > reserve.available_msat {
-                return refuse(format!(
-                    "{OVER_RESERVE}: {needed} msat needed, {} msat available",
-                    reserve.available_msat
-                ));
+            // Checked under the lock: two melts cannot both take the last sats.
+            if let Some(why) = stale_or_expired(&self.ledger, &terms).await {
+                drop(_g);
+                return self.refuse(&quote_id, &lookup, why).await;
             }
-            if terms.rate_above(&reserve) {
-                return refuse(format!(
-                    "the rate fell since the quote ({} msat per ehash quoted, {:.0} now): ask for a new quote",
-                    terms.rate_msat / terms.rate_ehash.max(1),
-                    reserve.rate_msat_per_ehash()
-                ));
-            }
-            if let Err(e) = self.ledger.hold(&quote_id, &terms).await {
-                return refuse(format!("holding the sats: {e:#}"));
+            match self.ledger.hold(&quote_id, &terms).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    drop(_g);
+                    return self.refuse(&quote_id, &lookup, why).await;
+                }
+                Err(e) => {
+                    drop(_g);
+                    return self
+                        .refuse(&quote_id, &lookup, format!("holding the sats: {e:#}"))
+                        .await;
+                }
             }
         }
         opts.max_fee_amount = Some(Amount::new(terms.fee_reserve_msat, CurrencyUnit::Msat));
-        // From here the payment may be on its way: an error leaves the hold and the proofs
-        // pending until Lightning tells.
-        let resp = self
-            .cln
-            .make_payment(&CurrencyUnit::Msat, OutgoingPaymentOptions::Bolt11(opts))
-            .await?;
-        self.account(&quote_id, &terms, resp).await
+        if let Ok(mut d) = self.dispatching.lock() {
+            d.insert(quote_id.clone());
+        }
+        let sent = tokio::time::timeout(
+            self.timing.payment_timeout,
+            self.cln
+                .make_payment(&CurrencyUnit::Msat, OutgoingPaymentOptions::Bolt11(opts)),
+        )
+        .await;
+        if let Ok(mut d) = self.dispatching.lock() {
+            d.remove(&quote_id);
+        }
+        match sent {
+            Ok(Ok(resp)) => self.account(&quote_id, &terms, resp).await,
+            // Core Lightning already has a payment for this hash: what became of it decides.
+            Ok(Err(Error::InvoiceAlreadyPaid | Error::InvoicePaymentPending)) => {
+                Ok(Self::response(&lookup, MeltQuoteState::Unknown))
+            }
+            // cdk-cln turns every error of the payment itself into a state: an error here
+            // came before the payment was sent (the node down, its socket gone).
+            Ok(Err(e)) => {
+                self.released(
+                    &quote_id,
+                    &lookup,
+                    "not_sent",
+                    format!("the pool's Lightning node could not be asked to pay ({e}): try again once it is back"),
+                )
+                .await
+            }
+            Err(_) => {
+                tracing::warn!(
+                    quote = quote_id,
+                    "no answer from the payment call within {:?}; its outcome will be read from Core Lightning",
+                    self.timing.payment_timeout
+                );
+                Ok(Self::response(&lookup, MeltQuoteState::Unknown))
+            }
+        }
     }
 
     async fn wait_payment_event(
@@ -278,12 +511,6 @@ impl MintPayment for RedeemBackend {
         let PaymentIdentifier::PaymentHash(hash) = payment_identifier else {
             return Err(Error::UnknownPaymentState);
         };
-        let unpaid = || MakePaymentResponse {
-            payment_lookup_id: payment_identifier.clone(),
-            payment_proof: None,
-            status: MeltQuoteState::Unpaid,
-            total_spent: Self::ehash(0),
-        };
         // The ledger first: a hash no hold names was never dispatched, so it is not paid.
         let Some(quote_id) = self
             .ledger
@@ -291,7 +518,7 @@ impl MintPayment for RedeemBackend {
             .await
             .map_err(Self::custom)?
         else {
-            return Ok(unpaid());
+            return Ok(Self::response(payment_identifier, MeltQuoteState::Unpaid));
         };
         let terms = self
             .ledger
@@ -299,31 +526,135 @@ impl MintPayment for RedeemBackend {
             .await
             .map_err(Self::custom)?
             .ok_or(Error::UnknownPaymentState)?;
-        // Paid and held read together: a settle between the two reads would look unpaid.
-        let (paid, held) = {
-            let _g = self.ledger.hold_lock.lock().await;
-            (
-                self.ledger.paid(&quote_id).await.map_err(Self::custom)?,
-                self.ledger.is_held(&quote_id).await.map_err(Self::custom)?,
-            )
-        };
-        if let Some(spent_msat) = paid {
-            let cln = self.cln.check_outgoing_payment(payment_identifier).await?;
+        if let Some(spent_msat) = self.ledger.paid(&quote_id).await.map_err(Self::custom)? {
+            let preimage = match self.node.status(&terms.payment_hash).await {
+                Ok(PaymentStatus::Complete { preimage, .. }) => preimage,
+                _ => None,
+            };
             return Ok(MakePaymentResponse {
                 payment_lookup_id: payment_identifier.clone(),
-                payment_proof: cln.payment_proof,
+                payment_proof: preimage,
                 status: MeltQuoteState::Paid,
-                total_spent: Self::ehash(
-                    terms
-                        .to_ehash(spent_msat)
-                        .min(terms.amount_ehash.saturating_add(terms.fee_ehash)),
-                ),
+                total_spent: Self::ehash(terms.melted_ehash(spent_msat)),
             });
         }
-        if !held {
-            return Ok(unpaid());
+        let hold = self
+            .ledger
+            .holds()
+            .await
+            .map_err(Self::custom)?
+            .into_iter()
+            .find(|h| h.quote_id == quote_id);
+        match hold {
+            None => Ok(Self::response(payment_identifier, MeltQuoteState::Unpaid)),
+            Some(h) => {
+                self.resolve(&quote_id, &terms, payment_identifier, h.since)
+                    .await
+            }
         }
-        let resp = self.cln.check_outgoing_payment(payment_identifier).await?;
-        self.account(&quote_id, &terms, resp).await
+    }
+}
+
+/// Why a melt at `terms` cannot be paid now (quote too old, rate fallen, reserve short), or
+/// `None`.
+pub(crate) async fn stale_or_expired(ledger: &Ledger, terms: &QuoteTerms) -> Option<String> {
+    if now_secs().saturating_sub(terms.created_at) > QUOTE_TTL_SECS {
+        return Some(format!(
+            "the melt quote is older than {QUOTE_TTL_SECS} s: ask for a new quote"
+        ));
+    }
+    let reserve = match ledger.reserve().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(format!(
+                "the reserve cannot be counted now ({e:#}): try again"
+            ))
+        }
+    };
+    let needed = terms.held_msat();
+    if needed > reserve.available_msat {
+        return Some(format!(
+            "{OVER_RESERVE}: the melt needs {needed} msat, {} msat are available now (matured rewards {} sat - pool fee {} sat - redeemed {} msat - held {} msat): ask for a smaller invoice",
+            reserve.available_msat,
+            reserve.matured_sat,
+            reserve.pool_fee_sat,
+            reserve.redeemed_msat,
+            reserve.held_msat
+        ));
+    }
+    if terms.rate_above(&reserve) {
+        return Some(format!(
+            "the rate fell since the quote ({:.0} msat per ehash quoted, {:.0} now: more ehash is owed or the matured rewards fell): ask for a new quote",
+            terms.rate_msat as f64 / terms.rate_ehash.max(1) as f64,
+            reserve.rate_msat_per_ehash()
+        ));
+    }
+    None
+}
+
+/// Check every held payment with Core Lightning through cdk (which finalizes a melt the
+/// processor calls paid and returns the proofs of one it calls failed): at start and every
+/// `every` until `stop`.
+pub async fn resolve_holds(
+    mint: Arc<cdk::mint::Mint>,
+    ledger: Arc<Ledger>,
+    backend: Arc<RedeemBackend>,
+    metrics: Arc<MintMetrics>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match ledger.holds().await {
+            Ok(holds) => {
+                metrics.observe_holds(&holds, now_secs());
+                for h in holds {
+                    let Ok(qid) = h.quote_id.parse::<cdk_common::QuoteId>() else {
+                        continue;
+                    };
+                    let state = mint
+                        .localstore()
+                        .get_melt_quote(&qid)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|q| q.state);
+                    let outcome = match state {
+                        // cdk still waits on it: its check finalizes or compensates the melt.
+                        Some(MeltQuoteState::Pending | MeltQuoteState::Unknown) => mint
+                            .check_melt_quote(&qid)
+                            .await
+                            .map(|q| q.state.to_string())
+                            .map_err(|e| e.to_string()),
+                        // cdk is done with the melt while the ledger still holds: settle the
+                        // ledger from Core Lightning.
+                        _ => match ledger.terms(&h.quote_id).await {
+                            Ok(Some(terms)) => {
+                                let mut hash = [0u8; 32];
+                                match hex::decode(&terms.payment_hash) {
+                                    Ok(b) if b.len() == 32 => hash.copy_from_slice(&b),
+                                    _ => continue,
+                                }
+                                backend
+                                    .check_outgoing_payment(&PaymentIdentifier::PaymentHash(hash))
+                                    .await
+                                    .map(|r| r.status.to_string())
+                                    .map_err(|e| e.to_string())
+                            }
+                            _ => continue,
+                        },
+                    };
+                    match outcome {
+                        Ok(s) => tracing::debug!(quote = %h.quote_id, "held payment checked: {s}"),
+                        Err(e) => tracing::warn!(quote = %h.quote_id, "checking a held payment failed (retried): {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("listing held payments failed (retried): {e:#}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            // The hold check's period.
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }

@@ -340,13 +340,40 @@ async fn refused_with(
     Ok(())
 }
 
+/// A first-version lookup, built here from its definition (tag `hashpool/ehash/quote-lookup/v1`
+/// over key and timestamp, no mint named), as a wallet of an older release sends it.
+fn lookup_v1(sk: &bitcoin::secp256k1::SecretKey, timestamp: u64) -> ehash::lookup::LookupRequest {
+    use bitcoin::hashes::{sha256, Hash, HashEngine};
+    use bitcoin::secp256k1::{Keypair, Message, Secp256k1};
+    let secp = Secp256k1::new();
+    let keypair = Keypair::from_secret_key(&secp, sk);
+    let pubkey = keypair.public_key().serialize();
+    let tag = sha256::Hash::hash(b"hashpool/ehash/quote-lookup/v1");
+    let mut e = sha256::Hash::engine();
+    e.input(tag.as_byte_array());
+    e.input(tag.as_byte_array());
+    e.input(&pubkey);
+    e.input(&timestamp.to_be_bytes());
+    let digest = sha256::Hash::from_engine(e).to_byte_array();
+    let sig = secp.sign_schnorr(&Message::from_digest(digest), &keypair);
+    ehash::lookup::LookupRequest {
+        pubkey: hex::encode(pubkey),
+        timestamp,
+        signature: hex::encode(sig.serialize()),
+        mint: None,
+        unissued_only: false,
+    }
+}
+
 #[when(
     regex = r#"^a lookup for "([^"]+)"'s key is (replayed|signed five minutes ago|signed by another key|signed the old way, naming no mint|signed for another mint)$"#
 )]
 async fn bad_lookup(w: &mut HarnessWorld, who: String, how: String) -> anyhow::Result<()> {
     let mint = w.default_stack()?.mint()?;
     let secret = secret_of(w, &who)?;
-    let mut req = ehash_api::signed_lookup(&secret)?;
+    let mint_key = ehash_api::mint_pubkey(&mint.addr).await?;
+    let mut req = ehash_api::signed_lookup_for(&mint_key, &secret)?;
+    let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
     match how.as_str() {
         "replayed" => {
             let body = serde_json::to_string(&req)?;
@@ -354,30 +381,18 @@ async fn bad_lookup(w: &mut HarnessWorld, who: String, how: String) -> anyhow::R
             anyhow::ensure!(first == 200, "the first lookup answered {first}");
         }
         "signed five minutes ago" => {
-            let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
-            req = ehash::lookup::sign_lookup(&sk, req.timestamp - 300_000);
+            req = ehash::lookup::sign_lookup(&sk, req.timestamp - 300_000, &mint_key);
         }
         "signed the old way, naming no mint" => {
-            let sk = bitcoin::secp256k1::SecretKey::from_slice(&hex::decode(&secret)?)?;
-            let v1 = ehash::lookup::sign_lookup(&sk, req.timestamp);
-            let body = serde_json::json!({
-                "pubkey": v1.pubkey, "timestamp": v1.timestamp, "signature": v1.signature,
-            });
-            let (code, body) = ehash_api::post_lookup(&mint.addr, &body.to_string()).await?;
-            w.last_error = Some(format!("{code} {body}"));
-            return Ok(());
+            req = lookup_v1(&sk, req.timestamp);
         }
         "signed for another mint" => {
             let (_, other_mint) = harness::keys::locking_keys();
-            let mut body = serde_json::to_value(&req)?;
-            body["mint"] = serde_json::json!(other_mint.to_string());
-            let (code, body) = ehash_api::post_lookup(&mint.addr, &body.to_string()).await?;
-            w.last_error = Some(format!("{code} {body}"));
-            return Ok(());
+            req = ehash::lookup::sign_lookup(&sk, req.timestamp, &other_mint);
         }
         _ => {
             let (other, _) = harness::keys::locking_keys();
-            let forged = ehash_api::signed_lookup(&other)?;
+            let forged = ehash_api::signed_lookup_for(&mint_key, &other)?;
             req.signature = forged.signature;
         }
     }

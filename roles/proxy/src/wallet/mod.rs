@@ -19,6 +19,11 @@ use cdk::wallet::{Wallet, WalletBuilder};
 use cdk::Amount;
 use cdk_common::wallet::MintQuote;
 use ehash::lookup::sign_lookup;
+
+mod redeem;
+pub use redeem::{
+    quote_with, redeem_with, MeltQuoteView, MeltRecord, RedeemOptions, Redeemer, Redemption,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +45,12 @@ pub struct WalletStatus {
     pub held: u64,
     /// ehash minted by this wallet so far.
     pub minted: u64,
+    /// ehash in proofs a melt holds (PENDING at the mint until its payment is final).
+    #[serde(default)]
+    pub melting: u64,
+    /// ehash completed melts took (their inputs less their change).
+    #[serde(default)]
+    pub melted: u64,
     /// ehash of quotes the mint reports PENDING (template not audited yet, or settling).
     pub pending: u64,
     /// ehash of quotes reported PAID and not minted yet.
@@ -76,26 +87,13 @@ pub struct OperatorWallet {
     secret: SecretKey,
     http: cdk_common::HttpClient,
     last_timestamp: u64,
+    /// The mint's pubkey (`/v1/info`), which every signed lookup names.
+    mint_pubkey: Option<ehash::LockingPubkey>,
     /// Shared with the status endpoint.
     pub status: Arc<RwLock<WalletStatus>>,
     /// Held by a redemption while it melts and by each round of the minting loop: recovery
     /// never compensates a melt still in flight, and a melt's balances are its own.
     melt_lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// Redeems beside the minting loop (`POST /wallet/redeem`).
-#[derive(Clone)]
-pub struct Redeemer {
-    wallet: Wallet,
-    melt_lock: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Redeemer {
-    /// Melt against `invoice`, one redemption at a time.
-    pub async fn redeem(&self, invoice: &str) -> anyhow::Result<Redemption> {
-        let _g = self.melt_lock.lock().await;
-        redeem(&self.wallet, invoice).await
-    }
 }
 
 /// The wallet seed of a locking key.
@@ -137,6 +135,7 @@ impl OperatorWallet {
             secret,
             http: cdk_common::HttpClient::new(),
             last_timestamp: 0,
+            mint_pubkey: None,
             status: Arc::default(),
             melt_lock: Arc::default(),
         })
@@ -151,7 +150,25 @@ impl OperatorWallet {
         let timestamp = now.max(self.last_timestamp + 1);
         self.last_timestamp = timestamp;
         let secret = bitcoin::secp256k1::SecretKey::from_slice(&self.secret.to_secret_bytes())?;
-        let mut req = sign_lookup(&secret, timestamp);
+        let mint = match self.mint_pubkey {
+            Some(k) => k,
+            None => {
+                let info = self
+                    .wallet
+                    .fetch_mint_info()
+                    .await
+                    .map_err(|e| anyhow!("the mint's /v1/info: {e}"))?
+                    .context("the mint answered no /v1/info")?;
+                let key = info
+                    .pubkey
+                    .context("the mint's /v1/info has no pubkey: it cannot take signed lookups")?;
+                let key = ehash::LockingPubkey::from_slice(&key.to_bytes())
+                    .map_err(|e| anyhow!("the mint's pubkey: {e}"))?;
+                self.mint_pubkey = Some(key);
+                key
+            }
+        };
+        let mut req = sign_lookup(&secret, timestamp, &mint);
         // Minted quotes are done with; the wallet's own store counts them.
         req.unissued_only = true;
         let url = format!("{}/v1/ehash/quotes", self.mint_url);
@@ -251,6 +268,8 @@ impl OperatorWallet {
         st.paid_unminted -= minted_now.min(st.paid_unminted);
         st.minted = self.minted().await?;
         st.held = u64::from(self.wallet.total_balance().await?);
+        st.melting = u64::from(self.wallet.total_pending_balance().await?);
+        st.melted = self.melted().await?;
         if let Ok(mut s) = self.status.write() {
             st.lookups = s.lookups + 1;
             *s = st;
@@ -319,6 +338,19 @@ impl OperatorWallet {
         }
     }
 
+    /// ehash completed melts took, from the wallet's own transactions.
+    async fn melted(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .wallet
+            .list_transactions(Some(cdk::wallet::types::TransactionDirection::Outgoing))
+            .await?
+            .iter()
+            .filter(|t| t.status == cdk_common::wallet::TransactionStatus::Completed)
+            .filter(|t| t.quote_id.is_some())
+            .map(|t| u64::from(t.amount) + u64::from(t.fee))
+            .sum())
+    }
+
     /// ehash minted so far, from the wallet's own quotes.
     async fn minted(&self) -> anyhow::Result<u64> {
         Ok(self
@@ -350,6 +382,8 @@ pub async fn balance(
     let (mut st, _, _) = classify(&quotes);
     st.minted = w.minted().await?;
     st.held = u64::from(w.wallet.total_balance().await?);
+    st.melting = u64::from(w.wallet.total_pending_balance().await?);
+    st.melted = w.melted().await?;
     st.lookups = 1;
     Ok(st)
 }
@@ -379,194 +413,7 @@ fn classify(quotes: &[LookupQuote]) -> (WalletStatus, Vec<&LookupQuote>, Vec<Str
     (st, to_mint, pending)
 }
 
-/// What a redemption did (`POST /wallet/redeem`, `hashpool-proxy wallet redeem`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Redemption {
-    /// The mint's melt quote.
-    pub quote: String,
-    /// `PAID`, `PENDING`, `UNPAID`, `FAILED` or `UNKNOWN` (NUT-05).
-    pub state: String,
-    /// The invoice's amount, sats.
-    pub invoice_sat: u64,
-    /// ehash the invoice cost at the quote's rate.
-    pub amount_ehash: u64,
-    /// ehash set aside for routing fees.
-    pub fee_reserve_ehash: u64,
-    /// ehash the routing fees cost.
-    pub fee_paid_ehash: u64,
-    /// The payment's preimage, once paid.
-    pub preimage: Option<String>,
-    /// ehash held before and after.
-    pub held_before: u64,
-    /// ehash held after.
-    pub held_after: u64,
-}
-
-/// Melt ehash against a BOLT11 invoice (NUT-05): a quote at the mint's rate, then the melt;
-/// cdk's melt saga keeps the proofs reserved while the payment is in flight and returns them
-/// if it fails.
-pub async fn redeem(wallet: &Wallet, invoice: &str) -> anyhow::Result<Redemption> {
-    let bolt11: cdk::Bolt11Invoice = invoice
-        .trim()
-        .parse()
-        .map_err(|e| anyhow!("not a BOLT11 invoice: {e}"))?;
-    let invoice_sat = bolt11
-        .amount_milli_satoshis()
-        .context("the invoice has no amount: ask for one with an amount")?
-        / 1000;
-    let held_before = u64::from(wallet.total_balance().await?);
-    let quote = wallet
-        .melt_quote(
-            PaymentMethod::Known(cdk::nuts::nut00::KnownMethod::Bolt11),
-            invoice.trim(),
-            None,
-            None,
-        )
-        .await
-        .map_err(|e| anyhow!("the mint refused the melt quote: {e}"))?;
-    let needed = u64::from(quote.amount) + u64::from(quote.fee_reserve);
-    anyhow::ensure!(
-        needed <= held_before,
-        "the invoice costs {} ehash plus {} ehash of fee reserve at the mint's rate, the wallet holds {held_before}: nothing was spent",
-        quote.amount,
-        quote.fee_reserve
-    );
-    let prepared = wallet
-        .prepare_melt(&quote.id, std::collections::HashMap::new())
-        .await
-        .map_err(|e| anyhow!("preparing the melt of quote {}: {e}", quote.id))?;
-    let outcome = prepared
-        .confirm_prefer_async()
-        .await
-        .map_err(|e| anyhow!("melt of quote {}: {e}", quote.id))?;
-    let (state, preimage) = match outcome {
-        cdk::wallet::MeltOutcome::Paid(done) => {
-            (done.state(), done.payment_proof().map(str::to_string))
-        }
-        cdk::wallet::MeltOutcome::Pending(pending) => {
-            drop(pending);
-            // The mint learns the payment's outcome when asked (its Lightning node may be
-            // restarting): ask until it is final or the wait is over; the wallet's loop keeps
-            // asking after that.
-            let deadline = tokio::time::Instant::now() + PENDING_MELT_WAIT;
-            loop {
-                let q = wallet
-                    .check_melt_quote_status(&quote.id)
-                    .await
-                    .map_err(|e| anyhow!("melt quote {} status: {e}", quote.id))?;
-                // Final only once the melt's saga is over (until then the local state is
-                // the one from before the melt).
-                let done = q.used_by_operation.is_none()
-                    && !matches!(
-                        q.state,
-                        cdk::nuts::MeltQuoteState::Pending | cdk::nuts::MeltQuoteState::Unknown
-                    );
-                if done {
-                    break (q.state, q.payment_proof.clone());
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    break (cdk::nuts::MeltQuoteState::Pending, None);
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
-    let held_after = u64::from(wallet.total_balance().await?);
-    let paid = state == cdk::nuts::MeltQuoteState::Paid;
-    // Spent = amount + fee; the change came back.
-    let fee_paid = if paid {
-        held_before
-            .saturating_sub(held_after)
-            .saturating_sub(u64::from(quote.amount))
-    } else {
-        0
-    };
-    tracing::info!(
-        quote = %quote.id,
-        state = %state,
-        invoice_sat,
-        amount = %quote.amount,
-        fee_paid,
-        "redemption"
-    );
-    Ok(Redemption {
-        quote: quote.id.clone(),
-        state: state.to_string(),
-        invoice_sat,
-        amount_ehash: u64::from(quote.amount),
-        fee_reserve_ehash: u64::from(quote.fee_reserve),
-        fee_paid_ehash: fee_paid,
-        preimage,
-        held_before,
-        held_after,
-    })
-}
-
-/// How long a redemption waits for a payment the mint reports pending.
-const PENDING_MELT_WAIT: Duration = Duration::from_secs(30);
-
-/// `hashpool-proxy wallet redeem`: through the running proxy's `POST /wallet/redeem` when it
-/// answers on `http_listen` (one melt at a time with its minting loop), else by opening the
-/// wallet here.
-pub async fn redeem_with(
-    mint_url: &str,
-    secret_hex: &str,
-    data_dir: &Path,
-    http_listen: &str,
-    invoice: &str,
-) -> anyhow::Result<Redemption> {
-    if !http_listen.is_empty() {
-        // The proxy takes redemptions only from loopback: dial it there, on its port.
-        let port = http_listen
-            .rsplit_once(':')
-            .map(|(_, p)| p)
-            .unwrap_or(http_listen);
-        let url = format!("http://127.0.0.1:{port}/wallet/redeem");
-        let client = cdk_common::HttpClient::new();
-        match client
-            .post(&url)
-            .json(&serde_json::json!({ "invoice": invoice }))
-            .send()
-            .await
-        {
-            Ok(resp) => {
-                let status = resp.status();
-                let body = resp.bytes().await.map_err(|e| anyhow!("{url}: {e}"))?;
-                if status == 200 {
-                    return serde_json::from_slice(&body).context("redemption answer");
-                }
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                anyhow::bail!(
-                    "{}",
-                    v["error"]
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
-                );
-            }
-            // Only when nothing listens may this process open the wallet itself: a proxy that
-            // took the request may be melting already.
-            Err(e) if e.to_string().to_lowercase().contains("connection refused") => {
-                tracing::debug!("no running proxy at {url} ({e}); opening the wallet")
-            }
-            Err(e) => anyhow::bail!(
-                "the running proxy at {url} did not answer ({e}); check `hashpool-proxy wallet balance` before trying again"
-            ),
-        }
-    }
-    let w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
-    w.redeemer().redeem(invoice).await
-}
-
 impl OperatorWallet {
-    /// What redeems beside the minting loop.
-    pub fn redeemer(&self) -> Redeemer {
-        Redeemer {
-            wallet: self.wallet.clone(),
-            melt_lock: self.melt_lock.clone(),
-        }
-    }
-
     /// A melt whose payment outcome was unknown (the mint or its Lightning node went away)
     /// leaves proofs pending: ask the mint again each round until it settles, paid (change
     /// back) or failed (proofs back).

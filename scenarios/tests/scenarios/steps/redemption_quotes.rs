@@ -1,0 +1,206 @@
+//! Melt quotes made now and paid later: what a quote costs and loses to rounding, a quote the
+//! rate moved away from, and the reserve across a reorganisation that removes a matured
+//! reward. The matured rewards' oracle is Bitcoin Core's active chain, read block by block.
+
+use anyhow::Context;
+use cucumber::{then, when};
+use serde_json::{json, Value};
+
+use super::redemption::{u, BeforeRedemption, REDEEM_TIMEOUT};
+use crate::world::HarnessWorld;
+
+#[when(expr = "{string} gets a melt quote for an invoice of its node for {int} sat")]
+async fn gets_quote(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let label = format!("quoted-{who}-{}", w.redemptions.len());
+    let invoice = stack.lightning(&who)?.invoice(sats, &label).await?;
+    let q = stack
+        .proxy(&who)?
+        .melt_quote(&invoice)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{who}'s melt quote was refused: {e}"))?;
+    println!("[scenario] {who}'s melt quote: {q}");
+    w.melt_quote = Some((who, q));
+    Ok(())
+}
+
+#[then(expr = "the quote shows what it costs in ehash and the sats rounding loses, at most one ehash's worth")]
+async fn quote_shows_loss(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let (_, q) = w.melt_quote.clone().context("no melt quote")?;
+    let (amount, rate, loss) = (
+        u(&q, "amount_ehash")?,
+        u(&q, "rate_msat_per_ehash")?,
+        u(&q, "rounding_loss_msat")?,
+    );
+    let invoice_msat = u(&q, "invoice_sat")? * 1000;
+    // What the ehash is worth at the quote's rate, beyond the invoice; under one ehash.
+    anyhow::ensure!(amount > 0, "the quote costs no ehash: {q}");
+    anyhow::ensure!(
+        loss <= rate && amount * (rate + 1) >= invoice_msat,
+        "the quote's rounding loss {loss} msat does not fit {amount} ehash at {rate} msat each for {invoice_msat} msat: {q}"
+    );
+    Ok(())
+}
+
+#[when(expr = "{string} pays that quote")]
+async fn pays_quote(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
+    let (_, q) = w.melt_quote.clone().context("no melt quote")?;
+    let stack = w.default_stack()?;
+    let before = BeforeRedemption {
+        channel_sat: 0,
+        held: stack.proxy(&who)?.wallet_status().await?.held,
+        outstanding: 0,
+        available_msat: 0,
+        invoice_sat: u(&q, "invoice_sat")?,
+    };
+    let out = stack
+        .proxy(&who)?
+        .redeem_with(
+            json!({ "quote": q["quote"] }),
+            harness::wait::scaled(REDEEM_TIMEOUT),
+        )
+        .await?;
+    match out {
+        Ok(r) if r["state"] == "PAID" => {
+            w.redemptions.push((who, before, Some(r)));
+        }
+        Ok(r) => {
+            w.last_error = Some(format!(
+                "state {}: {}",
+                r["state"],
+                r["reason"].as_str().unwrap_or("(no reason)")
+            ));
+            w.redemptions.push((who, before, None));
+        }
+        Err(e) => {
+            w.last_error = Some(e);
+            w.redemptions.push((who, before, None));
+        }
+    }
+    Ok(())
+}
+
+#[when(expr = "{string} redeems ehash against an invoice of its node for {int} sat, accepting the loss to rounding")]
+async fn redeems_accepting(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let label = format!("accepted-{who}-{}", w.redemptions.len());
+    let invoice = stack.lightning(&who)?.invoice(sats, &label).await?;
+    let before = BeforeRedemption {
+        channel_sat: super::redemption::channel_sat(w, &who).await?,
+        held: stack.proxy(&who)?.wallet_status().await?.held,
+        outstanding: 0,
+        available_msat: 0,
+        invoice_sat: sats,
+    };
+    let r = stack
+        .proxy(&who)?
+        .redeem_with(
+            json!({ "invoice": invoice, "accept_loss": true }),
+            harness::wait::scaled(REDEEM_TIMEOUT),
+        )
+        .await?
+        .map_err(|e| anyhow::anyhow!("the redemption of {who} failed: {e}"))?;
+    w.redemptions.push((who, before, Some(r)));
+    Ok(())
+}
+
+#[then(expr = "the payment is refused with {string} and {string}, and {string}'s wallet holds what it held")]
+async fn payment_refused(
+    w: &mut HarnessWorld,
+    first: String,
+    second: String,
+    who: String,
+) -> anyhow::Result<()> {
+    let err = w.last_error.clone().context("no refusal")?;
+    anyhow::ensure!(
+        err.contains(&first) && err.contains(&second),
+        "the refusal says {err:?}"
+    );
+    let (_, before, _) = w
+        .redemptions
+        .iter()
+        .rev()
+        .find(|(n, _, _)| *n == who)
+        .cloned()
+        .context("no redemption")?;
+    let proxy = w.default_stack()?.proxy(&who)?;
+    harness::wait::wait_until(
+        &format!("{who}'s wallet to hold its {} ehash", before.held),
+        std::time::Duration::from_secs(30),
+        || async {
+            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
+            if held == before.held {
+                Ok(())
+            } else {
+                Err(format!("{held} ehash"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Matured rewards of the stack's pool on Bitcoin Core's active chain: coinbase outputs to
+/// the payout address 100 blocks deep or more, read block by block.
+async fn matured_on_chain(w: &HarnessWorld) -> anyhow::Result<u64> {
+    let stack = w.default_stack()?;
+    let rpc = stack.bitcoind()?.rpc();
+    let payout = stack.rewards().context("no rewards chain")?.pool_address.clone();
+    let tip: u64 = rpc.call("getblockcount", &[]).await?;
+    let mut sats = 0;
+    for h in 0..=(tip + 1).saturating_sub(100) {
+        if h + 100 > tip + 1 {
+            break;
+        }
+        let hash: String = rpc.call("getblockhash", &[json!(h)]).await?;
+        let b: Value = rpc.call("getblock", &[json!(hash), json!(2)]).await?;
+        for out in b["tx"][0]["vout"].as_array().into_iter().flatten() {
+            if out["scriptPubKey"]["address"].as_str() == Some(payout.as_str()) {
+                sats += bitcoin::Amount::from_btc(out["value"].as_f64().unwrap_or(0.0))?.to_sat();
+            }
+        }
+    }
+    Ok(sats)
+}
+
+#[then("the mint's matured rewards are what Bitcoin Core counts on the active chain")]
+async fn matured_follow_chain(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let oracle = matured_on_chain(w).await?;
+    let mint = w.default_stack()?.mint()?;
+    let reserve = mint.redemption_reserve().await?;
+    anyhow::ensure!(
+        u(&reserve, "matured_sat")? == oracle,
+        "the mint counts {} sat of matured rewards, Bitcoin Core's active chain {oracle}",
+        reserve["matured_sat"]
+    );
+    w.matured_remembered.get_or_insert(oracle);
+    Ok(())
+}
+
+#[then("the matured rewards fell by the reward the reorganisation removed")]
+async fn matured_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let before = w.matured_remembered.context("no matured rewards remembered")?;
+    let now = matured_on_chain(w).await?;
+    anyhow::ensure!(
+        now + harness::lightning::REWARD_SATS == before,
+        "matured rewards went from {before} to {now} sat; the fork removes one reward of {} sat",
+        harness::lightning::REWARD_SATS
+    );
+    Ok(())
+}
+
+#[when(expr = "node {string} moves the pool's chain onto the pre-mined fork that drops the last reward")]
+async fn onto_fork(w: &mut HarnessWorld, node: String) -> anyhow::Result<()> {
+    let reorg = w
+        .default_stack()?
+        .reorganise_onto_rewards_fork(&node)
+        .await?;
+    println!(
+        "[scenario] reorganisation onto the rewards fork: {} block(s) replaced by {} in {:.1} s",
+        reorg.replaced.len(),
+        reorg.branch.len(),
+        reorg.took.as_secs_f64()
+    );
+    w.reorg = Some(reorg);
+    Ok(())
+}
