@@ -107,7 +107,7 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, 1,000 miners and handshakes/s, settlement, declarations, template audits, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, 1,000 miners and handshakes/s, settlement, declarations, template audits (on the tip and on a rewound parent), 100,000 fresh-key lookups, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
 [group('test')]
 bench:
     cargo bench -p pool --bench share_validation
@@ -118,6 +118,7 @@ bench:
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench settlement
     cargo bench -p pool --bench declaration
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench lookups
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench redemption
     cargo bench -p harness --bench sniffer
 

@@ -37,8 +37,12 @@ pub async fn full_stack(config: &HarnessConfig, chain: Chain, name: &str) -> any
     }
     let mut stack = builder.start().await?;
     if lightning {
+        let pool = crate::roles::PoolOptions {
+            min_bits: crate::lightning::REDEMPTION_MIN_BITS,
+            ..Default::default()
+        };
         stack
-            .start_redemption_side(&Default::default(), &Default::default(), POOL_FEE_PPM)
+            .start_redemption_side(&pool, &Default::default(), POOL_FEE_PPM)
             .await?;
         stack.start_lightning("operator", None).await?;
     } else {
@@ -229,6 +233,31 @@ pub async fn run(config: &HarnessConfig, keep: bool, quiet: bool) -> anyhow::Res
     .await?;
     let after = stack.mint()?.redemption_reserve().await?;
     let ms = stack.proxy("mallory")?.wallet_status().await?;
+    // The money checks the scenarios end with: nothing held, every payment one PAID melt,
+    // each wallet balanced, the reserve Bitcoin Core's.
+    let mut keys = Vec::new();
+    for (name, p) in stack.proxies() {
+        if let (Some(public), Some(secret)) = (p.locking_pubkey, &p.locking_secret) {
+            keys.push(crate::settlement_sweep::KnownKey {
+                name: name.clone(),
+                public: public.to_string(),
+                secret: secret.clone(),
+                wallet_held: None,
+            });
+        }
+    }
+    let mint = stack.mint()?;
+    let money = crate::money_sweep::sweep_money(
+        &stack,
+        mint,
+        pool_ln,
+        &mint.config.redemption.payout_address,
+        POOL_FEE_PPM,
+        &keys,
+    )
+    .await
+    .context("the money checks after the redemption")?;
+    n.say(format!("money conserved: {money}"));
     let peak = sampler.peak();
     if quiet {
         stack

@@ -28,6 +28,7 @@ pub mod keys;
 pub mod lightning;
 pub mod logs;
 pub mod memory;
+pub mod money_sweep;
 pub mod ports;
 pub mod process;
 pub mod redis;

@@ -40,7 +40,7 @@ Feature: Lightning redemption: ehash is redeemed for sats the pool's Lightning n
     When miner "b" has 2 accepted shares
     And the miners stop
     Then every quote of "bob" becomes PAID and its wallet mints it
-    When "alice" and "bob" redeem at the same time, 15000 sat each
+    When "alice" and "bob" redeem at the same time, a tenth of what each one's ehash is worth
     Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
     And the redemption of "bob" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less
     And every PAID redemption is one payment of the pool's node, and the sats redeemed never exceed the matured rewards minus the pool fee

@@ -8,7 +8,8 @@ Feature: No redemption stays stuck: a melt ends paid exactly once or unpaid with
   never raised at their expense.
 
   Background:
-    Given a signet stack with matured rewards and the pool side redeeming over Lightning
+    Given the mint waits 20 s on a payment call, checks held payments every 3 s, releases an orphaned payment after 35 s and one never sent after 75 s
+    And a signet stack with matured rewards and the pool side redeeming over Lightning
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"
     And lightning node "alice"
@@ -75,3 +76,21 @@ Feature: No redemption stays stuck: a melt ends paid exactly once or unpaid with
     And auditor "a" starts again
     Then every quote of "alice" becomes PAID and its wallet mints it
     And the mint's redemption rate is no lower than remembered
+
+  Scenario: the pool's node killed while a payment's HTLC is only offered: that payment can never complete, and without an operator the mint releases it and the ehash comes back, while the committed payment before it is paid once
+    Given a proxy "bob" with a locking key
+    And an honest miner "b" behind proxy "bob"
+    When miner "b" has 2 accepted shares
+    And the miners stop
+    Then every quote of "bob" becomes PAID and its wallet mints it
+    When "alice" makes an invoice "first" worth a tenth of "bob"'s ehash on its node
+    And "alice" makes an invoice "second" worth a tenth of "alice"'s ehash on its node
+    And lightning node "alice" is paused
+    And "bob" starts redeeming invoice "first"
+    Then the pool's node has committed an HTLC for invoice "first"
+    When "alice" starts redeeming invoice "second"
+    Then the pool's node has offered an HTLC for invoice "second"
+    When lightning node "pool" is killed with SIGKILL
+    And lightning node "pool" starts again and lightning node "alice" resumes
+    Then invoice "first" is paid exactly once and "bob"'s wallet holds what that melt took less
+    And the redemption of invoice "second" ends UNPAID, its ehash is back and the mint holds nothing

@@ -44,6 +44,11 @@ pub const LIQUIDITY_SATS: u64 = 100_000_000;
 pub const MATURITY: u64 = 100;
 /// Seed of the pool node's `hsm_secret`.
 const POOL_LN_SEED: &str = "hashpool-harness pool lightning node v1";
+/// Leading zero bits of a 1-ehash share on stacks that redeem (the pool's `min_bits`): a share
+/// of the harness's CPU miners (about 16 zero bits) earns some hundred ehash, so these
+/// rewards make one ehash worth some tens of sats.
+pub const REDEMPTION_MIN_BITS: u32 = 8;
+
 /// The first address the pool node's wallet gives (`newaddr`, from [`pool_hsm_secret`]): the
 /// rewards fixture's coinbases pay it. The build checks lightningd still derives it.
 pub const POOL_NODE_ADDRESS: &str = "tb1qqs2lgan9cxvqfcqwanw4j7258x5veaha2kejf7";

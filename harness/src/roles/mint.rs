@@ -19,6 +19,9 @@ pub struct MintOptions {
     pub settlement_delay_secs: u64,
     /// Lightning redemption through the pool's node (off when None).
     pub redemption: Option<hashpool_config::pool_side::RedemptionSection>,
+    /// How the redemption processor times payments and held sats (the role's defaults when
+    /// None): payment timeout, hold check period, orphan grace, undispatched grace (seconds).
+    pub hold_timing: Option<(u64, u64, u64, u64)>,
 }
 
 /// A running mint.

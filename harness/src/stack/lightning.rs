@@ -104,6 +104,14 @@ impl Stack {
             },
             ..Default::default()
         });
+        if let (Some(r), Some((pay, check, orphan, undispatched))) =
+            (mint.redemption.as_mut(), mint.hold_timing)
+        {
+            r.payment_timeout_secs = pay;
+            r.hold_check_secs = check;
+            r.orphan_payment_grace_secs = orphan;
+            r.undispatched_grace_secs = undispatched;
+        }
         self.start_mint(&mint).await?;
         self.start_auditor("a", 2).await?;
         Ok(())

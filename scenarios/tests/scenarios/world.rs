@@ -89,6 +89,10 @@ pub struct HarnessWorld {
     pub melt_quote: Option<(String, serde_json::Value)>,
     /// Matured rewards (sats) as Bitcoin Core counted them before an action.
     pub matured_remembered: Option<u64>,
+    /// Invoices the scenario named.
+    pub named_invoices: HashMap<String, crate::steps::redemption_htlcs::NamedInvoice>,
+    /// Redemptions of named invoices running in the background.
+    pub named_redemptions: HashMap<String, crate::steps::redemption_htlcs::NamedRedemption>,
 }
 
 impl HarnessWorld {
@@ -129,6 +133,8 @@ impl HarnessWorld {
             probe: None,
             melt_quote: None,
             matured_remembered: None,
+            named_invoices: HashMap::new(),
+            named_redemptions: HashMap::new(),
         })
     }
 
@@ -248,9 +254,20 @@ impl HarnessWorld {
             }
             if let (Ok(mint), Ok(node)) = (stack.mint(), stack.lightning("pool")) {
                 if mint.config.redemption.enabled() {
-                    match crate::steps::redemption::sweep(stack, mint, node).await {
-                        Ok(summary) => println!("[sweep] stack {stack_name}: {summary}"),
-                        Err(e) => problems.push(format!("stack {stack_name}: redemption: {e:#}")),
+                    let keys = self.known_keys(stack).await;
+                    let r = &mint.config.redemption;
+                    match harness::money_sweep::sweep_money(
+                        stack,
+                        mint,
+                        node,
+                        &r.payout_address,
+                        r.pool_fee_ppm,
+                        &keys,
+                    )
+                    .await
+                    {
+                        Ok(report) => println!("[sweep] stack {stack_name}: {report}"),
+                        Err(e) => problems.push(format!("stack {stack_name}: money: {e:#}")),
                     }
                 }
             }
@@ -291,7 +308,13 @@ impl HarnessWorld {
 
     /// The settlement invariants for every key the scenario knows (proxies' and clients').
     async fn sweep_settlement(&self, stack: &Stack) -> anyhow::Result<Vec<String>> {
-        use harness::settlement_sweep::{sweep_settlement, KnownKey};
+        let keys = self.known_keys(stack).await;
+        harness::settlement_sweep::sweep_settlement(stack, &keys).await
+    }
+
+    /// Every operator key of `stack` the scenario knows: the proxies' and the SV2 clients'.
+    async fn known_keys(&self, stack: &Stack) -> Vec<harness::settlement_sweep::KnownKey> {
+        use harness::settlement_sweep::KnownKey;
         let mut keys = Vec::new();
         for (name, proxy) in stack.proxies() {
             let (Some(public), Some(secret)) = (proxy.locking_pubkey, &proxy.locking_secret) else {
@@ -316,7 +339,7 @@ impl HarnessWorld {
                 wallet_held: None,
             });
         }
-        sweep_settlement(stack, &keys).await
+        keys
     }
 
     /// Called after the scenario: stop every stack (a process that does not exit cleanly on

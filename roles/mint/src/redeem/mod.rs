@@ -623,7 +623,7 @@ pub async fn resolve_holds(
                         Some(MeltQuoteState::Pending | MeltQuoteState::Unknown) => mint
                             .check_melt_quote(&qid)
                             .await
-                            .map(|q| q.state.to_string())
+                            .map(|q| q.state().to_string())
                             .map_err(|e| e.to_string()),
                         // cdk is done with the melt while the ledger still holds: settle the
                         // ledger from Core Lightning.

@@ -299,6 +299,9 @@ mod tests {
         Quote(u64),
         /// A template found invalid fails this much of the pending ehash.
         Fail(u64),
+        /// A template found valid pays this much of the pending ehash (it can be minted, then
+        /// melted).
+        Pay(u64),
         /// More rewards mature.
         Mature(u64),
         /// A melt quoted, then held, for an invoice of this many msat.
@@ -314,6 +317,7 @@ mod tests {
         prop_oneof![
             (1u64..1 << 20).prop_map(Op::Quote),
             (1u64..1 << 16).prop_map(Op::Fail),
+            (1u64..1 << 20).prop_map(Op::Pay),
             (1u64..10_000_000).prop_map(Op::Mature),
             (1u64..2_000_000_000).prop_map(Op::Melt),
             (0u16..=1000).prop_map(Op::Complete),
@@ -340,6 +344,8 @@ mod tests {
             let mut t = Tally::default();
             let mut matured = 0u64;
             let mut pending = 0u64;
+            // Paid ehash not melted or in a melt: what holders can put into a melt.
+            let mut spendable = 0u64;
             let mut flight: std::collections::VecDeque<QuoteTerms> = Default::default();
             for op in ops {
                 let before = t.reserve(1, matured, fee_ppm);
@@ -350,10 +356,20 @@ mod tests {
                         t.failed_ehash += a;
                         pending -= a;
                     }
+                    Op::Pay(a) => {
+                        let a = a.min(pending);
+                        pending -= a;
+                        spendable += a;
+                    }
                     Op::Mature(s) => matured += s,
                     Op::Melt(invoice) => {
                         let fee = fee_reserve_msat(invoice, 10_000, 10_000);
-                        if let Ok(terms) = before.terms(invoice, fee, "h".into(), 0) {
+                        let terms = before
+                            .terms(invoice, fee, "h".into(), 0)
+                            .ok()
+                            .filter(|t| t.amount_ehash + t.fee_ehash <= spendable);
+                        if let Some(terms) = terms {
+                            spendable -= terms.amount_ehash + terms.fee_ehash;
                             // The ledger's own check at payment time.
                             prop_assert!(!terms.rate_above(&before));
                             prop_assert!(terms.held_msat() <= before.available_msat);
@@ -377,6 +393,8 @@ mod tests {
                                 || u128::from(ehash) * u128::from(terms.rate_msat)
                                     >= u128::from(spent) * u128::from(terms.rate_ehash));
                             t.settle(terms.held_msat(), spent, ehash);
+                            // The change comes back to its holder.
+                            spendable += inputs - ehash;
                             let after = t.reserve(1, matured, fee_ppm);
                             // Nothing happened between its hold and now: the others' rate
                             // does not fall by it.
@@ -390,6 +408,7 @@ mod tests {
                     Op::Drop => {
                         if let Some(terms) = flight.pop_front() {
                             t.release(terms.held_msat());
+                            spendable += terms.amount_ehash + terms.fee_ehash;
                             let after = t.reserve(1, matured, fee_ppm);
                             prop_assert!(no_higher(&after, &before), "a failed melt raised the rate");
                         }

@@ -94,6 +94,8 @@ pub struct OperatorWallet {
     /// Held by a redemption while it melts and by each round of the minting loop: recovery
     /// never compensates a melt still in flight, and a melt's balances are its own.
     melt_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Batch mints that failed in a row (a batch that failed twice is minted one by one).
+    failed_batches: u32,
 }
 
 /// The wallet seed of a locking key.
@@ -138,6 +140,7 @@ impl OperatorWallet {
             mint_pubkey: None,
             status: Arc::default(),
             melt_lock: Arc::default(),
+            failed_batches: 0,
         })
     }
 
@@ -242,14 +245,32 @@ impl OperatorWallet {
                 .batch_mint(&ids, SplitTarget::default(), None, None)
                 .await
             {
-                Ok(proofs) => proofs.iter().map(|p| u64::from(p.amount)).sum(),
+                Ok(proofs) => {
+                    self.failed_batches = 0;
+                    proofs.iter().map(|p| u64::from(p.amount)).sum()
+                }
                 Err(e) => {
-                    // One quote must not hold up the others: recover, then one by one.
+                    // An ambiguous failure (the mint busy, its answer lost) leaves the batch's
+                    // saga to recover: what the mint did issue is recovered, and the next
+                    // lookup no longer lists it. So the round ends and the next one mints
+                    // the rest as a batch; only a batch failing twice in a row is tried one by
+                    // one, so one bad quote cannot hold up the others.
+                    if let Err(r) = self.wallet.recover_incomplete_sagas().await {
+                        tracing::warn!("recovering the failed batch mint failed (retried next round): {r}");
+                    }
+                    self.failed_batches += 1;
+                    if self.failed_batches < 2 {
+                        tracing::warn!(
+                            "batch mint of {} quote(s) failed ({e}); trying again after a fresh lookup",
+                            ids.len()
+                        );
+                        break;
+                    }
                     tracing::warn!(
-                        "batch mint of {} quote(s) failed ({e}): one by one",
+                        "batch mint of {} quote(s) failed again ({e}): one by one",
                         ids.len()
                     );
-                    self.wallet.recover_incomplete_sagas().await?;
+                    self.failed_batches = 0;
                     let mut amount = 0;
                     for id in &ids {
                         match self.wallet.mint(id, SplitTarget::default(), None).await {

@@ -254,9 +254,21 @@ impl Redeemer {
             .map_err(|e| anyhow!("preparing the melt of quote {}: {e}", view.quote))?;
         let outcome = match prepared.confirm_prefer_async().await {
             Ok(o) => o,
-            // The mint refused it before it started (30012), with the reason: the wallet took
-            // the proofs back.
-            Err(e) => anyhow::bail!("melt of quote {}: {e}", view.quote),
+            // The mint refused it (before it started: 30012) and the wallet took the proofs
+            // back; cdk reports only "Payment failed", the mint keeps the reason.
+            Err(e) => {
+                let reason = mint_view(&self.mint_url, &view.quote)
+                    .await
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_string));
+                match reason {
+                    Some(why) => anyhow::bail!(
+                        "melt of quote {} refused by the mint: {why}; nothing was spent",
+                        view.quote
+                    ),
+                    None => anyhow::bail!("melt of quote {}: {e}", view.quote),
+                }
+            }
         };
         let (state, preimage) = match outcome {
             cdk::wallet::MeltOutcome::Paid(done) => {

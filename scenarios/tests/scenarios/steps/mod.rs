@@ -15,6 +15,7 @@ mod network;
 pub mod redemption;
 mod redemption_faults;
 mod redemption_holds;
+pub mod redemption_htlcs;
 mod redemption_quotes;
 mod redis;
 mod reorg;

@@ -13,6 +13,7 @@ use crate::world::{HarnessWorld, DEFAULT_STACK};
 
 /// The pool's fee in redemption stacks (2 %).
 const POOL_FEE_PPM: u64 = 20_000;
+
 /// Time a redemption may take (quote, melt, Lightning payment).
 pub(crate) const REDEEM_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -35,10 +36,25 @@ async fn redemption_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e:#}"))?;
     w.stacks.insert(DEFAULT_STACK.to_string(), stack);
+    w.pool_options.min_bits = harness::lightning::REDEMPTION_MIN_BITS;
     let (pool, mint) = (w.pool_options.clone(), w.mint_options.clone());
     w.default_stack_mut()?
         .start_redemption_side(&pool, &mint, POOL_FEE_PPM)
         .await
+}
+
+#[given(
+    expr = "the mint waits {int} s on a payment call, checks held payments every {int} s, releases an orphaned payment after {int} s and one never sent after {int} s"
+)]
+async fn hold_timing(
+    w: &mut HarnessWorld,
+    pay: u64,
+    check: u64,
+    orphan: u64,
+    never_sent: u64,
+) -> anyhow::Result<()> {
+    w.mint_options.hold_timing = Some((pay, check, orphan, never_sent));
+    Ok(())
 }
 
 pub(crate) fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
@@ -93,11 +109,25 @@ async fn tries(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<(
     Ok(())
 }
 
-#[when(expr = "{string} and {string} redeem at the same time, {int} sat each")]
-async fn concurrent(w: &mut HarnessWorld, a: String, b: String, sats: u64) -> anyhow::Result<()> {
+/// Sats a tenth of what `who`'s ehash is worth at the mint's rate now: share amounts vary a
+/// lot, so a fixed invoice could be beyond one operator's share of the reserve.
+pub(crate) async fn tenth_of_worth(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
+    let stack = w.default_stack()?;
+    let held = stack.proxy(who)?.wallet_status().await?.held;
+    let r = stack.mint()?.redemption_reserve().await?;
+    let msat = u128::from(held) * u128::from(u(&r, "redeemable_msat")?)
+        / u128::from(u(&r, "outstanding_ehash")?.max(1));
+    let sats = (msat / 10_000) as u64;
+    anyhow::ensure!(sats >= 1, "{who}'s {held} ehash are worth {msat} msat: too little to redeem a tenth");
+    Ok(sats)
+}
+
+#[when(expr = "{string} and {string} redeem at the same time, a tenth of what each one's ehash is worth")]
+async fn concurrent(w: &mut HarnessWorld, a: String, b: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let mut prepared = Vec::new();
     for who in [&a, &b] {
+        let sats = tenth_of_worth(w, who).await?;
         let invoice = stack
             .lightning(who)?
             .invoice(sats, &format!("redeem-{who}-concurrent"))
@@ -241,75 +271,9 @@ async fn refused(w: &mut HarnessWorld, text: String, who: String) -> anyhow::Res
     Ok(())
 }
 
-/// The sweep's redemption check (stacks that redeem): the mint counts one redemption per
-/// payment the pool's node completed and exactly the msat it sent, and never more than the
-/// matured rewards Bitcoin Core counted minus the pool fee.
-pub async fn sweep(
-    stack: &harness::Stack,
-    mint: &harness::roles::MintRole,
-    node: &harness::lightning::LightningNode,
-) -> anyhow::Result<String> {
-    let pays = node_payments(node).await?;
-    let reserve = mint.redemption_reserve().await?;
-    let sent: u64 = pays.values().sum();
-    anyhow::ensure!(
-        u(&reserve, "held_msat")? == 0,
-        "{} msat still held for payments in flight",
-        reserve["held_msat"]
-    );
-    anyhow::ensure!(
-        u(&reserve, "payments")? == pays.len() as u64 && u(&reserve, "redeemed_msat")? == sent,
-        "the mint counts {} redemption(s) and {} msat, the pool's node completed {} payment(s) of {sent} msat",
-        reserve["payments"],
-        reserve["redeemed_msat"],
-        pays.len()
-    );
-    let rewards = stack.rewards().context("no rewards chain")?;
-    let rpc = stack.bitcoind()?.rpc();
-    let tip: u64 = rpc.call("getblockcount", &[]).await?;
-    // Rewards the pool's own blocks added can only mature 100 blocks later: none in a
-    // scenario, so the rewards chain's (checked against Bitcoin Core) are all there are.
-    anyhow::ensure!(
-        u(&reserve, "matured_sat")? == rewards.rewards_sats && tip < rewards.blocks + 100,
-        "the mint counts {} sat matured at height {tip}, the rewards chain {}",
-        reserve["matured_sat"],
-        rewards.rewards_sats
-    );
-    let fee = u(&reserve, "pool_fee_sat")?;
-    anyhow::ensure!(
-        sent <= (rewards.rewards_sats - fee) * 1000,
-        "{sent} msat redeemed, more than matured rewards minus the pool fee"
-    );
-    Ok(format!(
-        "{} redemption(s), {sent} msat, each one payment of the pool's node, within the matured rewards minus the pool fee",
-        pays.len()
-    ))
-}
-
 /// Every complete payment of the pool's node, by payment hash: msat sent.
 async fn pool_payments(w: &HarnessWorld) -> anyhow::Result<HashMap<String, u64>> {
-    node_payments(w.default_stack()?.lightning("pool")?).await
-}
-
-async fn node_payments(
-    node: &harness::lightning::LightningNode,
-) -> anyhow::Result<HashMap<String, u64>> {
-    let pays = node.call("listpays", serde_json::json!({})).await?;
-    let mut out = HashMap::new();
-    for p in pays["pays"].as_array().into_iter().flatten() {
-        if p["status"] == "complete" {
-            let hash = p["payment_hash"]
-                .as_str()
-                .context("payment_hash")?
-                .to_string();
-            let sent = p["amount_sent_msat"].as_u64().context("amount_sent_msat")?;
-            anyhow::ensure!(
-                out.insert(hash.clone(), sent).is_none(),
-                "{hash} paid twice"
-            );
-        }
-    }
-    Ok(out)
+    harness::money_sweep::node_payments(w.default_stack()?.lightning("pool")?).await
 }
 
 #[then(
