@@ -116,10 +116,11 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
         .await
         .unwrap_err();
     assert!(matches!(e, NotYet::MissingParent(_)), "{e}");
-    assert!(node.gave_up_on(&made_up_parent).is_none());
+    assert!(node.gives_up_on(&made_up_parent).await.is_none());
     harness::wait::wait_until("the wait for the made-up parent to end", Duration::from_secs(10), || async {
         let _ = node.propose(&made_up_parent, &made_up_hex).await;
-        node.gave_up_on(&made_up_parent)
+        node.gives_up_on(&made_up_parent)
+            .await
             .map(|_| ())
             .ok_or_else(|| "still waiting".to_string())
     })

@@ -8,7 +8,7 @@ Feature: No redemption stays stuck: a melt ends paid exactly once or unpaid with
   never raised at their expense.
 
   Background:
-    Given the mint waits 20 s on a payment call, checks held payments every 3 s, releases an orphaned payment after 35 s and one never sent after 75 s
+    Given the mint waits 20 s on a payment call, checks held payments every 3 s, releases an orphaned payment after 35 s and a failed or unknown one after 75 s
     And a signet stack with matured rewards and the pool side redeeming over Lightning
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"

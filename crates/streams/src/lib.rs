@@ -50,6 +50,9 @@ pub struct Consumer {
     timeout: Duration,
     /// Own pending entries are re-read until none is left.
     own_pending_done: bool,
+    /// Where the re-read of own pending entries goes on (past those already handed out, so
+    /// an entry left pending on purpose does not come back until it is claimed again).
+    pending_cursor: String,
 }
 
 fn failed(what: &'static str) -> impl Fn(redis::RedisError) -> StreamError {
@@ -142,6 +145,7 @@ impl Consumer {
             name: name.into(),
             timeout,
             own_pending_done: false,
+            pending_cursor: "0".into(),
         })
     }
 
@@ -149,8 +153,10 @@ impl Consumer {
     /// (blocking up to `block`). Empty when nothing came.
     pub async fn next(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>, StreamError> {
         if !self.own_pending_done {
-            let got = self.read("0", count, None).await?;
-            if !got.is_empty() {
+            let cursor = self.pending_cursor.clone();
+            let got = self.read(&cursor, count, None).await?;
+            if let Some(last) = got.last() {
+                self.pending_cursor = last.id.clone();
                 return Ok(got);
             }
             self.own_pending_done = true;

@@ -236,11 +236,14 @@ async fn up(config: &HarnessConfig, chain: Chain, keep: bool, bare: bool) -> any
     }
     let started = std::time::Instant::now();
     let stack = if bare {
-        Stack::builder("up", config)
+        let mut stack = Stack::builder("up", config)
             .chain(chain)
             .redis()
             .start()
-            .await?
+            .await?;
+        // An auditor rewinds its node: it gets one of its own, following the pool's.
+        stack.start_audit_node("manual").await?;
+        stack
     } else {
         let stack = harness::demo::full_stack(config, chain, "up").await?;
         println!(

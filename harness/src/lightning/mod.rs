@@ -139,6 +139,10 @@ impl LightningNode {
             .arg("--dev-bitcoind-poll=1")
             .arg("--dev-fast-gossip")
             .arg("--funding-confirms=1")
+            // Scan from height 100 (every stack's chain is taller): Core Lightning stops with
+            // "Initial block ... reorganized out" on a reorganisation below the block it
+            // started from, and scenarios reorganise the rewards chain below its maturity.
+            .arg("--rescan=-100")
             .arg(format!("--rpc-file={}", rpc_path.display()))
             .arg("--log-level=info")
             .arg("--log-file=-");

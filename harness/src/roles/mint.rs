@@ -20,7 +20,7 @@ pub struct MintOptions {
     /// Lightning redemption through the pool's node (off when None).
     pub redemption: Option<hashpool_config::pool_side::RedemptionSection>,
     /// How the redemption processor times payments and held sats (the role's defaults when
-    /// None): payment timeout, hold check period, orphan grace, undispatched grace (seconds).
+    /// None): payment timeout, hold check period, orphan grace, final-status grace (seconds).
     pub hold_timing: Option<(u64, u64, u64, u64)>,
 }
 

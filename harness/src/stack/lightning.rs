@@ -110,7 +110,7 @@ impl Stack {
             r.payment_timeout_secs = pay;
             r.hold_check_secs = check;
             r.orphan_payment_grace_secs = orphan;
-            r.undispatched_grace_secs = undispatched;
+            r.final_status_grace_secs = undispatched;
         }
         self.start_mint(&mint).await?;
         self.start_auditor("a", 2).await?;

@@ -365,6 +365,18 @@ impl Stack {
                 logs: vec![spec.stdout_log(), spec.stderr_log()],
             });
         }
+        for (prefix, nodes) in [("bitcoind-", &self.operator_nodes), ("bitcoind-audit-", &self.audit_nodes)] {
+            for (name, b) in nodes {
+                let spec = b.process().spec();
+                roles.push(RoleSummary {
+                    name: format!("{prefix}{name}"),
+                    endpoint: b.rpc_url(),
+                    credentials: Some(format!("{RPC_USER}:{}", b.rpc_password())),
+                    pid: b.process().pid(),
+                    logs: vec![spec.stdout_log(), spec.stderr_log()],
+                });
+            }
+        }
         roles.extend(self.role_summaries());
         StackSummary {
             name: self.name.clone(),

@@ -31,7 +31,7 @@ impl Stack {
     /// Start the audit node of auditor `name` (`bitcoind-audit-<name>`: the auditor's own,
     /// following the pool's node over P2P; the auditor rewinds it to audit templates whose tip
     /// is gone) and wait until it has the pool node's tip.
-    pub(super) async fn start_audit_node(&mut self, name: &str) -> anyhow::Result<&Bitcoind> {
+    pub async fn start_audit_node(&mut self, name: &str) -> anyhow::Result<&Bitcoind> {
         anyhow::ensure!(
             !self.audit_nodes.contains_key(name),
             "auditor {name:?} already has an audit node"

@@ -53,7 +53,7 @@ pub async fn audit(node: &AuditNode, task: &AuditTask) -> Result<(Verdict, Strin
             return Ok((Verdict::Invalid, format!("rpc error {code}: {message}")))
         }
         Err(e @ NotYet::MissingParent(_)) => {
-            return match node.gave_up_on(&task.prev_hash) {
+            return match node.gives_up_on(&task.prev_hash).await {
                 Some(waited) => Ok((
                     Verdict::Invalid,
                     format!(
@@ -77,11 +77,19 @@ pub async fn audit(node: &AuditNode, task: &AuditTask) -> Result<(Verdict, Strin
     let (verdict, reason) = match proposal.answer {
         Value::Null if how.is_empty() => (Verdict::Valid, "proposal".to_string()),
         Value::Null => (Verdict::Valid, format!("proposal {how}")),
+        // Answers about the node, not the block: the tip moved under the proposal, or the
+        // block's hash stayed known however its nonce was changed.
+        Value::String(s) if s.starts_with("inconclusive") || s.starts_with("duplicate") => {
+            return Err(NotYet::Lagging(format!(
+                "Bitcoin Core answered {s:?}{}: no verdict on the content, audited again",
+                if how.is_empty() { String::new() } else { format!(" {how}") }
+            )))
+        }
         Value::String(s) if how.is_empty() => (Verdict::Invalid, s),
         Value::String(s) => (Verdict::Invalid, format!("{s} ({how})")),
         other => {
             return Err(NotYet::Lagging(format!(
-                "unexpected proposal answer {other}"
+                "Bitcoin Core answered the proposal with {other}, neither null nor a reject reason: audited again"
             )))
         }
     };

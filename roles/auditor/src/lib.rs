@@ -40,6 +40,8 @@ const BLOCK: Duration = Duration::from_millis(500);
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait for one Redis answer.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one worker retries a task without a verdict before it moves on.
+const NOT_YET_PATIENCE: Duration = Duration::from_secs(3);
 /// Verdict markers outlive any template's shares by far.
 const VERDICT_MARKER_TTL_SECS: u64 = 90 * 24 * 3600;
 
@@ -81,6 +83,8 @@ struct Metrics {
     rewound: prometheus::IntCounter,
     /// Templates found `invalid` because the audit node never got their parent.
     unknown_parent: prometheus::IntCounter,
+    /// Tasks left pending without a verdict for now (audited again later).
+    not_yet: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -113,8 +117,13 @@ impl Metrics {
                 "hashpool_auditor_unknown_parent_total",
                 "Templates invalid because the audit node never got their parent block",
             ))?,
+            not_yet: prometheus::IntCounter::with_opts(Opts::new(
+                "hashpool_auditor_not_yet_total",
+                "Tasks left pending without a verdict for now, audited again later",
+            ))?,
         };
         m.registry.register(Box::new(m.rewound.clone()))?;
+        m.registry.register(Box::new(m.not_yet.clone()))?;
         m.registry.register(Box::new(m.unknown_parent.clone()))?;
         m.registry.register(Box::new(m.verdicts.clone()))?;
         m.registry.register(Box::new(m.audit_seconds.clone()))?;
@@ -187,6 +196,39 @@ async fn write_verdict(
     }
 }
 
+/// The verdict on `task`, retried for a few seconds while there is none yet (a new block
+/// reaches the audit node a moment after the pool); `None` when there is still none: the task
+/// stays pending and another round claims it again after `reclaim_idle_ms`, so it does not hold
+/// up the tasks behind it. `Err` when bitcoind does not answer.
+async fn audit_patiently(
+    node: &AuditNode,
+    metrics: &Metrics,
+    task: &AuditTask,
+) -> anyhow::Result<Option<(Verdict, String)>> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match audit(node, task).await {
+            Ok(v) => return Ok(Some(v)),
+            Err(NotYet::Rpc(e)) => {
+                return Err(anyhow!(e).context(format!("template {}", task.template_id)))
+            }
+            Err(e) if started.elapsed() >= NOT_YET_PATIENCE => {
+                metrics.not_yet.inc();
+                tracing::info!(
+                    template = task.template_id,
+                    "no verdict yet, the task stays pending and is audited again later: {e}"
+                );
+                return Ok(None);
+            }
+            Err(_) => {}
+        }
+        // Waiting for the audit node to catch up with the pool's.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(800));
+    }
+}
+
 /// Audit one entry and write its verdict. `Err` leaves the task pending (retried).
 async fn handle(
     node: &AuditNode,
@@ -197,9 +239,9 @@ async fn handle(
     let started = Instant::now();
     let (task, template_id, verdict, reason) = match AuditTask::from_fields(&e.fields) {
         Ok(t) => {
-            let (v, r) = audit(node, &t)
-                .await
-                .with_context(|| format!("template {}", t.template_id))?;
+            let Some((v, r)) = audit_patiently(node, metrics, &t).await? else {
+                return Ok(());
+            };
             let id = t.template_id;
             (Some(t), id, v, r)
         }
@@ -289,7 +331,7 @@ async fn worker(
                     .claim_abandoned(Duration::from_millis(config.reclaim_idle_ms), 1)
                     .await?;
                 if !entries.is_empty() {
-                    tracing::info!(worker = %name, "claimed a task a dead auditor left pending");
+                    tracing::info!(worker = %name, "claimed a task left pending (by a dead auditor, or without a verdict yet)");
                 }
             }
             if entries.is_empty() {

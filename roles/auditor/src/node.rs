@@ -211,12 +211,22 @@ impl AuditNode {
         }
     }
 
-    /// Whether the node has given up waiting for `prev_hash` (then the template is
-    /// `unknown-parent`).
-    pub fn gave_up_on(&self, prev_hash: &str) -> Option<Duration> {
+    /// Whether the auditor gives up waiting for `prev_hash` (then the template is
+    /// `unknown-parent`): it has looked for it for `unknown_parent_wait`, and the node, which
+    /// still does not have it, is networking, has a peer, and has every block whose header it
+    /// knows (so it is not merely lagging).
+    pub async fn gives_up_on(&self, prev_hash: &str) -> Option<Duration> {
         let since = *self.missing_since.lock().ok()?.get(prev_hash)?;
         let waited = since.elapsed();
-        (waited >= self.unknown_parent_wait).then_some(waited)
+        if waited < self.unknown_parent_wait {
+            return None;
+        }
+        let net: Value = self.call("getnetworkinfo", &[]).await.ok()?;
+        let chain: Value = self.call("getblockchaininfo", &[]).await.ok()?;
+        let synced = net["networkactive"] == true
+            && net["connections"].as_u64().unwrap_or(0) > 0
+            && chain["headers"] == chain["blocks"];
+        synced.then_some(waited)
     }
 
     fn missing(&self, prev_hash: &str, why: String) -> NotYet {
@@ -248,22 +258,48 @@ impl AuditNode {
         };
         let height = header["height"].as_u64().unwrap_or(0);
         let active = header["confirmations"].as_i64().unwrap_or(-1) >= 0;
-        match self.call::<Value>("getblock", &[json!(hash), json!(0)]).await {
-            Ok(_) => Ok(Parent::Known { height, active }),
-            Err(RpcError::Node { .. }) => {
-                let peers: Vec<Value> = self.call("getpeerinfo", &[]).await?;
-                for p in peers {
-                    if let Some(id) = p["id"].as_u64() {
-                        // Asked, not awaited: the block arrives over P2P.
-                        let _ = self
-                            .call::<Value>("getblockfrompeer", &[json!(hash), json!(id)])
-                            .await;
-                    }
+        // The parent and, on a stale branch, its ancestors down to the active chain: the node
+        // can only switch to the parent with every one of their blocks.
+        let mut at = hash.to_string();
+        let mut missing = false;
+        for _ in 0..MAX_FORK_DEPTH {
+            match self.call::<Value>("getblock", &[json!(at), json!(0)]).await {
+                Ok(_) => {}
+                Err(RpcError::Node { .. }) => {
+                    missing = true;
+                    self.ask_peers_for(&at).await?;
                 }
-                Ok(Parent::NoData)
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
+            if active {
+                break;
+            }
+            let h: Value = self.call("getblockheader", &[json!(at)]).await?;
+            if h["confirmations"].as_i64().unwrap_or(-1) >= 0 {
+                break;
+            }
+            match h["previousblockhash"].as_str() {
+                Some(p) => at = p.to_string(),
+                None => break,
+            }
         }
+        Ok(match missing {
+            true => Parent::NoData,
+            false => Parent::Known { height, active },
+        })
+    }
+
+    /// Ask every peer for block `hash` (its header is known); not awaited: it arrives over P2P.
+    async fn ask_peers_for(&self, hash: &str) -> Result<(), NotYet> {
+        let peers: Vec<Value> = self.call("getpeerinfo", &[]).await?;
+        for p in peers {
+            if let Some(id) = p["id"].as_u64() {
+                let _ = self
+                    .call::<Value>("getblockfrompeer", &[json!(hash), json!(id)])
+                    .await;
+            }
+        }
+        Ok(())
     }
 
     /// Network off, rewind to `parent`, propose, restore (always, even after an error).
@@ -274,6 +310,18 @@ impl AuditNode {
         active: bool,
         hex_block: &str,
     ) -> Result<Proposal, NotYet> {
+        // A node with inbound peers serves others (a pool's node?): never rewind it.
+        let net: Value = self.call("getnetworkinfo", &[]).await?;
+        let inbound = net["connections_in"].as_u64().unwrap_or(0);
+        if inbound > 0 {
+            tracing::error!(
+                inbound,
+                "the audit node has inbound peers: it serves others and is not rewound; give the auditor a bitcoind of its own (no listening, one outbound peer: the pool's node)"
+            );
+            return Err(NotYet::Lagging(format!(
+                "the audit node has {inbound} inbound peer(s): not rewound (it must be the auditor's own)"
+            )));
+        }
         self.call::<Value>("setnetworkactive", &[json!(false)])
             .await?;
         let mut invalidated = Vec::new();
@@ -322,12 +370,15 @@ impl AuditNode {
             }
             let cut: String = match self.call("getblockhash", &[json!(cut_height)]).await {
                 Ok(h) => h,
-                // The active chain ends at or below the cut: the parent's branch has no data
-                // the node could switch to.
+                // The active chain ends at or below the cut and the node did not switch to the
+                // parent's branch: it lacks blocks of that branch (asked from its peers).
                 Err(RpcError::Node { message, .. }) => {
-                    return Err(NotYet::Lagging(format!(
-                        "cannot make {parent} the tip (no block at height {cut_height}: {message})"
-                    )))
+                    return Err(self.missing(
+                        parent,
+                        format!(
+                            "the audit node cannot switch to {parent}'s branch: no block at height {cut_height} ({message}); its blocks are asked from the peers"
+                        ),
+                    ))
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -339,7 +390,7 @@ impl AuditNode {
             active = header["confirmations"].as_i64().unwrap_or(-1) >= 0;
         }
         Err(NotYet::Lagging(format!(
-            "{parent} did not become the tip after {MAX_INVALIDATIONS} invalidations"
+            "{parent} did not become the tip after {MAX_INVALIDATIONS} invalidations (the audit node keeps changing: is another process using it?): audited again"
         )))
     }
 

@@ -166,6 +166,11 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
                 ),
             )
         }
+        Err(LookupRefused::Unavailable) => {
+            return internal(anyhow::anyhow!(
+                "the lookup replay guard is unusable after a panic: restart the mint"
+            ))
+        }
         Err(LookupRefused::Full) => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -266,7 +271,7 @@ async fn melt_guard(
         .and_then(|v| v["quote"].as_str().map(str::to_string));
     if let Some(q) = quote {
         if let Ok(Some(terms)) = ledger.terms(&q).await {
-            if let Some(why) = crate::redeem::stale_or_expired(&ledger, &terms).await {
+            if let Err(why) = crate::redeem::payable(&ledger, &terms).await {
                 tracing::info!(quote = %q, "melt refused before it started: {why}");
                 if let Err(e) = ledger.refuse(&q, &why).await {
                     tracing::warn!(quote = %q, "keeping the refusal's reason failed: {e:#}");

@@ -5,7 +5,8 @@
 //!
 //! An entry that can never be processed (it does not parse, or its locking key is no curve
 //! point) leaves the group only together with its dead letter in `mint:dead` (one Redis
-//! transaction), counted in `hashpool_mint_dead_letters_total`. Any other failure (the
+//! transaction), counted in `hashpool_mint_dead_letters_total`; one of a newer record version
+//! stops the reader until the mint is upgraded. Any other failure (the
 //! database busy past its timeout, a failed commit, a full disk, Redis gone) fails the whole
 //! batch: nothing is acknowledged and the batch is read again after a backoff, so a record the
 //! pool acknowledged to its miner always becomes a quote.
@@ -38,6 +39,16 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Whether `err` is a record of a version newer than this mint reads.
+fn newer_version(err: &ehash::RecordError) -> bool {
+    match err {
+        ehash::RecordError::Version { found, known } => {
+            found.parse::<u32>().is_ok_and(|f| f > *known)
+        }
+        _ => false,
+    }
 }
 
 /// Count paid quotes and push their state to NUT-17 subscribers (after commit).
@@ -87,6 +98,14 @@ impl Handler for Shares {
         let mut records = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
         for e in entries {
+            // A newer record version (the pool upgraded first) is not a bad record: wait for
+            // this mint to be upgraded rather than set it aside.
+            if let Err(err @ ehash::RecordError::Version { .. }) = ShareRecord::from_fields(&e.fields)
+            {
+                if newer_version(&err) {
+                    anyhow::bail!("entry {}: {err}: upgrade the mint to read it", e.id);
+                }
+            }
             // Everything a record could fail on for good is checked here, before the database.
             let checked = ShareRecord::from_fields(&e.fields)
                 .map_err(|err| format!("unreadable share record: {err}"))
@@ -136,6 +155,12 @@ impl Handler for Verdicts {
         let mut results = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
         for e in entries {
+            if let Err(err @ ehash::RecordError::Version { .. }) = AuditResult::from_fields(&e.fields)
+            {
+                if newer_version(&err) {
+                    anyhow::bail!("entry {}: {err}: upgrade the mint to read it", e.id);
+                }
+            }
             match AuditResult::from_fields(&e.fields) {
                 Ok(r) => {
                     self.metrics

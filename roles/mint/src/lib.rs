@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod http;
 mod ingest;
+mod lookups;
 mod metrics;
 pub mod redeem;
 pub mod store;

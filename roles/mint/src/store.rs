@@ -37,11 +37,8 @@ use crate::backend::{METHOD, UNIT};
 const NS: &str = "ehash";
 /// Secondary namespace of the running sums.
 const TALLY: &str = "tally";
-/// Keys past which the lookup guard forgets stale entries.
-const LOOKUP_PRUNE_AT: usize = 10_000;
-/// Keys the lookup guard holds at most (all within the window): past it, lookups from new
-/// keys are refused until the window moves on.
-pub const MAX_LOOKUP_KEYS: usize = 1_000_000;
+pub use crate::lookups::{LookupRefused, MAX_LOOKUP_KEYS};
+use crate::lookups::LookupGuard;
 /// Quotes never expire (a share stays owed until audited and minted).
 const QUOTE_EXPIRY: u64 = u64::MAX / 2;
 
@@ -100,56 +97,6 @@ pub struct QuoteView {
 /// Quotes whose state changed, to push over NUT-17 once committed.
 pub type Changed = Vec<MintQuote>;
 
-/// Why a signed lookup's timestamp is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LookupRefused {
-    /// Not after the key's last accepted timestamp.
-    Replayed {
-        /// The last one accepted.
-        last: u64,
-    },
-    /// Not after the mint's start (what came before is forgotten).
-    BeforeStart {
-        /// When the mint started (ms).
-        start: u64,
-    },
-    /// Too many distinct keys looked up within the window.
-    Full,
-}
-
-/// The last accepted lookup timestamp of each key seen within the window.
-#[derive(Debug)]
-struct LookupGuard {
-    /// Timestamps at or before this are refused (the mint's start).
-    floor: u64,
-    window_ms: u64,
-    last: HashMap<String, u64>,
-}
-
-impl LookupGuard {
-    fn bump(&mut self, pubkey: &str, timestamp: u64, now: u64) -> Result<(), LookupRefused> {
-        if timestamp <= self.floor {
-            return Err(LookupRefused::BeforeStart { start: self.floor });
-        }
-        if let Some(last) = self.last.get(pubkey) {
-            if *last >= timestamp {
-                return Err(LookupRefused::Replayed { last: *last });
-            }
-        }
-        if self.last.len() >= LOOKUP_PRUNE_AT && !self.last.contains_key(pubkey) {
-            // A key whose last timestamp left the window needs no state: anything it could
-            // replay is stale.
-            let horizon = now.saturating_sub(self.window_ms);
-            self.last.retain(|_, t| *t >= horizon);
-            if self.last.len() >= MAX_LOOKUP_KEYS {
-                return Err(LookupRefused::Full);
-            }
-        }
-        self.last.insert(pubkey.to_string(), timestamp);
-        Ok(())
-    }
-}
-
 /// The ledger.
 pub struct Store {
     mint: Arc<Mint>,
@@ -187,11 +134,7 @@ impl Store {
             unit: CurrencyUnit::custom(UNIT),
             method: PaymentMethod::Custom(METHOD.into()),
             writer: tokio::sync::Mutex::new(()),
-            lookups: std::sync::Mutex::new(LookupGuard {
-                floor: now_ms(),
-                window_ms: lookup_window_ms,
-                last: HashMap::new(),
-            }),
+            lookups: std::sync::Mutex::new(LookupGuard::new(now_ms(), lookup_window_ms)),
         }
     }
 
@@ -635,39 +578,7 @@ impl Store {
         match self.lookups.lock() {
             Ok(mut g) => g.bump(pubkey, timestamp, now_ms()),
             // A panic while holding the guard: refuse rather than skip the replay check.
-            Err(_) => Err(LookupRefused::Full),
+            Err(_) => Err(LookupRefused::Unavailable),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{LookupGuard, LookupRefused, LOOKUP_PRUNE_AT};
-
-    #[test]
-    fn the_lookup_guard_refuses_replays_and_forgets_keys_past_the_window() {
-        let mut g = LookupGuard {
-            floor: 1_000,
-            window_ms: 60_000,
-            last: Default::default(),
-        };
-        assert_eq!(
-            g.bump("a", 1_000, 2_000),
-            Err(LookupRefused::BeforeStart { start: 1_000 })
-        );
-        assert_eq!(g.bump("a", 1_500, 2_000), Ok(()));
-        assert_eq!(
-            g.bump("a", 1_500, 2_000),
-            Err(LookupRefused::Replayed { last: 1_500 })
-        );
-        assert_eq!(g.bump("a", 1_501, 2_000), Ok(()));
-        // Fresh keys: the guard holds only those within the window once it has many.
-        let now = 10_000_000;
-        for i in 0..LOOKUP_PRUNE_AT * 3 {
-            assert_eq!(g.bump(&format!("k{i}"), now - 120_000 + i as u64, now), Ok(()));
-        }
-        assert!(g.last.len() <= LOOKUP_PRUNE_AT * 2, "{}", g.last.len());
-        // The first key was pruned; a replay of its last lookup is stale at the mint anyway.
-        assert!(!g.last.contains_key("a"));
     }
 }

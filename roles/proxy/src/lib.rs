@@ -47,7 +47,7 @@ fn from_this_machine(
     tracing::warn!(%peer, "wallet request refused: not from loopback");
     Err((
         axum::http::StatusCode::FORBIDDEN,
-        axum::Json(serde_json::json!({"error": "redemptions are taken only from this machine (loopback)"})),
+        axum::Json(serde_json::json!({"error": "the wallet's redemptions and melts are served only to this machine (loopback)"})),
     ))
 }
 
@@ -170,9 +170,15 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
             )
             .route(
                 "/wallet/melts",
-                axum::routing::get(move || {
+                axum::routing::get(
+                    move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
+                          headers: axum::http::HeaderMap| {
                     let r = melts.clone();
                     async move {
+                        // Invoices and preimages: only to this machine.
+                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                            return refused;
+                        }
                         match r.melts().await {
                             Ok(m) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(m))),
                             Err(e) => (
@@ -181,7 +187,8 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                             ),
                         }
                     }
-                }),
+                },
+                ),
             )
             .route(
                 "/wallet/quote",

@@ -64,8 +64,8 @@ pub struct MintConfig {
 /// | `min_routing_fee_reserve_sat` | 10 | the smallest fee reserve, sats |
 /// | `payment_timeout_secs` | 90 | longest the mint waits on one payment call; past it the payment's outcome is found from Core Lightning later |
 /// | `hold_check_secs` | 10 | how often held payments are checked with Core Lightning (and at start) |
-/// | `orphan_payment_grace_secs` | 60 | a payment Core Lightning calls pending with no HTLC on any channel for this long can never complete: released |
-/// | `undispatched_grace_secs` | 120 | a hold Core Lightning has no payment for, this long after it was written, was never sent: released (at least 75: xpay routes for up to 60 s) |
+/// | `orphan_payment_grace_secs` | 60 | a payment Core Lightning lists as pending with no HTLC on any channel, seen so this long, can never complete: released |
+/// | `final_status_grace_secs` | 120 | a payment Core Lightning lists as failed, or has no record of, seen so this long, is released (at least 75: xpay routes and retries for up to 60 s) |
 /// | `[redemption.bitcoind]` | | `rpc_url`, `rpc_user`, `rpc_password` of a node that sees the pool's blocks |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -86,9 +86,8 @@ pub struct RedemptionSection {
     pub hold_check_secs: u64,
     /// Pending with no HTLC on any channel this long: released, seconds.
     pub orphan_payment_grace_secs: u64,
-    /// A hold Core Lightning has no payment for this long after it was written: released,
-    /// seconds.
-    pub undispatched_grace_secs: u64,
+    /// Failed or unknown to Core Lightning, seen so this long: released, seconds.
+    pub final_status_grace_secs: u64,
     /// Where matured rewards are counted.
     pub bitcoind: BitcoindSection,
 }
@@ -104,7 +103,7 @@ impl Default for RedemptionSection {
             payment_timeout_secs: 90,
             hold_check_secs: 10,
             orphan_payment_grace_secs: 60,
-            undispatched_grace_secs: 120,
+            final_status_grace_secs: 120,
             bitcoind: BitcoindSection::default(),
         }
     }
@@ -148,12 +147,13 @@ impl RedemptionSection {
                 self.orphan_payment_grace_secs
             ));
         }
-        // xpay routes a payment for up to 60 s (its retry_for) before its first attempt may
-        // be recorded, even after the mint that asked is gone.
-        if self.undispatched_grace_secs < 75 {
+        // xpay routes and retries a payment for up to 60 s (its retry_for): meanwhile every
+        // recorded attempt may be failed, or none recorded yet, even after the mint that asked
+        // is gone.
+        if self.final_status_grace_secs < 75 {
             return Err(format!(
-                "`redemption.undispatched_grace_secs` must be at least 75 (a payment call cut off by a crash may still be routing in Core Lightning for 60 s), got {}",
-                self.undispatched_grace_secs
+                "`redemption.final_status_grace_secs` must be at least 75 (Core Lightning's xpay routes and retries a payment for 60 s), got {}",
+                self.final_status_grace_secs
             ));
         }
         Ok(())

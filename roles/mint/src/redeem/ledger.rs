@@ -181,6 +181,15 @@ impl Ledger {
                 let height = scan.next;
                 let hash: String = self.call("getblockhash", &[json!(height)]).await?;
                 let block: Value = self.call("getblock", &[json!(hash), json!(2)]).await?;
+                // A reorganisation in the middle of the count: this block is not a child of
+                // the last one counted. Count again from where the chains meet (next call).
+                if let Some(last) = &scan.last {
+                    if block["previousblockhash"].as_str() != Some(last.as_str()) {
+                        anyhow::bail!(
+                            "the chain reorganised while matured rewards were counted (block {height} does not follow {last}): counted again at the next look"
+                        );
+                    }
+                }
                 let mut sats = 0;
                 for out in block["tx"][0]["vout"].as_array().into_iter().flatten() {
                     if out["scriptPubKey"]["hex"].as_str() == Some(&self.payout_script) {
@@ -306,9 +315,10 @@ impl Ledger {
         Ok(raw.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
-    /// Hold the quote's msat for a payment about to be dispatched, and name it as the quote
-    /// paying its hash (call under `hold_lock`). Refused (with the reason) if another quote's
-    /// payment of the same invoice is in flight or done.
+    /// Hold the quote's msat for a payment about to be dispatched at `terms` (the quote's, or a
+    /// lower rate it is paid at), and name it as the quote paying its hash (call under
+    /// `hold_lock`). Refused (with the reason) if another quote's payment of the same invoice
+    /// is in flight or done.
     pub async fn hold(&self, quote_id: &str, terms: &QuoteTerms) -> anyhow::Result<Result<(), String>> {
         if let Some(other) = self.quote_of_hash(&terms.payment_hash).await? {
             if other != quote_id && (self.is_held(&other).await? || self.paid(&other).await?.is_some()) {
@@ -330,6 +340,13 @@ impl Ledger {
         .await
         .map_err(kv_err)?;
         tx.kv_write(NS, "hash", &terms.payment_hash, quote_id.as_bytes())
+            .await
+            .map_err(kv_err)?;
+        // The rate it is paid at (settled at that rate), and no reason of an earlier refusal.
+        tx.kv_write(NS, "quote", quote_id, &serde_json::to_vec(terms)?)
+            .await
+            .map_err(kv_err)?;
+        tx.kv_remove(NS, "refused", quote_id)
             .await
             .map_err(kv_err)?;
         Self::write_tally(&mut tx, &tally).await?;
@@ -418,6 +435,29 @@ impl Ledger {
             .await
             .map_err(kv_err)?;
         tx.commit().await.map_err(kv_err)
+    }
+
+    /// A payment released earlier completed after all: its sats left (counted as redeemed and
+    /// paid), though its ehash went back to the operator. Logged as the error it is.
+    pub async fn paid_after_release(&self, quote_id: &str, spent_msat: u64) -> anyhow::Result<()> {
+        let _g = self.hold_lock.lock().await;
+        if self.paid(quote_id).await?.is_some() {
+            return Ok(());
+        }
+        let mut tally = self.read_tally().await?;
+        tally.settle(0, spent_msat, 0);
+        let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
+        tx.kv_write(NS, "paid", quote_id, format!("{spent_msat}:0").as_bytes())
+            .await
+            .map_err(kv_err)?;
+        Self::write_tally(&mut tx, &tally).await?;
+        tx.commit().await.map_err(kv_err)?;
+        tracing::error!(
+            quote = quote_id,
+            spent_msat,
+            "a payment whose hold was released completed: its sats are paid out and its ehash was returned"
+        );
+        Ok(())
     }
 
     /// Keep why a melt was refused before anything was held.

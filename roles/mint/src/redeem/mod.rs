@@ -9,21 +9,20 @@
 //! Every melt ends paid exactly once or unpaid with its proofs back, without an operator:
 //! before the payment is sent its sats are held; a payment call that fails before reaching
 //! Core Lightning releases the hold at once; otherwise the hold stays until Core Lightning
-//! tells what became of the payment, asked when cdk asks ([`MintPayment::check_outgoing_payment`])
-//! and by [`resolve_holds`] at start and every `hold_check_secs`: complete is settled, failed
-//! is released, pending with no HTLC on any channel for `orphan_payment_grace_secs` (a node
-//! killed before it committed the HTLC forgets it, and nothing will ever complete it) is
-//! released, and no payment at all `undispatched_grace_secs` after the hold (the mint died
-//! between holding and sending) is released.
+//! tells what became of the payment ([`resolve`]), asked when cdk asks
+//! ([`MintPayment::check_outgoing_payment`]) and at start and every `hold_check_secs`.
 
 pub mod ledger;
 pub mod lightning;
+mod resolve;
 pub mod tally;
+
+pub use resolve::resolve_holds;
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cdk_common::nuts::MeltQuoteState;
@@ -51,10 +50,10 @@ pub const QUOTE_TTL_SECS: u64 = 600;
 pub struct Timing {
     /// Longest wait on one payment call.
     pub payment_timeout: Duration,
-    /// Pending with no HTLC anywhere this long: released.
+    /// Pending with no HTLC anywhere, seen so this long: released.
     pub orphan_grace: Duration,
-    /// No payment this long after the hold: released.
-    pub undispatched_grace: Duration,
+    /// Failed, or no payment at all, seen so this long: released.
+    pub final_grace: Duration,
 }
 
 impl Timing {
@@ -63,7 +62,7 @@ impl Timing {
         Self {
             payment_timeout: Duration::from_secs(r.payment_timeout_secs),
             orphan_grace: Duration::from_secs(r.orphan_payment_grace_secs),
-            undispatched_grace: Duration::from_secs(r.undispatched_grace_secs),
+            final_grace: Duration::from_secs(r.final_status_grace_secs),
         }
     }
 }
@@ -77,8 +76,8 @@ pub struct RedeemBackend {
     timing: Timing,
     /// Quotes whose payment call is running in this process.
     dispatching: Mutex<HashSet<String>>,
-    /// When each payment was first seen pending with no HTLC on any channel.
-    orphans: Mutex<HashMap<String, Instant>>,
+    /// Since when each held payment has looked unable to complete.
+    seen: resolve::Observations,
 }
 
 fn now_secs() -> u64 {
@@ -104,7 +103,7 @@ impl RedeemBackend {
             metrics,
             timing,
             dispatching: Mutex::new(HashSet::new()),
-            orphans: Mutex::new(HashMap::new()),
+            seen: resolve::Observations::default(),
         }
     }
 
@@ -139,6 +138,7 @@ impl RedeemBackend {
             .settle(quote_id, spent_msat, ehash)
             .await
             .map_err(Self::custom)?;
+        self.seen.forget(quote_id);
         self.metrics
             .holds_resolved
             .with_label_values(&["paid"])
@@ -169,9 +169,7 @@ impl RedeemBackend {
             .release(quote_id, &why)
             .await
             .map_err(Self::custom)?;
-        if let Ok(mut o) = self.orphans.lock() {
-            o.remove(quote_id);
-        }
+        self.seen.forget(quote_id);
         self.metrics
             .holds_resolved
             .with_label_values(&[outcome])
@@ -231,91 +229,6 @@ impl RedeemBackend {
             (status, _) => {
                 tracing::warn!(quote = quote_id, %status, "redemption outcome not known yet; sats stay held");
                 Ok(Self::response(&lookup, MeltQuoteState::Pending))
-            }
-        }
-    }
-
-    /// What became of the held payment of `quote_id`, from Core Lightning; releases the hold
-    /// when the payment can no longer complete.
-    async fn resolve(
-        &self,
-        quote_id: &str,
-        terms: &QuoteTerms,
-        lookup: &PaymentIdentifier,
-        held_since: u64,
-    ) -> Result<MakePaymentResponse, Error> {
-        if self
-            .dispatching
-            .lock()
-            .map(|d| d.contains(quote_id))
-            .unwrap_or(true)
-        {
-            return Ok(Self::response(lookup, MeltQuoteState::Pending));
-        }
-        let status = self
-            .node
-            .status(&terms.payment_hash)
-            .await
-            .map_err(Self::custom)?;
-        match status {
-            PaymentStatus::Complete {
-                sent_msat,
-                preimage,
-            } => {
-                self.paid(quote_id, terms, lookup, sent_msat, preimage)
-                    .await
-            }
-            PaymentStatus::Failed => {
-                self.released(
-                    quote_id,
-                    lookup,
-                    "failed",
-                    "Core Lightning reports every attempt of the payment failed".into(),
-                )
-                .await
-            }
-            PaymentStatus::Pending { htlc: true } => {
-                if let Ok(mut o) = self.orphans.lock() {
-                    o.remove(quote_id);
-                }
-                Ok(Self::response(lookup, MeltQuoteState::Pending))
-            }
-            PaymentStatus::Pending { htlc: false } => {
-                let since = self
-                    .orphans
-                    .lock()
-                    .map(|mut o| *o.entry(quote_id.to_string()).or_insert_with(Instant::now))
-                    .unwrap_or_else(|_| Instant::now());
-                if since.elapsed() >= self.timing.orphan_grace {
-                    self.released(
-                        quote_id,
-                        lookup,
-                        "orphaned",
-                        format!(
-                            "Core Lightning lists the payment as pending but no channel has had an HTLC for it for {} s (the node was stopped before it committed one, and will never send it): it can never complete; pay a new invoice",
-                            since.elapsed().as_secs()
-                        ),
-                    )
-                    .await
-                } else {
-                    Ok(Self::response(lookup, MeltQuoteState::Pending))
-                }
-            }
-            PaymentStatus::None => {
-                let age = now_secs().saturating_sub(held_since);
-                if age >= self.timing.undispatched_grace.as_secs() {
-                    self.released(
-                        quote_id,
-                        lookup,
-                        "never_sent",
-                        format!(
-                            "Core Lightning has no payment for this invoice {age} s after the mint held its sats: the mint stopped before sending it"
-                        ),
-                    )
-                    .await
-                } else {
-                    Ok(Self::response(lookup, MeltQuoteState::Unknown))
-                }
             }
         }
     }
@@ -423,15 +336,18 @@ impl MintPayment for RedeemBackend {
                     .await
             }
         };
-        {
+        let terms = {
             let _g = self.ledger.hold_lock.lock().await;
             // Checked under the lock: two melts cannot both take the last sats.
-            if let Some(why) = stale_or_expired(&self.ledger, &terms).await {
-                drop(_g);
-                return self.refuse(&quote_id, &lookup, why).await;
-            }
+            let terms = match payable(&self.ledger, &terms).await {
+                Ok(t) => t,
+                Err(why) => {
+                    drop(_g);
+                    return self.refuse(&quote_id, &lookup, why).await;
+                }
+            };
             match self.ledger.hold(&quote_id, &terms).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => terms,
                 Ok(Err(why)) => {
                     drop(_g);
                     return self.refuse(&quote_id, &lookup, why).await;
@@ -443,7 +359,7 @@ impl MintPayment for RedeemBackend {
                         .await;
                 }
             }
-        }
+        };
         opts.max_fee_amount = Some(Amount::new(terms.fee_reserve_msat, CurrencyUnit::Msat));
         if let Ok(mut d) = self.dispatching.lock() {
             d.insert(quote_id.clone());
@@ -538,42 +454,43 @@ impl MintPayment for RedeemBackend {
                 total_spent: Self::ehash(terms.melted_ehash(spent_msat)),
             });
         }
-        let hold = self
-            .ledger
-            .holds()
-            .await
-            .map_err(Self::custom)?
-            .into_iter()
-            .find(|h| h.quote_id == quote_id);
-        match hold {
-            None => Ok(Self::response(payment_identifier, MeltQuoteState::Unpaid)),
-            Some(h) => {
-                self.resolve(&quote_id, &terms, payment_identifier, h.since)
-                    .await
-            }
+        if self.ledger.is_held(&quote_id).await.map_err(Self::custom)? {
+            return self.resolve(&quote_id, &terms, payment_identifier).await;
         }
+        // Released earlier: Core Lightning must not have paid it since (a released payment
+        // that completes anyway is counted as paid out, loudly: its ehash went back).
+        if let Ok(PaymentStatus::Complete { sent_msat, .. }) =
+            self.node.status(&terms.payment_hash).await
+        {
+            self.ledger
+                .paid_after_release(&quote_id, sent_msat)
+                .await
+                .map_err(Self::custom)?;
+            self.metrics
+                .holds_resolved
+                .with_label_values(&["paid_after_release"])
+                .inc();
+        }
+        Ok(Self::response(payment_identifier, MeltQuoteState::Unpaid))
     }
 }
 
-/// Why a melt at `terms` cannot be paid now (quote too old, rate fallen, reserve short), or
-/// `None`.
-pub(crate) async fn stale_or_expired(ledger: &Ledger, terms: &QuoteTerms) -> Option<String> {
+/// The terms a melt quoted as `terms` is paid on now (its own, or a lower rate its inputs
+/// still cover), or why it cannot be paid (quote too old, rate fallen too far, reserve short),
+/// with what to do.
+pub(crate) async fn payable(ledger: &Ledger, terms: &QuoteTerms) -> Result<QuoteTerms, String> {
     if now_secs().saturating_sub(terms.created_at) > QUOTE_TTL_SECS {
-        return Some(format!(
+        return Err(format!(
             "the melt quote is older than {QUOTE_TTL_SECS} s: ask for a new quote"
         ));
     }
-    let reserve = match ledger.reserve().await {
-        Ok(r) => r,
-        Err(e) => {
-            return Some(format!(
-                "the reserve cannot be counted now ({e:#}): try again"
-            ))
-        }
-    };
+    let reserve = ledger
+        .reserve()
+        .await
+        .map_err(|e| format!("the reserve cannot be counted now ({e:#}): try again"))?;
     let needed = terms.held_msat();
     if needed > reserve.available_msat {
-        return Some(format!(
+        return Err(format!(
             "{OVER_RESERVE}: the melt needs {needed} msat, {} msat are available now (matured rewards {} sat - pool fee {} sat - redeemed {} msat - held {} msat): ask for a smaller invoice",
             reserve.available_msat,
             reserve.matured_sat,
@@ -582,79 +499,12 @@ pub(crate) async fn stale_or_expired(ledger: &Ledger, terms: &QuoteTerms) -> Opt
             reserve.held_msat
         ));
     }
-    if terms.rate_above(&reserve) {
-        return Some(format!(
-            "the rate fell since the quote ({:.0} msat per ehash quoted, {:.0} now: more ehash is owed or the matured rewards fell): ask for a new quote",
+    terms.payable_on(&reserve).ok_or_else(|| {
+        format!(
+            "the rate fell since the quote ({:.0} msat per ehash quoted, {:.0} now: more ehash is owed or the matured rewards fell) beyond what the quote's {} ehash cover: ask for a new quote",
             terms.rate_msat as f64 / terms.rate_ehash.max(1) as f64,
-            reserve.rate_msat_per_ehash()
-        ));
-    }
-    None
-}
-
-/// Check every held payment with Core Lightning through cdk (which finalizes a melt the
-/// processor calls paid and returns the proofs of one it calls failed): at start and every
-/// `every` until `stop`.
-pub async fn resolve_holds(
-    mint: Arc<cdk::mint::Mint>,
-    ledger: Arc<Ledger>,
-    backend: Arc<RedeemBackend>,
-    metrics: Arc<MintMetrics>,
-    every: Duration,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        match ledger.holds().await {
-            Ok(holds) => {
-                metrics.observe_holds(&holds, now_secs());
-                for h in holds {
-                    let Ok(qid) = h.quote_id.parse::<cdk_common::QuoteId>() else {
-                        continue;
-                    };
-                    let state = mint
-                        .localstore()
-                        .get_melt_quote(&qid)
-                        .await
-                        .ok()
-                        .flatten()
-                        .map(|q| q.state);
-                    let outcome = match state {
-                        // cdk still waits on it: its check finalizes or compensates the melt.
-                        Some(MeltQuoteState::Pending | MeltQuoteState::Unknown) => mint
-                            .check_melt_quote(&qid)
-                            .await
-                            .map(|q| q.state().to_string())
-                            .map_err(|e| e.to_string()),
-                        // cdk is done with the melt while the ledger still holds: settle the
-                        // ledger from Core Lightning.
-                        _ => match ledger.terms(&h.quote_id).await {
-                            Ok(Some(terms)) => {
-                                let mut hash = [0u8; 32];
-                                match hex::decode(&terms.payment_hash) {
-                                    Ok(b) if b.len() == 32 => hash.copy_from_slice(&b),
-                                    _ => continue,
-                                }
-                                backend
-                                    .check_outgoing_payment(&PaymentIdentifier::PaymentHash(hash))
-                                    .await
-                                    .map(|r| r.status.to_string())
-                                    .map_err(|e| e.to_string())
-                            }
-                            _ => continue,
-                        },
-                    };
-                    match outcome {
-                        Ok(s) => tracing::debug!(quote = %h.quote_id, "held payment checked: {s}"),
-                        Err(e) => tracing::warn!(quote = %h.quote_id, "checking a held payment failed (retried): {e}"),
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("listing held payments failed (retried): {e:#}"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            // The hold check's period.
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
+            reserve.rate_msat_per_ehash(),
+            terms.amount_ehash + terms.fee_ehash
+        )
+    })
 }

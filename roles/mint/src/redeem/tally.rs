@@ -6,11 +6,19 @@
 //! less the pool's fee less what was paid out, and outstanding is every ehash quoted that has
 //! not failed its audit (PENDING ones too: they may yet be paid) less what melts took. A melt
 //! in flight changes neither side: its sats are held against the capacity (`available`) only,
-//! so it never raises the rate for anyone, and its failure changes nothing. A melt that
-//! completes takes its ehash at its quote's rate, rounded up, so the rate left for the others
-//! never falls by it. Rounding always favours the ehash that stays.
+//! so it never raises the rate for anyone, and its failure changes nothing. A melt is paid at
+//! its quote's rate or, if the rate fell since (more ehash owed, rewards fell), at the lower
+//! rate as long as the ehash the quote asked for still covers the invoice and its fee reserve;
+//! it takes its ehash at that rate, rounded up, so had nothing changed while it was in flight,
+//! the rate left for the others does not fall by it. Rounding always favours the ehash that
+//! stays.
 
 use serde::{Deserialize, Serialize};
+
+/// The ehash fee reserve of a quote carries this margin (parts per million of the amount) for
+/// the rate to fall between the quote and the melt (shares keep coming); what the melt does not
+/// take comes back as change.
+pub const RATE_MARGIN_PPM: u64 = 20_000;
 
 /// The running sums the reserve is made of.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,13 +154,17 @@ impl Reserve {
             ));
         }
         let (rate_msat, rate_ehash) = (self.redeemable_msat, self.outstanding_ehash);
+        let amount_ehash = to_ehash(invoice_msat, rate_msat, rate_ehash);
+        let margin =
+            u64::try_from((u128::from(amount_ehash) * u128::from(RATE_MARGIN_PPM)).div_ceil(1_000_000))
+                .unwrap_or(u64::MAX);
         Ok(QuoteTerms {
             invoice_msat,
             fee_reserve_msat,
             rate_msat,
             rate_ehash,
-            amount_ehash: to_ehash(invoice_msat, rate_msat, rate_ehash),
-            fee_ehash: to_ehash(fee_reserve_msat, rate_msat, rate_ehash),
+            amount_ehash,
+            fee_ehash: to_ehash(fee_reserve_msat, rate_msat, rate_ehash).saturating_add(margin),
             payment_hash,
             created_at: now_secs,
         })
@@ -172,7 +184,7 @@ pub struct QuoteTerms {
     pub rate_ehash: u64,
     /// ehash the invoice costs.
     pub amount_ehash: u64,
-    /// ehash the fee reserve costs.
+    /// ehash the fee reserve costs, with [`RATE_MARGIN_PPM`] of the amount on top.
     pub fee_ehash: u64,
     /// The invoice's payment hash (hex).
     pub payment_hash: String,
@@ -198,7 +210,24 @@ impl QuoteTerms {
         self.invoice_msat.saturating_add(self.fee_reserve_msat)
     }
 
-    /// Whether `reserve` pays less per ehash than this quote (the quote is then stale).
+    /// The terms a melt quoted as `self` is paid on with `reserve`: the quote's own, or the
+    /// reserve's lower rate as long as the ehash the quote asked for (amount and fee reserve)
+    /// still covers the invoice and its fee reserve at it; `None` when it does not (the rate
+    /// fell too far: a new quote is needed).
+    pub fn payable_on(&self, reserve: &Reserve) -> Option<QuoteTerms> {
+        if !self.rate_above(reserve) {
+            return Some(self.clone());
+        }
+        let (rate_msat, rate_ehash) = (reserve.redeemable_msat, reserve.outstanding_ehash);
+        let needed = to_ehash(self.held_msat(), rate_msat, rate_ehash);
+        (needed <= self.amount_ehash.saturating_add(self.fee_ehash)).then(|| QuoteTerms {
+            rate_msat,
+            rate_ehash,
+            ..self.clone()
+        })
+    }
+
+    /// Whether `reserve` pays less per ehash than this quote.
     pub fn rate_above(&self, reserve: &Reserve) -> bool {
         u128::from(reserve.redeemable_msat) * u128::from(self.rate_ehash)
             < u128::from(self.rate_msat) * u128::from(reserve.outstanding_ehash)
@@ -273,6 +302,43 @@ mod tests {
         );
         t.release(first.held_msat());
         assert_eq!(t.reserve(300, 150 * 100_000_000, 0), before);
+    }
+
+    #[test]
+    fn a_quote_is_paid_at_a_lower_rate_while_its_inputs_cover_it() {
+        // 1000 msat per ehash when quoted: 100,000 msat and a 10,000 msat reserve cost 110,
+        // and the 2 % margin on the amount 2 more.
+        let then = Reserve {
+            redeemable_msat: 1_000_000,
+            available_msat: 1_000_000,
+            outstanding_ehash: 1000,
+            ..Reserve::default()
+        };
+        let t = then.terms(100_000, 10_000, "h".into(), 0).unwrap();
+        assert_eq!((t.amount_ehash, t.fee_ehash), (100, 12));
+        // Unchanged: the quote's own terms.
+        assert_eq!(t.payable_on(&then), Some(t.clone()));
+        // 5 % more owed: 110,000 msat now cost 115.5 ehash, more than the 112 given.
+        let diluted = Reserve {
+            outstanding_ehash: 1050,
+            ..then.clone()
+        };
+        assert_eq!(t.payable_on(&diluted), None);
+        // A tenth of a percent more: still covered, paid at the lower rate.
+        let slightly = Reserve {
+            outstanding_ehash: 1001,
+            ..then.clone()
+        };
+        let p = t.payable_on(&slightly).unwrap();
+        assert_eq!((p.rate_msat, p.rate_ehash), (1_000_000, 1001));
+        assert!(p.melted_ehash(110_000) <= 112);
+        assert!(p.melted_ehash(110_000) >= t.melted_ehash(110_000));
+        // A higher rate (rewards matured since): the quote's own, lower, rate stands.
+        let richer = Reserve {
+            redeemable_msat: 2_000_000,
+            ..then.clone()
+        };
+        assert_eq!(t.payable_on(&richer), Some(t));
     }
 
     #[test]

@@ -257,16 +257,19 @@ impl Redeemer {
             // The mint refused it (before it started: 30012) and the wallet took the proofs
             // back; cdk reports only "Payment failed", the mint keeps the reason.
             Err(e) => {
-                let reason = mint_view(&self.mint_url, &view.quote)
-                    .await
-                    .ok()
-                    .and_then(|v| v["reason"].as_str().map(str::to_string));
-                match reason {
-                    Some(why) => anyhow::bail!(
+                let v = mint_view(&self.mint_url, &view.quote).await.ok();
+                let state = v.as_ref().and_then(|v| v["state"].as_str().map(str::to_string));
+                let reason = v.and_then(|v| v["reason"].as_str().map(str::to_string));
+                match (state.as_deref(), reason) {
+                    (Some("not_paid"), Some(why)) => anyhow::bail!(
                         "melt of quote {} refused by the mint: {why}; nothing was spent",
                         view.quote
                     ),
-                    None => anyhow::bail!("melt of quote {}: {e}", view.quote),
+                    (state, _) => anyhow::bail!(
+                        "melt of quote {}: {e} (the mint has it {}); `hashpool-proxy wallet balance` shows what the wallet holds",
+                        view.quote,
+                        state.unwrap_or("unknown")
+                    ),
                 }
             }
         };

@@ -69,8 +69,11 @@ async fn backlog_then_lock(
     secs: u64,
 ) -> anyhow::Result<()> {
     // The mint and cdk log every write the lock refuses at ERROR: caused on purpose.
-    w.expected_log_errors
-        .push("database is locked".to_string());
+    w.expected_log_errors.extend([
+        "database is locked".to_string(),
+        "cdk_sql_common::common: Query".to_string(),
+        "Failed query with error".to_string(),
+    ]);
     let stack = w.default_stack()?;
     let mint = stack.mint()?;
     let m = stack.miner(&miner)?;

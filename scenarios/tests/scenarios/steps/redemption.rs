@@ -44,7 +44,7 @@ async fn redemption_stack(w: &mut HarnessWorld) -> anyhow::Result<()> {
 }
 
 #[given(
-    expr = "the mint waits {int} s on a payment call, checks held payments every {int} s, releases an orphaned payment after {int} s and one never sent after {int} s"
+    expr = "the mint waits {int} s on a payment call, checks held payments every {int} s, releases an orphaned payment after {int} s and a failed or unknown one after {int} s"
 )]
 async fn hold_timing(
     w: &mut HarnessWorld,
