@@ -16,6 +16,7 @@
 pub mod binaries;
 pub mod bitcoind;
 pub mod blocks;
+pub mod chain_fixtures;
 pub mod config;
 pub mod demo;
 pub mod ehash_api;

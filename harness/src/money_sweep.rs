@@ -136,7 +136,7 @@ pub async fn sweep_money(
             continue;
         }
         wallets += 1;
-        let st = proxy.wallet_status().await?;
+        let st = proxy.fresh_wallet_status().await?;
         anyhow::ensure!(
             st.melting == 0,
             "wallet of {name}: {} ehash in proofs a melt still holds once the stack is quiet",

@@ -182,7 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backends => backends(&config),
         Command::Fraud { kind, out, payout } => fraud(&config, &kind, &out, payout).await,
         Command::Audit { file } => audit(&config, &file).await,
-        Command::ChainFixtures { out } => chain_fixtures(&out),
+        Command::ChainFixtures { out } => harness::chain_fixtures::write_all(&out),
         Command::Keys => {
             let a = harness::keys::authority_keys();
             let (locking_secret, locking_public) = harness::keys::locking_keys();
@@ -502,100 +502,5 @@ fn backends(config: &HarnessConfig) -> anyhow::Result<()> {
             Err(e) => println!("{:<13} MISSING: {e}", program.file_name()),
         }
     }
-    Ok(())
-}
-
-/// Write the chain fixtures: regtest, signet, and the signet rewards chain above it.
-fn chain_fixtures(out: &std::path::Path) -> anyhow::Result<()> {
-    use harness::bitcoind::chain_fixture;
-    std::fs::create_dir_all(out)?;
-    let faucet = |chain: Chain| {
-        harness::faucet::p2wpkh_address(&harness::bitcoind::faucet_secret_key(), chain.network())
-            .script_pubkey()
-    };
-    let write = |name: &str, what: &str, blocks: &[bitcoin::Block], start: std::time::Instant| {
-        let file = out.join(name);
-        std::fs::write(&file, chain_fixture::render(what, blocks))?;
-        println!(
-            "{name}: {} blocks in {:.1} s -> {}",
-            blocks.len(),
-            start.elapsed().as_secs_f64(),
-            file.display()
-        );
-        anyhow::Ok(())
-    };
-    let mut signet = Vec::new();
-    for chain in [Chain::Regtest, Chain::Signet] {
-        let start = std::time::Instant::now();
-        let blocks = chain_fixture::build(chain, chain.premine_blocks() as u32, &faucet(chain))?;
-        write(
-            &format!("{chain}.blocks"),
-            &format!("{chain}: blocks above genesis, each paying 50 BTC to the harness faucet"),
-            &blocks,
-            start,
-        )?;
-        if chain == Chain::Signet {
-            signet = blocks;
-        }
-    }
-    let start = std::time::Instant::now();
-    let tip = signet
-        .last()
-        .map(bitcoin::Block::block_hash)
-        .ok_or_else(|| anyhow::anyhow!("no signet blocks"))?;
-    let address = |a: &str| -> anyhow::Result<bitcoin::ScriptBuf> {
-        Ok(a.parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
-            .require_network(bitcoin::Network::Signet)?
-            .script_pubkey())
-    };
-    let subsidy = bitcoin::Amount::from_btc(50.0)?;
-    let mut payouts = vec![(
-        address(harness::lightning::POOL_NODE_LIQUIDITY_ADDRESS)?,
-        bitcoin::Amount::from_sat(harness::lightning::LIQUIDITY_SATS),
-    )];
-    payouts.extend(std::iter::repeat_n(
-        (
-            address(harness::lightning::POOL_NODE_ADDRESS)?,
-            bitcoin::Amount::from_sat(harness::lightning::REWARD_SATS),
-        ),
-        harness::lightning::REWARD_BLOCKS as usize,
-    ));
-    payouts.extend(std::iter::repeat_n(
-        (faucet(Chain::Signet), subsidy),
-        harness::lightning::MATURITY as usize,
-    ));
-    let first = signet.len() as u32 + 1;
-    let rewards = chain_fixture::build_above(Chain::Signet, tip, first, &payouts)?;
-    write(
-        "signet-rewards.blocks",
-        &format!(
-            "signet rewards: above signet.blocks, the pool node's liquidity ({} sat to its second address), {} coinbases of {} sat to its payout address, then {} to the faucet to mature them",
-            harness::lightning::LIQUIDITY_SATS,
-            harness::lightning::REWARD_BLOCKS,
-            harness::lightning::REWARD_SATS,
-            harness::lightning::MATURITY
-        ),
-        &rewards,
-        start,
-    )?;
-    // The fork: from the block before the last reward, long enough to mature its own blocks
-    // past the rewards chain's tip and what a scenario mines.
-    let start = std::time::Instant::now();
-    let last_reward = harness::lightning::REWARD_BLOCKS as usize; // index in `rewards`
-    let fork_parent = rewards[last_reward - 1].block_hash();
-    let fork_first = first + last_reward as u32;
-    let branch = vec![(faucet(Chain::Signet), subsidy); harness::stack::REWARDS_FORK_BLOCKS];
-    let fork = chain_fixture::build_above(Chain::Signet, fork_parent, fork_first, &branch)?;
-    write(
-        "signet-rewards-fork.blocks",
-        &format!(
-            "signet rewards fork: a branch of the rewards chain from height {}, replacing its last reward, {} blocks to the faucet",
-            fork_first,
-            harness::stack::REWARDS_FORK_BLOCKS
-        ),
-        &fork,
-        start,
-    )?;
-    println!("rebuild the harness (the fixtures are compiled in); the next run loads them into new chain caches");
     Ok(())
 }

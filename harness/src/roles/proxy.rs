@@ -221,6 +221,25 @@ impl ProxyRole {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// What the wallet reports once a whole round of it has run after this call: `GET
+    /// /wallet` is the snapshot of the last round, which may predate a melt that just ended.
+    pub async fn fresh_wallet_status(&self) -> anyhow::Result<WalletStatus> {
+        let first = self.wallet_status().await?.lookups;
+        Ok(crate::wait::wait_until(
+            "the wallet to finish a round that started after this call (lookups counter +2)",
+            Duration::from_secs(30),
+            || async {
+                let st = self.wallet_status().await.map_err(|e| e.to_string())?;
+                if st.lookups >= first + 2 {
+                    Ok(st)
+                } else {
+                    Err(format!("{} lookups, waiting for {}", st.lookups, first + 2))
+                }
+            },
+        )
+        .await?)
+    }
+
     /// Redeem ehash against `invoice` through the proxy's `POST /wallet/redeem`: Ok(the
     /// redemption it reports) or Err(the proxy's error text), within `timeout`.
     pub async fn redeem(

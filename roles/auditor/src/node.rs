@@ -14,7 +14,8 @@
 //! Rewinds are serialised with every other proposal on the node (a read/write lock), and a
 //! rewind interrupted by a crash is undone at the next start or rewind ([`AuditNode::recover`]:
 //! every chain tip marked invalid is reconsidered: on an audit node no block is invalid but by
-//! a rewind, since its only peer relays valid blocks).
+//! a rewind, since its only peer relays valid blocks, and reconsidering one that really is
+//! invalid only finds it invalid again).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

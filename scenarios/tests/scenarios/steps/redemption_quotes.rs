@@ -42,6 +42,32 @@ async fn quote_shows_loss(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[when(expr = "the miners mine until the mint's rate is {int} % below the quote's")]
+async fn mine_until_rate_falls(w: &mut HarnessWorld, pct: u64) -> anyhow::Result<()> {
+    let (_, q) = w.melt_quote.clone().context("no melt quote")?;
+    let quoted = u(&q, "rate_msat_per_ehash")? as f64;
+    let target = quoted * (100 - pct.min(100)) as f64 / 100.0;
+    let mint = w.default_stack()?.mint()?;
+    harness::wait::wait_until(
+        &format!("the mint's rate to fall to {target:.0} msat per ehash ({pct} % below the quote's {quoted:.0}) as shares come in"),
+        std::time::Duration::from_secs(180),
+        || async {
+            let r = mint.redemption_reserve().await.map_err(|e| e.to_string())?;
+            let (msat, ehash) = (
+                r["redeemable_msat"].as_u64().unwrap_or(0) as f64,
+                r["outstanding_ehash"].as_u64().unwrap_or(0).max(1) as f64,
+            );
+            if msat / ehash <= target {
+                Ok(())
+            } else {
+                Err(format!("{:.0} msat per ehash", msat / ehash))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[when(expr = "{string} pays that quote")]
 async fn pays_quote(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     let (_, q) = w.melt_quote.clone().context("no melt quote")?;

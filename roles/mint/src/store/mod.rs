@@ -28,11 +28,14 @@ use cdk::mint::Mint;
 use cdk_common::database::mint::DynMintTransaction;
 use cdk_common::mint::MintQuote;
 use cdk_common::payment::{PaymentIdentifier, WaitPaymentResponse};
-use cdk_common::{Amount, CurrencyUnit, MintQuoteState, PaymentMethod, PublicKey, QuoteId};
+use cdk_common::{Amount, CurrencyUnit, PaymentMethod, PublicKey, QuoteId};
 use ehash::{AuditResult, ShareRecord, Verdict};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{METHOD, UNIT};
+
+mod tallies;
+mod views;
 
 const NS: &str = "ehash";
 /// Secondary namespace of the running sums.
@@ -57,43 +60,8 @@ pub struct TemplateState {
     pub settled: bool,
 }
 
-/// A quote's audit status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "audit_status", rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum AuditStatus {
-    /// No verdict yet, or a valid one whose settlement time has not come.
-    Pending {
-        /// When a valid template's quotes will be paid (ms).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        settle_at: Option<u64>,
-    },
-    /// Credited: the holder of the key can mint it.
-    Paid,
-    /// The template was found invalid: never paid.
-    Failed {
-        /// Bitcoin Core's reject string or the policy rule.
-        reason: String,
-    },
-}
 
-/// One quote as the ehash endpoints show it.
-#[derive(Debug, Clone, Serialize)]
-pub struct QuoteView {
-    /// Quote id.
-    pub quote: String,
-    /// The share it pays for.
-    pub share_hash: String,
-    /// Its template.
-    pub template_id: u64,
-    /// ehash amount.
-    pub amount: u64,
-    /// cdk's state: UNPAID, PAID or ISSUED.
-    pub state: String,
-    /// Audit status (flattened: `audit_status`, `settle_at` / `reason`).
-    #[serde(flatten)]
-    pub audit: AuditStatus,
-}
-
+pub use views::{AuditStatus, QuoteView};
 /// Quotes whose state changed, to push over NUT-17 once committed.
 pub type Changed = Vec<MintQuote>;
 
@@ -139,107 +107,6 @@ impl Store {
     }
 
     /// Bring the database up to this version: the running sums are computed once from the
-    /// quotes when a database predates them, and the lookup timestamps older versions kept
-    /// (one row per key ever seen) are removed.
-    pub async fn upgrade(&self) -> anyhow::Result<()> {
-        let _w = self.writer.lock().await;
-        let mut tx = self.begin().await?;
-        if tx
-            .kv_read(NS, TALLY, "version")
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .is_none()
-        {
-            let (mut quoted, mut failed) = (0u64, 0u64);
-            let mut invalid: HashMap<u64, bool> = HashMap::new();
-            // Before the readers start: nothing writes quotes meanwhile.
-            let quotes = self
-                .mint
-                .localstore()
-                .get_mint_quotes()
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            for q in quotes {
-                if q.payment_method != self.method {
-                    continue;
-                }
-                let amount = q.amount.as_ref().map(|a| a.value()).unwrap_or(0);
-                quoted += amount;
-                let template = number(
-                    tx.kv_read(NS, "quote", &q.id.to_string())
-                        .await
-                        .map_err(|e| anyhow!("{e}"))?,
-                );
-                if let std::collections::hash_map::Entry::Vacant(slot) = invalid.entry(template) {
-                    let state = Self::template(&mut tx, template).await?;
-                    slot.insert(state.is_some_and(|t| t.verdict == "invalid"));
-                }
-                if invalid.get(&template) == Some(&true) {
-                    failed += amount;
-                }
-            }
-            tx.kv_write(NS, TALLY, "quoted", quoted.to_string().as_bytes())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            tx.kv_write(NS, TALLY, "failed", failed.to_string().as_bytes())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            tx.kv_write(NS, TALLY, "version", b"1")
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            tracing::info!(quoted, failed, "ehash tallies computed from the quotes");
-        }
-        let old = tx
-            .kv_list(NS, "lookup")
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        for k in &old {
-            tx.kv_remove(NS, "lookup", k)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-        }
-        if !old.is_empty() {
-            tracing::info!(
-                keys = old.len(),
-                "removed the lookup timestamps an older mint kept"
-            );
-        }
-        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))
-    }
-
-    /// ehash of every quote made, and of those whose template was found invalid.
-    pub async fn tallies(&self) -> anyhow::Result<(u64, u64)> {
-        let db = self.mint.localstore();
-        let quoted = number(
-            db.kv_read(NS, TALLY, "quoted")
-                .await
-                .map_err(|e| anyhow!("{e}"))?,
-        );
-        let failed = number(
-            db.kv_read(NS, TALLY, "failed")
-                .await
-                .map_err(|e| anyhow!("{e}"))?,
-        );
-        Ok((quoted, failed))
-    }
-
-    /// Add `quoted` and `failed` ehash to the running sums, in `tx`.
-    async fn add_to_tallies(
-        tx: &mut DynMintTransaction,
-        quoted: u64,
-        failed: u64,
-    ) -> anyhow::Result<()> {
-        for (key, add) in [("quoted", quoted), ("failed", failed)] {
-            if add == 0 {
-                continue;
-            }
-            let now = number(tx.kv_read(NS, TALLY, key).await.map_err(|e| anyhow!("{e}"))?);
-            tx.kv_write(NS, TALLY, key, now.saturating_add(add).to_string().as_bytes())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-        }
-        Ok(())
-    }
 
     async fn begin(&self) -> anyhow::Result<DynMintTransaction> {
         self.mint
@@ -501,75 +368,6 @@ impl Store {
             tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
         }
         Ok((paid, next))
-    }
-
-    /// The view of quote `id`, or `None` if the mint has no such ehash quote.
-    pub async fn quote(&self, id: &str) -> anyhow::Result<Option<QuoteView>> {
-        let db = self.mint.localstore();
-        let Ok(qid) = id.parse::<QuoteId>() else {
-            return Ok(None);
-        };
-        let Some(quote) = db.get_mint_quote(&qid).await.map_err(|e| anyhow!("{e}"))? else {
-            return Ok(None);
-        };
-        let Some(tid) = db
-            .kv_read(NS, "quote", id)
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-        else {
-            return Ok(None);
-        };
-        let template_id: u64 = String::from_utf8_lossy(&tid)
-            .parse()
-            .context("template id")?;
-        let template = db
-            .kv_read(NS, "template", &template_id.to_string())
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .map(|b| serde_json::from_slice::<TemplateState>(&b))
-            .transpose()?;
-        let state = quote.state();
-        let audit = match (&template, state) {
-            (_, MintQuoteState::Paid | MintQuoteState::Issued) => AuditStatus::Paid,
-            (Some(t), _) if t.verdict == "invalid" => AuditStatus::Failed {
-                reason: t.reason.clone(),
-            },
-            (Some(t), _) => AuditStatus::Pending {
-                settle_at: Some(t.settle_at),
-            },
-            (None, _) => AuditStatus::Pending { settle_at: None },
-        };
-        Ok(Some(QuoteView {
-            quote: id.to_string(),
-            share_hash: quote.request.clone(),
-            template_id,
-            amount: quote.amount.as_ref().map(|a| a.value()).unwrap_or(0),
-            state: state.to_string(),
-            audit,
-        }))
-    }
-
-    /// Every quote locked to `pubkey` (hex), or only those not minted yet.
-    pub async fn quotes_of(
-        &self,
-        pubkey: &str,
-        unissued_only: bool,
-    ) -> anyhow::Result<Vec<QuoteView>> {
-        let ids = self
-            .mint
-            .localstore()
-            .kv_list(NS, &format!("p{pubkey}"))
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(q) = self.quote(&id).await? {
-                if !(unissued_only && q.state == MintQuoteState::Issued.to_string()) {
-                    out.push(q);
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Accept a signed lookup's `timestamp` for `pubkey` if it is after the last one this

@@ -1,0 +1,117 @@
+//! Quotes as the ehash endpoints show them: cdk's state joined with the audit verdict of
+//! their template.
+
+use anyhow::{anyhow, Context};
+use cdk_common::{MintQuoteState, QuoteId};
+use serde::Serialize;
+
+use super::{Store, TemplateState, NS};
+
+/// A quote's audit status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "audit_status", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuditStatus {
+    /// No verdict yet, or a valid one whose settlement time has not come.
+    Pending {
+        /// When a valid template's quotes will be paid (ms).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        settle_at: Option<u64>,
+    },
+    /// Credited: the holder of the key can mint it.
+    Paid,
+    /// The template was found invalid: never paid.
+    Failed {
+        /// Bitcoin Core's reject string or the policy rule.
+        reason: String,
+    },
+}
+
+/// One quote as the ehash endpoints show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuoteView {
+    /// Quote id.
+    pub quote: String,
+    /// The share it pays for.
+    pub share_hash: String,
+    /// Its template.
+    pub template_id: u64,
+    /// ehash amount.
+    pub amount: u64,
+    /// cdk's state: UNPAID, PAID or ISSUED.
+    pub state: String,
+    /// Audit status (flattened: `audit_status`, `settle_at` / `reason`).
+    #[serde(flatten)]
+    pub audit: AuditStatus,
+}
+
+
+impl Store {
+    /// The view of quote `id`, or `None` if the mint has no such ehash quote.
+    pub async fn quote(&self, id: &str) -> anyhow::Result<Option<QuoteView>> {
+        let db = self.mint.localstore();
+        let Ok(qid) = id.parse::<QuoteId>() else {
+            return Ok(None);
+        };
+        let Some(quote) = db.get_mint_quote(&qid).await.map_err(|e| anyhow!("{e}"))? else {
+            return Ok(None);
+        };
+        let Some(tid) = db
+            .kv_read(NS, "quote", id)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+        else {
+            return Ok(None);
+        };
+        let template_id: u64 = String::from_utf8_lossy(&tid)
+            .parse()
+            .context("template id")?;
+        let template = db
+            .kv_read(NS, "template", &template_id.to_string())
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .map(|b| serde_json::from_slice::<TemplateState>(&b))
+            .transpose()?;
+        let state = quote.state();
+        let audit = match (&template, state) {
+            (_, MintQuoteState::Paid | MintQuoteState::Issued) => AuditStatus::Paid,
+            (Some(t), _) if t.verdict == "invalid" => AuditStatus::Failed {
+                reason: t.reason.clone(),
+            },
+            (Some(t), _) => AuditStatus::Pending {
+                settle_at: Some(t.settle_at),
+            },
+            (None, _) => AuditStatus::Pending { settle_at: None },
+        };
+        Ok(Some(QuoteView {
+            quote: id.to_string(),
+            share_hash: quote.request.clone(),
+            template_id,
+            amount: quote.amount.as_ref().map(|a| a.value()).unwrap_or(0),
+            state: state.to_string(),
+            audit,
+        }))
+    }
+
+    /// Every quote locked to `pubkey` (hex), or only those not minted yet.
+    pub async fn quotes_of(
+        &self,
+        pubkey: &str,
+        unissued_only: bool,
+    ) -> anyhow::Result<Vec<QuoteView>> {
+        let ids = self
+            .mint
+            .localstore()
+            .kv_list(NS, &format!("p{pubkey}"))
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(q) = self.quote(&id).await? {
+                if !(unissued_only && q.state == MintQuoteState::Issued.to_string()) {
+                    out.push(q);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
