@@ -37,14 +37,18 @@ async fn main() -> anyhow::Result<()> {
     s.start_miner("cpu", "operator", &MinerOptions::default())
         .await?;
     let proxy = s.proxy("operator")?;
-    harness::wait::wait_until("the operator to mint some ehash", Duration::from_secs(120), || async {
-        let st = proxy.wallet_status().await.map_err(|e| e.to_string())?;
-        if st.minted > 0 {
-            Ok(())
-        } else {
-            Err(format!("{st:?}"))
-        }
-    })
+    harness::wait::wait_until(
+        "the operator to mint some ehash",
+        Duration::from_secs(120),
+        || async {
+            let st = proxy.wallet_status().await.map_err(|e| e.to_string())?;
+            if st.minted > 0 {
+                Ok(())
+            } else {
+                Err(format!("{st:?}"))
+            }
+        },
+    )
     .await?;
     s.miner("cpu")?.process().stop().await?;
     let mint = s.mint()?;
@@ -61,7 +65,8 @@ async fn main() -> anyhow::Result<()> {
             while !done.load(Ordering::SeqCst) {
                 let t = Instant::now();
                 let req = ehash_api::signed_lookup_for(&key, &secret)?;
-                let (code, _) = ehash_api::post_lookup(&addr, &serde_json::to_string(&req)?).await?;
+                let (code, _) =
+                    ehash_api::post_lookup(&addr, &serde_json::to_string(&req)?).await?;
                 anyhow::ensure!(code == 200, "the operator's lookup answered {code}");
                 took.push(t.elapsed());
                 // The operator's wallet polls; 20 ms apart is far busier than it.
@@ -108,7 +113,10 @@ async fn main() -> anyhow::Result<()> {
         grew / 1024,
         GROWTH_LIMIT / 1024
     );
-    anyhow::ensure!(pct(0.99) <= P99_LIMIT, "the operator's p99 is above the limit");
+    anyhow::ensure!(
+        pct(0.99) <= P99_LIMIT,
+        "the operator's p99 is above the limit"
+    );
     anyhow::ensure!(grew <= GROWTH_LIMIT, "the database grew past the limit");
     Ok(())
 }

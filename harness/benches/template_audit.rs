@@ -111,8 +111,7 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for (txs, tasks) in [(1usize, 200u32), (100, 100), (1000, 30)] {
         let pool = auditor_rate(&config, txs, ehash::TemplateKind::Pool, tasks, 0).await?;
-        let declared =
-            auditor_rate(&config, txs, ehash::TemplateKind::Declared, tasks, 0).await?;
+        let declared = auditor_rate(&config, txs, ehash::TemplateKind::Declared, tasks, 0).await?;
         println!("| {txs} | {tasks} | {pool:.0} | {declared:.0} |");
     }
     println!();

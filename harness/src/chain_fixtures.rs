@@ -44,9 +44,11 @@ pub fn write_all(out: &Path) -> anyhow::Result<()> {
         .map(bitcoin::Block::block_hash)
         .ok_or_else(|| anyhow::anyhow!("no signet blocks"))?;
     let address = |a: &str| -> anyhow::Result<bitcoin::ScriptBuf> {
-        Ok(a.parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
-            .require_network(bitcoin::Network::Signet)?
-            .script_pubkey())
+        Ok(
+            a.parse::<bitcoin::Address<bitcoin::address::NetworkUnchecked>>()?
+                .require_network(bitcoin::Network::Signet)?
+                .script_pubkey(),
+        )
     };
     let subsidy = bitcoin::Amount::from_btc(50.0)?;
     let mut payouts = vec![(

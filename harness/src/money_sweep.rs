@@ -154,7 +154,10 @@ pub async fn sweep_money(
                 m["quote"]
             );
             if let Some(other) = paid_by.insert(hash.clone(), format!("{name} {}", m["quote"])) {
-                anyhow::bail!("payment {hash} is claimed by two PAID melts: {other} and {name} {}", m["quote"]);
+                anyhow::bail!(
+                    "payment {hash} is claimed by two PAID melts: {other} and {name} {}",
+                    m["quote"]
+                );
             }
         }
         anyhow::ensure!(

@@ -96,7 +96,8 @@ mod tests {
         c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
             .unwrap();
         let lock = WriteLock::take(&path).unwrap();
-        c.busy_timeout(std::time::Duration::from_millis(50)).unwrap();
+        c.busy_timeout(std::time::Duration::from_millis(50))
+            .unwrap();
         let busy = c.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
         assert!(busy.to_string().contains("locked"), "{busy}");
         lock.release().unwrap();

@@ -14,9 +14,12 @@ use harness::{Chain, HarnessConfig, Stack};
 use serde_json::{json, Value};
 
 async fn propose_on_tip(rpc: &harness::bitcoind::BitcoinRpc, hex: &str) -> Value {
-    rpc.call("getblocktemplate", &[json!({"mode": "proposal", "data": hex})])
-        .await
-        .unwrap()
+    rpc.call(
+        "getblocktemplate",
+        &[json!({"mode": "proposal", "data": hex})],
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +111,9 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
 
     // A parent nobody has: no verdict, then given up on once the wait is over.
     let mut made_up = honest.clone();
-    made_up.header.prev_blockhash = BlockHash::from_raw_hash(<bitcoin::hashes::sha256d::Hash as bitcoin::hashes::Hash>::hash(b"x"));
+    made_up.header.prev_blockhash = BlockHash::from_raw_hash(
+        <bitcoin::hashes::sha256d::Hash as bitcoin::hashes::Hash>::hash(b"x"),
+    );
     let made_up_parent = made_up.header.prev_blockhash.to_string();
     let made_up_hex = hex::encode(serialize(&made_up));
     let e = node
@@ -117,13 +122,17 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
         .unwrap_err();
     assert!(matches!(e, NotYet::MissingParent(_)), "{e}");
     assert!(node.gives_up_on(&made_up_parent).await.is_none());
-    harness::wait::wait_until("the wait for the made-up parent to end", Duration::from_secs(10), || async {
-        let _ = node.propose(&made_up_parent, &made_up_hex).await;
-        node.gives_up_on(&made_up_parent)
-            .await
-            .map(|_| ())
-            .ok_or_else(|| "still waiting".to_string())
-    })
+    harness::wait::wait_until(
+        "the wait for the made-up parent to end",
+        Duration::from_secs(10),
+        || async {
+            let _ = node.propose(&made_up_parent, &made_up_hex).await;
+            node.gives_up_on(&made_up_parent)
+                .await
+                .map(|_| ())
+                .ok_or_else(|| "still waiting".to_string())
+        },
+    )
     .await
     .unwrap();
 

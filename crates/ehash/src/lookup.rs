@@ -218,10 +218,8 @@ mod tests {
             Err(LookupError::Unbound)
         );
         // A first-version body (no `mint` field) parses, and is refused as unbound.
-        let v1: LookupRequest = serde_json::from_str(
-            r#"{"pubkey":"02aa","timestamp":1,"signature":"00"}"#,
-        )
-        .unwrap();
+        let v1: LookupRequest =
+            serde_json::from_str(r#"{"pubkey":"02aa","timestamp":1,"signature":"00"}"#).unwrap();
         assert_eq!(v1.mint, None);
     }
 

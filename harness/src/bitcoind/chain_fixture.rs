@@ -153,7 +153,11 @@ pub fn render(what: &str, blocks: &[Block]) -> String {
 /// The coinbase: BIP34 height, `value` to `payout`, and the BIP141 witness commitment (signet
 /// refuses a block without one; with only a coinbase the witness root is all zeros, and the
 /// reserved value in the coinbase witness is 32 zero bytes).
-fn coinbase(height: u32, payout: &bitcoin::ScriptBuf, value: Amount) -> anyhow::Result<Transaction> {
+fn coinbase(
+    height: u32,
+    payout: &bitcoin::ScriptBuf,
+    value: Amount,
+) -> anyhow::Result<Transaction> {
     let tag = PushBytesBuf::try_from(COINBASE_TAG.to_vec()).map_err(|e| anyhow!("{e}"))?;
     let mut committed = [0u8; 64];
     committed[..32].copy_from_slice(&[0u8; 32]); // witness root

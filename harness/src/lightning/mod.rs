@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 
 pub use fee_proxy::{FeeProxy, FIXED_FEERATE_BTC_PER_KVB};
 pub use rewards_cache::{
-    ensure_rewards_chain, pool_hsm_secret, RewardsChain, LIQUIDITY_SATS, MATURITY, POOL_NODE_ADDRESS,
-    POOL_NODE_LIQUIDITY_ADDRESS, REDEMPTION_MIN_BITS, REWARD_BLOCKS, REWARD_SATS,
+    ensure_rewards_chain, pool_hsm_secret, RewardsChain, LIQUIDITY_SATS, MATURITY,
+    POOL_NODE_ADDRESS, POOL_NODE_LIQUIDITY_ADDRESS, REDEMPTION_MIN_BITS, REWARD_BLOCKS,
+    REWARD_SATS,
 };
 
 use crate::bitcoind::{Bitcoind, RPC_USER};

@@ -285,8 +285,7 @@ impl ProxyRole {
             .wallet_addr
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
-        let (code, body) =
-            crate::http::get(addr, "/wallet/melts", Duration::from_secs(10)).await?;
+        let (code, body) = crate::http::get(addr, "/wallet/melts", Duration::from_secs(10)).await?;
         anyhow::ensure!(code == 200, "/wallet/melts answered {code}: {body}");
         Ok(serde_json::from_str(&body)?)
     }

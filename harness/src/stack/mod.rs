@@ -365,7 +365,10 @@ impl Stack {
                 logs: vec![spec.stdout_log(), spec.stderr_log()],
             });
         }
-        for (prefix, nodes) in [("bitcoind-", &self.operator_nodes), ("bitcoind-audit-", &self.audit_nodes)] {
+        for (prefix, nodes) in [
+            ("bitcoind-", &self.operator_nodes),
+            ("bitcoind-audit-", &self.audit_nodes),
+        ] {
             for (name, b) in nodes {
                 let spec = b.process().spec();
                 roles.push(RoleSummary {

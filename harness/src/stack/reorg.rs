@@ -97,7 +97,10 @@ impl Stack {
         );
         let depth = tip.blocks - fork_height;
         wait_until(
-            &format!("node {name} to have the pool node's tip {}", tip.bestblockhash),
+            &format!(
+                "node {name} to have the pool node's tip {}",
+                tip.bestblockhash
+            ),
             Duration::from_secs(30),
             || async {
                 let best: BlockHash = node
@@ -115,7 +118,11 @@ impl Stack {
         .await?;
         let mut replaced = Vec::new();
         for h in fork_height + 1..=tip.blocks {
-            replaced.push(pool.rpc().call::<BlockHash>("getblockhash", &[json!(h)]).await?);
+            replaced.push(
+                pool.rpc()
+                    .call::<BlockHash>("getblockhash", &[json!(h)])
+                    .await?,
+            );
         }
         let first = *replaced.first().context("nothing to replace")?;
         node.rpc()

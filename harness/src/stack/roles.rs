@@ -497,7 +497,11 @@ impl Stack {
         for n in self.lightning_nodes.values() {
             n.stop().await?;
         }
-        for n in self.operator_nodes.values().chain(self.audit_nodes.values()) {
+        for n in self
+            .operator_nodes
+            .values()
+            .chain(self.audit_nodes.values())
+        {
             n.process().stop().await?;
         }
         Ok(())

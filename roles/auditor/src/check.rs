@@ -69,10 +69,7 @@ pub async fn audit(node: &AuditNode, task: &AuditTask) -> Result<(Verdict, Strin
     };
     let how = match proposal.rewound {
         0 => String::new(),
-        n => format!(
-            "after rewinding {n} block{}",
-            if n == 1 { "" } else { "s" }
-        ),
+        n => format!("after rewinding {n} block{}", if n == 1 { "" } else { "s" }),
     };
     let (verdict, reason) = match proposal.answer {
         Value::Null if how.is_empty() => (Verdict::Valid, "proposal".to_string()),
@@ -119,4 +116,3 @@ pub async fn audit(node: &AuditNode, task: &AuditTask) -> Result<(Verdict, Strin
     }
     Ok((verdict, reason))
 }
-

@@ -337,7 +337,9 @@ impl AuditNode {
         let restored = self.restore(&invalidated).await;
         if let Err(e) = &restored {
             self.dirty.store(true, Ordering::SeqCst);
-            tracing::warn!("audit node: restoring after a rewind failed, retried before the next audit: {e}");
+            tracing::warn!(
+                "audit node: restoring after a rewind failed, retried before the next audit: {e}"
+            );
         }
         let proposal = result?;
         restored?;
@@ -427,10 +429,7 @@ impl AuditNode {
                 first_error.get_or_insert(e);
             }
         }
-        if let Err(e) = self
-            .call::<Value>("setnetworkactive", &[json!(true)])
-            .await
-        {
+        if let Err(e) = self.call::<Value>("setnetworkactive", &[json!(true)]).await {
             first_error.get_or_insert(e);
         }
         match first_error {

@@ -141,9 +141,7 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
         Ok(k) => k,
         Err(e @ LookupError::Stale { .. }) => return error(StatusCode::UNAUTHORIZED, 30003, e),
         Err(e @ LookupError::Unbound) => return error(StatusCode::UNAUTHORIZED, 30009, e),
-        Err(e @ LookupError::OtherMint { .. }) => {
-            return error(StatusCode::UNAUTHORIZED, 30010, e)
-        }
+        Err(e @ LookupError::OtherMint { .. }) => return error(StatusCode::UNAUTHORIZED, 30010, e),
         Err(e) => return error(StatusCode::UNAUTHORIZED, 30002, e),
     };
     let pubkey = key.to_string();

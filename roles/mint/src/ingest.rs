@@ -100,7 +100,8 @@ impl Handler for Shares {
         for e in entries {
             // A newer record version (the pool upgraded first) is not a bad record: wait for
             // this mint to be upgraded rather than set it aside.
-            if let Err(err @ ehash::RecordError::Version { .. }) = ShareRecord::from_fields(&e.fields)
+            if let Err(err @ ehash::RecordError::Version { .. }) =
+                ShareRecord::from_fields(&e.fields)
             {
                 if newer_version(&err) {
                     anyhow::bail!("entry {}: {err}: upgrade the mint to read it", e.id);
@@ -155,7 +156,8 @@ impl Handler for Verdicts {
         let mut results = Vec::with_capacity(entries.len());
         let mut dead = Vec::new();
         for e in entries {
-            if let Err(err @ ehash::RecordError::Version { .. }) = AuditResult::from_fields(&e.fields)
+            if let Err(err @ ehash::RecordError::Version { .. }) =
+                AuditResult::from_fields(&e.fields)
             {
                 if newer_version(&err) {
                     anyhow::bail!("entry {}: {err}: upgrade the mint to read it", e.id);
@@ -260,7 +262,10 @@ async fn read_loop(
             Ok(()) => backoff = MIN_BACKOFF,
             Err(e) => {
                 metrics.batch_failures.with_label_values(&[stream]).inc();
-                tracing::warn!(stream, "a batch failed, nothing acknowledged; reading it again in {backoff:?}: {e:#}");
+                tracing::warn!(
+                    stream,
+                    "a batch failed, nothing acknowledged; reading it again in {backoff:?}: {e:#}"
+                );
                 consumer = None;
                 tokio::select! {
                     _ = stop.cancelled() => return,

@@ -69,9 +69,10 @@ fn identity(seed: &[u8]) -> anyhow::Result<(cdk::nuts::PublicKey, ehash::Locking
     let mut engine = sha256::Hash::engine();
     engine.input(b"hashpool/mint-identity/v1");
     engine.input(seed);
-    let secret =
-        bitcoin::secp256k1::SecretKey::from_slice(sha256::Hash::from_engine(engine).as_byte_array())
-            .context("the seed gives no identity key")?;
+    let secret = bitcoin::secp256k1::SecretKey::from_slice(
+        sha256::Hash::from_engine(engine).as_byte_array(),
+    )
+    .context("the seed gives no identity key")?;
     let public = secret
         .public_key(&bitcoin::secp256k1::Secp256k1::new())
         .serialize();

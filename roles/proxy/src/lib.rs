@@ -47,7 +47,9 @@ fn from_this_machine(
     tracing::warn!(%peer, "wallet request refused: not from loopback");
     Err((
         axum::http::StatusCode::FORBIDDEN,
-        axum::Json(serde_json::json!({"error": "the wallet's redemptions and melts are served only to this machine (loopback)"})),
+        axum::Json(
+            serde_json::json!({"error": "the wallet's redemptions and melts are served only to this machine (loopback)"}),
+        ),
     ))
 }
 
@@ -173,21 +175,23 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                 axum::routing::get(
                     move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
                           headers: axum::http::HeaderMap| {
-                    let r = melts.clone();
-                    async move {
-                        // Invoices and preimages: only to this machine.
-                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
-                            return refused;
+                        let r = melts.clone();
+                        async move {
+                            // Invoices and preimages: only to this machine.
+                            if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                                return refused;
+                            }
+                            match r.melts().await {
+                                Ok(m) => {
+                                    (axum::http::StatusCode::OK, axum::Json(serde_json::json!(m)))
+                                }
+                                Err(e) => (
+                                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                    axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                                ),
+                            }
                         }
-                        match r.melts().await {
-                            Ok(m) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(m))),
-                            Err(e) => (
-                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
-                            ),
-                        }
-                    }
-                },
+                    },
                 ),
             )
             .route(
@@ -196,20 +200,22 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                     move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
                           headers: axum::http::HeaderMap,
                           body: axum::Json<QuoteRequest>| {
-                    let r = quoter.clone();
-                    async move {
-                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
-                            return refused;
+                        let r = quoter.clone();
+                        async move {
+                            if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                                return refused;
+                            }
+                            match r.quote(&body.invoice).await {
+                                Ok(q) => {
+                                    (axum::http::StatusCode::OK, axum::Json(serde_json::json!(q)))
+                                }
+                                Err(e) => (
+                                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                                    axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                                ),
+                            }
                         }
-                        match r.quote(&body.invoice).await {
-                            Ok(q) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(q))),
-                            Err(e) => (
-                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
-                            ),
-                        }
-                    }
-                },
+                    },
                 ),
             )
             .route(
@@ -218,20 +224,22 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
                     move |peer: axum::extract::ConnectInfo<std::net::SocketAddr>,
                           headers: axum::http::HeaderMap,
                           body: axum::Json<wallet::RedeemOptions>| {
-                    let r = redeemer.clone();
-                    async move {
-                        if let Err(refused) = from_this_machine(&peer.0, &headers) {
-                            return refused;
+                        let r = redeemer.clone();
+                        async move {
+                            if let Err(refused) = from_this_machine(&peer.0, &headers) {
+                                return refused;
+                            }
+                            match r.redeem(&body).await {
+                                Ok(r) => {
+                                    (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r)))
+                                }
+                                Err(e) => (
+                                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                                    axum::Json(serde_json::json!({"error": format!("{e:#}")})),
+                                ),
+                            }
                         }
-                        match r.redeem(&body).await {
-                            Ok(r) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!(r))),
-                            Err(e) => (
-                                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                                axum::Json(serde_json::json!({"error": format!("{e:#}")})),
-                            ),
-                        }
-                    }
-                },
+                    },
                 ),
             );
     }

@@ -248,7 +248,9 @@ impl Ledger {
 
     /// Write the ledger's sums of `t` in `tx`.
     async fn write_tally(
-        tx: &mut Box<dyn cdk_common::database::KVStoreTransaction<cdk_common::database::Error> + Send + Sync>,
+        tx: &mut Box<
+            dyn cdk_common::database::KVStoreTransaction<cdk_common::database::Error> + Send + Sync,
+        >,
         t: &Tally,
     ) -> anyhow::Result<()> {
         for (name, v) in [
@@ -319,9 +321,15 @@ impl Ledger {
     /// lower rate it is paid at), and name it as the quote paying its hash (call under
     /// `hold_lock`). Refused (with the reason) if another quote's payment of the same invoice
     /// is in flight or done.
-    pub async fn hold(&self, quote_id: &str, terms: &QuoteTerms) -> anyhow::Result<Result<(), String>> {
+    pub async fn hold(
+        &self,
+        quote_id: &str,
+        terms: &QuoteTerms,
+    ) -> anyhow::Result<Result<(), String>> {
         if let Some(other) = self.quote_of_hash(&terms.payment_hash).await? {
-            if other != quote_id && (self.is_held(&other).await? || self.paid(&other).await?.is_some()) {
+            if other != quote_id
+                && (self.is_held(&other).await? || self.paid(&other).await?.is_some())
+            {
                 return Ok(Err(format!(
                     "this invoice is already being paid, or was paid, by melt quote {other}: ask for a new invoice"
                 )));
@@ -409,9 +417,14 @@ impl Ledger {
             ehash,
         );
         let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
-        tx.kv_write(NS, "paid", quote_id, format!("{spent_msat}:{ehash}").as_bytes())
-            .await
-            .map_err(kv_err)?;
+        tx.kv_write(
+            NS,
+            "paid",
+            quote_id,
+            format!("{spent_msat}:{ehash}").as_bytes(),
+        )
+        .await
+        .map_err(kv_err)?;
         if held.is_some() {
             tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
         }

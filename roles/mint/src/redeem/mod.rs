@@ -219,12 +219,20 @@ impl MintPayment for RedeemBackend {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return self
-                    .refuse(&quote_id, &lookup, format!("melt quote {quote_id} has no terms"))
+                    .refuse(
+                        &quote_id,
+                        &lookup,
+                        format!("melt quote {quote_id} has no terms"),
+                    )
                     .await
             }
             Err(e) => {
                 return self
-                    .refuse(&quote_id, &lookup, format!("reading the quote's terms: {e:#}"))
+                    .refuse(
+                        &quote_id,
+                        &lookup,
+                        format!("reading the quote's terms: {e:#}"),
+                    )
                     .await
             }
         };

@@ -76,7 +76,10 @@ impl RedeemBackend {
     ) -> Result<MakePaymentResponse, Error> {
         tracing::warn!(quote = quote_id, "redemption not paid: {why}");
         if let Err(e) = self.ledger.refuse(quote_id, &why).await {
-            tracing::warn!(quote = quote_id, "keeping the refusal's reason failed: {e:#}");
+            tracing::warn!(
+                quote = quote_id,
+                "keeping the refusal's reason failed: {e:#}"
+            );
         }
         Ok(Self::response(lookup, MeltQuoteState::Failed))
     }

@@ -153,7 +153,9 @@ pub async fn resolve_holds(
                     let outcome = check_hold(&mint, &ledger, &backend, &h.quote_id).await;
                     match outcome {
                         Ok(s) => tracing::debug!(quote = %h.quote_id, "held payment checked: {s}"),
-                        Err(e) => tracing::warn!(quote = %h.quote_id, "checking a held payment failed (retried): {e}"),
+                        Err(e) => {
+                            tracing::warn!(quote = %h.quote_id, "checking a held payment failed (retried): {e}")
+                        }
                     }
                 }
             }

@@ -155,9 +155,10 @@ impl Reserve {
         }
         let (rate_msat, rate_ehash) = (self.redeemable_msat, self.outstanding_ehash);
         let amount_ehash = to_ehash(invoice_msat, rate_msat, rate_ehash);
-        let margin =
-            u64::try_from((u128::from(amount_ehash) * u128::from(RATE_MARGIN_PPM)).div_ceil(1_000_000))
-                .unwrap_or(u64::MAX);
+        let margin = u64::try_from(
+            (u128::from(amount_ehash) * u128::from(RATE_MARGIN_PPM)).div_ceil(1_000_000),
+        )
+        .unwrap_or(u64::MAX);
         Ok(QuoteTerms {
             invoice_msat,
             fee_reserve_msat,
@@ -248,8 +249,7 @@ impl QuoteTerms {
         if worth == 0 {
             return 0;
         }
-        u64::try_from(u128::from(self.rounding_loss_msat()) * 1_000_000 / worth)
-            .unwrap_or(u64::MAX)
+        u64::try_from(u128::from(self.rounding_loss_msat()) * 1_000_000 / worth).unwrap_or(u64::MAX)
     }
 }
 

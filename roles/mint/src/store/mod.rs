@@ -40,8 +40,8 @@ mod views;
 const NS: &str = "ehash";
 /// Secondary namespace of the running sums.
 const TALLY: &str = "tally";
-pub use crate::lookups::{LookupRefused, MAX_LOOKUP_KEYS};
 use crate::lookups::LookupGuard;
+pub use crate::lookups::{LookupRefused, MAX_LOOKUP_KEYS};
 /// Quotes never expire (a share stays owed until audited and minted).
 const QUOTE_EXPIRY: u64 = u64::MAX / 2;
 
@@ -59,7 +59,6 @@ pub struct TemplateState {
     /// Whether they were.
     pub settled: bool,
 }
-
 
 pub use views::{AuditStatus, QuoteView};
 /// Quotes whose state changed, to push over NUT-17 once committed.

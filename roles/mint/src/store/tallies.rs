@@ -59,10 +59,7 @@ impl Store {
                 .map_err(|e| anyhow!("{e}"))?;
             tracing::info!(quoted, failed, "ehash tallies computed from the quotes");
         }
-        let old = tx
-            .kv_list(NS, "lookup")
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let old = tx.kv_list(NS, "lookup").await.map_err(|e| anyhow!("{e}"))?;
         for k in &old {
             tx.kv_remove(NS, "lookup", k)
                 .await
@@ -103,10 +100,19 @@ impl Store {
             if add == 0 {
                 continue;
             }
-            let now = number(tx.kv_read(NS, TALLY, key).await.map_err(|e| anyhow!("{e}"))?);
-            tx.kv_write(NS, TALLY, key, now.saturating_add(add).to_string().as_bytes())
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+            let now = number(
+                tx.kv_read(NS, TALLY, key)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?,
+            );
+            tx.kv_write(
+                NS,
+                TALLY,
+                key,
+                now.saturating_add(add).to_string().as_bytes(),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
         }
         Ok(())
     }

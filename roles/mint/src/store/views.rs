@@ -44,7 +44,6 @@ pub struct QuoteView {
     pub audit: AuditStatus,
 }
 
-
 impl Store {
     /// The view of quote `id`, or `None` if the mint has no such ehash quote.
     pub async fn quote(&self, id: &str) -> anyhow::Result<Option<QuoteView>> {

@@ -256,7 +256,9 @@ impl OperatorWallet {
                     // the rest as a batch; only a batch failing twice in a row is tried one by
                     // one, so one bad quote cannot hold up the others.
                     if let Err(r) = self.wallet.recover_incomplete_sagas().await {
-                        tracing::warn!("recovering the failed batch mint failed (retried next round): {r}");
+                        tracing::warn!(
+                            "recovering the failed batch mint failed (retried next round): {r}"
+                        );
                     }
                     self.failed_batches += 1;
                     if self.failed_batches < 2 {

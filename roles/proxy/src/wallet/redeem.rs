@@ -192,7 +192,12 @@ impl Redeemer {
         self.view(&q.id, invoice_sat, q.expiry).await
     }
 
-    async fn view(&self, quote: &str, invoice_sat: u64, expiry: u64) -> anyhow::Result<MeltQuoteView> {
+    async fn view(
+        &self,
+        quote: &str,
+        invoice_sat: u64,
+        expiry: u64,
+    ) -> anyhow::Result<MeltQuoteView> {
         let v = mint_view(&self.mint_url, quote).await?;
         let n = |k: &str| v[k].as_u64().with_context(|| format!("no {k} in {v}"));
         Ok(MeltQuoteView {
@@ -218,7 +223,11 @@ impl Redeemer {
                     .localstore
                     .get_melt_quote(id)
                     .await?
-                    .with_context(|| format!("this wallet has no melt quote {id}: ask for one with `wallet quote`"))?;
+                    .with_context(|| {
+                        format!(
+                            "this wallet has no melt quote {id}: ask for one with `wallet quote`"
+                        )
+                    })?;
                 let bolt11: cdk::Bolt11Invoice = q
                     .request
                     .parse()
@@ -258,7 +267,9 @@ impl Redeemer {
             // back; cdk reports only "Payment failed", the mint keeps the reason.
             Err(e) => {
                 let v = mint_view(&self.mint_url, &view.quote).await.ok();
-                let state = v.as_ref().and_then(|v| v["state"].as_str().map(str::to_string));
+                let state = v
+                    .as_ref()
+                    .and_then(|v| v["state"].as_str().map(str::to_string));
                 let reason = v.and_then(|v| v["reason"].as_str().map(str::to_string));
                 match (state.as_deref(), reason) {
                     (Some("not_paid"), Some(why)) => anyhow::bail!(
@@ -430,7 +441,9 @@ pub async fn redeem_with(
     max_loss_ppm: u64,
     opts: &RedeemOptions,
 ) -> anyhow::Result<Redemption> {
-    if let Some(answer) = via_proxy(http_listen, "/wallet/redeem", serde_json::to_value(opts)?).await? {
+    if let Some(answer) =
+        via_proxy(http_listen, "/wallet/redeem", serde_json::to_value(opts)?).await?
+    {
         return answer.into_result();
     }
     let w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;

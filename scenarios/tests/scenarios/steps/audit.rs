@@ -47,7 +47,9 @@ async fn auditor_behind_proxy(
     Ok(())
 }
 
-#[given(expr = "auditor {string} with {int} worker(s), giving up on an unknown parent after {int} seconds")]
+#[given(
+    expr = "auditor {string} with {int} worker(s), giving up on an unknown parent after {int} seconds"
+)]
 async fn auditor_impatient(
     w: &mut HarnessWorld,
     name: String,
@@ -155,7 +157,9 @@ async fn blocks_between_shares(
     blocks_between(w, n, &[a, b]).await
 }
 
-#[when(expr = "bitcoind mines {int} block(s), one after miner {string} has a share recorded on the tip")]
+#[when(
+    expr = "bitcoind mines {int} block(s), one after miner {string} has a share recorded on the tip"
+)]
 async fn blocks_between_one(w: &mut HarnessWorld, n: u64, a: String) -> anyhow::Result<()> {
     blocks_between(w, n, &[a]).await
 }
@@ -330,7 +334,9 @@ pub(crate) async fn verdicts_on(
     Ok(())
 }
 
-#[then(expr = "every quote of {string} ends FAILED with Bitcoin Core's {string} and its wallet mints nothing")]
+#[then(
+    expr = "every quote of {string} ends FAILED with Bitcoin Core's {string} and its wallet mints nothing"
+)]
 async fn all_failed_core(w: &mut HarnessWorld, who: String, reason: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;

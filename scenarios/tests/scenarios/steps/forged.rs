@@ -77,23 +77,23 @@ async fn forge(w: &mut HarnessWorld, who: &str, forgery: Forgery) -> anyhow::Res
         task.prev_hash = made_up.to_string();
     }
     if let Forgery::MissingInput = forgery {
-      block.txdata.push(Transaction {
-        version: Version::TWO,
-        lock_time: LockTime::ZERO,
-        input: vec![TxIn {
-            previous_output: OutPoint {
-                txid: Txid::from_byte_array([0x42; 32]),
-                vout: 0,
-            },
-            script_sig: ScriptBuf::new(),
-            sequence: Sequence::MAX,
-            witness: Witness::new(),
-        }],
-        output: vec![TxOut {
-            value: Amount::from_sat(10_000),
-            script_pubkey: ScriptBuf::new_op_return([0u8; 4]),
-        }],
-      });
+        block.txdata.push(Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint {
+                    txid: Txid::from_byte_array([0x42; 32]),
+                    vout: 0,
+                },
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::MAX,
+                witness: Witness::new(),
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(10_000),
+                script_pubkey: ScriptBuf::new_op_return([0u8; 4]),
+            }],
+        });
     }
     let witness_root = block.witness_root().context("witness root")?;
     let commitment = bitcoin::Block::compute_witness_commitment(&witness_root, &[0u8; 32]);
@@ -173,12 +173,7 @@ async fn forged_failed_with(
     let (hash, _) = w.forged.clone().context("nothing forged")?;
     let stack = w.default_stack()?;
     let mint = stack.mint()?;
-    let secret = w
-        .clients
-        .get(who)
-        .context("no such client")?
-        .secret
-        .clone();
+    let secret = w.clients.get(who).context("no such client")?.secret.clone();
     wait_until(
         "the forged share's quote to be FAILED",
         Duration::from_secs(90),

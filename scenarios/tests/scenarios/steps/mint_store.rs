@@ -33,7 +33,9 @@ async fn lock_mint_db(
     let taken = Instant::now();
     let outcome = async {
         wait_until(
-            &format!("miner {miner} to get {n} more accepted shares while the mint's database is locked"),
+            &format!(
+                "miner {miner} to get {n} more accepted shares while the mint's database is locked"
+            ),
             Duration::from_secs(60),
             || async {
                 let now = m.log().accepted.len();

@@ -118,11 +118,16 @@ pub(crate) async fn tenth_of_worth(w: &HarnessWorld, who: &str) -> anyhow::Resul
     let msat = u128::from(held) * u128::from(u(&r, "redeemable_msat")?)
         / u128::from(u(&r, "outstanding_ehash")?.max(1));
     let sats = (msat / 10_000) as u64;
-    anyhow::ensure!(sats >= 1, "{who}'s {held} ehash are worth {msat} msat: too little to redeem a tenth");
+    anyhow::ensure!(
+        sats >= 1,
+        "{who}'s {held} ehash are worth {msat} msat: too little to redeem a tenth"
+    );
     Ok(sats)
 }
 
-#[when(expr = "{string} and {string} redeem at the same time, a tenth of what each one's ehash is worth")]
+#[when(
+    expr = "{string} and {string} redeem at the same time, a tenth of what each one's ehash is worth"
+)]
 async fn concurrent(w: &mut HarnessWorld, a: String, b: String) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let mut prepared = Vec::new();

@@ -20,7 +20,10 @@ fn rate_of(reserve: &Value) -> anyhow::Result<(u128, u128)> {
         .or_else(|| reserve.get("available_msat"))
         .and_then(Value::as_u64)
         .with_context(|| format!("no redeemable or available msat in {reserve}"))?;
-    Ok((u128::from(msat), u128::from(u(reserve, "outstanding_ehash")?)))
+    Ok((
+        u128::from(msat),
+        u128::from(u(reserve, "outstanding_ehash")?),
+    ))
 }
 
 /// The ehash a melt quote for `invoice` costs (amount and fee reserve), asked of the mint
@@ -172,11 +175,14 @@ async fn node_back_to(w: &mut HarnessWorld, name: String, peer: String) -> anyho
     stack.restart_lightning(&name).await?;
     let (a, b) = (stack.lightning(&name)?, stack.lightning(&peer)?);
     a.connect(b).await?;
-    a.wait_channel_normal(&b.id, Duration::from_secs(60)).await?;
+    a.wait_channel_normal(&b.id, Duration::from_secs(60))
+        .await?;
     b.wait_channel_normal(&a.id, Duration::from_secs(60)).await
 }
 
-#[when(expr = "the mint's redemption rate and the cost of a melt quote for {int} sat of {string} are remembered")]
+#[when(
+    expr = "the mint's redemption rate and the cost of a melt quote for {int} sat of {string} are remembered"
+)]
 async fn remember_rate_and_cost(
     w: &mut HarnessWorld,
     sats: u64,

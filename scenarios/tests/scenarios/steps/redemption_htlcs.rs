@@ -25,7 +25,12 @@ pub type NamedRedemption = (
 );
 
 #[when(expr = "{string} makes an invoice {string} of {int} sat on its node")]
-async fn named_invoice(w: &mut HarnessWorld, who: String, name: String, sats: u64) -> anyhow::Result<()> {
+async fn named_invoice(
+    w: &mut HarnessWorld,
+    who: String,
+    name: String,
+    sats: u64,
+) -> anyhow::Result<()> {
     let invoice = w
         .default_stack()?
         .lightning(&who)?
@@ -48,7 +53,11 @@ async fn named_invoice_worth(
 
 #[when(expr = "{string} starts redeeming invoice {string}")]
 async fn start_named(w: &mut HarnessWorld, who: String, name: String) -> anyhow::Result<()> {
-    let (invoice, _, _) = w.named_invoices.get(&name).cloned().context("no such invoice")?;
+    let (invoice, _, _) = w
+        .named_invoices
+        .get(&name)
+        .cloned()
+        .context("no such invoice")?;
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
     let held = proxy.wallet_status().await?.held;
@@ -56,7 +65,8 @@ async fn start_named(w: &mut HarnessWorld, who: String, name: String) -> anyhow:
     let timeout = harness::wait::scaled(Duration::from_secs(300));
     let task = tokio::spawn(async move {
         let body = json!({ "invoice": invoice }).to_string();
-        let (code, body) = harness::http::post_json(&addr, "/wallet/redeem", &body, timeout).await?;
+        let (code, body) =
+            harness::http::post_json(&addr, "/wallet/redeem", &body, timeout).await?;
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
         Ok(match code {
             200 => Ok(v),
@@ -75,7 +85,10 @@ async fn hash_of(w: &HarnessWorld, name: &str) -> anyhow::Result<String> {
         .lightning("pool")?
         .call("decode", json!({ "string": invoice }))
         .await?;
-    Ok(d["payment_hash"].as_str().context("payment_hash")?.to_string())
+    Ok(d["payment_hash"]
+        .as_str()
+        .context("payment_hash")?
+        .to_string())
 }
 
 #[then(expr = "the pool's node has {word} an HTLC for invoice {string}")]
@@ -122,7 +135,9 @@ async fn htlc_state(w: &mut HarnessWorld, how: String, name: String) -> anyhow::
     Ok(())
 }
 
-#[then(expr = "invoice {string} is paid exactly once and {string}'s wallet holds what that melt took less")]
+#[then(
+    expr = "invoice {string} is paid exactly once and {string}'s wallet holds what that melt took less"
+)]
 async fn named_paid_once(w: &mut HarnessWorld, name: String, who: String) -> anyhow::Result<()> {
     let hash = hash_of(w, &name).await?;
     let (_, held_before, task) = w.named_redemptions.remove(&name).context("no redemption")?;
@@ -168,14 +183,18 @@ async fn named_paid_once(w: &mut HarnessWorld, name: String, who: String) -> any
     Ok(())
 }
 
-#[then(expr = "the redemption of invoice {string} ends UNPAID, its ehash is back and the mint holds nothing")]
+#[then(
+    expr = "the redemption of invoice {string} ends UNPAID, its ehash is back and the mint holds nothing"
+)]
 async fn named_unpaid(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     let (who, held_before, task) = w.named_redemptions.remove(&name).context("no redemption")?;
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
     let mint = stack.mint()?;
     harness::wait::wait_until(
-        &format!("{who}'s wallet to hold its {held_before} ehash again and the mint to hold no sats"),
+        &format!(
+            "{who}'s wallet to hold its {held_before} ehash again and the mint to hold no sats"
+        ),
         Duration::from_secs(150),
         || async {
             let st = proxy.wallet_status().await.map_err(|e| e.to_string())?;
@@ -195,7 +214,9 @@ async fn named_unpaid(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> 
     anyhow::ensure!(
         m.get("hashpool_mint_holds_resolved_total{outcome=\"orphaned\"}") >= 1.0,
         "the mint counted no orphaned payment released: {:?}",
-        m.0.iter().filter(|(k, _)| k.contains("holds")).collect::<HashMap<_, _>>()
+        m.0.iter()
+            .filter(|(k, _)| k.contains("holds"))
+            .collect::<HashMap<_, _>>()
     );
     Ok(())
 }

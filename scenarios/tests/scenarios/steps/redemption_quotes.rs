@@ -24,7 +24,9 @@ async fn gets_quote(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Res
     Ok(())
 }
 
-#[then(expr = "the quote shows what it costs in ehash and the sats rounding loses, at most one ehash's worth")]
+#[then(
+    expr = "the quote shows what it costs in ehash and the sats rounding loses, at most one ehash's worth"
+)]
 async fn quote_shows_loss(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let (_, q) = w.melt_quote.clone().context("no melt quote")?;
     let (amount, rate, loss) = (
@@ -106,7 +108,9 @@ async fn pays_quote(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[when(expr = "{string} redeems ehash against an invoice of its node for {int} sat, accepting the loss to rounding")]
+#[when(
+    expr = "{string} redeems ehash against an invoice of its node for {int} sat, accepting the loss to rounding"
+)]
 async fn redeems_accepting(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let label = format!("accepted-{who}-{}", w.redemptions.len());
@@ -130,7 +134,9 @@ async fn redeems_accepting(w: &mut HarnessWorld, who: String, sats: u64) -> anyh
     Ok(())
 }
 
-#[then(expr = "the payment is refused with {string} and {string}, and {string}'s wallet holds what it held")]
+#[then(
+    expr = "the payment is refused with {string} and {string}, and {string}'s wallet holds what it held"
+)]
 async fn payment_refused(
     w: &mut HarnessWorld,
     first: String,
@@ -171,7 +177,11 @@ async fn payment_refused(
 async fn matured_on_chain(w: &HarnessWorld) -> anyhow::Result<u64> {
     let stack = w.default_stack()?;
     let rpc = stack.bitcoind()?.rpc();
-    let payout = stack.rewards().context("no rewards chain")?.pool_address.clone();
+    let payout = stack
+        .rewards()
+        .context("no rewards chain")?
+        .pool_address
+        .clone();
     let tip: u64 = rpc.call("getblockcount", &[]).await?;
     let mut sats = 0;
     for h in 0..=(tip + 1).saturating_sub(100) {
@@ -205,7 +215,9 @@ async fn matured_follow_chain(w: &mut HarnessWorld) -> anyhow::Result<()> {
 
 #[then("the matured rewards fell by the reward the reorganisation removed")]
 async fn matured_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    let before = w.matured_remembered.context("no matured rewards remembered")?;
+    let before = w
+        .matured_remembered
+        .context("no matured rewards remembered")?;
     let now = matured_on_chain(w).await?;
     anyhow::ensure!(
         now + harness::lightning::REWARD_SATS == before,
@@ -215,7 +227,9 @@ async fn matured_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[when(expr = "node {string} moves the pool's chain onto the pre-mined fork that drops the last reward")]
+#[when(
+    expr = "node {string} moves the pool's chain onto the pre-mined fork that drops the last reward"
+)]
 async fn onto_fork(w: &mut HarnessWorld, node: String) -> anyhow::Result<()> {
     let reorg = w
         .default_stack()?

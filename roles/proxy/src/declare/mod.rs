@@ -13,17 +13,12 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bitcoin::consensus::encode::deserialize;
-use bitcoin::hashes::Hash;
-use bitcoin::{Amount, Transaction, TxOut};
+use bitcoin::TxOut;
 use serde::Serialize;
 use stratum_apps::key_utils::Secp256k1PublicKey;
 use stratum_apps::network_helpers::connect_with_noise;
 use stratum_apps::network_helpers::noise_stream::{NoiseTcpReadHalf, NoiseTcpWriteHalf};
-use stratum_apps::stratum_core::binary_sv2::{
-    B016MOwned, B064KOwned, Seq064KOwned, Str0255Owned, U256Owned,
-};
-use stratum_apps::stratum_core::channels_sv2::chain_tip::ChainTip;
-use stratum_apps::stratum_core::channels_sv2::server::jobs::factory::JobFactory;
+use stratum_apps::stratum_core::binary_sv2::{B016MOwned, Seq064KOwned, Str0255Owned};
 use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
 use stratum_apps::stratum_core::job_declaration_sv2::{
     AllocateMiningJobTokenOwned, DeclareMiningJobOwned, ProvideMissingTransactionsSuccessOwned,
@@ -33,11 +28,14 @@ use stratum_apps::stratum_core::parsers_sv2::{
     AnyMessage, AnyMessageOwned, CommonMessagesOwned, JobDeclarationOwned,
 };
 use stratum_apps::utils::types::OutboundFrame;
-use template_fraud::{FraudInputs, FraudKind};
+use template_fraud::FraudKind;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::node::NodeTemplate;
+use job::build;
+
+mod job;
 
 /// Time allowed for one answer of the job declarator.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -254,126 +252,25 @@ impl Jd {
     }
 }
 
-/// The job for one node template: the declaration and, once a token is known, the custom job.
-struct Job {
-    template: sv2_templates::Converted,
-    outputs: Vec<TxOut>,
-    declare: DeclareMiningJobOwned,
-    transactions: Vec<Vec<u8>>,
-    min_ntime: u32,
-    height: u64,
+/// What became of one declaration.
+enum Declared {
+    /// Accepted: the custom job to mine.
+    Work(DeclaredWork),
+    /// Not declared (refused or not buildable; counted and logged): wait for the next
+    /// template.
+    Refused,
+    /// Refused as `stale-chain-tip`: the operator's node and the pool's disagree on the tip,
+    /// which happens for a moment after every block (the node that saw it first is ahead).
+    /// Declared again shortly, unless a newer template comes first.
+    TipDisagrees,
 }
 
-fn build(
-    t: &NodeTemplate,
-    fraud: Option<FraudKind>,
-    pool_outputs: Vec<TxOut>,
-    token: &[u8],
-    full_extranonce_size: usize,
-    min_ntime: u32,
-) -> anyhow::Result<Job> {
-    let mut gbt = t.gbt.clone();
-    if let Some(kind) = fraud {
-        let inputs = FraudInputs {
-            tip_coinbase: t.tip_coinbase,
-        };
-        template_fraud::apply(kind, &mut gbt, &inputs)?;
-    }
-    let template = sv2_templates::convert(&gbt, u64::from(gbt.curtime))?;
-    let mut outputs = pool_outputs;
-    let first = outputs
-        .first_mut()
-        .context("the pool named no payout output")?;
-    first.value = Amount::from_sat(template.template.coinbase_tx_value_remaining);
-    if fraud == Some(FraudKind::NoPoolPayout) {
-        first.script_pubkey = template_fraud::anyone_script();
-    }
-    outputs.truncate(1);
-    let factory = JobFactory::new(true, None, None);
-    let (prefix, suffix) = factory
-        .new_coinbase_tx_prefix_and_suffix(
-            template.template.clone(),
-            outputs.clone(),
-            full_extranonce_size,
-        )
-        .map_err(|e| anyhow!("coinbase: {e:?}"))?;
-    let transactions = gbt
-        .transactions
-        .iter()
-        .map(|x| hex::decode(&x.data).context("template transaction is not hex"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let wtxids = transactions
-        .iter()
-        .map(|raw| {
-            let tx: Transaction =
-                deserialize(raw).context("template transaction does not decode")?;
-            Ok(U256Owned::from(tx.compute_wtxid().to_byte_array()))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let declare = DeclareMiningJobOwned {
-        request_id: 0,
-        mining_job_token: token.to_vec().try_into().map_err(|e| anyhow!("{e:?}"))?,
-        version: gbt.version,
-        coinbase_tx_prefix: B064KOwned::try_from(prefix).map_err(|e| anyhow!("{e:?}"))?,
-        coinbase_tx_suffix: B064KOwned::try_from(suffix).map_err(|e| anyhow!("{e:?}"))?,
-        wtxid_list: Seq064KOwned::new(wtxids).map_err(|e| anyhow!("{e:?}"))?,
-        excess_data: B064KOwned::try_from(Vec::new()).map_err(|e| anyhow!("{e:?}"))?,
-    };
-    Ok(Job {
-        template,
-        outputs,
-        declare,
-        transactions,
-        min_ntime,
-        height: t.gbt.height,
-    })
-}
+/// How often, and how many times, a declaration refused as `stale-chain-tip` is tried again
+/// (about 6 s: the pool's view of a new block lags its node's by well under that).
+const TIP_RETRY_PAUSE: Duration = Duration::from_millis(300);
+const TIP_RETRIES: u32 = 20;
 
-impl Job {
-    fn custom(
-        self,
-        shape: &ChannelShape,
-        token: Vec<u8>,
-        fraud: Option<FraudKind>,
-    ) -> anyhow::Result<DeclaredWork> {
-        let factory = JobFactory::new(true, None, None);
-        let tip = ChainTip::new(
-            self.template.prev_hash.prev_hash.clone(),
-            self.template.nbits,
-            self.min_ntime,
-        );
-        let set_custom = factory
-            .new_custom_job(
-                shape.channel_id,
-                0,
-                token.try_into().map_err(|e| anyhow!("{e:?}"))?,
-                tip,
-                self.template.template,
-                self.outputs,
-                shape.full_extranonce_size,
-            )
-            .map_err(|e| anyhow!("custom job: {e:?}"))?;
-        let mut set_custom = set_custom;
-        if fraud == Some(FraudKind::UndeclaredCoinbase) {
-            // Another coinbase than the declared one: one byte of the pool tag changed.
-            let mut prefix = set_custom.coinbase_prefix.as_bytes().to_vec();
-            let at = prefix.len().saturating_sub(2);
-            if let Some(b) = prefix.get_mut(at) {
-                *b ^= 0x20;
-            }
-            set_custom.coinbase_prefix = prefix.try_into().map_err(|e| anyhow!("{e:?}"))?;
-            tracing::info!(
-                "fraud undeclared-coinbase: the custom job's coinbase is not the declared one"
-            );
-        }
-        Ok(DeclaredWork {
-            set_custom,
-            height: self.height,
-        })
-    }
-}
-
-/// Declare one node template; `Ok(None)` when the pool refused it (counted and logged).
+/// Declare one node template.
 async fn declare_one(
     jd: &mut Jd,
     p: &DeclareParams,
@@ -381,7 +278,7 @@ async fn declare_one(
     t: &NodeTemplate,
     min_ntime: u32,
     status: &DeclarationStatus,
-) -> anyhow::Result<Option<DeclaredWork>> {
+) -> anyhow::Result<Declared> {
     let (token, pool_outputs) = jd.allocate(&p.user_identity).await?;
     let job = match build(
         t,
@@ -400,7 +297,7 @@ async fn declare_one(
                 s.not_built += 1;
                 s.last_error = Some(format!("{e:#}"));
             });
-            return Ok(None);
+            return Ok(Declared::Refused);
         }
     };
     let mut answer = jd.declare(job.declare.clone(), &job.transactions).await?;
@@ -412,7 +309,7 @@ async fn declare_one(
         if answer.is_ok() {
             tracing::error!("the pool accepted a reused job token");
             count(status, |s| s.declared += 1);
-            return Ok(None);
+            return Ok(Declared::Refused);
         }
     }
     match answer {
@@ -423,7 +320,7 @@ async fn declare_one(
                 txs = job.transactions.len(),
                 "job declared"
             );
-            Ok(Some(job.custom(shape, new_token, p.fraud)?))
+            Ok(Declared::Work(job.custom(shape, new_token, p.fraud)?))
         }
         Err((code, detail)) => {
             tracing::warn!(height = job.height, "declaration refused: {code}: {detail}");
@@ -431,7 +328,11 @@ async fn declare_one(
                 *s.refused.entry(code.clone()).or_default() += 1;
                 s.last_error = Some(format!("{code}: {detail}"));
             });
-            Ok(None)
+            Ok(if code == "stale-chain-tip" {
+                Declared::TipDisagrees
+            } else {
+                Declared::Refused
+            })
         }
     }
 }
@@ -452,6 +353,7 @@ pub async fn run(
     // One min_ntime per tip: channels_sv2 treats a changed min_ntime as a new tip and would
     // stale the shares in flight on the previous job.
     let mut tip_ntime: Option<(String, u32)> = None;
+    let mut tip_retries = 0u32;
     loop {
         if current.is_some() {
             let declared = async {
@@ -461,7 +363,7 @@ pub async fn run(
                 let mut slot = shared.lock().await;
                 // The newest template: others may have declared for a while.
                 let Some(t) = templates.borrow_and_update().clone() else {
-                    return Ok(None);
+                    return Ok(Declared::Refused);
                 };
                 let min_ntime = match &tip_ntime {
                     Some((prev, n)) if *prev == t.gbt.previousblockhash => *n,
@@ -490,13 +392,33 @@ pub async fn run(
                     ))
                 });
             match result {
-                Ok(Some(work)) => {
+                Ok(Declared::Work(work)) => {
                     backoff = Duration::from_millis(100);
+                    tip_retries = 0;
                     if out.send(work).await.is_err() {
                         return;
                     }
                 }
-                Ok(None) => backoff = Duration::from_millis(100),
+                Ok(Declared::TipDisagrees) if tip_retries < TIP_RETRIES => {
+                    backoff = Duration::from_millis(100);
+                    tip_retries += 1;
+                    tokio::select! {
+                        _ = out.closed() => return,
+                        // A newer template is declared instead (the loop takes the newest).
+                        changed = templates.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            tip_retries = 0;
+                        }
+                        _ = tokio::time::sleep(TIP_RETRY_PAUSE) => {}
+                    }
+                    continue;
+                }
+                Ok(Declared::TipDisagrees | Declared::Refused) => {
+                    backoff = Duration::from_millis(100);
+                    tip_retries = 0;
+                }
                 Err(e) => {
                     tracing::warn!("job declaration failed ({e:#}); retrying in {backoff:?}");
                     count(&status, |s| s.last_error = Some(format!("{e:#}")));
