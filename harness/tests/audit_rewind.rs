@@ -13,13 +13,13 @@ use harness::blocks::block_on_tip;
 use harness::{Chain, HarnessConfig, Stack};
 use serde_json::{json, Value};
 
-async fn propose_on_tip(rpc: &harness::bitcoind::BitcoinRpc, hex: &str) -> Value {
-    rpc.call(
-        "getblocktemplate",
-        &[json!({"mode": "proposal", "data": hex})],
-    )
-    .await
-    .unwrap()
+async fn propose_on_tip(rpc: &harness::bitcoind::BitcoinRpc, hex: &str) -> anyhow::Result<Value> {
+    Ok(rpc
+        .call(
+            "getblocktemplate",
+            &[json!({"mode": "proposal", "data": hex})],
+        )
+        .await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,9 +50,12 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
     );
     let parent = honest.header.prev_blockhash.to_string();
     // Bitcoin Core's verdicts while the parent is the tip: the oracle.
-    assert_eq!(propose_on_tip(pool, &honest_hex).await, Value::Null);
     assert_eq!(
-        propose_on_tip(pool, &greedy_hex).await,
+        propose_on_tip(pool, &honest_hex).await.unwrap(),
+        Value::Null
+    );
+    assert_eq!(
+        propose_on_tip(pool, &greedy_hex).await.unwrap(),
         json!("bad-cb-amount")
     );
 
@@ -66,7 +69,7 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
         .unwrap();
     stack.wait_all_nodes_at(&mined[1]).await.unwrap();
     assert_eq!(
-        propose_on_tip(pool, &honest_hex).await,
+        propose_on_tip(pool, &honest_hex).await.unwrap(),
         json!("inconclusive-not-best-prevblk")
     );
 
@@ -82,7 +85,7 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
     assert_eq!((p.answer, p.rewound), (Value::Null, 2));
     let p = node.propose(&parent, &greedy_hex).await.unwrap();
     assert_eq!((p.answer, p.rewound), (json!("bad-cb-amount"), 2));
-    assert_restored(audit_rpc, &mined[1]).await;
+    assert_restored(audit_rpc, &mined[1]).await.unwrap();
 
     // A reorganisation leaves the newest tip on a stale branch; its templates still audit.
     let on_stale = block_on_tip(pool, rules, &payout, vec![], Amount::ZERO)
@@ -107,7 +110,7 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
         .unwrap();
     assert_eq!(p.answer, Value::Null);
     assert_eq!(p.rewound, reorg.branch.len() as u64);
-    assert_restored(audit_rpc, &new_tip).await;
+    assert_restored(audit_rpc, &new_tip).await.unwrap();
 
     // A parent nobody has: no verdict, then given up on once the wait is over.
     let mut made_up = honest.clone();
@@ -146,20 +149,30 @@ async fn templates_of_a_gone_tip_are_judged_on_their_content_and_the_node_is_res
         .await
         .unwrap();
     assert_eq!(node.recover().await.unwrap(), 1);
-    assert_restored(audit_rpc, &new_tip).await;
+    assert_restored(audit_rpc, &new_tip).await.unwrap();
 
     stack.shutdown(false).await.unwrap();
 }
 
 /// The node is back on `tip`, networking, with nothing marked invalid.
-async fn assert_restored(rpc: &harness::bitcoind::BitcoinRpc, tip: &BlockHash) {
-    let best: BlockHash = rpc.call("getbestblockhash", &[]).await.unwrap();
-    assert_eq!(&best, tip);
-    let net: Value = rpc.call("getnetworkinfo", &[]).await.unwrap();
-    assert_eq!(net["networkactive"], json!(true));
-    let tips: Vec<Value> = rpc.call("getchaintips", &[]).await.unwrap();
-    assert!(
+async fn assert_restored(
+    rpc: &harness::bitcoind::BitcoinRpc,
+    tip: &BlockHash,
+) -> anyhow::Result<()> {
+    let best: BlockHash = rpc.call("getbestblockhash", &[]).await?;
+    anyhow::ensure!(
+        &best == tip,
+        "the audit node's tip is {best}, expected {tip}"
+    );
+    let net: Value = rpc.call("getnetworkinfo", &[]).await?;
+    anyhow::ensure!(
+        net["networkactive"] == json!(true),
+        "the audit node's network is off"
+    );
+    let tips: Vec<Value> = rpc.call("getchaintips", &[]).await?;
+    anyhow::ensure!(
         tips.iter().all(|t| t["status"] != "invalid"),
         "tips left invalid: {tips:?}"
     );
+    Ok(())
 }

@@ -105,8 +105,6 @@ impl Store {
         }
     }
 
-    /// Bring the database up to this version: the running sums are computed once from the
-
     async fn begin(&self) -> anyhow::Result<DynMintTransaction> {
         self.mint
             .localstore()

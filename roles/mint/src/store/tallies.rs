@@ -9,6 +9,7 @@ use cdk_common::database::mint::DynMintTransaction;
 use super::{number, Store, NS, TALLY};
 
 impl Store {
+    /// Bring the database up to this version: the running sums are computed once from the
     /// quotes when a database predates them, and the lookup timestamps older versions kept
     /// (one row per key ever seen) are removed.
     pub async fn upgrade(&self) -> anyhow::Result<()> {
