@@ -16,6 +16,29 @@ use harness::wait::{scaled, wait_until};
 
 use crate::world::HarnessWorld;
 
+/// Wait until `miner` has `total` accepted shares, `while_what` happens.
+async fn more_accepted(
+    m: &harness::roles::MinerRole,
+    miner: &str,
+    total: usize,
+    while_what: &str,
+) -> anyhow::Result<()> {
+    wait_until(
+        &format!("miner {miner} to have {total} accepted shares while {while_what}"),
+        Duration::from_secs(60),
+        || async {
+            let now = m.log().accepted.len();
+            if now >= total {
+                Ok(())
+            } else {
+                Err(format!("{now} accepted"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[when(
     expr = "another process holds the mint database's write lock while miner {string} gets {int} more accepted shares, for at least {int} seconds in all"
 )]
@@ -32,21 +55,7 @@ async fn lock_mint_db(
     let lock = WriteLock::take(&path)?;
     let taken = Instant::now();
     let outcome = async {
-        wait_until(
-            &format!(
-                "miner {miner} to get {n} more accepted shares while the mint's database is locked"
-            ),
-            Duration::from_secs(60),
-            || async {
-                let now = m.log().accepted.len();
-                if now >= before + n {
-                    Ok(())
-                } else {
-                    Err(format!("{} more", now - before))
-                }
-            },
-        )
-        .await?;
+        more_accepted(m, &miner, before + n, "the mint's database is locked").await?;
         // The fault lasts at least `secs`: longer than the mint's busy timeout (10 s).
         let rest = Duration::from_secs(secs).saturating_sub(taken.elapsed());
         tokio::time::sleep(rest).await; // the fault's own length, not a synchronisation
@@ -85,19 +94,7 @@ async fn backlog_then_lock(
     let m = stack.miner(&miner)?;
     let before = m.log().accepted.len();
     mint.process().pause()?;
-    let backlog = wait_until(
-        &format!("miner {miner} to get {n} more accepted shares while the mint is paused"),
-        Duration::from_secs(60),
-        || async {
-            let now = m.log().accepted.len();
-            if now >= before + n {
-                Ok(())
-            } else {
-                Err(format!("{} more", now - before))
-            }
-        },
-    )
-    .await;
+    let backlog = more_accepted(m, &miner, before + n, "the mint is paused").await;
     let lock = WriteLock::take(&mint.db_path());
     mint.process().resume()?;
     backlog?;

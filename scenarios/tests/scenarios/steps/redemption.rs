@@ -61,6 +61,66 @@ pub(crate) fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
     v[key].as_u64().with_context(|| format!("no {key} in {v}"))
 }
 
+/// What `who` held before its last redemption.
+pub(crate) fn before_last(w: &HarnessWorld, who: &str) -> anyhow::Result<BeforeRedemption> {
+    w.redemptions
+        .iter()
+        .rev()
+        .find(|(n, _, _)| n == who)
+        .map(|(_, before, _)| before.clone())
+        .with_context(|| format!("no redemption of {who}"))
+}
+
+/// Wait until `who`'s wallet holds `held` ehash (again).
+pub(crate) async fn wallet_holds(w: &HarnessWorld, who: &str, held: u64) -> anyhow::Result<()> {
+    let proxy = w.default_stack()?.proxy(who)?;
+    harness::wait::wait_until(
+        &format!("{who}'s wallet to hold its {held} ehash"),
+        std::time::Duration::from_secs(30),
+        || async {
+            let now = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
+            if now == held {
+                Ok(())
+            } else {
+                Err(format!("{now} ehash"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Redeem the invoice `who` kept, which must not be paid: the outcome becomes `last_error`
+/// (its state, or the proxy's error), and `expected_errors` the log lines it may cause.
+pub(crate) async fn redeem_kept_invoice_unpaid(
+    w: &mut HarnessWorld,
+    who: &str,
+    expected_errors: &[&str],
+) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let (invoice, sats) = w.invoices.get(who).cloned().context("no invoice")?;
+    let before = BeforeRedemption {
+        channel_sat: 0,
+        held: stack.proxy(who)?.wallet_status().await?.held,
+        outstanding: 0,
+        available_msat: 0,
+        invoice_sat: sats,
+    };
+    let out = stack
+        .proxy(who)?
+        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
+        .await?;
+    w.expected_log_errors
+        .extend(expected_errors.iter().map(|e| e.to_string()));
+    match out {
+        Ok(r) if r["state"] == "PAID" => anyhow::bail!("{who}'s redemption was paid: {r}"),
+        Ok(r) => w.last_error = Some(format!("state {}", r["state"])),
+        Err(e) => w.last_error = Some(e),
+    }
+    w.redemptions.push((who.to_string(), before, None));
+    Ok(())
+}
+
 pub(crate) async fn channel_sat(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
     Ok(w.default_stack()?.lightning(who)?.balances().await?.1)
 }
@@ -257,13 +317,7 @@ async fn outstanding_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
 async fn refused(w: &mut HarnessWorld, text: String, who: String) -> anyhow::Result<()> {
     let err = w.last_error.clone().context("no refusal")?;
     anyhow::ensure!(err.contains(&text), "the refusal says {err:?}");
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
+    let before = before_last(w, &who)?;
     let stack = w.default_stack()?;
     let held = stack.proxy(&who)?.wallet_status().await?.held;
     let channel = channel_sat(w, &who).await?;

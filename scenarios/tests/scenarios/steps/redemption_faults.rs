@@ -54,55 +54,19 @@ async fn invoice_made(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::R
 
 #[when(expr = "{string} redeems against that invoice while its node is down")]
 async fn redeem_while_down(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
-    let before = BeforeRedemption {
-        channel_sat: 0,
-        held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: 0,
-        available_msat: 0,
-        invoice_sat: sats,
-    };
-    let out = stack
-        .proxy(&who)?
-        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
-        .await?;
     // cdk's mint logs the failed payment at ERROR.
-    w.expected_log_errors
-        .push("Background melt completion failed for quote".into());
-    match out {
-        Ok(r) if r["state"] == "PAID" => anyhow::bail!("paid while the payee was down: {r}"),
-        Ok(r) => w.last_error = Some(format!("state {}", r["state"])),
-        Err(e) => w.last_error = Some(e),
-    }
-    w.redemptions.push((who, before, None));
-    Ok(())
+    super::redemption::redeem_kept_invoice_unpaid(
+        w,
+        &who,
+        &["Background melt completion failed for quote"],
+    )
+    .await
 }
 
 #[then(expr = "the redemption does not complete and {string}'s wallet gets every ehash back")]
 async fn not_lost(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
-    let proxy = w.default_stack()?.proxy(&who)?;
-    harness::wait::wait_until(
-        &format!("{who}'s wallet to hold its {} ehash again", before.held),
-        Duration::from_secs(30),
-        || async {
-            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
-            if held == before.held {
-                Ok(())
-            } else {
-                Err(format!("{held} ehash"))
-            }
-        },
-    )
-    .await?;
-    Ok(())
+    let before = super::redemption::before_last(w, &who)?;
+    super::redemption::wallet_holds(w, &who, before.held).await
 }
 
 #[when(expr = "{string} redeems that invoice again")]
@@ -234,13 +198,7 @@ async fn pool_back(w: &mut HarnessWorld, pool: String, payee: String) -> anyhow:
 )]
 async fn completes_once(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
     let hash = payment_hash(w, &who).await?;
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
+    let before = super::redemption::before_last(w, &who)?;
     let reserve = w.reserve_before.clone().context("no reserve remembered")?;
     let stack = w.default_stack()?;
     let pool = stack.lightning("pool")?;

@@ -77,45 +77,24 @@ async fn expiring_invoice(
 
 #[when(expr = "{string} tries to redeem that invoice")]
 async fn try_kept_invoice(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let (invoice, sats) = w.invoices.get(&who).cloned().context("no invoice")?;
-    let before = BeforeRedemption {
-        channel_sat: 0,
-        held: stack.proxy(&who)?.wallet_status().await?.held,
-        outstanding: 0,
-        available_msat: 0,
-        invoice_sat: sats,
-    };
-    let out = stack
-        .proxy(&who)?
-        .redeem(&invoice, harness::wait::scaled(REDEEM_TIMEOUT))
-        .await?;
     // cdk's mint logs a melt that did not complete at ERROR.
-    w.expected_log_errors.extend([
-        "Background melt completion failed for quote".to_string(),
-        "Failed to check payment status for quote".to_string(),
-        "payment status check failed; quote and proofs remain pending".to_string(),
-    ]);
-    match out {
-        Ok(r) if r["state"] == "PAID" => anyhow::bail!("{who}'s redemption was paid: {r}"),
-        Ok(r) => w.last_error = Some(format!("state {}", r["state"])),
-        Err(e) => w.last_error = Some(e),
-    }
-    w.redemptions.push((who, before, None));
-    Ok(())
+    super::redemption::redeem_kept_invoice_unpaid(
+        w,
+        &who,
+        &[
+            "Background melt completion failed for quote",
+            "Failed to check payment status for quote",
+            "payment status check failed; quote and proofs remain pending",
+        ],
+    )
+    .await
 }
 
 #[then(
     expr = "the redemption ends UNPAID, {string}'s wallet gets every ehash back and the mint holds nothing"
 )]
 async fn ends_unpaid(w: &mut HarnessWorld, who: String) -> anyhow::Result<()> {
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
+    let before = super::redemption::before_last(w, &who)?;
     let stack = w.default_stack()?;
     let proxy = stack.proxy(&who)?;
     let mint = stack.mint()?;

@@ -148,27 +148,8 @@ async fn payment_refused(
         err.contains(&first) && err.contains(&second),
         "the refusal says {err:?}"
     );
-    let (_, before, _) = w
-        .redemptions
-        .iter()
-        .rev()
-        .find(|(n, _, _)| *n == who)
-        .cloned()
-        .context("no redemption")?;
-    let proxy = w.default_stack()?.proxy(&who)?;
-    harness::wait::wait_until(
-        &format!("{who}'s wallet to hold its {} ehash", before.held),
-        std::time::Duration::from_secs(30),
-        || async {
-            let held = proxy.wallet_status().await.map_err(|e| e.to_string())?.held;
-            if held == before.held {
-                Ok(())
-            } else {
-                Err(format!("{held} ehash"))
-            }
-        },
-    )
-    .await?;
+    let before = super::redemption::before_last(w, &who)?;
+    super::redemption::wallet_holds(w, &who, before.held).await?;
     Ok(())
 }
 
