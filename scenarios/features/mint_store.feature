@@ -6,12 +6,16 @@ Feature: The mint keeps every record it was handed and no state a stranger can g
   reason. A signed lookup names the mint it is for, so one captured elsewhere cannot be
   replayed here, and lookups from keys the mint has never seen leave nothing behind.
 
-  Scenario: another process holds the mint database's write lock longer than its busy timeout while records arrive: once it lets go, every record has its quote
+  Scenario: another process holds the mint database's write lock longer than its busy timeout while records arrive: once it lets go, every record has its quote; a record no quote can be made of is set aside with its reason
     Given a signet stack with the pool side
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"
     When miner "m" has 2 accepted shares
     And the mint is paused while miner "m" gets 20 more accepted shares, and another process holds its database's write lock for 45 seconds from when it resumes
+    Then every share record has exactly one quote
+    When a share record whose locking key is no curve point reaches the mint
+    Then that record is in mint:dead with a reason naming "point", and nothing is left pending
+    When miner "m" has 2 more accepted shares
     Then every share record has exactly one quote
     When the miners stop
     Then every quote of "alice" becomes PAID and its wallet mints it

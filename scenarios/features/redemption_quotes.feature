@@ -21,7 +21,7 @@ Feature: A melt quote tells what it costs, and a melt the mint cannot pay says w
   Scenario: a quote shows the ehash it costs and the sats rounding loses; a redemption losing more than 1 % to rounding is refused with nothing spent, and goes through when the loss is accepted
     When "alice" gets a melt quote for an invoice of its node for 10000 sat
     Then the quote shows what it costs in ehash and the sats rounding loses, at most one ehash's worth
-    When "alice" tries to redeem against an invoice of its node for 30 sat
+    When "alice" tries to redeem against an invoice of its node that loses over 1 % to rounding
     Then the redemption is refused with "lost to rounding" and "alice"'s wallet and node are unchanged
     When "alice" redeems ehash against an invoice of its node for 30 sat, accepting the loss to rounding
     Then the redemption of "alice" is PAID: its node holds the invoice's sats more in its channel and its wallet holds what was melted less

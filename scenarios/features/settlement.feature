@@ -117,4 +117,4 @@ Feature: Quote settlement: every recorded share becomes a quote, PENDING until i
     And an SV2 client "carol" with a locking key and a channel
     When client "carol" has 1 shares accepted with ntime an hour ahead of the tip's minimum
     Then the pool found a block
-    And every quote of client "carol" becomes PAID with its template's verdict "in-chain"
+    And every quote of client "carol" becomes PAID with its template's verdict "proposal after rewinding 1 block | proposal"

@@ -213,21 +213,31 @@ impl AuditNode {
     }
 
     /// Whether the auditor gives up waiting for `prev_hash` (then the template is
-    /// `unknown-parent`): it has looked for it for `unknown_parent_wait`, and the node, which
-    /// still does not have it, is networking, has a peer, and has every block whose header it
-    /// knows (so it is not merely lagging).
+    /// `unknown-parent`): the node, which still does not have it, has been networking with a
+    /// peer and every block whose header it knows for `unknown_parent_wait` (so it is not
+    /// merely lagging). Each look at it while the node is offline, alone or behind its headers
+    /// starts the wait again: a peer that just reconnected has not sent its headers yet.
     pub async fn gives_up_on(&self, prev_hash: &str) -> Option<Duration> {
         let since = *self.missing_since.lock().ok()?.get(prev_hash)?;
-        let waited = since.elapsed();
-        if waited < self.unknown_parent_wait {
+        let synced = match (
+            self.call::<Value>("getnetworkinfo", &[]).await,
+            self.call::<Value>("getblockchaininfo", &[]).await,
+        ) {
+            (Ok(net), Ok(chain)) => {
+                net["networkactive"] == true
+                    && net["connections"].as_u64().unwrap_or(0) > 0
+                    && chain["headers"] == chain["blocks"]
+            }
+            _ => false,
+        };
+        if !synced {
+            if let Ok(mut m) = self.missing_since.lock() {
+                m.insert(prev_hash.to_string(), Instant::now());
+            }
             return None;
         }
-        let net: Value = self.call("getnetworkinfo", &[]).await.ok()?;
-        let chain: Value = self.call("getblockchaininfo", &[]).await.ok()?;
-        let synced = net["networkactive"] == true
-            && net["connections"].as_u64().unwrap_or(0) > 0
-            && chain["headers"] == chain["blocks"];
-        synced.then_some(waited)
+        let waited = since.elapsed();
+        (waited >= self.unknown_parent_wait).then_some(waited)
     }
 
     fn missing(&self, prev_hash: &str, why: String) -> NotYet {
@@ -335,6 +345,11 @@ impl AuditNode {
         }
         .await;
         let restored = self.restore(&invalidated).await;
+        if result.is_err() {
+            // Whatever the rewind left (a block Core invalidated though the call failed), the
+            // next audit reconsiders every invalid tip first.
+            self.dirty.store(true, Ordering::SeqCst);
+        }
         if let Err(e) = &restored {
             self.dirty.store(true, Ordering::SeqCst);
             tracing::warn!(
@@ -385,10 +400,13 @@ impl AuditNode {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // Recorded before the call: one that fails after Core applied it (a timeout, a
+            // dropped connection) is reconsidered all the same (reconsidering a block that
+            // was not invalidated changes nothing).
+            invalidated.push(cut.clone());
             self.rpc
                 .call_timeout::<Value>("invalidateblock", &[json!(cut)], REWIND_TIMEOUT)
                 .await?;
-            invalidated.push(cut);
             let header: Value = self.call("getblockheader", &[json!(parent)]).await?;
             active = header["confirmations"].as_i64().unwrap_or(-1) >= 0;
         }

@@ -4,14 +4,19 @@
 //! be fresh and the key needs no state; and after a restart only timestamps after the mint's
 //! start are taken. Nothing is written to disk, whatever keys look up.
 //!
-//! Entries leave in the order they came (a queue of (key, timestamp)), so expiring them costs
-//! nothing per lookup however many keys are live.
+//! Entries leave in time order (a queue of (key, timestamp)), so expiring them costs nothing
+//! per lookup however many keys are live. A key that looks up again leaves its earlier entry
+//! behind in the queue; once the queue holds twice the live keys (and a margin), it is rebuilt
+//! from the live keys alone, so it stays within 2 x [`MAX_LOOKUP_KEYS`] + 1024 entries and a
+//! key within the window is never forgotten however often others look up.
 
 use std::collections::{HashMap, VecDeque};
 
 /// Keys the guard holds at most, all within the window: past it, lookups from keys it does not
 /// hold are refused until the window moves on.
 pub const MAX_LOOKUP_KEYS: usize = 1_000_000;
+/// Stale queue entries tolerated beyond twice the live keys before the queue is rebuilt.
+const COMPACT_MARGIN: usize = 1024;
 
 /// Why a signed lookup's timestamp is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +75,17 @@ impl LookupGuard {
         }
         self.last.insert(pubkey.to_string(), timestamp);
         self.order.push_back((pubkey.to_string(), timestamp));
+        if self.order.len() > 2 * self.last.len() + COMPACT_MARGIN {
+            self.compact();
+        }
         Ok(())
+    }
+
+    /// Rebuild the queue from each live key's last timestamp, in time order.
+    fn compact(&mut self) {
+        let mut live: Vec<(String, u64)> = self.last.iter().map(|(k, t)| (k.clone(), *t)).collect();
+        live.sort_by_key(|(_, t)| *t);
+        self.order = live.into();
     }
 
     /// Forget keys whose last timestamp left the window: anything they could replay is stale.
@@ -78,8 +93,9 @@ impl LookupGuard {
         let horizon = now.saturating_sub(self.window_ms);
         while let Some((key, ts)) = self.order.front() {
             // Timestamps come within the window of `now`, so the queue is in time order up to
-            // that window: the front is the oldest a window ago.
-            if *ts >= horizon && self.order.len() <= 2 * MAX_LOOKUP_KEYS {
+            // that window (an entry a little ahead of its neighbours only expires a little
+            // later): only what left the window is popped.
+            if *ts >= horizon {
                 break;
             }
             if self.last.get(key) == Some(ts) {
@@ -122,6 +138,20 @@ mod tests {
         assert_eq!(
             g.bump("k99999", last, last),
             Err(LookupRefused::Replayed { last })
+        );
+    }
+
+    #[test]
+    fn a_key_looking_up_often_neither_grows_the_queue_nor_evicts_another_key() {
+        let mut g = LookupGuard::new(0, 60_000);
+        assert_eq!(g.bump("quiet", 1_000, 1_000), Ok(()));
+        for i in 0..50_000u64 {
+            assert_eq!(g.bump("busy", 1_001 + i, 1_001), Ok(()));
+            assert!(g.order.len() <= 2 * g.last.len() + COMPACT_MARGIN + 1);
+        }
+        assert_eq!(
+            g.bump("quiet", 1_000, 1_001),
+            Err(LookupRefused::Replayed { last: 1_000 })
         );
     }
 }

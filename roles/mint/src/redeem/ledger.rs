@@ -8,6 +8,8 @@
 //! - `hash/<payment hash>` -> the quote whose payment was dispatched for it (one per hash:
 //!   an invoice is paid by one melt at most);
 //! - `refused/<quote id>` -> why its melt was refused or released (for the operator);
+//! - `released/<quote id>` -> when its hold was released (unix secs): watched for a day in
+//!   case Core Lightning completes the payment after all;
 //! - `tally/<name>` -> the sums (`redeemed_msat`, `melted_ehash`, `held_msat`, `payments`);
 //!   the quotes' sums are the ehash store's.
 //!
@@ -354,9 +356,9 @@ impl Ledger {
         tx.kv_write(NS, "quote", quote_id, &serde_json::to_vec(terms)?)
             .await
             .map_err(kv_err)?;
-        tx.kv_remove(NS, "refused", quote_id)
-            .await
-            .map_err(kv_err)?;
+        for stale in ["refused", "released"] {
+            tx.kv_remove(NS, stale, quote_id).await.map_err(kv_err)?;
+        }
         Self::write_tally(&mut tx, &tally).await?;
         tx.commit().await.map_err(kv_err)?;
         Ok(Ok(()))
@@ -442,6 +444,9 @@ impl Ledger {
             let mut tally = self.read_tally().await?;
             tally.release(v.first().copied().unwrap_or(0));
             tx.kv_remove(NS, "held", quote_id).await.map_err(kv_err)?;
+            tx.kv_write(NS, "released", quote_id, now_secs().to_string().as_bytes())
+                .await
+                .map_err(kv_err)?;
             Self::write_tally(&mut tx, &tally).await?;
         }
         tx.kv_write(NS, "refused", quote_id, why.as_bytes())
@@ -463,6 +468,9 @@ impl Ledger {
         tx.kv_write(NS, "paid", quote_id, format!("{spent_msat}:0").as_bytes())
             .await
             .map_err(kv_err)?;
+        tx.kv_remove(NS, "released", quote_id)
+            .await
+            .map_err(kv_err)?;
         Self::write_tally(&mut tx, &tally).await?;
         tx.commit().await.map_err(kv_err)?;
         tracing::error!(
@@ -471,6 +479,28 @@ impl Ledger {
             "a payment whose hold was released completed: its sats are paid out and its ehash was returned"
         );
         Ok(())
+    }
+
+    /// Every released payment still watched, with when it was released (unix secs).
+    pub async fn released(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for q in self.kv.kv_list(NS, "released").await.map_err(kv_err)? {
+            let at = self.kv.kv_read(NS, "released", &q).await.map_err(kv_err)?;
+            out.push((
+                q,
+                at.and_then(|b| numbers(&b).first().copied()).unwrap_or(0),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Stop watching the released payment of `quote_id`.
+    pub async fn unwatch(&self, quote_id: &str) -> anyhow::Result<()> {
+        let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
+        tx.kv_remove(NS, "released", quote_id)
+            .await
+            .map_err(kv_err)?;
+        tx.commit().await.map_err(kv_err)
     }
 
     /// Keep why a melt was refused before anything was held.

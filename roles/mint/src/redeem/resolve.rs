@@ -134,6 +134,48 @@ impl RedeemBackend {
     }
 }
 
+/// How long a released payment is watched for a completion that should never come.
+const RELEASED_WATCH_SECS: u64 = 24 * 3600;
+
+impl RedeemBackend {
+    /// Released payments Core Lightning completed after all (it should never happen: each was
+    /// seen failed, absent or orphaned for a grace first): counted as paid out, loudly, since
+    /// their ehash went back. Each is watched for [`RELEASED_WATCH_SECS`].
+    async fn watch_released(&self, ledger: &Ledger) {
+        let released = match ledger.released().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("listing released payments failed (retried): {e:#}");
+                return;
+            }
+        };
+        for (quote_id, at) in released {
+            let outcome = async {
+                if now_secs().saturating_sub(at) > RELEASED_WATCH_SECS {
+                    return ledger.unwatch(&quote_id).await;
+                }
+                let Some(terms) = ledger.terms(&quote_id).await? else {
+                    return ledger.unwatch(&quote_id).await;
+                };
+                if let PaymentStatus::Complete { sent_msat, .. } =
+                    self.node.status(&terms.payment_hash).await?
+                {
+                    ledger.paid_after_release(&quote_id, sent_msat).await?;
+                    self.metrics
+                        .holds_resolved
+                        .with_label_values(&["paid_after_release"])
+                        .inc();
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(e) = outcome {
+                tracing::warn!(quote = %quote_id, "watching a released payment failed (retried): {e:#}");
+            }
+        }
+    }
+}
+
 /// Check every held payment with Core Lightning through cdk (which finalizes a melt the
 /// processor calls paid and returns the proofs of one it calls failed): at start and every
 /// `every` until `stop`.
@@ -161,6 +203,7 @@ pub async fn resolve_holds(
             }
             Err(e) => tracing::warn!("listing held payments failed (retried): {e:#}"),
         }
+        backend.watch_released(&ledger).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             // The hold check's period.

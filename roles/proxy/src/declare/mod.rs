@@ -265,8 +265,9 @@ enum Declared {
     TipDisagrees,
 }
 
-/// How often, and how many times, a declaration refused as `stale-chain-tip` is tried again
-/// (about 6 s: the pool's view of a new block lags its node's by well under that).
+/// A declaration refused as `stale-chain-tip` is tried again after 300 ms, 600 ms, ... up to
+/// 20 times per tip (the pool's view of a new block lags its node's by well under a second;
+/// past that the node and the pool disagree for good, and only new templates are declared).
 const TIP_RETRY_PAUSE: Duration = Duration::from_millis(300);
 const TIP_RETRIES: u32 = 20;
 
@@ -353,7 +354,8 @@ pub async fn run(
     // One min_ntime per tip: channels_sv2 treats a changed min_ntime as a new tip and would
     // stale the shares in flight on the previous job.
     let mut tip_ntime: Option<(String, u32)> = None;
-    let mut tip_retries = 0u32;
+    // Declarations refused as `stale-chain-tip` on the tip `retry_tip`.
+    let (mut retry_tip, mut tip_retries): (Option<String>, u32) = (None, 0);
     loop {
         if current.is_some() {
             let declared = async {
@@ -394,31 +396,37 @@ pub async fn run(
             match result {
                 Ok(Declared::Work(work)) => {
                     backoff = Duration::from_millis(100);
-                    tip_retries = 0;
                     if out.send(work).await.is_err() {
                         return;
                     }
                 }
-                Ok(Declared::TipDisagrees) if tip_retries < TIP_RETRIES => {
+                Ok(Declared::TipDisagrees) => {
                     backoff = Duration::from_millis(100);
-                    tip_retries += 1;
-                    tokio::select! {
-                        _ = out.closed() => return,
-                        // A newer template is declared instead (the loop takes the newest).
-                        changed = templates.changed() => {
-                            if changed.is_err() {
-                                return;
-                            }
-                            tip_retries = 0;
-                        }
-                        _ = tokio::time::sleep(TIP_RETRY_PAUSE) => {}
+                    // Counted per tip: new templates of the same tip come every few seconds.
+                    let tip = templates
+                        .borrow()
+                        .as_ref()
+                        .map(|t| t.gbt.previousblockhash.clone());
+                    if tip != retry_tip {
+                        retry_tip = tip;
+                        tip_retries = 0;
                     }
-                    continue;
+                    if tip_retries < TIP_RETRIES {
+                        tip_retries += 1;
+                        tokio::select! {
+                            _ = out.closed() => return,
+                            // A newer template is declared instead (the loop takes the newest).
+                            changed = templates.changed() => {
+                                if changed.is_err() {
+                                    return;
+                                }
+                            }
+                            _ = tokio::time::sleep(TIP_RETRY_PAUSE * tip_retries) => {}
+                        }
+                        continue;
+                    }
                 }
-                Ok(Declared::TipDisagrees | Declared::Refused) => {
-                    backoff = Duration::from_millis(100);
-                    tip_retries = 0;
-                }
+                Ok(Declared::Refused) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!("job declaration failed ({e:#}); retrying in {backoff:?}");
                     count(&status, |s| s.last_error = Some(format!("{e:#}")));

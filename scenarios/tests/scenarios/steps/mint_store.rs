@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cucumber::{then, when};
-use ehash::SHARES_STREAM;
+use ehash::{MINT_DEAD_STREAM, SHARES_STREAM};
 use harness::ehash_api;
 use harness::invariants::stream_entries;
 use harness::sqlite_db::{logical_size, WriteLock};
@@ -215,4 +215,75 @@ async fn db_growth(w: &mut HarnessWorld, kb: u64) -> anyhow::Result<()> {
         "the mint's database grew by {grew} bytes ({before} -> {after}), the bound is {kb} KB"
     );
     Ok(())
+}
+
+/// The share hash of the record no quote can be made of (no share has it).
+const UNQUOTABLE_SHARE: &str = "dead0000000000000000000000000000000000000000000000000000000000de";
+
+#[when("a share record whose locking key is no curve point reaches the mint")]
+async fn unquotable_record(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    use redis::AsyncCommands;
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    // A real record of this run, with another share hash and a key that is no point (x = 0
+    // is on no secp256k1 point): only the key makes it unquotable.
+    let (_, mut fields) = stream_entries(&mut conn, SHARES_STREAM)
+        .await?
+        .into_iter()
+        .last()
+        .context("no share record to copy")?;
+    fields.insert("share_hash".into(), UNQUOTABLE_SHARE.into());
+    fields.insert("locking_pubkey".into(), format!("02{}", "00".repeat(32)));
+    let pairs: Vec<(String, String)> = fields.into_iter().collect();
+    let _: String = conn.xadd(SHARES_STREAM, "*", &pairs).await?;
+    // The mint logs the record it sets aside at ERROR: caused on purpose.
+    w.expected_log_errors
+        .push(format!("no quote can be made, sent to {MINT_DEAD_STREAM}"));
+    Ok(())
+}
+
+#[then(
+    expr = "that record is in mint:dead with a reason naming {string}, and nothing is left pending"
+)]
+async fn unquotable_is_dead(w: &mut HarnessWorld, why: String) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let mut conn = stack.redis()?.connect().await?;
+    let reason = wait_until(
+        "the unquotable record to be in mint:dead",
+        Duration::from_secs(30),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let dead = stream_entries(&mut conn, MINT_DEAD_STREAM)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                dead.into_iter()
+                    .find(|(_, f)| {
+                        f.get("share_hash").map(String::as_str) == Some(UNQUOTABLE_SHARE)
+                    })
+                    .and_then(|(_, f)| f.get("dead_reason").cloned())
+                    .ok_or_else(|| "not there".to_string())
+            }
+        },
+    )
+    .await?;
+    anyhow::ensure!(reason.contains(&why), "its reason is {reason:?}");
+    // Nothing pending for it: the mint's group acknowledged it with its dead letter.
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(SHARES_STREAM)
+        .arg("mint")
+        .query_async(&mut conn)
+        .await?;
+    anyhow::ensure!(
+        pending.count() == 0,
+        "the mint's group still has {} share record(s) pending",
+        pending.count()
+    );
+    Ok(())
+}
+
+#[when(expr = "miner {string} has {int} more accepted shares")]
+async fn more_shares(w: &mut HarnessWorld, miner: String, n: usize) -> anyhow::Result<()> {
+    let m = w.default_stack()?.miner(&miner)?;
+    let before = m.log().accepted.len();
+    more_accepted(m, &miner, before + n, "it goes on mining").await
 }

@@ -158,6 +158,11 @@ async fn redeems(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result
 
 #[when(expr = "{string} tries to redeem against an invoice of its node for {int} sat")]
 async fn tries(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
+    try_redeem(w, who, sats).await
+}
+
+/// Redeem `sats` for `who`, which must not go through: the error becomes `last_error`.
+pub(crate) async fn try_redeem(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Result<()> {
     let (before, out) = redeem(w, &who, sats).await?;
     match out {
         Ok(r) => anyhow::bail!("the redemption of {who} for {sats} sat went through: {r}"),
