@@ -127,3 +127,5 @@ bench:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
+    # The scenario runner is `test = false`, which --all-targets leaves out.
+    cargo clippy -p scenarios --test scenarios -- -D warnings

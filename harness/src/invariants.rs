@@ -79,6 +79,33 @@ pub async fn stream_entries(
         .collect()
 }
 
+/// Every share record of `ehash:shares` with its entry id, in order. A record that does not
+/// read is an error unless the mint set it aside: its dead letter in `mint:dead` names the
+/// entry (such a record never becomes a quote and is left out).
+pub async fn share_records(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<Vec<(String, ShareRecord)>> {
+    let dead: std::collections::HashSet<String> = stream_entries(conn, ehash::MINT_DEAD_STREAM)
+        .await?
+        .into_iter()
+        .filter(|(_, f)| f.get("dead_stream").map(String::as_str) == Some(SHARES_STREAM))
+        .filter_map(|(_, mut f)| f.remove("dead_entry"))
+        .collect();
+    let mut out = Vec::new();
+    for (id, fields) in stream_entries(conn, SHARES_STREAM).await? {
+        match ShareRecord::from_fields(&fields) {
+            Ok(r) => out.push((id, r)),
+            Err(_) if dead.contains(&id) => {}
+            Err(e) => {
+                return Err(anyhow!(e).context(format!(
+                    "share record {id} does not read, and the mint did not set it aside"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The block of `record`: its template's audit-task block with the share's extranonce,
 /// version, time and nonce.
 pub fn share_block(task: &AuditTask, record: &ShareRecord) -> anyhow::Result<Block> {
@@ -165,8 +192,7 @@ pub async fn sweep_records(
     let mut seen: HashMap<String, String> = HashMap::new();
     // Each task's block decoded once (a declared template's can be megabytes).
     let mut blocks: HashMap<u64, Block> = HashMap::new();
-    for (id, fields) in stream_entries(&mut conn, SHARES_STREAM).await? {
-        let r = ShareRecord::from_fields(&fields).with_context(|| format!("share record {id}"))?;
+    for (id, r) in share_records(&mut conn).await? {
         report.records += 1;
         if let Some(first) = seen.insert(r.share_hash.clone(), id.clone()) {
             report.problems.push(format!(

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use ehash::{AuditResult, ShareRecord, Verdict, AUDIT_RESULTS_STREAM, SHARES_STREAM};
+use ehash::{AuditResult, ShareRecord, Verdict, AUDIT_RESULTS_STREAM};
 
 use crate::ehash_api::{lookup, QuoteInfo};
 use crate::invariants::stream_entries;
@@ -108,8 +108,7 @@ async fn read_verdicts(stack: &Stack) -> anyhow::Result<HashMap<u64, AuditResult
 async fn records_of(stack: &Stack, public: &str) -> anyhow::Result<Vec<ShareRecord>> {
     let mut conn = stack.redis()?.connect().await?;
     let mut out = Vec::new();
-    for (id, f) in stream_entries(&mut conn, SHARES_STREAM).await? {
-        let r = ShareRecord::from_fields(&f).map_err(|e| anyhow::anyhow!("record {id}: {e}"))?;
+    for (_, r) in crate::invariants::share_records(&mut conn).await? {
         if r.locking_pubkey.to_string() == public {
             out.push(r);
         }

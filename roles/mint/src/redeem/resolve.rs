@@ -157,6 +157,11 @@ impl RedeemBackend {
                 let Some(terms) = ledger.terms(&quote_id).await? else {
                     return ledger.unwatch(&quote_id).await;
                 };
+                // The invoice was given to another melt since (a new try after the release):
+                // a completed payment of it is that melt's.
+                if ledger.quote_of_hash(&terms.payment_hash).await?.as_deref() != Some(&quote_id) {
+                    return ledger.unwatch(&quote_id).await;
+                }
                 if let PaymentStatus::Complete { sent_msat, .. } =
                     self.node.status(&terms.payment_hash).await?
                 {

@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use cucumber::{given, then, when};
-use ehash::{ShareRecord, SHARES_STREAM};
+use ehash::ShareRecord;
 use harness::roles::{MinerLog, MinerOptions};
 use harness::wait::wait_until;
 use harness::Chain;
-use redis::streams::StreamRangeReply;
-use redis::AsyncCommands;
 
 use crate::world::{HarnessWorld, DEFAULT_STACK};
 
@@ -162,16 +160,8 @@ async fn miners_stop(w: &mut HarnessWorld) -> anyhow::Result<()> {
 /// Every `ehash:shares` record, keyed by share hash (a hash twice is an error).
 pub async fn share_records(w: &HarnessWorld) -> anyhow::Result<HashMap<String, ShareRecord>> {
     let mut conn = w.default_stack()?.redis()?.connect().await?;
-    let reply: StreamRangeReply = conn.xrange_all(SHARES_STREAM).await?;
     let mut out = HashMap::new();
-    for entry in reply.ids {
-        let fields: HashMap<String, String> = entry
-            .map
-            .into_iter()
-            .map(|(k, v)| Ok((k, redis::from_redis_value(v)?)))
-            .collect::<Result<_, redis::RedisError>>()?;
-        let record =
-            ShareRecord::from_fields(&fields).with_context(|| format!("record {}", entry.id))?;
+    for (_, record) in harness::invariants::share_records(&mut conn).await? {
         if let Some(prev) = out.insert(record.share_hash.clone(), record) {
             anyhow::bail!("share {} has two ehash:shares records", prev.share_hash);
         }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use cucumber::{then, when};
 use serde_json::{json, Value};
 
-use super::redemption::{u, BeforeRedemption, REDEEM_TIMEOUT};
+use super::redemption::u;
 use crate::world::HarnessWorld;
 
 /// The rate the reserve reports as an exact fraction (msat, ehash): what a melt quote is

@@ -24,6 +24,33 @@ async fn gets_quote(w: &mut HarnessWorld, who: String, sats: u64) -> anyhow::Res
     Ok(())
 }
 
+#[when(
+    expr = "{string} tries to redeem against an invoice of its node that loses over {int} % to rounding"
+)]
+async fn tries_lossy(w: &mut HarnessWorld, who: String, pct: u64) -> anyhow::Result<()> {
+    // The smallest invoice that loses at least twice `pct` % at the mint's rate now (nothing
+    // mines meanwhile, so the quote gets the same rate): an invoice costs whole ehash, and
+    // what they are worth beyond it is lost.
+    let r = w.default_stack()?.mint()?.redemption_reserve().await?;
+    let (msat, ehash) = (
+        u128::from(u(&r, "redeemable_msat")?),
+        u128::from(u(&r, "outstanding_ehash")?.max(1)),
+    );
+    let loss = |sats: u64| {
+        let invoice = u128::from(sats) * 1000;
+        let cost = (invoice * ehash).div_ceil(msat.max(1));
+        (cost * msat / ehash).saturating_sub(invoice)
+    };
+    let sats = (1..=100_000u64)
+        .find(|&s| loss(s) * 100 >= u128::from(2 * pct) * u128::from(s) * 1000)
+        .with_context(|| format!("no invoice loses {pct} % at {msat} msat over {ehash} ehash"))?;
+    println!(
+        "[scenario] an invoice of {sats} sat loses about {} msat to rounding",
+        loss(sats)
+    );
+    super::redemption::try_redeem(w, who, sats).await
+}
+
 #[then(
     expr = "the quote shows what it costs in ehash and the sats rounding loses, at most one ehash's worth"
 )]
