@@ -85,6 +85,8 @@ pub async fn stream_entries(
 pub async fn share_records(
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> anyhow::Result<Vec<(String, ShareRecord)>> {
+    // The records first: one the mint sets aside meanwhile is in mint:dead when read next.
+    let records = stream_entries(conn, SHARES_STREAM).await?;
     let dead: std::collections::HashSet<String> = stream_entries(conn, ehash::MINT_DEAD_STREAM)
         .await?
         .into_iter()
@@ -92,7 +94,7 @@ pub async fn share_records(
         .filter_map(|(_, mut f)| f.remove("dead_entry"))
         .collect();
     let mut out = Vec::new();
-    for (id, fields) in stream_entries(conn, SHARES_STREAM).await? {
+    for (id, fields) in records {
         match ShareRecord::from_fields(&fields) {
             Ok(r) => out.push((id, r)),
             Err(_) if dead.contains(&id) => {}

@@ -84,7 +84,13 @@ pub struct AuditNode {
     missing_since: Mutex<HashMap<String, Instant>>,
     /// How long a parent may stay unknown before its template is `unknown-parent`.
     unknown_parent_wait: Duration,
+    /// When this auditor last turned the node's network back on (after a rewind).
+    network_on_at: Mutex<Option<Instant>>,
 }
+
+/// After the auditor turns the node's network back on, its peer takes a moment to reconnect:
+/// a look at the node this soon waits for it rather than count it as offline.
+const RECONNECT_GRACE: Duration = Duration::from_secs(10);
 
 /// A parent the node has, or why not.
 enum Parent {
@@ -106,6 +112,7 @@ impl AuditNode {
             dirty: AtomicBool::new(rewind == Rewind::Allowed),
             missing_since: Mutex::new(HashMap::new()),
             unknown_parent_wait,
+            network_on_at: Mutex::new(None),
         }
     }
 
@@ -219,7 +226,39 @@ impl AuditNode {
     /// starts the wait again: a peer that just reconnected has not sent its headers yet.
     pub async fn gives_up_on(&self, prev_hash: &str) -> Option<Duration> {
         let since = *self.missing_since.lock().ok()?.get(prev_hash)?;
-        let synced = match (
+        // Not while a rewind has the network off.
+        let _r = self.lock.read().await;
+        let mut synced = self.synced().await;
+        let reconnecting = self
+            .network_on_at
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < RECONNECT_GRACE);
+        if !synced && reconnecting {
+            // This auditor's own rewind dropped the peer: give it the moment to come back.
+            let until = Instant::now() + Duration::from_secs(5);
+            while !synced && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(250)).await; // polling the peer's return
+                synced = self.synced().await;
+            }
+            if !synced {
+                return None;
+            }
+        }
+        if !synced {
+            if let Ok(mut m) = self.missing_since.lock() {
+                m.insert(prev_hash.to_string(), Instant::now());
+            }
+            return None;
+        }
+        let waited = since.elapsed();
+        (waited >= self.unknown_parent_wait).then_some(waited)
+    }
+
+    /// Networking, with a peer, and every block whose header it knows.
+    async fn synced(&self) -> bool {
+        match (
             self.call::<Value>("getnetworkinfo", &[]).await,
             self.call::<Value>("getblockchaininfo", &[]).await,
         ) {
@@ -229,15 +268,7 @@ impl AuditNode {
                     && chain["headers"] == chain["blocks"]
             }
             _ => false,
-        };
-        if !synced {
-            if let Ok(mut m) = self.missing_since.lock() {
-                m.insert(prev_hash.to_string(), Instant::now());
-            }
-            return None;
         }
-        let waited = since.elapsed();
-        (waited >= self.unknown_parent_wait).then_some(waited)
     }
 
     fn missing(&self, prev_hash: &str, why: String) -> NotYet {
@@ -447,8 +478,15 @@ impl AuditNode {
                 first_error.get_or_insert(e);
             }
         }
-        if let Err(e) = self.call::<Value>("setnetworkactive", &[json!(true)]).await {
-            first_error.get_or_insert(e);
+        match self.call::<Value>("setnetworkactive", &[json!(true)]).await {
+            Ok(_) => {
+                if let Ok(mut t) = self.network_on_at.lock() {
+                    *t = Some(Instant::now());
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
         match first_error {
             None => Ok(()),

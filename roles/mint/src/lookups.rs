@@ -6,8 +6,8 @@
 //!
 //! Entries leave in time order (a queue of (key, timestamp)), so expiring them costs nothing
 //! per lookup however many keys are live. A key that looks up again leaves its earlier entry
-//! behind in the queue; once the queue holds twice the live keys (and a margin), it is rebuilt
-//! from the live keys alone, so it stays within 2 x [`MAX_LOOKUP_KEYS`] + 1024 entries and a
+//! behind in the queue; once the queue holds twice the live keys (and a margin), the entries
+//! that are no key's last are dropped, so it stays within 2 x [`MAX_LOOKUP_KEYS`] + 1024 entries and a
 //! key within the window is never forgotten however often others look up.
 
 use std::collections::{HashMap, VecDeque};
@@ -81,11 +81,10 @@ impl LookupGuard {
         Ok(())
     }
 
-    /// Rebuild the queue from each live key's last timestamp, in time order.
+    /// Keep in the queue only each live key's last entry (in place, order kept).
     fn compact(&mut self) {
-        let mut live: Vec<(String, u64)> = self.last.iter().map(|(k, t)| (k.clone(), *t)).collect();
-        live.sort_by_key(|(_, t)| *t);
-        self.order = live.into();
+        let last = &self.last;
+        self.order.retain(|(k, t)| last.get(k) == Some(t));
     }
 
     /// Forget keys whose last timestamp left the window: anything they could replay is stale.

@@ -456,11 +456,22 @@ impl Ledger {
     }
 
     /// A payment released earlier completed after all: its sats left (counted as redeemed and
-    /// paid), though its ehash went back to the operator. Logged as the error it is.
-    pub async fn paid_after_release(&self, quote_id: &str, spent_msat: u64) -> anyhow::Result<()> {
+    /// paid), though its ehash went back to the operator. Logged as the error it is. Counted
+    /// only while, under the hold lock, the quote is neither held again nor paid and its invoice
+    /// (`payment_hash`) is still its own (a new try, by it or another melt, settles its own
+    /// payment); returns whether it was counted.
+    pub async fn paid_after_release(
+        &self,
+        quote_id: &str,
+        payment_hash: &str,
+        spent_msat: u64,
+    ) -> anyhow::Result<bool> {
         let _g = self.hold_lock.lock().await;
-        if self.paid(quote_id).await?.is_some() {
-            return Ok(());
+        if self.paid(quote_id).await?.is_some()
+            || self.held(quote_id).await?.is_some()
+            || self.quote_of_hash(payment_hash).await?.as_deref() != Some(quote_id)
+        {
+            return Ok(false);
         }
         let mut tally = self.read_tally().await?;
         tally.settle(0, spent_msat, 0);
@@ -478,7 +489,7 @@ impl Ledger {
             spent_msat,
             "a payment whose hold was released completed: its sats are paid out and its ehash was returned"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Every released payment still watched, with when it was released (unix secs).
@@ -494,8 +505,19 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Stop watching the released payment of `quote_id`.
-    pub async fn unwatch(&self, quote_id: &str) -> anyhow::Result<()> {
+    /// Stop watching the released payment of `quote_id` if it was released at `at` (a later
+    /// release of it is watched anew).
+    pub async fn unwatch(&self, quote_id: &str, at: u64) -> anyhow::Result<()> {
+        let _g = self.hold_lock.lock().await;
+        let now = self
+            .kv
+            .kv_read(NS, "released", quote_id)
+            .await
+            .map_err(kv_err)?
+            .and_then(|b| numbers(&b).first().copied());
+        if now != Some(at) {
+            return Ok(());
+        }
         let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
         tx.kv_remove(NS, "released", quote_id)
             .await

@@ -362,14 +362,17 @@ impl MintPayment for RedeemBackend {
         if let Ok(PaymentStatus::Complete { sent_msat, .. }) =
             self.node.status(&terms.payment_hash).await
         {
-            self.ledger
-                .paid_after_release(&quote_id, sent_msat)
+            if self
+                .ledger
+                .paid_after_release(&quote_id, &terms.payment_hash, sent_msat)
                 .await
-                .map_err(Self::custom)?;
-            self.metrics
-                .holds_resolved
-                .with_label_values(&["paid_after_release"])
-                .inc();
+                .map_err(Self::custom)?
+            {
+                self.metrics
+                    .holds_resolved
+                    .with_label_values(&["paid_after_release"])
+                    .inc();
+            }
         }
         Ok(Self::response(payment_identifier, MeltQuoteState::Unpaid))
     }

@@ -136,11 +136,14 @@ impl RedeemBackend {
 
 /// How long a released payment is watched for a completion that should never come.
 const RELEASED_WATCH_SECS: u64 = 24 * 3600;
+/// How often released payments are looked at (one `listpays` each).
+const RELEASED_WATCH_EVERY: Duration = Duration::from_secs(60);
 
 impl RedeemBackend {
     /// Released payments Core Lightning completed after all (it should never happen: each was
     /// seen failed, absent or orphaned for a grace first): counted as paid out, loudly, since
-    /// their ehash went back. Each is watched for [`RELEASED_WATCH_SECS`].
+    /// their ehash went back. Each is watched for [`RELEASED_WATCH_SECS`]; one failed look
+    /// (Core Lightning slow or away) ends the round, so the hold checks are not held up.
     async fn watch_released(&self, ledger: &Ledger) {
         let released = match ledger.released().await {
             Ok(r) => r,
@@ -152,30 +155,37 @@ impl RedeemBackend {
         for (quote_id, at) in released {
             let outcome = async {
                 if now_secs().saturating_sub(at) > RELEASED_WATCH_SECS {
-                    return ledger.unwatch(&quote_id).await;
+                    return ledger.unwatch(&quote_id, at).await;
                 }
                 let Some(terms) = ledger.terms(&quote_id).await? else {
-                    return ledger.unwatch(&quote_id).await;
+                    return ledger.unwatch(&quote_id, at).await;
                 };
-                // The invoice was given to another melt since (a new try after the release):
-                // a completed payment of it is that melt's.
-                if ledger.quote_of_hash(&terms.payment_hash).await?.as_deref() != Some(&quote_id) {
-                    return ledger.unwatch(&quote_id).await;
-                }
                 if let PaymentStatus::Complete { sent_msat, .. } =
                     self.node.status(&terms.payment_hash).await?
                 {
-                    ledger.paid_after_release(&quote_id, sent_msat).await?;
-                    self.metrics
-                        .holds_resolved
-                        .with_label_values(&["paid_after_release"])
-                        .inc();
+                    // Counted only if the invoice is still this quote's and it is not held
+                    // again (checked under the hold lock).
+                    if ledger
+                        .paid_after_release(&quote_id, &terms.payment_hash, sent_msat)
+                        .await?
+                    {
+                        self.metrics
+                            .holds_resolved
+                            .with_label_values(&["paid_after_release"])
+                            .inc();
+                    } else if ledger.quote_of_hash(&terms.payment_hash).await?.as_deref()
+                        != Some(quote_id.as_str())
+                    {
+                        // The invoice was given to another melt: its payment is that melt's.
+                        ledger.unwatch(&quote_id, at).await?;
+                    }
                 }
                 anyhow::Ok(())
             }
             .await;
             if let Err(e) = outcome {
-                tracing::warn!(quote = %quote_id, "watching a released payment failed (retried): {e:#}");
+                tracing::warn!(quote = %quote_id, "watching a released payment failed (next round): {e:#}");
+                return;
             }
         }
     }
@@ -192,6 +202,7 @@ pub async fn resolve_holds(
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut last_watch: Option<Instant> = None;
     loop {
         match ledger.holds().await {
             Ok(holds) => {
@@ -208,7 +219,10 @@ pub async fn resolve_holds(
             }
             Err(e) => tracing::warn!("listing held payments failed (retried): {e:#}"),
         }
-        backend.watch_released(&ledger).await;
+        if last_watch.is_none_or(|t: Instant| t.elapsed() >= RELEASED_WATCH_EVERY) {
+            last_watch = Some(Instant::now());
+            backend.watch_released(&ledger).await;
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             // The hold check's period.

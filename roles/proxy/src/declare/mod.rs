@@ -266,8 +266,9 @@ enum Declared {
 }
 
 /// A declaration refused as `stale-chain-tip` is tried again after 300 ms, 600 ms, ... up to
-/// 20 times per tip (the pool's view of a new block lags its node's by well under a second;
-/// past that the node and the pool disagree for good, and only new templates are declared).
+/// 20 times per tip, about a minute in all (the pool's view of a new block usually lags its
+/// node's by well under a second; past that minute the node and the pool are taken to disagree
+/// for good, and only the node's new templates are declared).
 const TIP_RETRY_PAUSE: Duration = Duration::from_millis(300);
 const TIP_RETRIES: u32 = 20;
 

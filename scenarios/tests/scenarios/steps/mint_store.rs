@@ -115,10 +115,10 @@ async fn every_record_quoted(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let mint = stack.mint()?;
     let mut conn = stack.redis()?.connect().await?;
-    let records: Vec<ehash::ShareRecord> = stream_entries(&mut conn, SHARES_STREAM)
+    let records: Vec<ehash::ShareRecord> = harness::invariants::share_records(&mut conn)
         .await?
         .into_iter()
-        .filter_map(|(_, f)| ehash::ShareRecord::from_fields(&f).ok())
+        .map(|(_, r)| r)
         .collect();
     anyhow::ensure!(!records.is_empty(), "no share record");
     let mut secrets = Vec::new();

@@ -174,20 +174,37 @@ pub(crate) async fn try_redeem(w: &mut HarnessWorld, who: String, sats: u64) -> 
     Ok(())
 }
 
-/// Sats a tenth of what `who`'s ehash is worth at the mint's rate now: share amounts vary a
-/// lot, so a fixed invoice could be beyond one operator's share of the reserve.
+/// Sats about a tenth of what `who`'s ehash is worth at the mint's rate now: share amounts
+/// vary a lot, so a fixed invoice could be beyond one operator's share of the reserve. Ehash
+/// are whole, so of the invoices worth a twentieth to a tenth, the one rounding loses least
+/// on is taken (the wallet refuses to lose more than 1 % unless told to accept it).
 pub(crate) async fn tenth_of_worth(w: &HarnessWorld, who: &str) -> anyhow::Result<u64> {
     let stack = w.default_stack()?;
     let held = stack.proxy(who)?.wallet_status().await?.held;
     let r = stack.mint()?.redemption_reserve().await?;
-    let msat = u128::from(held) * u128::from(u(&r, "redeemable_msat")?)
-        / u128::from(u(&r, "outstanding_ehash")?.max(1));
-    let sats = (msat / 10_000) as u64;
-    anyhow::ensure!(
-        sats >= 1,
-        "{who}'s {held} ehash are worth {msat} msat: too little to redeem a tenth"
+    let (msat, ehash) = (
+        u128::from(u(&r, "redeemable_msat")?),
+        u128::from(u(&r, "outstanding_ehash")?.max(1)),
     );
-    Ok(sats)
+    anyhow::ensure!(msat > 0, "the mint has nothing to redeem: {r}");
+    let held = u128::from(held);
+    let best = ((held / 20).max(1)..=held / 10)
+        .filter_map(|n| {
+            let sats = n * msat / ehash / 1000;
+            // What the mint asks for `sats`: whole ehash, rounded up, at msat/ehash each.
+            let cost = (sats * 1000 * ehash).div_ceil(msat);
+            let loss_ppm =
+                (cost * msat - sats * 1000 * ehash) * 1_000_000 / (sats * 1000 * ehash).max(1);
+            (sats >= 1).then_some((loss_ppm, std::cmp::Reverse(sats)))
+        })
+        .min();
+    let Some((_, std::cmp::Reverse(sats))) = best else {
+        anyhow::bail!(
+            "{who}'s {held} ehash are worth {} msat: too little to redeem a tenth",
+            held * msat / ehash
+        )
+    };
+    Ok(sats as u64)
 }
 
 #[when(

@@ -225,8 +225,7 @@ async fn paid_after_delay(w: &mut HarnessWorld, who: String, secs: u64) -> anyho
     expr = "the lookups of {string}, {string} and {string} return disjoint quotes, each only for shares locked to its key"
 )]
 async fn disjoint(w: &mut HarnessWorld, a: String, b: String, c: String) -> anyhow::Result<()> {
-    let records = share_records(w).await?;
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut looked_up = Vec::new();
     for who in [a, b, c] {
         let secret = secret_of(w, &who)?;
         let public = {
@@ -238,6 +237,13 @@ async fn disjoint(w: &mut HarnessWorld, a: String, b: String, c: String) -> anyh
         };
         let quotes = quotes_of(w, &who).await?;
         anyhow::ensure!(!quotes.is_empty(), "{who} has no quotes");
+        looked_up.push((who, public, quotes));
+    }
+    // The records after the lookups: the miners go on, and a share recorded after the records
+    // were read would have a quote and no record here.
+    let records = share_records(w).await?;
+    let mut seen: HashSet<String> = HashSet::new();
+    for (who, public, quotes) in looked_up {
         for q in quotes {
             anyhow::ensure!(
                 seen.insert(q.quote.clone()),
