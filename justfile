@@ -21,11 +21,31 @@ default:
 bootstrap:
     ci/bootstrap
 
-# Unit tests, then every scenario (JUnit XML in target/scenarios/junit.xml).
+# Unit tests, every scenario (JUnit XML in target/scenarios/junit.xml), then a 90 s soak of the small stack seeded from the commit.
 [group('test')]
 test: roles translator
     cargo test --workspace
     cargo test -p scenarios --test scenarios
+    just soak-commit
+
+# A seeded fault soak over the whole stack, then every money check (DURATION like 90s, 3m, 1h; SEED empty: a fresh one, printed first; FLAGS e.g. --profile small); shrinks a failure; report in target/soak/SEED/report.html.
+[group('test')]
+soak DURATION="3m" SEED="" *FLAGS: roles
+    {{harness}} soak --duration {{DURATION}} {{ if SEED == "" { "" } else { "--seed " + SEED } }} --shrink 6 {{FLAGS}}
+
+# Replay a soak's schedule file (target/soak/SEED/schedule.json or shrunk.json): the same faults at the same offsets (FLAGS e.g. --until 5).
+[group('test')]
+soak-replay FILE *FLAGS: roles
+    {{harness}} soak --replay {{FILE}} {{FLAGS}}
+
+# The soak `just test` ends with: 90 s of the small stack, the seed derived from the commit (printed).
+[group('test')]
+soak-commit: roles
+    #!/usr/bin/env bash
+    set -euo pipefail
+    seed=$((16#$(git rev-parse --short=12 HEAD 2>/dev/null || echo 1)))
+    echo "soak seed $seed (from commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo none))"
+    {{harness}} soak --duration 90s --profile small --seed "$seed"
 
 # Run the scenarios matching a cucumber tag expression, e.g. just scenario '@mining and not @limits'.
 [group('test')]

@@ -89,6 +89,31 @@ pub async fn post_lookup(mint_addr: &str, body: &str) -> anyhow::Result<(u16, St
     http::post_json(mint_addr, "/v1/ehash/quotes", body, Duration::from_secs(5)).await
 }
 
+/// `n` signed lookups from fresh keys (each key's first), eight at a time, each one
+/// expected to answer 200 (an empty list).
+pub async fn fresh_key_lookups(mint_addr: &str, n: usize) -> anyhow::Result<()> {
+    let mint_key = mint_pubkey(mint_addr).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task = n.div_ceil(8);
+    for t in 0..8 {
+        let addr = mint_addr.to_string();
+        let count = per_task.min(n.saturating_sub(t * per_task));
+        tasks.spawn(async move {
+            for _ in 0..count {
+                let (secret, _) = crate::keys::locking_keys();
+                let req = signed_lookup_for(&mint_key, &secret)?;
+                let (code, body) = post_lookup(&addr, &serde_json::to_string(&req)?).await?;
+                anyhow::ensure!(code == 200, "a fresh key's lookup answered {code}: {body}");
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
 /// Every quote of the key `secret_hex` (retried once if the key's own wallet used a later
 /// timestamp in the same millisecond).
 pub async fn lookup(mint_addr: &str, secret_hex: &str) -> anyhow::Result<Vec<QuoteInfo>> {

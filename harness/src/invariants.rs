@@ -269,11 +269,12 @@ pub async fn sweep_records(
         let parent_mtp = match mtp.get(&task.prev_hash) {
             Some(t) => *t,
             None => {
-                let h: Value = match rpc.call("getblockheader", &[json!(task.prev_hash)]).await {
-                    Ok(h) => h,
-                    // A parent Bitcoin Core never had (a made-up one): its template must not
-                    // be paid, so it must have been found invalid.
-                    Err(bitcoind_rpc::RpcError::Node { code: -5, .. }) => {
+                let h: Value = match header_on_any_node(stack, &task.prev_hash).await {
+                    Ok(Some(h)) => h,
+                    // A parent no node of the stack has (a made-up one): its template must
+                    // not be paid, so it must have been found invalid. (A parent only the
+                    // pool's node forgot, killed before it flushed, is still a real block.)
+                    Ok(None) => {
                         if !invalid.contains(&r.template_id) {
                             report.problems.push(format!(
                                 "record {id}: template {} builds on {}, a block Bitcoin Core does not know, and has no invalid verdict",
@@ -282,7 +283,7 @@ pub async fn sweep_records(
                         }
                         continue;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 };
                 let t = h["mediantime"]
                     .as_u64()
@@ -317,6 +318,30 @@ pub async fn sweep_records(
         }
     }
     Ok(report)
+}
+
+/// The header of block `hash` from the pool's node, else from any other node of the stack
+/// (audit and operator nodes follow the same chain); None if no node has it.
+async fn header_on_any_node(stack: &Stack, hash: &str) -> anyhow::Result<Option<Value>> {
+    let mut nodes = vec![stack.bitcoind()?];
+    for name in stack.auditor_names() {
+        nodes.extend(stack.audit_node(&name).ok());
+    }
+    for name in stack.operator_node_names() {
+        nodes.extend(stack.operator_node(&name).ok());
+    }
+    for node in nodes {
+        match node.rpc().call("getblockheader", &[json!(hash)]).await {
+            Ok(h) => return Ok(Some(h)),
+            Err(bitcoind_rpc::RpcError::Node { code: -5, .. }) => continue,
+            Err(e) if node.process().pid().is_none() => {
+                tracing::debug!("node down while looking up {hash}: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -232,6 +232,35 @@ impl Supervised {
         Ok(())
     }
 
+    /// Fault: SIGKILL the process group as a crash would, and leave it down until
+    /// [`start_again`](Self::start_again): not restarted by policy, not an unexpected exit,
+    /// not a stop (the soak's nemesis brings it back when it chooses). Returns how it ended.
+    pub async fn crash(&self) -> anyhow::Result<String> {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let running = self
+            .inner
+            .current
+            .lock()
+            .map_err(|_| anyhow!("lock poisoned"))?
+            .take()
+            .ok_or_else(|| anyhow!("{} is not running", self.name()))?;
+        tracing::info!(
+            name = self.name(),
+            pid = running.pid,
+            "fault: SIGKILL, held down"
+        );
+        // A paused process dies of SIGKILL too; SIGCONT first so its group goes at once.
+        let _ = running.signal(Signal::SIGCONT);
+        running.signal(Signal::SIGKILL)?;
+        let how = describe_exit(running.exited().await);
+        self.inner.status.send_modify(|s| {
+            s.phase = Phase::Stopped;
+            s.pid = None;
+            s.last_exit = Some(how.clone());
+        });
+        Ok(how)
+    }
+
     /// Graceful stop: SIGTERM, wait, SIGKILL. Not restarted. Returns how it exited.
     pub async fn stop(&self) -> anyhow::Result<String> {
         self.inner.stopping.store(true, Ordering::SeqCst);
@@ -295,11 +324,10 @@ impl Supervised {
 
     /// Start again after [`stop`](Self::stop) (same spec, same data).
     pub async fn start_again(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.running().is_err(),
-            "{} is already running",
-            self.name()
-        );
+        // A process that exited on its own (and was not restarted) is still the current one
+        // until something replaces it.
+        let alive = self.running().is_ok_and(|r| r.exit_status().is_none());
+        anyhow::ensure!(!alive, "{} is already running", self.name());
         self.inner.stopping.store(false, Ordering::SeqCst);
         let (running, generation) = Inner::launch(&self.inner, false).await?;
         tokio::spawn(monitor(Arc::downgrade(&self.inner), running, generation));
@@ -375,8 +403,10 @@ impl Inner {
                 .lock()
                 .map_err(|_| anyhow!("lock poisoned"))?
                 .take();
-            this.status
-                .send_modify(|s| s.phase = Phase::Failed(format!("{e:#}")));
+            this.status.send_modify(|s| {
+                s.phase = Phase::Failed(format!("{e:#}"));
+                s.pid = None;
+            });
             return Err(e);
         }
         this.status.send_modify(|s| s.phase = Phase::Ready);

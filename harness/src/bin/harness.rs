@@ -23,6 +23,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a seeded fault schedule over a whole stack (kills, pauses, reorgs, locks,
+    /// hostile redemptions), then check money conservation and every invariant; replay or
+    /// shrink a schedule file. Writes target/soak/<seed>/ (schedule, history, report.html).
+    Soak(harness::soak::cli::SoakArgs),
     /// Tell the whole story on a fresh signet stack: shares, quotes PENDING -> PAID, a
     /// fraudulent operator's FAILED quotes, a block, matured rewards, a channel, ehash redeemed
     /// over Lightning, then a summary table.
@@ -133,6 +137,12 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HarnessConfig::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Soak(args) => {
+            if !harness::soak::cli::run(&config, &args).await? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Demo { keep } => {
             let report = harness::demo::run(&config, keep, false).await?;
             eprintln!(

@@ -24,6 +24,42 @@ pub struct MintOptions {
     pub hold_timing: Option<(u64, u64, u64, u64)>,
 }
 
+/// Sats of an invoice worth between `lo` and `hi` thousandths of `held` ehash at the rate of
+/// `reserve` (`GET /v1/ehash/redemption`), picked where rounding to whole ehash loses least
+/// (the proxy's wallet refuses to lose more than 1 % unless told to accept it); None if even
+/// the largest is under one sat.
+pub fn invoice_sats_worth(
+    reserve: &serde_json::Value,
+    held: u64,
+    (lo, hi): (u64, u64),
+) -> anyhow::Result<Option<u64>> {
+    let field = |k: &str| {
+        reserve[k]
+            .as_u64()
+            .map(u128::from)
+            .ok_or_else(|| anyhow::anyhow!("no {k} in {reserve}"))
+    };
+    let (msat, ehash) = (
+        field("redeemable_msat")?,
+        field("outstanding_ehash")?.max(1),
+    );
+    if msat == 0 {
+        return Ok(None);
+    }
+    let held = u128::from(held);
+    let best = ((held * u128::from(lo) / 1000).max(1)..=held * u128::from(hi) / 1000)
+        .filter_map(|n| {
+            let sats = n * msat / ehash / 1000;
+            // What the mint asks for `sats`: whole ehash, rounded up, at msat/ehash each.
+            let cost = (sats * 1000 * ehash).div_ceil(msat);
+            let loss_ppm =
+                (cost * msat - sats * 1000 * ehash) * 1_000_000 / (sats * 1000 * ehash).max(1);
+            (sats >= 1).then_some((loss_ppm, std::cmp::Reverse(sats)))
+        })
+        .min();
+    Ok(best.map(|(_, std::cmp::Reverse(sats))| sats as u64))
+}
+
 /// A running mint.
 #[derive(Debug)]
 pub struct MintRole {

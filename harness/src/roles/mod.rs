@@ -17,9 +17,11 @@ use anyhow::anyhow;
 
 pub use auditor::{AuditorOptions, AuditorRole};
 pub use miner::{MinerLog, MinerOptions, MinerRole};
-pub use mint::{MintOptions, MintRole};
+pub use mint::{invoice_sats_worth, MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
-pub use proxy::{DeclarationStatus, DeclareOptions, ProxyRole, WalletOptions, WalletStatus};
+pub use proxy::{
+    DeclarationStatus, DeclareOptions, ProxyRole, WalletClient, WalletOptions, WalletStatus,
+};
 pub use translator::TranslatorRole;
 
 use crate::supervisor::Readiness;

@@ -97,6 +97,53 @@ pub struct WalletStatus {
     pub last_error: Option<String>,
 }
 
+/// A proxy wallet's HTTP API (`GET /wallet`, `POST /wallet/...`), owned.
+#[derive(Debug, Clone)]
+pub struct WalletClient {
+    /// `host:port` of the wallet's HTTP API.
+    pub addr: String,
+}
+
+impl WalletClient {
+    /// What the wallet reports now.
+    pub async fn status(&self) -> anyhow::Result<WalletStatus> {
+        let (code, body) = crate::http::get(&self.addr, "/wallet", Duration::from_secs(2)).await?;
+        anyhow::ensure!(code == 200, "/wallet answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Redeem against `invoice`: Ok(the redemption) or Err(the proxy's error text).
+    pub async fn redeem(
+        &self,
+        invoice: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        self.post(
+            "/wallet/redeem",
+            serde_json::json!({ "invoice": invoice }),
+            timeout,
+        )
+        .await
+    }
+
+    /// POST `body` to `path`: Ok(the answer) on 200, else Err(the proxy's error text).
+    pub async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<Result<serde_json::Value, String>> {
+        let (code, body) =
+            crate::http::post_json(&self.addr, path, &body.to_string(), timeout).await?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| anyhow::anyhow!("{path} answered {code} {body}: {e}"))?;
+        Ok(match code {
+            200 => Ok(v),
+            _ => Err(v["error"].as_str().unwrap_or(&body).to_string()),
+        })
+    }
+}
+
 impl ProxyRole {
     /// Start a proxy in front of `pool`, which it reaches at `upstream`: (address, authority
     /// public key), the pool's own or a sniffer's address in front of it.
@@ -212,13 +259,16 @@ impl ProxyRole {
 
     /// What the wallet reports now.
     pub async fn wallet_status(&self) -> anyhow::Result<WalletStatus> {
+        self.wallet()?.status().await
+    }
+
+    /// The wallet's HTTP API as a handle a task can own.
+    pub fn wallet(&self) -> anyhow::Result<WalletClient> {
         let addr = self
             .wallet_addr
-            .as_deref()
+            .clone()
             .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
-        let (code, body) = crate::http::get(addr, "/wallet", Duration::from_secs(2)).await?;
-        anyhow::ensure!(code == 200, "/wallet answered {code}: {body}");
-        Ok(serde_json::from_str(&body)?)
+        Ok(WalletClient { addr })
     }
 
     /// What the wallet reports once a whole round of it has run after this call: `GET
@@ -296,17 +346,7 @@ impl ProxyRole {
         body: serde_json::Value,
         timeout: Duration,
     ) -> anyhow::Result<Result<serde_json::Value, String>> {
-        let addr = self
-            .wallet_addr
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("this proxy has no wallet"))?;
-        let (code, body) = crate::http::post_json(addr, path, &body.to_string(), timeout).await?;
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| anyhow::anyhow!("{path} answered {code} {body}: {e}"))?;
-        Ok(match code {
-            200 => Ok(v),
-            _ => Err(v["error"].as_str().unwrap_or(&body).to_string()),
-        })
+        self.wallet()?.post(path, body, timeout).await
     }
 
     /// Every channel the pool opened for this proxy, as its log reports them:

@@ -3,6 +3,7 @@
 //! `roles.rs`). Several stacks run side by side without sharing anything.
 
 mod lightning;
+mod log_scan;
 mod strays;
 pub use strays::{harness_alive, stray_processes};
 mod nodes;

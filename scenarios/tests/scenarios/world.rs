@@ -240,62 +240,25 @@ impl HarnessWorld {
                     ));
                 }
             }
-            let (Ok(pool), Ok(_), Ok(_)) = (stack.pool(), stack.redis(), stack.bitcoind()) else {
-                continue;
+            let inputs = harness::stack_sweep::SweepInputs {
+                channels: self.sv2_channels.clone(),
+                keys: self.clients.values().map(|c| c.key).collect(),
+                known: self.known_keys(stack).await,
             };
-            if let Err(e) = settled_outcomes(pool).await {
-                problems.push(format!("stack {stack_name}: {e:#}"));
-            }
-            let mut channels = self.sv2_channels.clone();
-            let mut keys: Vec<_> = self.clients.values().map(|c| c.key).collect();
-            for (_, proxy) in stack.proxies() {
-                channels.extend(proxy.announced_channels());
-                keys.extend(proxy.locking_pubkey);
-            }
-            if let (Ok(mint), Ok(node)) = (stack.mint(), stack.lightning("pool")) {
-                if mint.config.redemption.enabled() {
-                    let keys = self.known_keys(stack).await;
-                    let r = &mint.config.redemption;
-                    match harness::money_sweep::sweep_money(
-                        stack,
-                        mint,
-                        node,
-                        &r.payout_address,
-                        r.pool_fee_ppm,
-                        &keys,
-                    )
-                    .await
-                    {
-                        Ok(report) => println!("[sweep] stack {stack_name}: {report}"),
-                        Err(e) => problems.push(format!("stack {stack_name}: money: {e:#}")),
-                    }
-                }
-            }
-            if stack.mint().is_ok() {
-                match self.sweep_settlement(stack).await {
-                    Ok(p) => {
-                        problems.extend(p.into_iter().map(|p| format!("stack {stack_name}: {p}")))
-                    }
-                    Err(e) => problems.push(format!(
-                        "stack {stack_name}: settlement sweep failed: {e:#}"
-                    )),
-                }
-            }
-            let min_bits = pool.config.min_bits;
-            match harness::invariants::sweep_records(stack, min_bits, &channels, &keys).await {
-                Ok(report) => {
+            for check in harness::stack_sweep::sweep_stack(stack, &inputs).await {
+                if check.passed {
                     println!(
-                        "[sweep] stack {stack_name}: {} share record(s) checked, {} of them by Bitcoin Core's proposal mode",
-                        report.records, report.proposals
+                        "[sweep] stack {stack_name}: {}: {}",
+                        check.name, check.detail
                     );
+                } else {
                     problems.extend(
-                        report
-                            .problems
-                            .into_iter()
-                            .map(|p| format!("stack {stack_name}: {p}")),
+                        check
+                            .detail
+                            .lines()
+                            .map(|p| format!("stack {stack_name}: {}: {p}", check.name)),
                     );
                 }
-                Err(e) => problems.push(format!("stack {stack_name}: record sweep failed: {e:#}")),
             }
         }
         problems
@@ -315,22 +278,7 @@ impl HarnessWorld {
     /// Every operator key of `stack` the scenario knows: the proxies' and the SV2 clients'.
     async fn known_keys(&self, stack: &Stack) -> Vec<harness::settlement_sweep::KnownKey> {
         use harness::settlement_sweep::KnownKey;
-        let mut keys = Vec::new();
-        for (name, proxy) in stack.proxies() {
-            let (Some(public), Some(secret)) = (proxy.locking_pubkey, &proxy.locking_secret) else {
-                continue;
-            };
-            let wallet_held = match proxy.wallet_status().await {
-                Ok(s) => Some(s.held),
-                Err(_) => None,
-            };
-            keys.push(KnownKey {
-                name: format!("proxy {name}"),
-                public: public.to_string(),
-                secret: secret.clone(),
-                wallet_held,
-            });
-        }
+        let mut keys = harness::stack_sweep::proxy_keys(stack).await;
         for (name, c) in &self.clients {
             keys.push(KnownKey {
                 name: format!("client {name}"),
@@ -376,28 +324,4 @@ impl HarnessWorld {
         }
         problems
     }
-}
-
-/// Wait until the pool settled every append whose answer it lost (records may still be
-/// landing until then).
-async fn settled_outcomes(pool: &harness::roles::PoolRole) -> anyhow::Result<()> {
-    if pool.process().pid().is_none() {
-        return Ok(());
-    }
-    harness::wait::wait_until(
-        "the pool to settle every unknown append outcome before the sweep",
-        std::time::Duration::from_secs(30),
-        || async {
-            let m = pool.metrics().await.map_err(|e| e.to_string())?;
-            let unknown = m.get("hashpool_pool_redis_unknown_outcomes_total");
-            let resolved = m.sum("hashpool_pool_redis_resolved_total");
-            if resolved >= unknown {
-                Ok(())
-            } else {
-                Err(format!("{unknown} unknown, {resolved} resolved"))
-            }
-        },
-    )
-    .await?;
-    Ok(())
 }

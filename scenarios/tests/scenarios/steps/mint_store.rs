@@ -169,27 +169,7 @@ async fn fresh_key_lookups(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()>
     let path = mint.db_path();
     let size_before = logical_size(&path)?;
     let started = Instant::now();
-    let addr = mint.addr.clone();
-    let mint_key = ehash_api::mint_pubkey(&addr).await?;
-    let mut tasks = tokio::task::JoinSet::new();
-    let per_task = n.div_ceil(8);
-    for t in 0..8 {
-        let addr = addr.clone();
-        let count = per_task.min(n.saturating_sub(t * per_task));
-        tasks.spawn(async move {
-            for _ in 0..count {
-                let (secret, _) = harness::keys::locking_keys();
-                let req = ehash_api::signed_lookup_for(&mint_key, &secret)?;
-                let (code, body) =
-                    ehash_api::post_lookup(&addr, &serde_json::to_string(&req)?).await?;
-                anyhow::ensure!(code == 200, "a fresh key's lookup answered {code}: {body}");
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    ehash_api::fresh_key_lookups(&mint.addr, n).await?;
     let took = started.elapsed();
     anyhow::ensure!(
         took < scaled(Duration::from_secs(600)),

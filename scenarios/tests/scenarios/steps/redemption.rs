@@ -182,29 +182,8 @@ pub(crate) async fn tenth_of_worth(w: &HarnessWorld, who: &str) -> anyhow::Resul
     let stack = w.default_stack()?;
     let held = stack.proxy(who)?.wallet_status().await?.held;
     let r = stack.mint()?.redemption_reserve().await?;
-    let (msat, ehash) = (
-        u128::from(u(&r, "redeemable_msat")?),
-        u128::from(u(&r, "outstanding_ehash")?.max(1)),
-    );
-    anyhow::ensure!(msat > 0, "the mint has nothing to redeem: {r}");
-    let held = u128::from(held);
-    let best = ((held / 20).max(1)..=held / 10)
-        .filter_map(|n| {
-            let sats = n * msat / ehash / 1000;
-            // What the mint asks for `sats`: whole ehash, rounded up, at msat/ehash each.
-            let cost = (sats * 1000 * ehash).div_ceil(msat);
-            let loss_ppm =
-                (cost * msat - sats * 1000 * ehash) * 1_000_000 / (sats * 1000 * ehash).max(1);
-            (sats >= 1).then_some((loss_ppm, std::cmp::Reverse(sats)))
-        })
-        .min();
-    let Some((_, std::cmp::Reverse(sats))) = best else {
-        anyhow::bail!(
-            "{who}'s {held} ehash are worth {} msat: too little to redeem a tenth",
-            held * msat / ehash
-        )
-    };
-    Ok(sats as u64)
+    harness::roles::invoice_sats_worth(&r, held, (50, 100))?
+        .with_context(|| format!("{who}'s {held} ehash are too little to redeem a tenth ({r})"))
 }
 
 #[when(

@@ -1,0 +1,297 @@
+//! The nemesis: applies the schedule's faults to the running stack at their offsets and
+//! undoes them when their time is up, while the workload's redemptions start at theirs and a
+//! sampler records the stack every two seconds. One loop owns the stack, so faults apply in
+//! order; a slow one (a reorganisation mines blocks) delays the next, and the history keeps
+//! the times they really happened.
+
+use std::time::{Duration, Instant};
+
+use super::history::{FaultEvent, History};
+use super::profile::FORK_NODE;
+use super::schedule::{Fault, Schedule};
+use super::workload;
+use crate::sqlite_db::WriteLock;
+use crate::supervisor::{Phase, Supervised};
+use crate::Stack;
+
+/// Between two samples of the stack.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// Start fault i.
+    Apply(usize),
+    /// Undo fault i.
+    Undo(usize),
+    /// Start redemption i.
+    Redeem(usize),
+}
+
+/// What the loop leaves behind: the history, the redemption tasks still running, a
+/// database lock still held (released by [`heal`]), and the processes whose exits the
+/// nemesis caused without faulting them itself (miners behind a proxy it took down).
+pub struct Outcome {
+    /// Everything that happened.
+    pub history: History,
+    /// Redemptions, possibly still running.
+    pub redemptions: Vec<tokio::task::JoinHandle<workload::RedemptionRecord>>,
+    /// Processes that exited because of a fault on another.
+    pub caused_exits: Vec<String>,
+    lock: Option<WriteLock>,
+}
+
+fn process<'a>(stack: &'a Stack, name: &str) -> anyhow::Result<&'a Supervised> {
+    stack
+        .processes()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("no process {name} in this stack"))
+}
+
+type Starting<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (usize, Duration, anyhow::Result<String>)> + 'a>,
+>;
+
+/// Run `schedule` against `stack` until its duration has passed. Starting a process again
+/// runs beside the loop (it waits for readiness, which may need a dependency still down).
+pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcome {
+    use futures::StreamExt;
+    let mut events: Vec<(u64, Event)> = Vec::new();
+    for (i, f) in schedule.faults.iter().enumerate() {
+        events.push((f.at_ms, Event::Apply(i)));
+        if f.for_ms > 0 {
+            events.push((f.at_ms + f.for_ms, Event::Undo(i)));
+        }
+    }
+    for (i, r) in schedule.redemptions.iter().enumerate() {
+        events.push((r.at_ms, Event::Redeem(i)));
+    }
+    // Undo before apply at the same offset: a resource is free again before the next fault.
+    events.sort_by_key(|(at, e)| (*at, !matches!(e, Event::Undo(_)), *e));
+    let mut out = Outcome {
+        history: History::new(schedule),
+        redemptions: Vec::new(),
+        caused_exits: Vec::new(),
+        lock: None,
+    };
+    let mut starting: futures::stream::FuturesUnordered<Starting<'_>> = Default::default();
+    let mut next_sample = Duration::ZERO;
+    let mut queue = events.into_iter().peekable();
+    let end = Duration::from_millis(schedule.duration_ms);
+    while queue.peek().is_some() || started.elapsed() < end {
+        let next_event = queue.peek().map(|(at, _)| Duration::from_millis(*at));
+        let wake = next_event.unwrap_or(end).min(next_sample);
+        // The schedule's clock: faults happen at their offsets.
+        tokio::select! {
+            _ = tokio::time::sleep_until((started + wake).into()) => {}
+            Some((i, at, r)) = starting.next(), if !starting.is_empty() => {
+                let f = &schedule.faults[i].fault;
+                out.history.fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+                continue;
+            }
+        }
+        if started.elapsed() >= next_sample {
+            out.history.sample(stack, started).await;
+            next_sample = started.elapsed() + SAMPLE_EVERY;
+        }
+        let due = queue
+            .peek()
+            .is_some_and(|(at, _)| started.elapsed() >= Duration::from_millis(*at));
+        if !due {
+            continue;
+        }
+        let Some((_, event)) = queue.next() else {
+            continue;
+        };
+        match event {
+            Event::Apply(i) => {
+                let f = &schedule.faults[i];
+                let at = started.elapsed();
+                let r = apply(stack, schedule, &f.fault, &mut out).await;
+                out.history
+                    .fault(FaultEvent::applied(i, &f.fault, at, started.elapsed(), r));
+            }
+            Event::Undo(i) => {
+                let f = &schedule.faults[i].fault;
+                let at = started.elapsed();
+                match f {
+                    Fault::Kill { process: p } | Fault::Terminate { process: p } => {
+                        let p = p.clone();
+                        let profile = schedule.profile;
+                        starting.push(Box::pin(async move {
+                            (i, at, start_again(stack, profile, &p).await)
+                        }));
+                    }
+                    _ => {
+                        let r = undo(stack, f, &mut out.lock).await;
+                        out.history
+                            .fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+                    }
+                }
+            }
+            Event::Redeem(i) => {
+                match workload::spawn(stack, i, &schedule.redemptions[i], started) {
+                    Ok(task) => out.redemptions.push(task),
+                    Err(e) => out
+                        .history
+                        .note(started, format!("redemption {i} not started: {e:#}")),
+                }
+            }
+        }
+    }
+    while let Some((i, at, r)) = starting.next().await {
+        let f = &schedule.faults[i].fault;
+        out.history
+            .fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+    }
+    out
+}
+
+/// Start `name` again (and the miners behind it, for a proxy).
+async fn start_again(stack: &Stack, profile: super::Profile, name: &str) -> anyhow::Result<String> {
+    let proc = process(stack, name)?;
+    if proc.status().phase == Phase::Ready {
+        return Ok("already running".into());
+    }
+    proc.start_again().await?;
+    let mut miners = Vec::new();
+    if let Some(proxy) = name.strip_prefix("proxy-") {
+        for m in profile.miners_of(proxy) {
+            let miner = process(stack, &format!("miner-{m}"))?;
+            if miner.status().phase != Phase::Ready || miner.pid().is_none() {
+                miner.start_again().await?;
+                miners.push(m);
+            }
+        }
+    }
+    Ok(if miners.is_empty() {
+        "started again".into()
+    } else {
+        format!("started again, with miner(s) {}", miners.join(", "))
+    })
+}
+
+/// Start a fault. A process fault on a process that is not up (its start is still under way)
+/// is skipped, and says so.
+async fn apply(
+    stack: &Stack,
+    schedule: &Schedule,
+    fault: &Fault,
+    out: &mut Outcome,
+) -> anyhow::Result<String> {
+    if let Some(p) = fault.process() {
+        let proc = process(stack, p)?;
+        if proc.status().phase != Phase::Ready || proc.pid().is_none() {
+            return Ok(format!(
+                "skipped: {p} is not up ({:?})",
+                proc.status().phase
+            ));
+        }
+        if let Some(proxy) = p.strip_prefix("proxy-") {
+            if !matches!(fault, Fault::Pause { .. }) {
+                // Its miners lose their connection and end; they start again with it.
+                out.caused_exits.extend(
+                    schedule
+                        .profile
+                        .miners_of(proxy)
+                        .into_iter()
+                        .map(|m| format!("miner-{m}")),
+                );
+            }
+        }
+    }
+    match fault {
+        Fault::Kill { process: p } => process(stack, p)?.crash().await,
+        Fault::Terminate { process: p } if p.starts_with("lightning-") => {
+            // lightningd's clean stop is its `stop` command.
+            let rpc = stack
+                .lightning(p.trim_start_matches("lightning-"))?
+                .rpc_path()
+                .to_path_buf();
+            process(stack, p)?
+                .stop_with(async move {
+                    let _ = crate::lightning::call(&rpc, "stop", serde_json::json!({})).await;
+                })
+                .await
+        }
+        Fault::Terminate { process: p } => process(stack, p)?.stop().await,
+        Fault::Pause { process: p } => process(stack, p)?.pause().map(|()| "paused".into()),
+        Fault::Reorg { depth } => {
+            let r = stack.reorganise(FORK_NODE, *depth).await?;
+            Ok(format!(
+                "{} block(s) replaced by {} in {:.1} s",
+                r.replaced.len(),
+                r.branch.len(),
+                r.took.as_secs_f64()
+            ))
+        }
+        Fault::LookupBurst { keys } => {
+            let t = Instant::now();
+            crate::ehash_api::fresh_key_lookups(&stack.mint()?.addr, *keys as usize).await?;
+            Ok(format!(
+                "{keys} answered in {:.1} s",
+                t.elapsed().as_secs_f64()
+            ))
+        }
+        Fault::MintDbLock => {
+            let path = stack.mint()?.db_path();
+            let held = tokio::task::spawn_blocking(move || WriteLock::take(&path)).await??;
+            out.lock = Some(held);
+            Ok("write lock held".into())
+        }
+    }
+}
+
+/// End a pause or a lock (stopped processes are started by [`start_again`]).
+async fn undo(
+    stack: &Stack,
+    fault: &Fault,
+    lock: &mut Option<WriteLock>,
+) -> anyhow::Result<String> {
+    Ok(match fault {
+        Fault::Pause { process: p } => {
+            let proc = process(stack, p)?;
+            if proc.status().phase != Phase::Paused {
+                return Ok(format!("{p} was not paused ({:?})", proc.status().phase));
+            }
+            proc.resume()?;
+            "resumed".into()
+        }
+        Fault::MintDbLock => match lock.take() {
+            Some(l) => {
+                tokio::task::spawn_blocking(move || l.release()).await??;
+                "released".into()
+            }
+            None => "no lock held".into(),
+        },
+        _ => String::new(),
+    })
+}
+
+/// Undo everything still in effect: release the lock, resume what is paused, start what is
+/// down (nodes and Redis first, roles after, miners last). Returns what could not be healed.
+pub async fn heal(stack: &Stack, out: &mut Outcome) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(l) = out.lock.take() {
+        match tokio::task::spawn_blocking(move || l.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(format!("releasing the mint's database: {e:#}")),
+            Err(e) => problems.push(format!("releasing the mint's database: {e}")),
+        }
+    }
+    stack.resume_paused();
+    // stack.processes() lists the nodes and Redis before the roles that need them.
+    let (miners, others): (Vec<_>, Vec<_>) = stack
+        .processes()
+        .into_iter()
+        .partition(|(name, _)| name.starts_with("miner-"));
+    for (name, p) in others.into_iter().chain(miners) {
+        if p.status().phase != Phase::Ready || p.pid().is_none() {
+            if let Err(e) = p.start_again().await {
+                problems.push(format!("{name} did not start again: {e:#}"));
+            }
+        }
+    }
+    problems
+}

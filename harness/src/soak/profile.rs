@@ -1,0 +1,175 @@
+//! The stacks a soak runs against. Both are on a private signet started from the rewards
+//! chain (the pool's node holds matured rewards, so redemptions pay real sats).
+//!
+//! - `small`: bitcoind, Redis, pool, mint, auditors `a` and `b` (each with its audit node),
+//!   honest operator `alice` (proxy on pool templates, a CPU miner, a Lightning node with a
+//!   channel from the pool's), fraudulent operator `mallory` (declares templates from its own
+//!   node that overclaim the coinbase), Lightning node `carol` that no channel reaches, and
+//!   node `fork` that mines the competing branches of reorganisations.
+//! - `full`: the small stack plus honest operator `dave` declaring its own templates from its
+//!   node (with a Lightning node and channel of its own) and a farm of 100 simulated miners
+//!   behind `alice`.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::roles::MinerOptions;
+use crate::wait::wait_until;
+use crate::{Chain, HarnessConfig, Stack};
+
+/// The pool's fee on matured rewards.
+pub const POOL_FEE_PPM: u64 = 20_000;
+/// Each channel the pool's node opens to an operator's node.
+const CHANNEL_SAT: u64 = 5_000_000;
+/// The operator node that mines reorganisations' branches (never a fault target).
+pub const FORK_NODE: &str = "fork";
+/// The fraud `mallory`'s templates carry.
+pub const FRAUD: &str = "coinbase-overclaim";
+
+/// Which stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    /// Two operators, two auditors, three Lightning nodes.
+    Small,
+    /// The small stack plus an honest declaring operator and a farm of 100 miners.
+    Full,
+}
+
+impl Profile {
+    /// Operators that run a wallet and a Lightning node (redeemers).
+    pub fn redeemers(self) -> Vec<&'static str> {
+        match self {
+            Profile::Small => vec!["alice"],
+            Profile::Full => vec!["alice", "dave"],
+        }
+    }
+
+    /// Honest operators (none of their templates may fail).
+    pub fn honest(self) -> Vec<&'static str> {
+        self.redeemers()
+    }
+
+    /// Fraudulent operators (every one of their templates must fail).
+    pub fn fraudulent(self) -> Vec<&'static str> {
+        vec!["mallory"]
+    }
+
+    /// The miners behind proxy `proxy` (they end when it goes away, and start again with it).
+    pub fn miners_of(self, proxy: &str) -> Vec<&'static str> {
+        match proxy {
+            "alice" if self == Profile::Full => vec!["alice-cpu", "farm"],
+            "alice" => vec!["alice-cpu"],
+            "mallory" => vec!["mallory-cpu"],
+            "dave" => vec!["dave-cpu"],
+            _ => vec![],
+        }
+    }
+
+    /// Processes the nemesis may kill, stop or pause (names as in `stack.json`).
+    pub fn fault_targets(self) -> Vec<&'static str> {
+        let mut t = vec![
+            "bitcoind",
+            "redis",
+            "pool",
+            "mint",
+            "auditor-a",
+            "auditor-b",
+            "bitcoind-audit-a",
+            "proxy-alice",
+            "proxy-mallory",
+            "bitcoind-mallory",
+            "lightning-pool",
+            "lightning-alice",
+        ];
+        if self == Profile::Full {
+            t.extend(["proxy-dave", "bitcoind-dave", "lightning-dave"]);
+        }
+        t
+    }
+
+    /// Start the stack, open the channels, and wait until every honest operator has minted
+    /// ehash (the workload is running).
+    pub async fn start(self, config: &HarnessConfig, name: &str) -> anyhow::Result<Stack> {
+        let mut stack = Stack::builder(name, config)
+            .chain(Chain::Signet)
+            .redis()
+            .rewards()
+            .start()
+            .await?;
+        let pool = crate::roles::PoolOptions {
+            min_bits: crate::lightning::REDEMPTION_MIN_BITS,
+            ..Default::default()
+        };
+        stack
+            .start_redemption_side(&pool, &Default::default(), POOL_FEE_PPM)
+            .await?;
+        stack.start_auditor("b", 2).await?;
+        stack.start_operator_node(FORK_NODE).await?;
+        stack.start_operator_node("mallory").await?;
+        stack
+            .start_proxy_declaring("mallory", true, 500_000.0, Some(("mallory", Some(FRAUD))))
+            .await?;
+        stack
+            .start_miner("mallory-cpu", "mallory", &MinerOptions::default())
+            .await?;
+        stack.start_proxy("alice", true, 500_000.0).await?;
+        stack
+            .start_miner("alice-cpu", "alice", &MinerOptions::default())
+            .await?;
+        if self == Profile::Full {
+            stack.start_operator_node("dave").await?;
+            stack
+                .start_proxy_declaring("dave", true, 500_000.0, Some(("dave", None)))
+                .await?;
+            stack
+                .start_miner("dave-cpu", "dave", &MinerOptions::default())
+                .await?;
+            let farm = MinerOptions {
+                connections: 100,
+                hashrate: Some(1_000_000.0),
+                log_shares: false,
+                ..Default::default()
+            };
+            stack.start_miner("farm", "alice", &farm).await?;
+        }
+        stack.start_lightning("carol", None).await?;
+        for who in self.redeemers() {
+            stack.start_lightning(who, None).await?;
+            open_channel(&stack, who).await?;
+        }
+        for who in self.honest() {
+            let proxy = stack.proxy(who)?;
+            wait_until(
+                &format!("operator {who}'s first minted ehash"),
+                Duration::from_secs(180),
+                || async {
+                    let s = proxy.wallet_status().await.map_err(|e| e.to_string())?;
+                    if s.minted > 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("{s:?}"))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(stack)
+    }
+}
+
+/// A channel from the pool's node to `who`'s, confirmed and usable both ways.
+async fn open_channel(stack: &Stack, who: &str) -> anyhow::Result<()> {
+    let (pool_ln, op_ln) = (stack.lightning("pool")?, stack.lightning(who)?);
+    pool_ln.connect(op_ln).await?;
+    pool_ln.fund_channel(op_ln, CHANNEL_SAT).await?;
+    stack.mine_blocks(1).await?;
+    pool_ln
+        .wait_channel_normal(&op_ln.id, Duration::from_secs(60))
+        .await?;
+    op_ln
+        .wait_channel_normal(&pool_ln.id, Duration::from_secs(60))
+        .await?;
+    Ok(())
+}
