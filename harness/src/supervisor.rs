@@ -2,7 +2,7 @@
 //! by policy when it dies unexpectedly, stopped gracefully, and open to fault injection
 //! (kill -9, stop/start, pause/resume).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -126,6 +126,9 @@ struct Inner {
     recovery_args: Vec<String>,
     current: Mutex<Option<Running>>,
     stopping: AtomicBool,
+    /// The newest generation a stop, crash or kill was asked for: its exit is no surprise,
+    /// even if a new start has cleared `stopping` before its monitor woke up.
+    stopped_generation: AtomicU64,
     status: watch::Sender<Status>,
 }
 
@@ -162,6 +165,7 @@ impl Supervised {
             recovery_args: options.recovery_args,
             current: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            stopped_generation: AtomicU64::new(0),
             status: watch::channel(Status::default()).0,
         });
         let (running, generation) = Inner::launch(&inner, false).await?;
@@ -237,6 +241,9 @@ impl Supervised {
     /// not a stop (the soak's nemesis brings it back when it chooses). Returns how it ended.
     pub async fn crash(&self) -> anyhow::Result<String> {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner
+            .stopped_generation
+            .fetch_max(self.status().generation, Ordering::SeqCst);
         let running = self
             .inner
             .current
@@ -264,6 +271,9 @@ impl Supervised {
     /// Graceful stop: SIGTERM, wait, SIGKILL. Not restarted. Returns how it exited.
     pub async fn stop(&self) -> anyhow::Result<String> {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner
+            .stopped_generation
+            .fetch_max(self.status().generation, Ordering::SeqCst);
         let running = self
             .inner
             .current
@@ -293,6 +303,9 @@ impl Supervised {
         ask: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<String> {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner
+            .stopped_generation
+            .fetch_max(self.status().generation, Ordering::SeqCst);
         let running = self
             .inner
             .current
@@ -369,6 +382,9 @@ impl Supervised {
 impl Drop for Supervised {
     fn drop(&mut self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner
+            .stopped_generation
+            .fetch_max(self.status().generation, Ordering::SeqCst);
         if let Ok(mut current) = self.inner.current.lock() {
             if let Some(running) = current.take() {
                 if running.exit_status().is_none() {
@@ -451,7 +467,10 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
         let status = running.exited().await;
         let Some(this) = inner.upgrade() else { return };
         let current = this.status.borrow().generation;
-        if this.stopping.load(Ordering::SeqCst) || current != generation {
+        if this.stopping.load(Ordering::SeqCst)
+            || current != generation
+            || this.stopped_generation.load(Ordering::SeqCst) >= generation
+        {
             return;
         }
         let how = describe_exit(status);

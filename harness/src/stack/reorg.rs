@@ -51,6 +51,8 @@ impl Stack {
     /// pool's node has the branch's tip.
     pub async fn reorganise(&self, name: &str, depth: u64) -> anyhow::Result<Reorg> {
         anyhow::ensure!(depth >= 1, "a reorganisation replaces at least one block");
+        // Synced first, so that the fork point is `depth` below the tip both nodes share.
+        self.wait_node_synced(name).await?;
         let tip = self.bitcoind()?.height().await?;
         anyhow::ensure!(tip > depth, "the pool's chain is only {tip} blocks high");
         self.replace_from(name, tip - depth, Branch::Mine).await
@@ -89,6 +91,7 @@ impl Stack {
         let started = Instant::now();
         let pool = self.bitcoind()?;
         let node = self.operator_node(name)?;
+        self.wait_node_synced(name).await?;
         let tip = pool.chain_info().await?;
         anyhow::ensure!(
             tip.blocks > fork_height,
@@ -96,26 +99,6 @@ impl Stack {
             tip.blocks
         );
         let depth = tip.blocks - fork_height;
-        wait_until(
-            &format!(
-                "node {name} to have the pool node's tip {}",
-                tip.bestblockhash
-            ),
-            Duration::from_secs(30),
-            || async {
-                let best: BlockHash = node
-                    .rpc()
-                    .call("getbestblockhash", &[])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if best == tip.bestblockhash {
-                    Ok(())
-                } else {
-                    Err(format!("its tip is {best}"))
-                }
-            },
-        )
-        .await?;
         let mut replaced = Vec::new();
         for h in fork_height + 1..=tip.blocks {
             replaced.push(
@@ -230,6 +213,35 @@ impl Stack {
             switched_at: switched,
             took,
         })
+    }
+
+    /// Wait until operator `name`'s node has the pool node's tip (read again at each look: the
+    /// pool's miners may find blocks meanwhile, and a restarted node catches up over P2P).
+    async fn wait_node_synced(&self, name: &str) -> anyhow::Result<()> {
+        let (pool, node) = (self.bitcoind()?, self.operator_node(name)?);
+        wait_until(
+            &format!("node {name} to have the pool node's tip"),
+            Duration::from_secs(60),
+            || async {
+                let want: BlockHash = pool
+                    .rpc()
+                    .call("getbestblockhash", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let best: BlockHash = node
+                    .rpc()
+                    .call("getbestblockhash", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if best == want {
+                    Ok(())
+                } else {
+                    Err(format!("its tip is {best}, the pool node's {want}"))
+                }
+            },
+        )
+        .await?;
+        Ok(())
     }
 
     /// Wait until every node of the stack (the pool's, operators', auditors') has `tip`.

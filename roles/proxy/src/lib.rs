@@ -316,11 +316,28 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     sessions.abort_all();
     while sessions.join_next().await.is_some() {}
     stop.cancel();
-    for t in background {
-        let _ = t.await;
+    // A redemption's request may wait minutes on its payment: the tasks get a grace, then are
+    // aborted (an interrupted melt is finished or undone by the wallet's saga recovery at the
+    // next start).
+    let aborts: Vec<_> = background.iter().map(|t| t.abort_handle()).collect();
+    let all = async {
+        for t in background {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+        tracing::warn!(
+            "background tasks (a redemption in flight?) did not finish within {SHUTDOWN_GRACE:?} of shutdown: aborted"
+        );
+        for a in aborts {
+            a.abort();
+        }
     }
     Ok(())
 }
+
+/// How long shutdown waits for background tasks before aborting them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// The operator's locking key: derived from `locking_secret_key` if set (and then
 /// `locking_pubkey`, if also set, must match), else `locking_pubkey`, else none.

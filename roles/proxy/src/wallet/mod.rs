@@ -106,6 +106,9 @@ fn seed_of(secret: &SecretKey) -> [u8; 64] {
     sha512::Hash::from_engine(engine).to_byte_array()
 }
 
+/// Longest the wallet waits for cdk to recover interrupted operations.
+const RECOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl OperatorWallet {
     /// Open (or create) the wallet in `data_dir` for `mint_url`, keyed by `secret_hex`.
     pub async fn open(mint_url: &str, secret_hex: &str, data_dir: &Path) -> anyhow::Result<Self> {
@@ -128,8 +131,14 @@ impl OperatorWallet {
             .build()
             .map_err(|e| anyhow!("wallet: {e}"))?;
         // A mint interrupted by a crash or a lost answer leaves its quotes reserved: settle it.
-        if let Err(e) = wallet.recover_incomplete_sagas().await {
-            tracing::warn!("recovering interrupted wallet operations failed: {e}");
+        // Bounded: after restoring an interrupted batch mint's proofs, cdk's recovery has been
+        // seen to hang (soak seed 1); the proofs are stored by then, and start-up goes on.
+        match tokio::time::timeout(RECOVERY_TIMEOUT, wallet.recover_incomplete_sagas()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("recovering interrupted wallet operations failed: {e}"),
+            Err(_) => tracing::warn!(
+                "recovering interrupted wallet operations did not finish within {RECOVERY_TIMEOUT:?}: going on (retried after a failed mint)"
+            ),
         }
         Ok(Self {
             wallet,
@@ -255,10 +264,19 @@ impl OperatorWallet {
                     // lookup no longer lists it. So the round ends and the next one mints
                     // the rest as a batch; only a batch failing twice in a row is tried one by
                     // one, so one bad quote cannot hold up the others.
-                    if let Err(r) = self.wallet.recover_incomplete_sagas().await {
-                        tracing::warn!(
+                    match tokio::time::timeout(
+                        RECOVERY_TIMEOUT,
+                        self.wallet.recover_incomplete_sagas(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(r)) => tracing::warn!(
                             "recovering the failed batch mint failed (retried next round): {r}"
-                        );
+                        ),
+                        Err(_) => tracing::warn!(
+                            "recovering the failed batch mint did not finish within {RECOVERY_TIMEOUT:?} (retried next round)"
+                        ),
                     }
                     self.failed_batches += 1;
                     if self.failed_batches < 2 {
