@@ -28,10 +28,10 @@ test: roles translator
     cargo test -p scenarios --test scenarios
     just soak-commit
 
-# A seeded fault soak over the whole stack, then every money check (DURATION like 90s, 3m, 1h; SEED empty: a fresh one, printed first; FLAGS e.g. --profile small); shrinks a failure; report in target/soak/SEED/report.html.
+# A seeded fault soak over the whole stack, then every money check (DURATION like 90s, 3m, 1h; SEED empty: a fresh one, printed first; a failure is shrunk in up to SHRINK more runs; FLAGS e.g. --profile small); report in target/soak/SEED/report.html.
 [group('test')]
-soak DURATION="3m" SEED="" *FLAGS: roles
-    {{harness}} soak --duration {{DURATION}} {{ if SEED == "" { "" } else { "--seed " + SEED } }} --shrink 6 {{FLAGS}}
+soak DURATION="3m" SEED="" SHRINK="6" *FLAGS: roles
+    {{harness}} soak --duration {{DURATION}} {{ if SEED == "" { "" } else { "--seed " + SEED } }} --shrink {{SHRINK}} {{FLAGS}}
 
 # Replay a soak's schedule file (target/soak/SEED/schedule.json or shrunk.json): the same faults at the same offsets (FLAGS e.g. --until 5).
 [group('test')]

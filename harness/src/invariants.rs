@@ -320,15 +320,14 @@ pub async fn sweep_records(
     Ok(report)
 }
 
-/// The header of block `hash` from the pool's node, else from any other node of the stack
-/// (audit and operator nodes follow the same chain); None if no node has it.
+/// The header of block `hash` from the pool's node, else from an audit node (they follow the
+/// pool's node over P2P; a block the pool's node forgot when it was killed before flushing is
+/// still there); None if none has it. Operators' nodes are not asked: a fraudulent operator's
+/// own block is no proof that the pool's chain had it.
 async fn header_on_any_node(stack: &Stack, hash: &str) -> anyhow::Result<Option<Value>> {
     let mut nodes = vec![stack.bitcoind()?];
     for name in stack.auditor_names() {
         nodes.extend(stack.audit_node(&name).ok());
-    }
-    for name in stack.operator_node_names() {
-        nodes.extend(stack.operator_node(&name).ok());
     }
     for node in nodes {
         match node.rpc().call("getblockheader", &[json!(hash)]).await {

@@ -129,6 +129,10 @@ struct Inner {
     /// The newest generation a stop, crash or kill was asked for: its exit is no surprise,
     /// even if a new start has cleared `stopping` before its monitor woke up.
     stopped_generation: AtomicU64,
+    /// The monitor is between an unexpected exit and its restart: a start by hand waits.
+    restarting: AtomicBool,
+    /// Start with the recovery arguments next time (after [`Supervised::crash`]).
+    recover_next: AtomicBool,
     status: watch::Sender<Status>,
 }
 
@@ -166,6 +170,8 @@ impl Supervised {
             current: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stopped_generation: AtomicU64::new(0),
+            restarting: AtomicBool::new(false),
+            recover_next: AtomicBool::new(false),
             status: watch::channel(Status::default()).0,
         });
         let (running, generation) = Inner::launch(&inner, false).await?;
@@ -339,10 +345,33 @@ impl Supervised {
     pub async fn start_again(&self) -> anyhow::Result<()> {
         // A process that exited on its own (and was not restarted) is still the current one
         // until something replaces it.
+        if self.inner.restarting.load(Ordering::SeqCst) {
+            // The monitor is restarting it by policy: wait for that instead of a second copy.
+            let inner = self.inner.clone();
+            wait_until(
+                &format!("{}'s restart by the supervisor to finish", self.name()),
+                self.inner.start_timeout + MAX_RESTART_BACKOFF,
+                || {
+                    let inner = inner.clone();
+                    async move {
+                        if inner.restarting.load(Ordering::SeqCst) {
+                            Err("restarting".to_string())
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+            )
+            .await?;
+        }
         let alive = self.running().is_ok_and(|r| r.exit_status().is_none());
+        if alive && self.status().phase == Phase::Ready {
+            return Ok(());
+        }
         anyhow::ensure!(!alive, "{} is already running", self.name());
         self.inner.stopping.store(false, Ordering::SeqCst);
-        let (running, generation) = Inner::launch(&self.inner, false).await?;
+        let recovering = self.inner.recover_next.swap(false, Ordering::SeqCst);
+        let (running, generation) = Inner::launch(&self.inner, recovering).await?;
         tokio::spawn(monitor(Arc::downgrade(&self.inner), running, generation));
         Ok(())
     }
@@ -415,10 +444,13 @@ impl Inner {
         if let Err(e) = this.wait_ready(&running).await {
             let _ = running.signal(Signal::SIGKILL);
             running.exited().await;
-            this.current
-                .lock()
-                .map_err(|_| anyhow!("lock poisoned"))?
-                .take();
+            {
+                // Only this start's process: another may have replaced it meanwhile.
+                let mut current = this.current.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                if current.as_ref().is_some_and(|c| c.pid == running.pid) {
+                    current.take();
+                }
+            }
             this.status.send_modify(|s| {
                 s.phase = Phase::Failed(format!("{e:#}"));
                 s.pid = None;
@@ -501,13 +533,17 @@ async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) 
         tracing::warn!(name = %this.spec.name, "exited unexpectedly ({how}); restarting");
         let backoff =
             (MIN_RESTART_BACKOFF * 2u32.saturating_pow(restarts)).min(MAX_RESTART_BACKOFF);
+        this.restarting.store(true, Ordering::SeqCst);
         // Restart backoff: a crash loop must not spin.
         tokio::time::sleep(scaled(backoff)).await; // restart backoff
         if this.stopping.load(Ordering::SeqCst) {
+            this.restarting.store(false, Ordering::SeqCst);
             return;
         }
         this.status.send_modify(|s| s.restarts += 1);
-        match Inner::launch(&this, true).await {
+        let launched = Inner::launch(&this, true).await;
+        this.restarting.store(false, Ordering::SeqCst);
+        match launched {
             Ok((r, g)) => {
                 tracing::info!(name = %this.spec.name, pid = r.pid, generation = g, "restarted");
                 running = r;

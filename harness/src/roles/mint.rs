@@ -25,9 +25,9 @@ pub struct MintOptions {
 }
 
 /// Sats of an invoice worth between `lo` and `hi` thousandths of `held` ehash at the rate of
-/// `reserve` (`GET /v1/ehash/redemption`), picked where rounding to whole ehash loses least
-/// (the proxy's wallet refuses to lose more than 1 % unless told to accept it); None if even
-/// the largest is under one sat.
+/// `reserve` (`GET /v1/ehash/redemption`), picked where rounding to whole ehash loses least;
+/// None if even the largest is under one sat, or if every choice loses more than 1 % (the
+/// proxy's wallet refuses that unless told to accept it).
 pub fn invoice_sats_worth(
     reserve: &serde_json::Value,
     held: u64,
@@ -47,17 +47,19 @@ pub fn invoice_sats_worth(
         return Ok(None);
     }
     let held = u128::from(held);
-    let best = ((held * u128::from(lo) / 1000).max(1)..=held * u128::from(hi) / 1000)
-        .filter_map(|n| {
-            let sats = n * msat / ehash / 1000;
+    // Sats worth `lo` to `hi` thousandths of what is held (a range bounded by the reserve).
+    let worth_sat = |permille: u64| held * u128::from(permille) * msat / 1000 / ehash / 1000;
+    let best = (worth_sat(lo).max(1)..=worth_sat(hi))
+        .map(|sats| {
             // What the mint asks for `sats`: whole ehash, rounded up, at msat/ehash each.
             let cost = (sats * 1000 * ehash).div_ceil(msat);
-            let loss_ppm =
-                (cost * msat - sats * 1000 * ehash) * 1_000_000 / (sats * 1000 * ehash).max(1);
-            (sats >= 1).then_some((loss_ppm, std::cmp::Reverse(sats)))
+            let loss_ppm = (cost * msat - sats * 1000 * ehash) * 1_000_000 / (cost * msat).max(1);
+            (loss_ppm, std::cmp::Reverse(sats))
         })
         .min();
-    Ok(best.map(|(_, std::cmp::Reverse(sats))| sats as u64))
+    Ok(best
+        .filter(|(loss_ppm, _)| *loss_ppm <= 10_000)
+        .map(|(_, std::cmp::Reverse(sats))| sats as u64))
 }
 
 /// A running mint.

@@ -63,6 +63,24 @@ pub async fn run(
                 .count()
         ),
     ));
+    let not_undone: Vec<String> = history
+        .faults
+        .iter()
+        .filter(|f| {
+            f.what == "undo" && !f.fault.starts_with("SIGKILL") && !f.fault.starts_with("SIGTERM")
+        })
+        .filter_map(|f| {
+            f.result
+                .as_ref()
+                .err()
+                .map(|e| format!("{} (fault {}): {e}", f.fault, f.index))
+        })
+        .collect();
+    checks.push(check(
+        "every pause was resumed and every lock released",
+        not_undone,
+        "all".into(),
+    ));
     let unclean: Vec<String> = history
         .faults
         .iter()
@@ -145,12 +163,16 @@ pub async fn run(
                 "fraudulent operator {who} was paid: {} ehash held, {} melted, {} PAID unminted",
                 s.held, s.melted, s.paid_unminted
             )),
+            // Vacuous unless its templates were audited and failed.
+            Ok(s) if s.failed == 0 => fraud.push(format!(
+                "fraudulent operator {who} has no FAILED quote: nothing was audited ({s:?})"
+            )),
             Ok(_) => {}
             Err(e) => fraud.push(format!("{who}'s wallet: {e:#}")),
         }
     }
     checks.push(check(
-        "every fraudulent template FAILED (the fraudulent operator holds no ehash)",
+        "every fraudulent template FAILED (the fraudulent operator has FAILED quotes and holds no ehash)",
         fraud,
         profile.fraudulent().join(", "),
     ));
@@ -206,4 +228,78 @@ fn redemption_check(redemptions: &[RedemptionRecord]) -> Check {
 /// What `who`'s wallet reports after a whole round that started after this call.
 async fn wallet_after_heal(stack: &Stack, who: &str) -> anyhow::Result<crate::roles::WalletStatus> {
     stack.proxy(who)?.fresh_wallet_status().await
+}
+
+/// Mining and minting went on after the heal: each honest operator's wallet came to hold more
+/// than it held when the heal ended (within two minutes; miners still running).
+pub async fn resumed(stack: &Stack, profile: Profile, held_at_heal: &[(String, u64)]) -> Check {
+    let mut problems = Vec::new();
+    for who in profile.honest() {
+        let Some((_, before)) = held_at_heal.iter().find(|(w, _)| w == who) else {
+            problems.push(format!("{who}'s wallet did not answer at the heal"));
+            continue;
+        };
+        let Ok(proxy) = stack.proxy(who) else {
+            problems.push(format!("no proxy {who}"));
+            continue;
+        };
+        let r = crate::wait::wait_until(
+            &format!("{who}'s wallet to hold more than the {before} ehash it held at the heal"),
+            std::time::Duration::from_secs(120),
+            || async {
+                let s = proxy.wallet_status().await.map_err(|e| e.to_string())?;
+                if s.held + s.melted > *before {
+                    Ok(s.held)
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            },
+        )
+        .await;
+        if let Err(e) = r {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    check(
+        "mining and minting went on after the heal (each honest wallet holds more)",
+        problems,
+        profile.honest().join(", "),
+    )
+}
+
+/// One honest redemption per redeemer once the stack is quiet: the channel is normal again
+/// and the melt is PAID.
+pub async fn redemption_after_heal(stack: &Stack, profile: Profile) -> Check {
+    let mut problems = Vec::new();
+    for who in profile.redeemers() {
+        let r = async {
+            let (pool_ln, op_ln) = (stack.lightning("pool")?, stack.lightning(who)?);
+            pool_ln
+                .wait_channel_normal(&op_ln.id, std::time::Duration::from_secs(90))
+                .await?;
+            let proxy = stack.proxy(who)?;
+            let held = proxy.fresh_wallet_status().await?.held;
+            let reserve = stack.mint()?.redemption_reserve().await?;
+            let sats = crate::roles::invoice_sats_worth(&reserve, held, (20, 50))?
+                .ok_or_else(|| anyhow::anyhow!("{held} ehash: no invoice worth redeeming"))?;
+            let invoice = op_ln
+                .invoice(sats, &format!("soak-after-heal-{who}"))
+                .await?;
+            let timeout = crate::wait::scaled(super::workload::REDEEM_TIMEOUT);
+            match proxy.redeem(&invoice, timeout).await? {
+                Ok(v) if v["state"] == "PAID" => anyhow::Ok(()),
+                Ok(v) => anyhow::bail!("{who}'s redemption of {sats} sat ended {}", v["state"]),
+                Err(e) => anyhow::bail!("{who}'s redemption of {sats} sat was refused: {e}"),
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    check(
+        "an honest redemption after the heal is paid (each redeemer)",
+        problems,
+        profile.redeemers().join(", "),
+    )
 }

@@ -34,6 +34,9 @@ pub struct SoakArgs {
     /// fails to `target/soak/<seed>/shrunk.json` (0: do not shrink).
     #[arg(long, default_value_t = 0)]
     pub shrink: usize,
+    /// Print the schedule (JSON) and exit without running it.
+    #[arg(long)]
+    pub print_schedule: bool,
 }
 
 /// `90s`, `3m`, `1h`, or plain seconds.
@@ -85,6 +88,10 @@ pub async fn run(config: &HarnessConfig, args: &SoakArgs) -> anyhow::Result<bool
     if let Some(n) = args.until {
         schedule = schedule.until(n);
     }
+    if args.print_schedule {
+        println!("{}", serde_json::to_string_pretty(&schedule)?);
+        return Ok(true);
+    }
     let dir = match &args.replay {
         Some(_) => run_dir(schedule.seed).join(format!(
             "replay-{}",
@@ -113,9 +120,12 @@ pub async fn run(config: &HarnessConfig, args: &SoakArgs) -> anyhow::Result<bool
         replay_command(&dir.join("schedule.json"))
     );
     if args.shrink > 0 {
-        let smallest = shrink(config, &schedule, args.shrink).await?;
+        let names: Vec<String> = failed.iter().map(|n| n.to_string()).collect();
+        let smallest = shrink(config, &schedule, &names, args.shrink).await?;
         let file = run_dir(schedule.seed).join("shrunk.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&smallest)?)?;
+        if smallest.faults.len() == schedule.faults.len() {
+            std::fs::write(&file, serde_json::to_string_pretty(&smallest)?)?;
+        }
         println!(
             "[soak] smallest failing schedule: {} of {} fault(s) in {}; replay: {}",
             smallest.faults.len(),

@@ -112,20 +112,33 @@ pub async fn run_schedule(
             ),
         }
     }
+    let mut held_at_heal = Vec::new();
+    for who in schedule.profile.honest() {
+        if let Ok(proxy) = stack.proxy(who) {
+            if let Ok(s) = proxy.fresh_wallet_status().await {
+                held_at_heal.push((who.to_string(), s.held + s.melted));
+            }
+        }
+    }
+    let resumed = checks::resumed(&stack, schedule.profile, &held_at_heal).await;
     // The record sweep compares streams with quotes: no new share may land in between.
     for m in stack.miners() {
         let _ = m.process().stop().await;
     }
+    let after_heal = checks::redemption_after_heal(&stack, schedule.profile).await;
     out.history.sample(&stack, started).await;
-    let checks = checks::run(
-        &stack,
-        schedule.profile,
-        &out.history,
-        heal_problems,
-        &out.caused_exits,
-        &records,
-    )
-    .await;
+    let mut checks = vec![resumed, after_heal];
+    checks.extend(
+        checks::run(
+            &stack,
+            schedule.profile,
+            &out.history,
+            heal_problems,
+            &out.caused_exits,
+            &records,
+        )
+        .await,
+    );
     let heal_to_checked = healed_from.elapsed();
     let passed = checks.iter().all(|c| c.passed);
     let shares = out
@@ -141,7 +154,9 @@ pub async fn run_schedule(
             .history
             .faults
             .iter()
-            .filter(|f| f.what == "apply" && f.result.is_ok())
+            .filter(|f| {
+                f.what == "apply" && f.result.as_ref().is_ok_and(|r| !r.starts_with("skipped"))
+            })
             .count(),
         shares,
         redemptions: (records.len(), records.iter().filter(|r| r.paid > 0).count()),
@@ -204,19 +219,27 @@ pub fn print_result(r: &RunResult, schedule: &Schedule) {
 }
 
 /// Shrink a failing `schedule`: try its candidates (halves, then one fault out), adopting
-/// each that still fails, within `runs` runs. Returns the smallest failing schedule found.
+/// each that fails one of the same checks `failed` names, within `runs` runs; each adoption is
+/// written to `shrunk.json` at once. Returns the smallest failing schedule found.
 pub async fn shrink(
     config: &HarnessConfig,
     schedule: &Schedule,
+    failed: &[String],
     runs: usize,
 ) -> anyhow::Result<Schedule> {
+    let file = run_dir(schedule.seed).join("shrunk.json");
     let mut smallest = schedule.clone();
     let mut done = 0;
+    let mut tried: Vec<Vec<schedule::ScheduledFault>> = Vec::new();
     'outer: while done < runs {
         for candidate in smallest.shrink_candidates() {
             if done >= runs {
                 break 'outer;
             }
+            if tried.contains(&candidate.faults) {
+                continue;
+            }
+            tried.push(candidate.faults.clone());
             done += 1;
             let dir = run_dir(schedule.seed).join(format!("shrink-{done}"));
             println!(
@@ -224,15 +247,19 @@ pub async fn shrink(
                 candidate.faults.len(),
                 smallest.faults.len()
             );
-            let failed = match run_schedule(config, &candidate, &dir).await {
-                Ok(r) => !r.passed,
+            let same = match run_schedule(config, &candidate, &dir).await {
+                Ok(r) => r
+                    .checks
+                    .iter()
+                    .any(|c| !c.passed && failed.contains(&c.name)),
                 Err(e) => {
                     println!("[soak] shrink run {done} did not run: {e:#}");
                     false
                 }
             };
-            if failed {
+            if same {
                 smallest = candidate;
+                std::fs::write(&file, serde_json::to_string_pretty(&smallest)?)?;
                 continue 'outer;
             }
         }

@@ -180,7 +180,12 @@ async fn apply(
     fault: &Fault,
     out: &mut Outcome,
 ) -> anyhow::Result<String> {
-    if let Some(p) = fault.process() {
+    let needs: Vec<&str> = match fault {
+        Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
+        Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
+        f => f.process().into_iter().collect(),
+    };
+    for p in needs {
         let proc = process(stack, p)?;
         if proc.status().phase != Phase::Ready || proc.pid().is_none() {
             return Ok(format!(
@@ -188,6 +193,8 @@ async fn apply(
                 proc.status().phase
             ));
         }
+    }
+    if let Some(p) = fault.process() {
         if let Some(proxy) = p.strip_prefix("proxy-") {
             if !matches!(fault, Fault::Pause { .. }) {
                 // Its miners lose their connection and end; they start again with it.

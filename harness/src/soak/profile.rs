@@ -77,6 +77,7 @@ impl Profile {
             "auditor-a",
             "auditor-b",
             "bitcoind-audit-a",
+            "bitcoind-audit-b",
             "proxy-alice",
             "proxy-mallory",
             "bitcoind-mallory",

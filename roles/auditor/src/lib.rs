@@ -12,6 +12,8 @@
 mod check;
 pub mod node;
 
+mod startup;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -371,85 +373,6 @@ async fn metrics_text(State(m): State<Arc<Metrics>>) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// Longest pause between two attempts to reach bitcoind and Redis at start-up.
-const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(2);
-
-/// What start-up needs, retried until it is there (a node or Redis restarting with the
-/// auditor must not stop it): the audit node answering (and any rewind a crash left half
-/// done undone), the auditor's Redis function loaded, its consumer group made (readiness
-/// probes look for it). Ok(false) if `shutdown` came first.
-async fn prepare(
-    config: &AuditorConfig,
-    node: &AuditNode,
-    shutdown: &mut (impl Future<Output = ()> + Unpin),
-) -> anyhow::Result<bool> {
-    let timeout = Duration::from_millis(config.redis.append_timeout_ms);
-    let mut backoff = Duration::from_millis(100);
-    let mut recovered = false;
-    for attempt in 1u32.. {
-        let step = async {
-            node.rpc()
-                .call::<u64>("getblockcount", &[])
-                .await
-                .with_context(|| {
-                    format!("bitcoind at {} does not answer", config.bitcoind.rpc_url)
-                })?;
-            // A rewind a crash left half done is undone before anything else (else at the
-            // first audit).
-            if !recovered {
-                recovered = true;
-                if let Err(e) = node.recover().await {
-                    tracing::warn!("audit node: checking for a rewind left half done failed (retried at the first audit): {e}");
-                }
-            }
-            let mut conn = hashpool_streams::connect(&config.redis.url, timeout).await?;
-            let loaded = redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(LIBRARY)
-                .query_async::<String>(&mut conn)
-                .await;
-            if let Err(e) = loaded {
-                // Redis before 7 has no FUNCTION: no retry helps. (LOADING after a restart
-                // is a server error too, and passes.)
-                if e.to_string().to_lowercase().contains("unknown command") {
-                    return Ok(Err(anyhow!(
-                        "loading the auditor's Redis function (Redis 7 or later is needed): {e}"
-                    )));
-                }
-                return Err(e.into());
-            }
-            Consumer::join(
-                &config.redis.url,
-                AUDIT_TASKS_STREAM,
-                GROUP,
-                &config.consumer,
-                timeout,
-            )
-            .await?;
-            anyhow::Ok(Ok(()))
-        };
-        tokio::select! {
-            _ = &mut *shutdown => return Ok(false),
-            r = step => match r {
-                Ok(Ok(())) => return Ok(true),
-                Ok(Err(fatal)) => return Err(fatal),
-                Err(e) if attempt == 1 || attempt.is_multiple_of(30) => tracing::warn!(
-                    "waiting for bitcoind and Redis at start-up (attempt {attempt}): {e:#}"
-                ),
-                Err(_) => {}
-            },
-        }
-        tokio::select! {
-            _ = &mut *shutdown => return Ok(false),
-            // Backoff between attempts to reach bitcoind and Redis at start-up.
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_STARTUP_BACKOFF);
-    }
-    Err(anyhow!("unreachable: the attempt counter overflowed"))
-}
-
 /// Run the auditor until `shutdown` resolves.
 pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     config
@@ -466,7 +389,7 @@ pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> a
         Rewind::Allowed,
         Duration::from_millis(config.unknown_parent_wait_ms),
     ));
-    if !prepare(&config, &node, &mut shutdown).await? {
+    if !startup::prepare(&config, &node, &mut shutdown).await? {
         return Ok(());
     }
     let metrics = Arc::new(Metrics::new()?);

@@ -96,6 +96,8 @@ pub struct OperatorWallet {
     melt_lock: Arc<tokio::sync::Mutex<()>>,
     /// Batch mints that failed in a row (a batch that failed twice is minted one by one).
     failed_batches: u32,
+    /// cdk's recovery of interrupted operations did not finish: tried again each round.
+    recovery_pending: bool,
 }
 
 /// The wallet seed of a locking key.
@@ -133,13 +135,7 @@ impl OperatorWallet {
         // A mint interrupted by a crash or a lost answer leaves its quotes reserved: settle it.
         // Bounded: after restoring an interrupted batch mint's proofs, cdk's recovery has been
         // seen to hang (soak seed 1); the proofs are stored by then, and start-up goes on.
-        match tokio::time::timeout(RECOVERY_TIMEOUT, wallet.recover_incomplete_sagas()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("recovering interrupted wallet operations failed: {e}"),
-            Err(_) => tracing::warn!(
-                "recovering interrupted wallet operations did not finish within {RECOVERY_TIMEOUT:?}: going on (retried after a failed mint)"
-            ),
-        }
+        let recovery_pending = !recover(&wallet, "interrupted wallet operations").await;
         Ok(Self {
             wallet,
             mint_url: mint_url.trim_end_matches('/').to_string(),
@@ -150,6 +146,7 @@ impl OperatorWallet {
             status: Arc::default(),
             melt_lock: Arc::default(),
             failed_batches: 0,
+            recovery_pending,
         })
     }
 
@@ -264,20 +261,8 @@ impl OperatorWallet {
                     // lookup no longer lists it. So the round ends and the next one mints
                     // the rest as a batch; only a batch failing twice in a row is tried one by
                     // one, so one bad quote cannot hold up the others.
-                    match tokio::time::timeout(
-                        RECOVERY_TIMEOUT,
-                        self.wallet.recover_incomplete_sagas(),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(r)) => tracing::warn!(
-                            "recovering the failed batch mint failed (retried next round): {r}"
-                        ),
-                        Err(_) => tracing::warn!(
-                            "recovering the failed batch mint did not finish within {RECOVERY_TIMEOUT:?} (retried next round)"
-                        ),
-                    }
+                    self.recovery_pending =
+                        !recover(&self.wallet, "the failed batch mint (retried next round)").await;
                     self.failed_batches += 1;
                     if self.failed_batches < 2 {
                         tracing::warn!(
@@ -326,6 +311,10 @@ impl OperatorWallet {
         let mut sub = None;
         let mut subscribed: Vec<String> = Vec::new();
         loop {
+            if self.recovery_pending {
+                self.recovery_pending =
+                    !recover(&self.wallet, "interrupted wallet operations (again)").await;
+            }
             let pending = match self.cycle().await {
                 Ok(p) => p,
                 Err(e) => {
@@ -463,9 +452,25 @@ impl OperatorWallet {
             Ok(p) if u64::from(p) > 0 => {}
             _ => return,
         }
-        match self.wallet.recover_incomplete_sagas().await {
-            Ok(report) => tracing::info!(?report, "interrupted melts checked with the mint"),
-            Err(e) => tracing::warn!("checking interrupted melts with the mint failed: {e}"),
+        recover(&self.wallet, "interrupted melts").await;
+    }
+}
+
+/// cdk's recovery of interrupted operations, bounded by [`RECOVERY_TIMEOUT`]; whether it
+/// finished.
+async fn recover(wallet: &cdk::wallet::Wallet, what: &str) -> bool {
+    match tokio::time::timeout(RECOVERY_TIMEOUT, wallet.recover_incomplete_sagas()).await {
+        Ok(Ok(report)) => {
+            tracing::debug!(?report, "recovered {what}");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("recovering {what} failed: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("recovering {what} did not finish within {RECOVERY_TIMEOUT:?}");
+            false
         }
     }
 }
