@@ -173,16 +173,8 @@ pub async fn run(config: &HarnessConfig, keep: bool, quiet: bool) -> anyhow::Res
         reserve["outstanding_ehash"]
     ));
 
+    stack.open_pool_channel("operator", CHANNEL_SAT).await?;
     let (pool_ln, op_ln) = (stack.lightning("pool")?, stack.lightning("operator")?);
-    pool_ln.connect(op_ln).await?;
-    pool_ln.fund_channel(op_ln, CHANNEL_SAT).await?;
-    stack.mine_blocks(1).await?;
-    pool_ln
-        .wait_channel_normal(&op_ln.id, Duration::from_secs(60))
-        .await?;
-    op_ln
-        .wait_channel_normal(&pool_ln.id, Duration::from_secs(60))
-        .await?;
     n.say(format!(
         "the pool's node opened a {CHANNEL_SAT} sat channel to the operator's node with its rewards"
     ));
@@ -235,17 +227,7 @@ pub async fn run(config: &HarnessConfig, keep: bool, quiet: bool) -> anyhow::Res
     let ms = stack.proxy("mallory")?.wallet_status().await?;
     // The money checks the scenarios end with: nothing held, every payment one PAID melt,
     // each wallet balanced, the reserve Bitcoin Core's.
-    let mut keys = Vec::new();
-    for (name, p) in stack.proxies() {
-        if let (Some(public), Some(secret)) = (p.locking_pubkey, &p.locking_secret) {
-            keys.push(crate::settlement_sweep::KnownKey {
-                name: name.clone(),
-                public: public.to_string(),
-                secret: secret.clone(),
-                wallet_held: None,
-            });
-        }
-    }
+    let keys = crate::stack_sweep::proxy_keys(&stack).await;
     let mint = stack.mint()?;
     let money = crate::money_sweep::sweep_money(
         &stack,

@@ -102,7 +102,14 @@ pub async fn fresh_key_lookups(mint_addr: &str, n: usize) -> anyhow::Result<()> 
             for _ in 0..count {
                 let (secret, _) = crate::keys::locking_keys();
                 let req = signed_lookup_for(&mint_key, &secret)?;
-                let (code, body) = post_lookup(&addr, &serde_json::to_string(&req)?).await?;
+                // A loaded machine (the soak's full stack) may take seconds per answer.
+                let (code, body) = http::post_json(
+                    &addr,
+                    "/v1/ehash/quotes",
+                    &serde_json::to_string(&req)?,
+                    Duration::from_secs(30),
+                )
+                .await?;
                 anyhow::ensure!(code == 200, "a fresh key's lookup answered {code}: {body}");
             }
             anyhow::Ok(())

@@ -19,7 +19,8 @@ pub struct Check {
 }
 
 impl Check {
-    fn from_problems(name: &str, summary: String, problems: Vec<String>) -> Self {
+    /// Passed when `problems` is empty (detail: `summary`), else failed with them.
+    pub fn from_problems(name: &str, summary: String, problems: Vec<String>) -> Self {
         Check {
             name: name.into(),
             passed: problems.is_empty(),

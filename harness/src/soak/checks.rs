@@ -10,15 +10,22 @@ use crate::stack_sweep::{proxy_keys, sweep_stack, Check, SweepInputs};
 use crate::Stack;
 
 fn check(name: &str, problems: Vec<String>, summary: String) -> Check {
-    Check {
-        name: name.into(),
-        passed: problems.is_empty(),
-        detail: if problems.is_empty() {
-            summary
-        } else {
-            problems.join("\n")
-        },
-    }
+    Check::from_problems(name, summary, problems)
+}
+
+/// The errors of fault events `what` (`apply` or `undo`) that `pick` selects, a line each.
+fn fault_errors(history: &History, what: &str, pick: impl Fn(&str) -> bool) -> Vec<String> {
+    history
+        .faults
+        .iter()
+        .filter(|f| f.what == what && pick(&f.fault))
+        .filter_map(|f| {
+            f.result
+                .as_ref()
+                .err()
+                .map(|e| format!("{} (fault {}): {e}", f.fault, f.index))
+        })
+        .collect()
 }
 
 /// Every check, in the order the report lists them.
@@ -33,17 +40,7 @@ pub async fn run(
     let mut checks = Vec::new();
     // A start during the run may fail while a dependency is down (the fault table shows
     // it); what counts is that the heal brought every process back.
-    let not_applied: Vec<String> = history
-        .faults
-        .iter()
-        .filter(|f| f.what == "apply")
-        .filter_map(|f| {
-            f.result
-                .as_ref()
-                .err()
-                .map(|e| format!("{} (fault {}): {e}", f.fault, f.index))
-        })
-        .collect();
+    let not_applied = fault_errors(history, "apply", |_| true);
     checks.push(check(
         "the nemesis applied every fault",
         not_applied,
@@ -63,19 +60,9 @@ pub async fn run(
                 .count()
         ),
     ));
-    let not_undone: Vec<String> = history
-        .faults
-        .iter()
-        .filter(|f| {
-            f.what == "undo" && !f.fault.starts_with("SIGKILL") && !f.fault.starts_with("SIGTERM")
-        })
-        .filter_map(|f| {
-            f.result
-                .as_ref()
-                .err()
-                .map(|e| format!("{} (fault {}): {e}", f.fault, f.index))
-        })
-        .collect();
+    let not_undone = fault_errors(history, "undo", |f| {
+        !f.starts_with("SIGKILL") && !f.starts_with("SIGTERM")
+    });
     checks.push(check(
         "every pause was resumed and every lock released",
         not_undone,

@@ -174,31 +174,48 @@ impl History {
             };
             s.phases.insert(name, phase.to_string());
         }
-        if let Ok(pool) = stack.pool() {
-            if let Ok(Ok(m)) = tokio::time::timeout(SAMPLE_TIMEOUT, pool.metrics()).await {
-                s.shares_accepted = Some(m.sum("hashpool_pool_shares_accepted_total"));
+        // Every answer at once, each bounded: a paused role never answers.
+        let pool = async {
+            match stack.pool() {
+                Ok(pool) => tokio::time::timeout(SAMPLE_TIMEOUT, pool.metrics())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                Err(_) => None,
             }
+        };
+        let wallets = futures::future::join_all(stack.proxies().map(|(name, proxy)| async move {
+            match tokio::time::timeout(SAMPLE_TIMEOUT, proxy.wallet_status()).await {
+                Ok(Ok(w)) => Some((name.clone(), w)),
+                _ => None,
+            }
+        }));
+        let reserve = async {
+            match stack.mint() {
+                Ok(mint) => tokio::time::timeout(SAMPLE_TIMEOUT, mint.redemption_reserve())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                Err(_) => None,
+            }
+        };
+        let (metrics, wallets, reserve) = tokio::join!(pool, wallets, reserve);
+        s.shares_accepted = metrics.map(|m| m.sum("hashpool_pool_shares_accepted_total"));
+        for (name, w) in wallets.into_iter().flatten() {
+            s.wallets.insert(
+                name,
+                WalletSample {
+                    held: w.held,
+                    minted: w.minted,
+                    melted: w.melted,
+                    pending: w.pending,
+                    failed: w.failed,
+                },
+            );
         }
-        for (name, proxy) in stack.proxies() {
-            if let Ok(Ok(w)) = tokio::time::timeout(SAMPLE_TIMEOUT, proxy.wallet_status()).await {
-                s.wallets.insert(
-                    name.clone(),
-                    WalletSample {
-                        held: w.held,
-                        minted: w.minted,
-                        melted: w.melted,
-                        pending: w.pending,
-                        failed: w.failed,
-                    },
-                );
-            }
-        }
-        if let Ok(mint) = stack.mint() {
-            if let Ok(Ok(r)) = tokio::time::timeout(SAMPLE_TIMEOUT, mint.redemption_reserve()).await
-            {
-                s.redeemed_sat = r["redeemed_msat"].as_u64().map(|m| m / 1000);
-                s.available_sat = r["available_sat"].as_u64();
-            }
+        if let Some(r) = reserve {
+            s.redeemed_sat = r["redeemed_msat"].as_u64().map(|m| m / 1000);
+            s.available_sat = r["available_sat"].as_u64();
         }
         self.samples.push(s);
     }

@@ -138,7 +138,7 @@ impl Profile {
         stack.start_lightning("carol", None).await?;
         for who in self.redeemers() {
             stack.start_lightning(who, None).await?;
-            open_channel(&stack, who).await?;
+            stack.open_pool_channel(who, CHANNEL_SAT).await?;
         }
         for who in self.honest() {
             let proxy = stack.proxy(who)?;
@@ -158,19 +158,4 @@ impl Profile {
         }
         Ok(stack)
     }
-}
-
-/// A channel from the pool's node to `who`'s, confirmed and usable both ways.
-async fn open_channel(stack: &Stack, who: &str) -> anyhow::Result<()> {
-    let (pool_ln, op_ln) = (stack.lightning("pool")?, stack.lightning(who)?);
-    pool_ln.connect(op_ln).await?;
-    pool_ln.fund_channel(op_ln, CHANNEL_SAT).await?;
-    stack.mine_blocks(1).await?;
-    pool_ln
-        .wait_channel_normal(&op_ln.id, Duration::from_secs(60))
-        .await?;
-    op_ln
-        .wait_channel_normal(&pool_ln.id, Duration::from_secs(60))
-        .await?;
-    Ok(())
 }

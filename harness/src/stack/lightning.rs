@@ -160,6 +160,21 @@ impl Stack {
         self.lightning(name)
     }
 
+    /// A channel of `sats` from the pool's Lightning node to node `who`'s, confirmed and
+    /// normal on both sides.
+    pub async fn open_pool_channel(&self, who: &str, sats: u64) -> anyhow::Result<()> {
+        let (pool_ln, op_ln) = (self.lightning("pool")?, self.lightning(who)?);
+        pool_ln.connect(op_ln).await?;
+        pool_ln.fund_channel(op_ln, sats).await?;
+        self.mine_blocks(1).await?;
+        pool_ln
+            .wait_channel_normal(&op_ln.id, Duration::from_secs(60))
+            .await?;
+        op_ln
+            .wait_channel_normal(&pool_ln.id, Duration::from_secs(60))
+            .await
+    }
+
     /// The rewards chain the stack started from.
     pub fn rewards(&self) -> Option<&crate::lightning::RewardsChain> {
         self.rewards.as_ref()

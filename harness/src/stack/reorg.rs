@@ -160,46 +160,52 @@ impl Stack {
         node.rpc()
             .call::<Value>("setnetworkactive", &[json!(true)])
             .await?;
-        let mut branch = branch?;
-        let switched = loop {
-            let new_tip = *branch.last().context("no branch")?;
-            let seen = wait_until(
-                &format!("the pool's node to switch to the branch tip {new_tip}"),
-                Duration::from_secs(30),
-                || async {
-                    let best: BlockHash = pool
-                        .rpc()
-                        .call("getbestblockhash", &[])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if best == new_tip {
-                        return Ok(Some(Instant::now()));
+        let switched = async {
+            let mut branch = branch?;
+            let switched = loop {
+                let new_tip = *branch.last().context("no branch")?;
+                let seen = wait_until(
+                    &format!("the pool's node to switch to the branch tip {new_tip}"),
+                    Duration::from_secs(30),
+                    || async {
+                        let best: BlockHash = pool
+                            .rpc()
+                            .call("getbestblockhash", &[])
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if best == new_tip {
+                            return Ok(Some(Instant::now()));
+                        }
+                        let height = pool.height().await.map_err(|e| e.to_string())?;
+                        if height >= fork_height + branch.len() as u64 {
+                            // The pool's miners found a block meanwhile: the branch must grow.
+                            return Ok(None);
+                        }
+                        Err(format!("its tip is {best} at height {height}"))
+                    },
+                )
+                .await?;
+                match seen {
+                    Some(at) => break at,
+                    None => {
+                        anyhow::ensure!(
+                            branch.len() as u64 <= depth + MAX_EXTRA_BLOCKS,
+                            "the pool's chain keeps outgrowing the branch"
+                        );
+                        let to = crate::keys::fresh_address(pool.chain().network());
+                        branch.extend(node.generate_to_address(1, &to).await?);
                     }
-                    let height = pool.height().await.map_err(|e| e.to_string())?;
-                    if height >= fork_height + branch.len() as u64 {
-                        // The pool's miners found a block meanwhile: the branch must grow.
-                        return Ok(None);
-                    }
-                    Err(format!("its tip is {best} at height {height}"))
-                },
-            )
-            .await?;
-            match seen {
-                Some(at) => break at,
-                None => {
-                    anyhow::ensure!(
-                        branch.len() as u64 <= depth + MAX_EXTRA_BLOCKS,
-                        "the pool's chain keeps outgrowing the branch"
-                    );
-                    let to = crate::keys::fresh_address(pool.chain().network());
-                    branch.extend(node.generate_to_address(1, &to).await?);
                 }
-            }
-        };
-        // Tidy the operator's node: it knows both branches and keeps the longer one.
+            };
+            anyhow::Ok((branch, switched))
+        }
+        .await;
+        // Tidy the operator's node whatever happened: it knows both branches and keeps the
+        // longer one (left invalidated, it could never follow the pool's chain again).
         node.rpc()
             .call::<Value>("reconsiderblock", &[json!(first)])
             .await?;
+        let (branch, switched) = switched?;
         let took = started.elapsed();
         tracing::info!(
             depth,

@@ -3,17 +3,19 @@
 //! (kill -9, stop/start, pause/resume).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use futures::future::BoxFuture;
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
 
-use crate::logs::tail;
-use crate::process::{describe_exit, spawn, ProcessSpec, Running};
-use crate::wait::{scaled, wait_until};
+mod launch;
+
+use crate::process::{describe_exit, ProcessSpec, Running};
+use crate::wait::wait_until;
+use launch::monitor;
 
 /// Lines of each log shown when a process fails to start.
 const LOG_LINES_ON_FAILURE: usize = 25;
@@ -131,8 +133,6 @@ struct Inner {
     stopped_generation: AtomicU64,
     /// The monitor is between an unexpected exit and its restart: a start by hand waits.
     restarting: AtomicBool,
-    /// Start with the recovery arguments next time (after [`Supervised::crash`]).
-    recover_next: AtomicBool,
     status: watch::Sender<Status>,
 }
 
@@ -171,7 +171,6 @@ impl Supervised {
             stopping: AtomicBool::new(false),
             stopped_generation: AtomicU64::new(0),
             restarting: AtomicBool::new(false),
-            recover_next: AtomicBool::new(false),
             status: watch::channel(Status::default()).0,
         });
         let (running, generation) = Inner::launch(&inner, false).await?;
@@ -242,20 +241,27 @@ impl Supervised {
         Ok(())
     }
 
-    /// Fault: SIGKILL the process group as a crash would, and leave it down until
-    /// [`start_again`](Self::start_again): not restarted by policy, not an unexpected exit,
-    /// not a stop (the soak's nemesis brings it back when it chooses). Returns how it ended.
-    pub async fn crash(&self) -> anyhow::Result<String> {
+    /// Mark a stop as asked for (its exit is no surprise to the monitor) and take the
+    /// running process, if any.
+    fn take_for_stop(&self) -> anyhow::Result<Option<Running>> {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner
             .stopped_generation
             .fetch_max(self.status().generation, Ordering::SeqCst);
-        let running = self
+        Ok(self
             .inner
             .current
             .lock()
             .map_err(|_| anyhow!("lock poisoned"))?
-            .take()
+            .take())
+    }
+
+    /// Fault: SIGKILL the process group as a crash would, and leave it down until
+    /// [`start_again`](Self::start_again): not restarted by policy, not an unexpected exit,
+    /// not a stop (the soak's nemesis brings it back when it chooses). Returns how it ended.
+    pub async fn crash(&self) -> anyhow::Result<String> {
+        let running = self
+            .take_for_stop()?
             .ok_or_else(|| anyhow!("{} is not running", self.name()))?;
         tracing::info!(
             name = self.name(),
@@ -276,16 +282,7 @@ impl Supervised {
 
     /// Graceful stop: SIGTERM, wait, SIGKILL. Not restarted. Returns how it exited.
     pub async fn stop(&self) -> anyhow::Result<String> {
-        self.inner.stopping.store(true, Ordering::SeqCst);
-        self.inner
-            .stopped_generation
-            .fetch_max(self.status().generation, Ordering::SeqCst);
-        let running = self
-            .inner
-            .current
-            .lock()
-            .map_err(|_| anyhow!("lock poisoned"))?
-            .take();
+        let running = self.take_for_stop()?;
         let how = match running {
             Some(running) => describe_exit(running.terminate(self.inner.stop_timeout).await?),
             None => "not running".to_string(),
@@ -308,16 +305,7 @@ impl Supervised {
         &self,
         ask: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<String> {
-        self.inner.stopping.store(true, Ordering::SeqCst);
-        self.inner
-            .stopped_generation
-            .fetch_max(self.status().generation, Ordering::SeqCst);
-        let running = self
-            .inner
-            .current
-            .lock()
-            .map_err(|_| anyhow!("lock poisoned"))?
-            .take();
+        let running = self.take_for_stop()?;
         let how = match running {
             Some(running) => {
                 ask.await;
@@ -370,8 +358,9 @@ impl Supervised {
         }
         anyhow::ensure!(!alive, "{} is already running", self.name());
         self.inner.stopping.store(false, Ordering::SeqCst);
-        let recovering = self.inner.recover_next.swap(false, Ordering::SeqCst);
-        let (running, generation) = Inner::launch(&self.inner, recovering).await?;
+        // Without recovery arguments: the stack's nodes are peers of one another, and a node
+        // fetches the blocks it forgot from them (a -reindex would take longer than a start).
+        let (running, generation) = Inner::launch(&self.inner, false).await?;
         tokio::spawn(monitor(Arc::downgrade(&self.inner), running, generation));
         Ok(())
     }
@@ -426,244 +415,5 @@ impl Drop for Supervised {
     }
 }
 
-impl Inner {
-    async fn launch(this: &Arc<Inner>, recovering: bool) -> anyhow::Result<(Running, u64)> {
-        let mut spec = this.spec.clone();
-        if recovering {
-            spec.args.extend(this.recovery_args.iter().map(Into::into));
-        }
-        let running = spawn(&spec)?;
-        let mut generation = 0;
-        this.status.send_modify(|s| {
-            s.generation += 1;
-            generation = s.generation;
-            s.pid = Some(running.pid);
-            s.phase = Phase::Starting;
-        });
-        *this.current.lock().map_err(|_| anyhow!("lock poisoned"))? = Some(running.clone());
-        if let Err(e) = this.wait_ready(&running).await {
-            let _ = running.signal(Signal::SIGKILL);
-            running.exited().await;
-            {
-                // Only this start's process: another may have replaced it meanwhile.
-                let mut current = this.current.lock().map_err(|_| anyhow!("lock poisoned"))?;
-                if current.as_ref().is_some_and(|c| c.pid == running.pid) {
-                    current.take();
-                }
-            }
-            this.status.send_modify(|s| {
-                s.phase = Phase::Failed(format!("{e:#}"));
-                s.pid = None;
-            });
-            return Err(e);
-        }
-        this.status.send_modify(|s| s.phase = Phase::Ready);
-        tracing::debug!(name = %this.spec.name, pid = running.pid, generation, "ready");
-        Ok((running, generation))
-    }
-
-    async fn wait_ready(&self, running: &Running) -> anyhow::Result<()> {
-        let probe = self.readiness.probe.clone();
-        let ready = wait_until(&self.readiness.what, self.start_timeout, || probe());
-        let result = tokio::select! {
-            r = ready => r.map_err(anyhow::Error::from),
-            status = running.exited() => match (self.readiness.probe)().await {
-                // It got ready and then exited at once (a miner told to misbehave): the start
-                // worked; the monitor reports the exit.
-                Ok(()) => Ok(()),
-                Err(_) => Err(anyhow!(
-                    "exited during start-up ({}) while waiting for {}",
-                    describe_exit(status),
-                    self.readiness.what
-                )),
-            },
-        };
-        result.with_context(|| {
-            format!(
-                "{} (pid {}) did not become ready; command: {}\n--- last lines of {} ---\n{}\n--- last lines of {} ---\n{}",
-                self.spec.name,
-                running.pid,
-                self.spec.command_line(),
-                self.spec.stdout_log().display(),
-                tail(&self.spec.stdout_log(), LOG_LINES_ON_FAILURE),
-                self.spec.stderr_log().display(),
-                tail(&self.spec.stderr_log(), LOG_LINES_ON_FAILURE),
-            )
-        })
-    }
-}
-
-/// Watch one process; restart it by policy if it dies without being asked to.
-async fn monitor(inner: Weak<Inner>, mut running: Running, mut generation: u64) {
-    loop {
-        let status = running.exited().await;
-        let Some(this) = inner.upgrade() else { return };
-        let current = this.status.borrow().generation;
-        if this.stopping.load(Ordering::SeqCst)
-            || current != generation
-            || this.stopped_generation.load(Ordering::SeqCst) >= generation
-        {
-            return;
-        }
-        let how = describe_exit(status);
-        let restarts = this.status.borrow().restarts;
-        this.status.send_modify(|s| {
-            s.last_exit = Some(how.clone());
-            s.unexpected_exits.push(how.clone());
-            s.pid = None;
-        });
-        let allowed = match this.policy {
-            RestartPolicy::Never => false,
-            RestartPolicy::OnCrash { max_restarts } => restarts < max_restarts,
-        };
-        if !allowed {
-            match this.policy {
-                RestartPolicy::Never => {
-                    tracing::info!(name = %this.spec.name, "exited ({how}); restart policy: never")
-                }
-                RestartPolicy::OnCrash { .. } => tracing::error!(
-                    name = %this.spec.name,
-                    "exited unexpectedly ({how}); not restarting after {restarts} restarts"
-                ),
-            }
-            this.status
-                .send_modify(|s| s.phase = Phase::Failed(format!("exited unexpectedly: {how}")));
-            return;
-        }
-        tracing::warn!(name = %this.spec.name, "exited unexpectedly ({how}); restarting");
-        let backoff =
-            (MIN_RESTART_BACKOFF * 2u32.saturating_pow(restarts)).min(MAX_RESTART_BACKOFF);
-        this.restarting.store(true, Ordering::SeqCst);
-        // Restart backoff: a crash loop must not spin.
-        tokio::time::sleep(scaled(backoff)).await; // restart backoff
-        if this.stopping.load(Ordering::SeqCst) {
-            this.restarting.store(false, Ordering::SeqCst);
-            return;
-        }
-        this.status.send_modify(|s| s.restarts += 1);
-        let launched = Inner::launch(&this, true).await;
-        this.restarting.store(false, Ordering::SeqCst);
-        match launched {
-            Ok((r, g)) => {
-                tracing::info!(name = %this.spec.name, pid = r.pid, generation = g, "restarted");
-                running = r;
-                generation = g;
-            }
-            Err(e) => {
-                tracing::error!(name = %this.spec.name, "restart failed: {e:#}");
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::{Path, PathBuf};
-
-    fn dir(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("hh-sup-{name}-{}", std::process::id()))
-    }
-
-    /// Ready once the child has written its pid file.
-    fn pidfile_ready(dir: &Path) -> Readiness {
-        let file = dir.join("pid");
-        Readiness {
-            what: "pid file".into(),
-            probe: Arc::new(move || {
-                let file = file.clone();
-                Box::pin(async move {
-                    std::fs::read_to_string(&file)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })
-            }),
-        }
-    }
-
-    fn options(policy: RestartPolicy) -> SupervisorOptions {
-        SupervisorOptions {
-            policy,
-            start_timeout: Duration::from_secs(10),
-            stop_timeout: Duration::from_secs(2),
-            recovery_args: vec!["recovered".into()],
-        }
-    }
-
-    fn sleeper(dir: &Path) -> ProcessSpec {
-        ProcessSpec::new("sleeper", Path::new("/bin/sh"), dir)
-            .arg("-c")
-            .arg("echo \"$$ $0\" > pid.tmp && mv pid.tmp pid && exec sleep 600")
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn kill9_is_restarted_by_policy() {
-        let d = dir("restart");
-        let sup = Supervised::start(
-            sleeper(&d),
-            pidfile_ready(&d),
-            options(RestartPolicy::OnCrash { max_restarts: 3 }),
-        )
-        .await
-        .unwrap();
-        let first = sup.pid().unwrap();
-        std::fs::remove_file(d.join("pid")).unwrap();
-        let gen = sup.kill9().await.unwrap();
-        let status = sup
-            .wait_ready_after(gen, Duration::from_secs(10))
-            .await
-            .unwrap();
-        assert_ne!(status.pid, Some(first));
-        assert_eq!(status.restarts, 1);
-        assert_eq!(status.last_exit.as_deref(), Some("killed by SIGKILL"));
-        // The restart after a crash got the recovery arguments ($0 of `sh -c`).
-        let pidfile = std::fs::read_to_string(d.join("pid")).unwrap();
-        assert!(pidfile.trim().ends_with("recovered"), "{pidfile}");
-        assert_eq!(sup.stop().await.unwrap(), "killed by SIGTERM");
-        assert_eq!(sup.status().phase, Phase::Stopped);
-        std::fs::remove_dir_all(&d).ok();
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn early_exit_fails_start_with_the_log_tail() {
-        let d = dir("early");
-        let spec = ProcessSpec::new("broken", Path::new("/bin/sh"), &d)
-            .arg("-c")
-            .arg("echo 'Error: bad option -frobnicate' >&2; exit 1");
-        let err = Supervised::start(spec, pidfile_ready(&d), options(RestartPolicy::Never))
-            .await
-            .unwrap_err();
-        let msg = format!("{err:#}");
-        assert!(msg.contains("exit code 1"), "{msg}");
-        assert!(msg.contains("bad option -frobnicate"), "{msg}");
-        std::fs::remove_dir_all(&d).ok();
-    }
-
-    #[tokio::test(flavor = "multi_thread")]
-    async fn never_policy_reports_the_crash() {
-        let d = dir("never");
-        let sup = Supervised::start(
-            sleeper(&d),
-            pidfile_ready(&d),
-            options(RestartPolicy::Never),
-        )
-        .await
-        .unwrap();
-        sup.kill9().await.unwrap();
-        let mut rx = sup.inner.status.subscribe();
-        let failed = wait_until("failed phase", Duration::from_secs(5), || {
-            let s = rx.borrow_and_update().clone();
-            async move {
-                match s.phase {
-                    Phase::Failed(why) => Ok(why),
-                    other => Err(format!("{other:?}")),
-                }
-            }
-        })
-        .await
-        .unwrap();
-        assert!(failed.contains("SIGKILL"), "{failed}");
-        std::fs::remove_dir_all(&d).ok();
-    }
-}
+mod tests;
