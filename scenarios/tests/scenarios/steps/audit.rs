@@ -189,6 +189,15 @@ async fn blocks_between(w: &mut HarnessWorld, n: u64, miners: &[String]) -> anyh
             w.mined.extend(hashes);
         }
     }
+    // Every node of the stack (the audit nodes too) has the final tip before what follows:
+    // an auditor started next audits the older templates on a node past their parents.
+    let stack = w.default_stack()?;
+    let tip: bitcoin::BlockHash = stack
+        .bitcoind()?
+        .rpc()
+        .call("getbestblockhash", &[])
+        .await?;
+    stack.wait_all_nodes_at(&tip).await?;
     Ok(())
 }
 
