@@ -256,6 +256,19 @@ impl Supervised {
             .take())
     }
 
+    /// Record a stop that was asked for: `how` it ended, counted among the stop exits (which
+    /// must be clean) unless it was a crash on purpose or there was nothing to stop.
+    fn mark_stopped(&self, how: &str, stop_exit: bool) {
+        self.inner.status.send_modify(|s| {
+            s.phase = Phase::Stopped;
+            s.pid = None;
+            s.last_exit = Some(how.to_string());
+            if stop_exit && how != "not running" {
+                s.stop_exits.push(how.to_string());
+            }
+        });
+    }
+
     /// Fault: SIGKILL the process group as a crash would, and leave it down until
     /// [`start_again`](Self::start_again): not restarted by policy, not an unexpected exit,
     /// not a stop (the soak's nemesis brings it back when it chooses). Returns how it ended.
@@ -272,11 +285,7 @@ impl Supervised {
         let _ = running.signal(Signal::SIGCONT);
         running.signal(Signal::SIGKILL)?;
         let how = describe_exit(running.exited().await);
-        self.inner.status.send_modify(|s| {
-            s.phase = Phase::Stopped;
-            s.pid = None;
-            s.last_exit = Some(how.clone());
-        });
+        self.mark_stopped(&how, false);
         Ok(how)
     }
 
@@ -287,14 +296,7 @@ impl Supervised {
             Some(running) => describe_exit(running.terminate(self.inner.stop_timeout).await?),
             None => "not running".to_string(),
         };
-        self.inner.status.send_modify(|s| {
-            s.phase = Phase::Stopped;
-            s.pid = None;
-            s.last_exit = Some(how.clone());
-            if how != "not running" {
-                s.stop_exits.push(how.clone());
-            }
-        });
+        self.mark_stopped(&how, true);
         Ok(how)
     }
 
@@ -318,14 +320,7 @@ impl Supervised {
             }
             None => "not running".to_string(),
         };
-        self.inner.status.send_modify(|s| {
-            s.phase = Phase::Stopped;
-            s.pid = None;
-            s.last_exit = Some(how.clone());
-            if how != "not running" {
-                s.stop_exits.push(how.clone());
-            }
-        });
+        self.mark_stopped(&how, true);
         Ok(how)
     }
 
