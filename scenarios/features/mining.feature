@@ -64,6 +64,16 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "m" saw rejected
 
+  Scenario: a pool that starts while bitcoind is down waits for it, and mining resumes once bitcoind is back
+    Given an honest miner "m" behind proxy "alice"
+    When miner "m" has 3 accepted shares
+    And the pool and then bitcoind are stopped
+    Then the pool, started again, waits for bitcoind and becomes ready once bitcoind starts
+    When the accepted shares of miner "m" are counted
+    Then miner "m" gets 3 more shares accepted
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+
   Scenario: a proxy that expects another pool authority key: its miners get an SV1 error naming the refusal, and other proxies keep mining
     Given an honest miner "good" behind proxy "alice"
     And a proxy "mallory" that expects a different pool authority key

@@ -45,7 +45,25 @@ impl RpcError {
             RpcError::Transport { .. } => None,
         }
     }
+
+    /// bitcoind cannot be reached or did not answer in time: an outage (starting, restarting,
+    /// paused), which waiting may mend. Wrong credentials (HTTP 401/403) are not.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            RpcError::Node { .. } => false,
+            RpcError::Transport { detail, .. } => {
+                !["401", "403", "Unauthorized", "Forbidden"]
+                    .iter()
+                    .any(|p| detail.contains(p))
+            }
+        }
+    }
 }
+
+/// Longest pause between two attempts in [`BitcoinRpc::wait_answering`].
+const MAX_WAIT_BACKOFF: Duration = Duration::from_secs(2);
+/// Deadline of each attempt in [`BitcoinRpc::wait_answering`] (a paused node never answers).
+const WAIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An RPC connection to one bitcoind.
 pub struct BitcoinRpc {
@@ -99,6 +117,45 @@ impl BitcoinRpc {
                 detail: other.to_string(),
             },
         })
+    }
+
+    /// Wait until bitcoind answers `getblockcount`, for a role starting while its node is
+    /// down or restarting (a supervisor may start them in any order). Outages are retried
+    /// with a backoff up to 2 s and logged at the first attempt and every 30th; any other
+    /// error (wrong credentials, a node error) is returned at once. `Ok(None)` if `shutdown`
+    /// came first, else the block count.
+    pub async fn wait_answering(
+        &self,
+        shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
+    ) -> Result<Option<u64>, RpcError> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = &mut *shutdown => return Ok(None),
+                r = self.call_timeout::<u64>("getblockcount", &[], WAIT_ATTEMPT_TIMEOUT) => match r {
+                    Ok(height) => {
+                        if attempt > 1 {
+                            tracing::info!("bitcoind at {} answers (attempt {attempt})", self.url);
+                        }
+                        return Ok(Some(height));
+                    }
+                    Err(e) if !e.is_unreachable() => return Err(e),
+                    Err(e) if attempt == 1 || attempt.is_multiple_of(30) => tracing::warn!(
+                        "waiting for bitcoind at {} (attempt {attempt}): {e}",
+                        self.url
+                    ),
+                    Err(_) => {}
+                },
+            }
+            tokio::select! {
+                _ = &mut *shutdown => return Ok(None),
+                // Backoff between attempts to reach bitcoind.
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_WAIT_BACKOFF);
+        }
     }
 
     /// Call with a deadline (bitcoind paused by a fault step never answers).

@@ -95,6 +95,14 @@ fn authority(config: &PoolConfig) -> anyhow::Result<([u8; 32], [u8; 32])> {
     Ok((public.into_bytes(), secret.into_bytes()))
 }
 
+/// A transport failure reaching bitcoind (down, restarting, paused): waiting may mend it.
+fn is_outage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<bitcoind_rpc::RpcError>()
+            .is_some_and(bitcoind_rpc::RpcError::is_unreachable)
+    })
+}
+
 /// How long a stopping pool waits for share records still being written or resolved.
 const SINK_GRACE: Duration = Duration::from_secs(5);
 /// Longest pause between two attempts to reach Redis at start-up.
@@ -155,10 +163,16 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         &config.bitcoind.rpc_user,
         config.bitcoind.rpc_password.expose(),
     )?);
-    // bitcoind first: a pool that cannot get templates must not spend a Redis epoch.
-    rpc.call::<u64>("getblockcount", &[])
+    // bitcoind first: a pool that cannot get templates must not spend a Redis epoch. A node
+    // that is down or restarting is waited for (a supervisor may start them in any order);
+    // wrong credentials fail at once.
+    let answering = rpc
+        .wait_answering(&mut shutdown)
         .await
-        .with_context(|| format!("bitcoind at {} does not answer", config.bitcoind.rpc_url))?;
+        .with_context(|| format!("bitcoind at {}", config.bitcoind.rpc_url))?;
+    if answering.is_none() {
+        return Ok(());
+    }
     let Some(epoch) = take_epoch(&config, &mut shutdown).await? else {
         return Ok(());
     };
@@ -180,12 +194,24 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         metrics.clone(),
         template_ids.clone(),
     );
-    let tip = source.first().await.with_context(|| {
-        format!(
-            "cannot get a block template from bitcoind at {}",
-            config.bitcoind.rpc_url
-        )
-    })?;
+    let tip = loop {
+        match source.first().await {
+            Ok(tip) => break tip,
+            // bitcoind went away again between its answer and the template: wait for it.
+            Err(e) if is_outage(&e) => {
+                tracing::warn!("first block template: {e:#}; waiting for bitcoind");
+                if rpc.wait_answering(&mut shutdown).await?.is_none() {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "cannot get a block template from bitcoind at {}",
+                    config.bitcoind.rpc_url
+                )))
+            }
+        }
+    };
     supersede_stale_tips(&config, &tip).await;
     let (sink, sink_tasks) = sink::RecordSink::spawn(
         sink::SinkConfig {

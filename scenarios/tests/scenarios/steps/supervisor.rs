@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cucumber::{given, then, when};
+use harness::logs::LogCursor;
 use harness::supervisor::Supervised;
+use harness::wait::wait_until;
 use serde_json::Value;
 
 use super::Role;
@@ -200,5 +202,51 @@ async fn failed_with(w: &mut HarnessWorld, needle: String) -> anyhow::Result<()>
         err.contains("last lines of"),
         "error carries no log tail: {err}"
     );
+    Ok(())
+}
+
+#[when("the pool and then bitcoind are stopped")]
+async fn pool_and_bitcoind_stopped(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    stack.pool()?.process().stop().await?;
+    stack.bitcoind()?.process().stop().await?;
+    Ok(())
+}
+
+/// Start the pool while bitcoind is down; once its log says it waits for bitcoind (and the
+/// process is still alive), start bitcoind; the pool's start must then end ready.
+#[then("the pool, started again, waits for bitcoind and becomes ready once bitcoind starts")]
+async fn pool_waits_for_bitcoind(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let pool = stack.pool()?.process();
+    let bitcoind = stack.bitcoind()?.process();
+    let mut log = LogCursor::at_end(&pool.spec().stdout_log());
+    let waited = async {
+        wait_until(
+            "the starting pool's log saying it waits for bitcoind, with its process alive",
+            Duration::from_secs(30),
+            || {
+                let lines = log.new_lines().unwrap_or_default();
+                let waiting = lines.iter().any(|l| l.contains("waiting for bitcoind"));
+                let alive = pool.pid().is_some();
+                async move {
+                    match (waiting, alive) {
+                        (true, true) => Ok(()),
+                        _ => Err(format!("waiting logged: {waiting}, pid alive: {alive}")),
+                    }
+                }
+            },
+        )
+        .await?;
+        anyhow::ensure!(
+            pool.status().phase == harness::supervisor::Phase::Starting,
+            "the pool is {:?}, not still starting, while bitcoind is down",
+            pool.status().phase
+        );
+        bitcoind.start_again().await
+    };
+    let (started, waited) = tokio::join!(pool.start_again(), waited);
+    waited?;
+    started.context("the pool did not become ready after bitcoind came back")?;
     Ok(())
 }
