@@ -51,11 +51,9 @@ impl RpcError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             RpcError::Node { .. } => false,
-            RpcError::Transport { detail, .. } => {
-                !["401", "403", "Unauthorized", "Forbidden"]
-                    .iter()
-                    .any(|p| detail.contains(p))
-            }
+            RpcError::Transport { detail, .. } => !["401", "403", "Unauthorized", "Forbidden"]
+                .iter()
+                .any(|p| detail.contains(p)),
         }
     }
 }
