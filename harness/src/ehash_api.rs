@@ -40,6 +40,9 @@ pub struct QuoteInfo {
 #[derive(Deserialize)]
 struct LookupAnswer {
     quotes: Vec<QuoteInfo>,
+    /// The id to ask the next page after (null: the last page).
+    #[serde(default)]
+    next: Option<String>,
 }
 
 /// The last lookup timestamp the harness used per key: timestamps must grow.
@@ -121,22 +124,34 @@ pub async fn fresh_key_lookups(mint_addr: &str, n: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Every quote of the key `secret_hex` (retried once if the key's own wallet used a later
-/// timestamp in the same millisecond).
+/// Every quote of the key `secret_hex`, page by page (a page is retried if the key's own
+/// wallet used a later timestamp in the same millisecond).
 pub async fn lookup(mint_addr: &str, secret_hex: &str) -> anyhow::Result<Vec<QuoteInfo>> {
     let mint = mint_pubkey(mint_addr).await?;
-    for _ in 0..3 {
-        let req = serde_json::to_string(&signed_lookup_for(&mint, secret_hex)?)?;
-        let (code, body) = post_lookup(mint_addr, &req).await?;
-        if code == 200 {
-            let a: LookupAnswer = serde_json::from_str(&body).context("lookup answer")?;
-            return Ok(a.quotes);
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    'pages: loop {
+        for _ in 0..3 {
+            let mut req = signed_lookup_for(&mint, secret_hex)?;
+            req.after = after.clone();
+            let (code, body) = post_lookup(mint_addr, &serde_json::to_string(&req)?).await?;
+            if code == 200 {
+                let a: LookupAnswer = serde_json::from_str(&body).context("lookup answer")?;
+                all.extend(a.quotes);
+                match a.next {
+                    Some(next) => {
+                        after = Some(next);
+                        continue 'pages;
+                    }
+                    None => return Ok(all),
+                }
+            }
+            if !body.contains("30004") {
+                anyhow::bail!("lookup answered {code}: {body}");
+            }
         }
-        if !body.contains("30004") {
-            anyhow::bail!("lookup answered {code}: {body}");
-        }
+        anyhow::bail!("lookup refused as a replay three times")
     }
-    anyhow::bail!("lookup refused as a replay three times")
 }
 
 /// One quote's status.

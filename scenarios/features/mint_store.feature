@@ -43,3 +43,12 @@ Feature: The mint keeps every record it was handed and no state a stranger can g
     When 20000 lookups are signed by fresh keys
     Then the mint's database grew by less than 1024 KB
     And every quote of "alice" becomes PAID and its wallet mints it
+
+  Scenario: a key's quotes are answered in pages of at most 1000, each once; an unissued-only lookup leaves out what the wallet minted
+    Given a signet stack with the pool side
+    And a proxy "alice" with a locking key
+    When a farm of 20 miners in one process mines behind proxy "alice" until its key has 1500 share records, then stops
+    Then "alice"'s quotes come in pages of at most 1000, full but the last: one for each share record of its key, each once
+    And a lookup asking for 1001 quotes a page is refused with status 400 and code 30006
+    And every quote of "alice" becomes PAID and its wallet mints it
+    And an unissued-only lookup of "alice"'s key returns none of the quotes its wallet minted

@@ -31,7 +31,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `template_source` | `pool` | `pool`: mine the pool's templates; `miner`: build templates from `[node]`, declare them at `jd_address` and mine them as custom jobs |
 /// | `jd_address` | (empty) | the pool's job declaration address (`template_source = "miner"`) |
 /// | `[node]` | | the operator's own bitcoind (`template_source = "miner"`): `rpc_url`, `rpc_user`, `rpc_password`, `chain` (`signet`/`regtest`), `poll_interval_ms` (200) |
-/// | `fraud` | (empty) | for tests: make every declared template invalid in one way (a `template-fraud` kind, e.g. `double-spend`) |
+/// | `fraud` | (empty) | for tests: make every declared template invalid (a `template-fraud` kind, e.g. `double-spend`; several separated by commas are used in turn, one per declared template) |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ProxyConfig {
@@ -75,7 +75,7 @@ pub struct ProxyConfig {
     pub jd_address: String,
     /// The operator's own bitcoind.
     pub node: NodeSection,
-    /// A fraud kind to put into every declared template (tests); empty: none.
+    /// Fraud kinds to put into the declared templates, in turn (tests); empty: none.
     pub fraud: String,
 }
 

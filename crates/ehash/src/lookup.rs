@@ -40,7 +40,16 @@ pub struct LookupRequest {
     /// Only quotes not minted yet (a filter: not signed, it reveals nothing more).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unissued_only: bool,
+    /// Page: only quotes whose id sorts after this one (the previous answer's `next`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Page size, at most [`MAX_LOOKUP_PAGE`] (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
+
+/// Most quotes one lookup answers; the answer's `next` asks for the following page.
+pub const MAX_LOOKUP_PAGE: u32 = 1_000;
 
 /// Why a lookup was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +117,8 @@ pub fn sign_lookup(secret: &SecretKey, timestamp: u64, mint: &LockingPubkey) -> 
         signature: hex::encode(sig.serialize()),
         mint: Some(mint.to_string()),
         unissued_only: false,
+        after: None,
+        limit: None,
     }
 }
 

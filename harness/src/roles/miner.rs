@@ -21,6 +21,8 @@ pub struct MinerOptions {
     pub hashrate: Option<f64>,
     /// Log every share (needed to match shares with records).
     pub log_shares: bool,
+    /// Connect again a second after a connection ends (`--reconnect`), as real miners do.
+    pub reconnect: bool,
 }
 
 impl Default for MinerOptions {
@@ -31,6 +33,7 @@ impl Default for MinerOptions {
             threads: 1,
             hashrate: Some(500_000.0),
             log_shares: true,
+            reconnect: false,
         }
     }
 }
@@ -69,6 +72,9 @@ impl MinerRole {
         }
         if opts.connections != 1 {
             spec = spec.arg("--connections").arg(opts.connections.to_string());
+        }
+        if opts.reconnect {
+            spec = spec.arg("--reconnect");
         }
         if !opts.log_shares {
             spec = spec.arg("--quiet");

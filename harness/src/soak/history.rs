@@ -63,7 +63,8 @@ pub struct FaultEvent {
 }
 
 impl FaultEvent {
-    fn new(
+    /// Fault `index` applied (`what` = "apply") or undone ("undo") between `from` and `to`.
+    pub fn new(
         index: usize,
         what: &'static str,
         fault: &Fault,
@@ -80,28 +81,6 @@ impl FaultEvent {
             to_ms: to.as_millis() as u64,
             result: r.map_err(|e| format!("{e:#}")),
         }
-    }
-
-    /// Fault `index` applied between `from` and `to`.
-    pub fn applied(
-        index: usize,
-        f: &Fault,
-        from: Duration,
-        to: Duration,
-        r: anyhow::Result<String>,
-    ) -> Self {
-        Self::new(index, "apply", f, from, to, r)
-    }
-
-    /// Fault `index` undone between `from` and `to`.
-    pub fn undone(
-        index: usize,
-        f: &Fault,
-        from: Duration,
-        to: Duration,
-        r: anyhow::Result<String>,
-    ) -> Self {
-        Self::new(index, "undo", f, from, to, r)
     }
 }
 

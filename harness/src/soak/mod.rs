@@ -134,7 +134,6 @@ pub async fn run_schedule(
             schedule.profile,
             &out.history,
             heal_problems,
-            &out.caused_exits,
             &records,
         )
         .await,

@@ -27,16 +27,13 @@ enum Event {
     Redeem(usize),
 }
 
-/// What the loop leaves behind: the history, the redemption tasks still running, a
-/// database lock still held (released by [`heal`]), and the processes whose exits the
-/// nemesis caused without faulting them itself (miners behind a proxy it took down).
+/// What the loop leaves behind: the history, the redemption tasks still running, and a
+/// database lock still held (released by [`heal`]).
 pub struct Outcome {
     /// Everything that happened.
     pub history: History,
     /// Redemptions, possibly still running.
     pub redemptions: Vec<tokio::task::JoinHandle<workload::RedemptionRecord>>,
-    /// Processes that exited because of a fault on another.
-    pub caused_exits: Vec<String>,
     lock: Option<WriteLock>,
 }
 
@@ -49,12 +46,25 @@ fn process<'a>(stack: &'a Stack, name: &str) -> anyhow::Result<&'a Supervised> {
         .ok_or_else(|| anyhow::anyhow!("no process {name} in this stack"))
 }
 
-type Starting<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (usize, Duration, anyhow::Result<String>)> + 'a>,
+/// Work that runs beside the loop, so that it does not hold back the faults after it: a
+/// start (it waits for readiness, which may need a dependency still down), a reorganisation
+/// (it mines blocks), a lookup burst. Gives the fault, "apply" or "undo", when it began and
+/// its result.
+type Beside<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (usize, &'static str, Duration, anyhow::Result<String>)>
+            + 'a,
+    >,
 >;
 
-/// Run `schedule` against `stack` until its duration has passed. Starting a process again
-/// runs beside the loop (it waits for readiness, which may need a dependency still down).
+/// How long after the nemesis's end a process that fails to start is still started again
+/// (the heal then tries once more).
+const START_RETRIES_AFTER_END: Duration = Duration::from_secs(60);
+
+/// Run `schedule` against `stack` until its duration has passed. Starts, reorganisations and
+/// lookup bursts run beside the loop; a start that fails (its readiness timed out while a
+/// dependency was down) is tried again until a minute after the end, as a service manager
+/// restarts a unit that failed.
 pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcome {
     use futures::StreamExt;
     let mut events: Vec<(u64, Event)> = Vec::new();
@@ -72,22 +82,27 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
     let mut out = Outcome {
         history: History::new(schedule),
         redemptions: Vec::new(),
-        caused_exits: Vec::new(),
         lock: None,
     };
-    let mut starting: futures::stream::FuturesUnordered<Starting<'_>> = Default::default();
+    let mut beside: futures::stream::FuturesUnordered<Beside<'_>> = Default::default();
     let mut next_sample = Duration::ZERO;
     let mut queue = events.into_iter().peekable();
     let end = Duration::from_millis(schedule.duration_ms);
+    let retry_starts_until = started + end + START_RETRIES_AFTER_END;
+    // Faults in effect: applied and not yet undone (a start under way counts), or applying.
+    let mut active: std::collections::BTreeSet<usize> = Default::default();
+    // Faults whose apply worked: only those are undone.
+    let mut applied: std::collections::BTreeSet<usize> = Default::default();
     while queue.peek().is_some() || started.elapsed() < end {
         let next_event = queue.peek().map(|(at, _)| Duration::from_millis(*at));
         let wake = next_event.unwrap_or(end).min(next_sample);
         // The schedule's clock: faults happen at their offsets.
         tokio::select! {
             _ = tokio::time::sleep_until((started + wake).into()) => {}
-            Some((i, at, r)) = starting.next(), if !starting.is_empty() => {
+            Some((i, what, at, r)) = beside.next(), if !beside.is_empty() => {
+                active.remove(&i);
                 let f = &schedule.faults[i].fault;
-                out.history.fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+                out.history.fault(FaultEvent::new(i, what, f, at, started.elapsed(), r));
                 continue;
             }
         }
@@ -106,27 +121,57 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
         };
         match event {
             Event::Apply(i) => {
-                let f = &schedule.faults[i];
+                let f = &schedule.faults[i].fault;
                 let at = started.elapsed();
-                let r = apply(stack, schedule, &f.fault, &mut out).await;
-                out.history
-                    .fault(FaultEvent::applied(i, &f.fault, at, started.elapsed(), r));
+                if let Some(skip) = not_up(stack, f) {
+                    out.history
+                        .fault(FaultEvent::new(i, "apply", f, at, at, skip));
+                } else if active.len() >= schedule.max_concurrent {
+                    // Starts that overran their time keep their faults in effect.
+                    let skip = Ok(format!(
+                        "skipped: {} fault(s) still in effect (at most {} at once)",
+                        active.len(),
+                        schedule.max_concurrent
+                    ));
+                    out.history
+                        .fault(FaultEvent::new(i, "apply", f, at, at, skip));
+                } else if matches!(f, Fault::Reorg { .. } | Fault::LookupBurst { .. }) {
+                    active.insert(i);
+                    beside.push(Box::pin(async move {
+                        (i, "apply", at, apply_beside(stack, f).await)
+                    }));
+                } else {
+                    let r = apply(stack, f, &mut out).await;
+                    if r.is_ok() {
+                        active.insert(i);
+                        applied.insert(i);
+                    }
+                    out.history
+                        .fault(FaultEvent::new(i, "apply", f, at, started.elapsed(), r));
+                }
             }
             Event::Undo(i) => {
                 let f = &schedule.faults[i].fault;
                 let at = started.elapsed();
+                if !applied.contains(&i) {
+                    let nothing = Ok("nothing to undo: the fault was not applied".into());
+                    out.history
+                        .fault(FaultEvent::new(i, "undo", f, at, at, nothing));
+                    continue;
+                }
                 match f {
                     Fault::Kill { process: p } | Fault::Terminate { process: p } => {
                         let p = p.clone();
-                        let profile = schedule.profile;
-                        starting.push(Box::pin(async move {
-                            (i, at, start_again(stack, profile, &p).await)
+                        beside.push(Box::pin(async move {
+                            let r = start_again(stack, &p, retry_starts_until).await;
+                            (i, "undo", at, r)
                         }));
                     }
                     _ => {
+                        active.remove(&i);
                         let r = undo(stack, f, &mut out.lock).await;
                         out.history
-                            .fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+                            .fault(FaultEvent::new(i, "undo", f, at, started.elapsed(), r));
                     }
                 }
             }
@@ -140,90 +185,63 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
             }
         }
     }
-    while let Some((i, at, r)) = starting.next().await {
+    while let Some((i, what, at, r)) = beside.next().await {
         let f = &schedule.faults[i].fault;
         out.history
-            .fault(FaultEvent::undone(i, f, at, started.elapsed(), r));
+            .fault(FaultEvent::new(i, what, f, at, started.elapsed(), r));
     }
     out
 }
 
-/// Start `name` again (and the miners behind it, for a proxy).
-async fn start_again(stack: &Stack, profile: super::Profile, name: &str) -> anyhow::Result<String> {
+/// Start `name` again (miners behind a proxy connect again by themselves); a start that
+/// fails is tried again until `retry_until`, and the result says how many failed and why.
+async fn start_again(stack: &Stack, name: &str, retry_until: Instant) -> anyhow::Result<String> {
     let proc = process(stack, name)?;
     if proc.status().phase == Phase::Ready {
         return Ok("already running".into());
     }
-    proc.start_again().await?;
-    let mut miners = Vec::new();
-    if let Some(proxy) = name.strip_prefix("proxy-") {
-        for m in profile.miners_of(proxy) {
-            let miner = process(stack, &format!("miner-{m}"))?;
-            if miner.status().phase != Phase::Ready || miner.pid().is_none() {
-                miner.start_again().await?;
-                miners.push(m);
-            }
+    let mut failed = Vec::new();
+    while let Err(e) = proc.start_again().await {
+        failed.push(e.root_cause().to_string());
+        if Instant::now() >= retry_until {
+            return Err(e.context(format!("{} failed start(s)", failed.len())));
         }
     }
-    Ok(if miners.is_empty() {
-        "started again".into()
-    } else {
-        format!("started again, with miner(s) {}", miners.join(", "))
-    })
+    let mut said = String::from("started again");
+    if let Some(last) = failed.last() {
+        said += &format!(" after {} failed start(s), the last: {last}", failed.len());
+    }
+    Ok(said)
 }
 
-/// Start a fault. A process fault on a process that is not up (its start is still under way)
-/// is skipped, and says so.
-async fn apply(
-    stack: &Stack,
-    schedule: &Schedule,
-    fault: &Fault,
-    out: &mut Outcome,
-) -> anyhow::Result<String> {
+/// Why fault `fault` cannot be applied now (`Ok("skipped: ...")`): a process it needs is not
+/// up (its start is still under way, or failed).
+fn not_up(stack: &Stack, fault: &Fault) -> Option<anyhow::Result<String>> {
     let needs: Vec<&str> = match fault {
         Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
         Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
         f => f.process().into_iter().collect(),
     };
     for p in needs {
-        let proc = process(stack, p)?;
+        let proc = match process(stack, p) {
+            Ok(proc) => proc,
+            Err(e) => return Some(Err(e)),
+        };
         if proc.status().phase != Phase::Ready || proc.pid().is_none() {
-            return Ok(format!(
-                "skipped: {p} is not up ({:?})",
-                proc.status().phase
-            ));
+            let phase = match proc.status().phase {
+                // The whole start error (log tails) is in the start's own history entry.
+                Phase::Failed(_) => "its last start failed".to_string(),
+                other => format!("{other:?}"),
+            };
+            return Some(Ok(format!("skipped: {p} is not up ({phase})")));
         }
     }
-    if let Some(p) = fault.process() {
-        if let Some(proxy) = p.strip_prefix("proxy-") {
-            if !matches!(fault, Fault::Pause { .. }) {
-                // Its miners lose their connection and end; they start again with it.
-                out.caused_exits.extend(
-                    schedule
-                        .profile
-                        .miners_of(proxy)
-                        .into_iter()
-                        .map(|m| format!("miner-{m}")),
-                );
-            }
-        }
-    }
+    None
+}
+
+/// Apply a fault that takes long (it mines blocks, or waits on hundreds of answers).
+async fn apply_beside(stack: &Stack, fault: &Fault) -> anyhow::Result<String> {
     match fault {
-        Fault::Kill { process: p } => process(stack, p)?.crash().await,
-        Fault::Terminate { process: p } if p.starts_with("lightning-") => {
-            // lightningd's clean stop is its `stop` command.
-            let rpc = stack
-                .lightning(p.trim_start_matches("lightning-"))?
-                .rpc_path()
-                .to_path_buf();
-            process(stack, p)?
-                .stop_with(async move {
-                    let _ = crate::lightning::call(&rpc, "stop", serde_json::json!({})).await;
-                })
-                .await
-        }
-        Fault::Terminate { process: p } => process(stack, p)?.stop().await,
-        Fault::Pause { process: p } => process(stack, p)?.pause().map(|()| "paused".into()),
         Fault::Reorg { depth } => {
             let r = match stack.reorganise(FORK_NODE, *depth).await {
                 Ok(r) => r,
@@ -251,6 +269,29 @@ async fn apply(
                 t.elapsed().as_secs_f64()
             ))
         }
+        f => anyhow::bail!("{} does not run beside the loop", f.describe()),
+    }
+}
+
+/// Start a fault that applies at once (a signal, the lock); [`not_up`] was asked first.
+async fn apply(stack: &Stack, fault: &Fault, out: &mut Outcome) -> anyhow::Result<String> {
+    match fault {
+        Fault::Kill { process: p } => process(stack, p)?.crash().await,
+        Fault::Terminate { process: p } if p.starts_with("lightning-") => {
+            // lightningd's clean stop is its `stop` command.
+            let rpc = stack
+                .lightning(p.trim_start_matches("lightning-"))?
+                .rpc_path()
+                .to_path_buf();
+            process(stack, p)?
+                .stop_with(async move {
+                    let _ = crate::lightning::call(&rpc, "stop", serde_json::json!({})).await;
+                })
+                .await
+        }
+        Fault::Terminate { process: p } => process(stack, p)?.stop().await,
+        Fault::Pause { process: p } => process(stack, p)?.pause().map(|()| "paused".into()),
+        Fault::Reorg { .. } | Fault::LookupBurst { .. } => apply_beside(stack, fault).await,
         Fault::MintDbLock => {
             let path = stack.mint()?.db_path();
             let held = tokio::task::spawn_blocking(move || WriteLock::take(&path)).await??;

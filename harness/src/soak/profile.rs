@@ -4,7 +4,7 @@
 //! - `small`: bitcoind, Redis, pool, mint, auditors `a` and `b` (each with its audit node),
 //!   honest operator `alice` (proxy on pool templates, a CPU miner, a Lightning node with a
 //!   channel from the pool's), fraudulent operator `mallory` (declares templates from its own
-//!   node that overclaim the coinbase), Lightning node `carol` that no channel reaches, and
+//!   node, each invalid by the next of the seven audited fraud kinds), Lightning node `carol` that no channel reaches, and
 //!   node `fork` that mines the competing branches of reorganisations.
 //! - `full`: the small stack plus honest operator `dave` declaring its own templates from its
 //!   node (with a Lightning node and channel of its own) and a farm of 100 simulated miners
@@ -24,8 +24,10 @@ pub const POOL_FEE_PPM: u64 = 20_000;
 const CHANNEL_SAT: u64 = 5_000_000;
 /// The operator node that mines reorganisations' branches (never a fault target).
 pub const FORK_NODE: &str = "fork";
-/// The fraud `mallory`'s templates carry.
-pub const FRAUD: &str = "coinbase-overclaim";
+/// The frauds `mallory`'s templates carry, one per template in turn: every kind the pool
+/// accepts shares for and only the audit catches (the kinds it refuses inline earn no quote).
+pub const FRAUD: &str = "coinbase-overclaim,missing-input,double-spend,over-weight,\
+wrong-witness-commitment,immature-coinbase-spend,non-final";
 
 /// Which stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -56,14 +58,13 @@ impl Profile {
         vec!["mallory"]
     }
 
-    /// The miners behind proxy `proxy` (they end when it goes away, and start again with it).
-    pub fn miners_of(self, proxy: &str) -> Vec<&'static str> {
-        match proxy {
-            "alice" if self == Profile::Full => vec!["alice-cpu", "farm"],
-            "alice" => vec!["alice-cpu"],
-            "mallory" => vec!["mallory-cpu"],
-            "dave" => vec!["dave-cpu"],
-            _ => vec![],
+    /// The pool's vardiff aim per channel. The full stack's farm opens 100 channels: at the
+    /// small stack's 600 per minute each, its quotes (one per share) outrun what one
+    /// operator's wallet mints on two cores, and the run measures that instead of the faults.
+    pub fn shares_per_minute(self) -> f32 {
+        match self {
+            Profile::Small => 600.0,
+            Profile::Full => 60.0,
         }
     }
 
@@ -101,6 +102,12 @@ impl Profile {
             .await?;
         let pool = crate::roles::PoolOptions {
             min_bits: crate::lightning::REDEMPTION_MIN_BITS,
+            shares_per_minute: self.shares_per_minute(),
+            ..Default::default()
+        };
+        // Miners connect again by themselves when their proxy goes away, as real ones do.
+        let miner = MinerOptions {
+            reconnect: true,
             ..Default::default()
         };
         stack
@@ -112,26 +119,20 @@ impl Profile {
         stack
             .start_proxy_declaring("mallory", true, 500_000.0, Some(("mallory", Some(FRAUD))))
             .await?;
-        stack
-            .start_miner("mallory-cpu", "mallory", &MinerOptions::default())
-            .await?;
+        stack.start_miner("mallory-cpu", "mallory", &miner).await?;
         stack.start_proxy("alice", true, 500_000.0).await?;
-        stack
-            .start_miner("alice-cpu", "alice", &MinerOptions::default())
-            .await?;
+        stack.start_miner("alice-cpu", "alice", &miner).await?;
         if self == Profile::Full {
             stack.start_operator_node("dave").await?;
             stack
                 .start_proxy_declaring("dave", true, 500_000.0, Some(("dave", None)))
                 .await?;
-            stack
-                .start_miner("dave-cpu", "dave", &MinerOptions::default())
-                .await?;
+            stack.start_miner("dave-cpu", "dave", &miner).await?;
             let farm = MinerOptions {
                 connections: 100,
                 hashrate: Some(1_000_000.0),
                 log_shares: false,
-                ..Default::default()
+                ..miner.clone()
             };
             stack.start_miner("farm", "alice", &farm).await?;
         }

@@ -77,6 +77,9 @@ pub struct MinerConfig {
     pub behaviour: Behaviour,
     /// Log each share result.
     pub log_shares: bool,
+    /// Connect again one second after a connection ends, as real miners do (else that
+    /// simulated miner is done).
+    pub reconnect: bool,
 }
 
 /// What the miner did.
@@ -182,7 +185,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sessions = tokio::task::JoinSet::new();
     for (index, found_rx) in receivers.into_iter().enumerate() {
-        let one = session::run_connection(
+        let one = session::run_miner(
             index,
             config.clone(),
             farm.slot(index),
@@ -257,7 +260,7 @@ pub async fn run(
 
 impl MinerReport {
     /// Add one connection's results.
-    fn merge(&mut self, one: MinerReport) {
+    pub(crate) fn merge(&mut self, one: MinerReport) {
         self.accepted += one.accepted;
         for (reason, n) in one.rejected {
             *self.rejected.entry(reason).or_default() += n;

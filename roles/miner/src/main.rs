@@ -6,7 +6,8 @@ use miner::{Behaviour, MinerConfig};
 /// Mine on an SV1 proxy with real SHA-256d, as one miner or many (--connections); print share
 /// results and a summary on exit. Exits non-zero when a connection could not reach the proxy or
 /// was ended by what the proxy sent (a line it cannot parse, a refused subscribe); a connection
-/// the proxy closed or lost later does not.
+/// the proxy closed or lost later does not. With --reconnect, every connection that ends is
+/// made again a second later, until SIGTERM.
 #[derive(Parser, Debug)]
 #[command(name = "hashpool-miner", version)]
 struct Args {
@@ -35,6 +36,10 @@ struct Args {
     /// Do not log each share result.
     #[arg(long)]
     quiet: bool,
+    /// Connect again one second after a connection ends, however it ended (a real miner
+    /// does); without it a connection that ends is done.
+    #[arg(long)]
+    reconnect: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -48,6 +53,7 @@ async fn main() -> std::process::ExitCode {
         hashrate_limit: args.hashrate,
         behaviour: args.behaviour,
         log_shares: !args.quiet,
+        reconnect: args.reconnect,
     };
     let duration = args.duration;
     let connections = args.connections;

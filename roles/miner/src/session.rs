@@ -70,13 +70,67 @@ struct Session {
     started: Instant,
 }
 
+/// Pause before a miner with `reconnect` connects again.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// One simulated miner: [`run_connection`], and with `config.reconnect` a new connection one
+/// second after each one ends (however it ended), as a real miner does, until `shutdown`.
+/// Reports every connection's results together; a connection error ends it only without
+/// `reconnect`.
+pub async fn run_miner(
+    index: usize,
+    config: MinerConfig,
+    slot: Arc<Slot>,
+    mut found_rx: mpsc::UnboundedReceiver<Found>,
+    counters: Arc<Counters>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<MinerReport> {
+    let reconnect = config.reconnect;
+    let mut all = MinerReport::default();
+    loop {
+        let one = run_connection(
+            index,
+            config.clone(),
+            slot.clone(),
+            &mut found_rx,
+            counters.clone(),
+            shutdown.clone(),
+        )
+        .await;
+        let why = match one {
+            Ok(r) => {
+                let why = r.ended.clone();
+                all.merge(r);
+                all.ended = why.clone();
+                why
+            }
+            Err(e) if reconnect => format!("{e:#}"),
+            Err(e) => return Err(e),
+        };
+        if !reconnect || *shutdown.borrow() {
+            return Ok(all);
+        }
+        println!("connection ended ({why}); connecting again in {RECONNECT_PAUSE:?}");
+        tokio::select! {
+            // A real miner's pause before it connects again.
+            _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            _ = stopped(&mut shutdown) => {
+                all.ended = "shutdown".into();
+                return Ok(all);
+            }
+        }
+        // Shares found for the old connection's jobs are worthless on the new one.
+        while found_rx.try_recv().is_ok() {}
+    }
+}
+
 /// One connection: connect, subscribe, authorize and mine until `shutdown` turns true or the
 /// proxy closes the connection. Returns what happened on it.
 pub async fn run_connection(
     index: usize,
     config: MinerConfig,
     slot: Arc<Slot>,
-    mut found_rx: mpsc::UnboundedReceiver<Found>,
+    found_rx: &mut mpsc::UnboundedReceiver<Found>,
     counters: Arc<Counters>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<MinerReport> {

@@ -128,7 +128,7 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
                 StatusCode::BAD_REQUEST,
                 30006,
                 format!(
-                    "lookup body is not {{pubkey, timestamp, signature[, unissued_only]}}: {e}"
+                    "lookup body is not {{pubkey, timestamp, signature, mint[, unissued_only, after, limit]}}: {e}"
                 ),
             )
         }
@@ -180,8 +180,29 @@ async fn lookup(State(api): State<Arc<Api>>, body: axum::body::Bytes) -> Respons
             )
         }
     }
-    match api.store.quotes_of(&pubkey, req.unissued_only).await {
-        Ok(quotes) => Json(json!({"pubkey": pubkey, "quotes": quotes})).into_response(),
+    let limit = match req.limit {
+        None => ehash::lookup::MAX_LOOKUP_PAGE,
+        Some(n) if (1..=ehash::lookup::MAX_LOOKUP_PAGE).contains(&n) => n,
+        Some(n) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                30006,
+                format!(
+                    "limit {n}: a page holds 1 to {} quotes",
+                    ehash::lookup::MAX_LOOKUP_PAGE
+                ),
+            )
+        }
+    };
+    let page = crate::store::Page {
+        unissued_only: req.unissued_only,
+        after: req.after.as_deref(),
+        limit: limit as usize,
+    };
+    match api.store.quotes_of(&pubkey, page).await {
+        Ok((quotes, next)) => {
+            Json(json!({"pubkey": pubkey, "quotes": quotes, "next": next})).into_response()
+        }
         Err(e) => internal(e),
     }
 }

@@ -62,7 +62,6 @@ use anyhow::{anyhow, Context};
 use ehash::LockingPubkey;
 use hashpool_config::miner_side::ProxyConfig;
 use stratum_apps::key_utils::Secp256k1PublicKey;
-use template_fraud::FraudKind;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -73,7 +72,7 @@ pub struct ProxyShared {
     locking_pubkey: Option<LockingPubkey>,
     /// Templates of the operator's node (`template_source = "miner"`).
     templates: Option<watch::Receiver<Option<Arc<node::NodeTemplate>>>>,
-    fraud: Option<FraudKind>,
+    fraud: declare::FraudPlan,
     declarations: declare::DeclarationStatus,
     /// The one job declaration connection all miners' declarers share.
     jd: declare::SharedJd,
@@ -99,7 +98,7 @@ impl ProxyShared {
         declare::DeclareParams {
             address: self.config.jd_address.clone(),
             authority: self.authority,
-            fraud: self.fraud,
+            fraud: self.fraud.clone(),
             user_identity: format!("proxy-miner-{miner}"),
         }
     }
@@ -120,13 +119,14 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     if let Some(soft) = hashpool_config::role_main::raise_descriptor_limit() {
         tracing::info!("descriptor limit {soft}: at most about {soft} miners");
     }
-    let fraud = if config.fraud.is_empty() {
-        None
-    } else {
-        let kind: FraudKind = config.fraud.parse().map_err(|e| anyhow!("fraud: {e}"))?;
-        tracing::warn!("fraud {kind}: every declared template is made invalid on purpose");
-        Some(kind)
-    };
+    let fraud = declare::FraudPlan::parse(&config.fraud)?;
+    if !fraud.kinds().is_empty() {
+        let kinds: Vec<String> = fraud.kinds().iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "fraud {}: every declared template is made invalid on purpose (one kind each, in turn)",
+            kinds.join(", ")
+        );
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let mut background = Vec::new();
     let templates = if config.template_source == "miner" {

@@ -11,7 +11,9 @@
 //!
 //! Key-value layout (primary namespace `ehash`): `share/<hash>` -> quote id,
 //! `quote/<quote id>` -> template id, `t<template id>/<quote id>` -> amount,
-//! `p<pubkey>/<quote id>`, `template/<id>` -> [`TemplateState`], `due/<template id>` ->
+//! `p<pubkey>/<quote id>`, `u<pubkey>/<quote id>` (the key's quotes not known to be minted:
+//! a lookup of unissued quotes walks only these, and drops those it finds minted),
+//! `template/<id>` -> [`TemplateState`], `due/<template id>` ->
 //! settlement time, `tally/quoted` and `tally/failed` -> the ehash of every quote made and of
 //! those whose template was found invalid (kept in the transactions that change them, so the
 //! redemption reserve never scans the quotes).
@@ -60,7 +62,7 @@ pub struct TemplateState {
     pub settled: bool,
 }
 
-pub use views::{AuditStatus, QuoteView};
+pub use views::{AuditStatus, Page, QuoteView};
 /// Quotes whose state changed, to push over NUT-17 once committed.
 pub type Changed = Vec<MintQuote>;
 
@@ -211,6 +213,9 @@ impl Store {
             .await
             .map_err(|e| anyhow!("{e}"))?;
             tx.kv_write(NS, &format!("p{}", r.locking_pubkey), &qid, b"")
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tx.kv_write(NS, &format!("u{}", r.locking_pubkey), &qid, b"")
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             created += 1;

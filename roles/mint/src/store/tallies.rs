@@ -9,18 +9,19 @@ use cdk_common::database::mint::DynMintTransaction;
 use super::{number, Store, NS, TALLY};
 
 impl Store {
-    /// Bring the database up to this version: the running sums are computed once from the
-    /// quotes when a database predates them, and the lookup timestamps older versions kept
+    /// Bring the database up to this version: the running sums (version 1) and the index of
+    /// unissued quotes per key (version 2) are computed once from the quotes when a database
+    /// predates them, and the lookup timestamps older versions kept
     /// (one row per key ever seen) are removed.
     pub async fn upgrade(&self) -> anyhow::Result<()> {
         let _w = self.writer.lock().await;
         let mut tx = self.begin().await?;
-        if tx
-            .kv_read(NS, TALLY, "version")
-            .await
-            .map_err(|e| anyhow!("{e}"))?
-            .is_none()
-        {
+        let version = number(
+            tx.kv_read(NS, TALLY, "version")
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
+        );
+        if version < 1 {
             let (mut quoted, mut failed) = (0u64, 0u64);
             let mut invalid: HashMap<u64, bool> = HashMap::new();
             // Before the readers start: nothing writes quotes meanwhile.
@@ -55,10 +56,35 @@ impl Store {
             tx.kv_write(NS, TALLY, "failed", failed.to_string().as_bytes())
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            tx.kv_write(NS, TALLY, "version", b"1")
+            tracing::info!(quoted, failed, "ehash tallies computed from the quotes");
+        }
+        if version < 2 {
+            // The index of each key's quotes not minted yet (`u<pubkey>`).
+            let quotes = self
+                .mint
+                .localstore()
+                .get_mint_quotes()
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            tracing::info!(quoted, failed, "ehash tallies computed from the quotes");
+            let mut indexed = 0;
+            for q in quotes {
+                if q.payment_method != self.method
+                    || q.state() == cdk_common::MintQuoteState::Issued
+                {
+                    continue;
+                }
+                let Some(key) = q.pubkey else { continue };
+                tx.kv_write(NS, &format!("u{key}"), &q.id.to_string(), b"")
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+                indexed += 1;
+            }
+            tx.kv_write(NS, TALLY, "version", b"2")
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if indexed > 0 {
+                tracing::info!(indexed, "index of unissued quotes built");
+            }
         }
         let old = tx.kv_list(NS, "lookup").await.map_err(|e| anyhow!("{e}"))?;
         for k in &old {

@@ -91,26 +91,74 @@ impl Store {
         }))
     }
 
-    /// Every quote locked to `pubkey` (hex), or only those not minted yet.
+    /// One page of the quotes locked to `pubkey` (hex), in quote id order, and the id to ask
+    /// the next page after (None: this was the last). With `unissued_only` the walk is over the
+    /// key's quotes not minted yet (the `u<pubkey>` index), so its cost follows them, not the
+    /// key's history: quotes found minted are dropped from that index on the way.
     pub async fn quotes_of(
         &self,
         pubkey: &str,
-        unissued_only: bool,
-    ) -> anyhow::Result<Vec<QuoteView>> {
+        page: Page<'_>,
+    ) -> anyhow::Result<(Vec<QuoteView>, Option<String>)> {
+        let index = if page.unissued_only {
+            format!("u{pubkey}")
+        } else {
+            format!("p{pubkey}")
+        };
         let ids = self
             .mint
             .localstore()
-            .kv_list(NS, &format!("p{pubkey}"))
+            .kv_list(NS, &index)
             .await
             .map_err(|e| anyhow!("{e}"))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(q) = self.quote(&id).await? {
-                if !(unissued_only && q.state == MintQuoteState::Issued.to_string()) {
-                    out.push(q);
+        let mut out = Vec::new();
+        let mut minted = Vec::new();
+        let mut next = None;
+        for id in ids
+            .into_iter()
+            .filter(|id| page.after.is_none_or(|a| id.as_str() > a))
+        {
+            if out.len() == page.limit {
+                next = out.last().map(|q: &QuoteView| q.quote.clone());
+                break;
+            }
+            let Some(q) = self.quote(&id).await? else {
+                continue;
+            };
+            if q.state == MintQuoteState::Issued.to_string() {
+                if page.unissued_only {
+                    minted.push(id);
+                    continue;
                 }
             }
+            out.push(q);
         }
-        Ok(out)
+        if !minted.is_empty() {
+            self.drop_from_unissued(&index, &minted).await?;
+        }
+        Ok((out, next))
     }
+
+    /// Remove minted quotes from a key's index of unissued ones.
+    async fn drop_from_unissued(&self, index: &str, ids: &[String]) -> anyhow::Result<()> {
+        let _w = self.writer.lock().await;
+        let mut tx = self.begin().await?;
+        for id in ids {
+            tx.kv_remove(NS, index, id)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))
+    }
+}
+
+/// Which page of a key's quotes a lookup asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Page<'a> {
+    /// Only quotes not minted yet.
+    pub unissued_only: bool,
+    /// Only quotes whose id sorts after this one.
+    pub after: Option<&'a str>,
+    /// At most this many.
+    pub limit: usize,
 }

@@ -77,10 +77,51 @@ pub struct DeclareParams {
     pub address: String,
     /// The pool's authority key.
     pub authority: Secp256k1PublicKey,
-    /// Fraud to put into every template.
-    pub fraud: Option<FraudKind>,
+    /// Fraud to put into the templates (tests).
+    pub fraud: FraudPlan,
     /// Who declares (logs).
     pub user_identity: String,
+}
+
+/// The fraud kinds a dishonest proxy (tests only) puts into its declared templates: one
+/// template each, in turn, shared by all its miners' declarers. Empty: honest.
+#[derive(Debug, Clone, Default)]
+pub struct FraudPlan {
+    kinds: Arc<[FraudKind]>,
+    turn: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FraudPlan {
+    /// Kinds separated by commas (`coinbase-overclaim,non-final`); empty: honest.
+    pub fn parse(list: &str) -> anyhow::Result<Self> {
+        let kinds = list
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                k.parse::<FraudKind>()
+                    .map_err(|e| anyhow!("fraud {k:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            kinds: kinds.into(),
+            turn: Arc::default(),
+        })
+    }
+
+    /// The kinds, in turn order.
+    pub fn kinds(&self) -> &[FraudKind] {
+        &self.kinds
+    }
+
+    /// The kind for the next declared template (None: honest).
+    fn next(&self) -> Option<FraudKind> {
+        if self.kinds.is_empty() {
+            return None;
+        }
+        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.kinds.get(i % self.kinds.len()).copied()
+    }
 }
 
 /// The channel the jobs are for.
@@ -282,9 +323,13 @@ async fn declare_one(
     status: &DeclarationStatus,
 ) -> anyhow::Result<Declared> {
     let (token, pool_outputs) = jd.allocate(&p.user_identity).await?;
+    let fraud = p.fraud.next();
+    if let Some(kind) = fraud {
+        tracing::info!("fraud {kind}: this template is made invalid on purpose");
+    }
     let job = match build(
         t,
-        p.fraud,
+        fraud,
         pool_outputs,
         &token,
         shape.full_extranonce_size,
@@ -303,7 +348,7 @@ async fn declare_one(
         }
     };
     let mut answer = jd.declare(job.declare.clone(), &job.transactions).await?;
-    if p.fraud == Some(FraudKind::ReusedToken) && answer.is_ok() {
+    if fraud == Some(FraudKind::ReusedToken) && answer.is_ok() {
         // The same allocation token again, for a second declaration.
         tracing::info!("fraud reused-token: declaring again with a used token");
         count(status, |s| s.declared += 1);
@@ -322,7 +367,7 @@ async fn declare_one(
                 txs = job.transactions.len(),
                 "job declared"
             );
-            Ok(Declared::Work(job.custom(shape, new_token, p.fraud)?))
+            Ok(Declared::Work(job.custom(shape, new_token, fraud)?))
         }
         Err((code, detail)) => {
             tracing::warn!(height = job.height, "declaration refused: {code}: {detail}");

@@ -78,7 +78,13 @@ struct LookupQuote {
 #[derive(Debug, Deserialize)]
 struct LookupAnswer {
     quotes: Vec<LookupQuote>,
+    /// The id to ask the next page after (absent or null: the last page).
+    #[serde(default)]
+    next: Option<String>,
 }
+
+/// Most pages one lookup round reads (a million quotes at the mint's page size).
+const MAX_LOOKUP_PAGES: usize = 1_000;
 
 /// The operator's wallet.
 pub struct OperatorWallet {
@@ -150,8 +156,24 @@ impl OperatorWallet {
         })
     }
 
-    /// Every quote of this key, from a signed lookup.
+    /// Every quote of this key not minted yet, page by page (each page its own signed
+    /// lookup).
     async fn lookup(&mut self) -> anyhow::Result<Vec<LookupQuote>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        for _ in 0..MAX_LOOKUP_PAGES {
+            let page = self.lookup_page(after.take()).await?;
+            all.extend(page.quotes);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
+        }
+        anyhow::bail!("the lookup had more than {MAX_LOOKUP_PAGES} pages")
+    }
+
+    /// One page of the quotes of this key not minted yet, after quote id `after`.
+    async fn lookup_page(&mut self, after: Option<String>) -> anyhow::Result<LookupAnswer> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as u64;
@@ -180,6 +202,7 @@ impl OperatorWallet {
         let mut req = sign_lookup(&secret, timestamp, &mint);
         // Minted quotes are done with; the wallet's own store counts them.
         req.unissued_only = true;
+        req.after = after;
         let url = format!("{}/v1/ehash/quotes", self.mint_url);
         let raw = self
             .http
@@ -195,8 +218,7 @@ impl OperatorWallet {
             "lookup at {url} answered {status}: {}",
             String::from_utf8_lossy(&body)
         );
-        let answer: LookupAnswer = serde_json::from_slice(&body).context("lookup answer")?;
-        Ok(answer.quotes)
+        serde_json::from_slice(&body).context("lookup answer")
     }
 
     /// Make sure the wallet's store has `q` (PAID, with its signing key) so it can be minted.

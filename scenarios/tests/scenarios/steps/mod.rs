@@ -9,6 +9,7 @@ mod forged;
 mod fraud;
 mod interop;
 mod lightning;
+mod lookup_pages;
 pub mod mining;
 mod mint_store;
 mod network;

@@ -368,6 +368,8 @@ fn lookup_v1(sk: &bitcoin::secp256k1::SecretKey, timestamp: u64) -> ehash::looku
         signature: hex::encode(sig.serialize()),
         mint: None,
         unissued_only: false,
+        after: None,
+        limit: None,
     }
 }
 
