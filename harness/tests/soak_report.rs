@@ -48,8 +48,9 @@ fn history(schedule: &Schedule) -> History {
     let kill = Fault::Kill {
         process: "pool".into(),
     };
-    h.faults.push(FaultEvent::applied(
+    h.faults.push(FaultEvent::new(
         0,
+        "apply",
         &kill,
         std::time::Duration::from_secs(20),
         std::time::Duration::from_millis(20_400),

@@ -46,14 +46,23 @@ impl RpcError {
         }
     }
 
-    /// bitcoind cannot be reached or did not answer in time: an outage (starting, restarting,
-    /// paused), which waiting may mend. Wrong credentials (HTTP 401/403) are not.
+    /// bitcoind cannot be reached, did not answer in time, or is warming up (code -28): an
+    /// outage (starting, restarting, paused), which waiting may mend. Wrong credentials or a
+    /// wrong path (HTTP 401/403/404) are not.
     pub fn is_unreachable(&self) -> bool {
         match self {
-            RpcError::Node { .. } => false,
-            RpcError::Transport { detail, .. } => !["401", "403", "Unauthorized", "Forbidden"]
-                .iter()
-                .any(|p| detail.contains(p)),
+            // RPC_IN_WARMUP: a node that is starting (loading its block index) answers this.
+            RpcError::Node { code, .. } => *code == -28,
+            RpcError::Transport { detail, .. } => ![
+                "401",
+                "403",
+                "404",
+                "Unauthorized",
+                "Forbidden",
+                "Not Found",
+            ]
+            .iter()
+            .any(|p| detail.contains(p)),
         }
     }
 }

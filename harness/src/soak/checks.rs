@@ -40,23 +40,28 @@ pub async fn run(
     // A start during the run may fail while a dependency is down (the fault table shows
     // it); what counts is that the heal brought every process back.
     let not_applied = fault_errors(history, "apply", |_| true);
+    let applies: Vec<&str> = history
+        .faults
+        .iter()
+        .filter(|f| f.what == "apply")
+        .filter_map(|f| f.result.as_deref().ok())
+        .collect();
+    let skipped = |why: &str| {
+        applies
+            .iter()
+            .filter(|r| r.starts_with("skipped") && r.contains(why))
+            .count()
+    };
     checks.push(check(
         "the nemesis applied every fault",
         not_applied,
         format!(
-            "{} applied, {} skipped (their process was not up)",
-            history
-                .faults
-                .iter()
-                .filter(|f| f.what == "apply"
-                    && f.result.as_ref().is_ok_and(|r| !r.starts_with("skipped")))
-                .count(),
-            history
-                .faults
-                .iter()
-                .filter(|f| f.what == "apply"
-                    && f.result.as_ref().is_ok_and(|r| r.starts_with("skipped")))
-                .count()
+            "{} applied; skipped: {} whose process was not up, {} over the limit in effect, {} on a resource in use, {} reorganisations the pool's chain outgrew",
+            applies.iter().filter(|r| !r.starts_with("skipped")).count(),
+            skipped("is not up"),
+            skipped("at once"),
+            skipped("is still in effect"),
+            skipped("outgrew"),
         ),
     ));
     let not_undone = fault_errors(history, "undo", |f| {

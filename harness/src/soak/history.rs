@@ -138,6 +138,13 @@ impl History {
 
     /// Sample the stack now.
     pub async fn sample(&mut self, stack: &Stack, started: Instant) {
+        let s = Self::snapshot(stack, started).await;
+        self.samples.push(s);
+    }
+
+    /// The stack now: each process's phase, and what the pool, the wallets and the mint say
+    /// (each answer bounded: a paused role never answers).
+    pub async fn snapshot(stack: &Stack, started: Instant) -> Sample {
         use crate::supervisor::Phase;
         let mut s = Sample {
             t_ms: started.elapsed().as_millis() as u64,
@@ -196,6 +203,6 @@ impl History {
             s.redeemed_sat = r["redeemed_msat"].as_u64().map(|m| m / 1000);
             s.available_sat = r["available_sat"].as_u64();
         }
-        self.samples.push(s);
+        s
     }
 }

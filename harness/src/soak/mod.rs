@@ -9,6 +9,7 @@
 //! `history.json`, `checks.json` and `report.html`; a failing run keeps its stack's data
 //! directory, and shrinking writes `shrunk.json`.
 
+pub mod actions;
 pub mod checks;
 pub mod cli;
 pub mod history;
@@ -94,7 +95,7 @@ pub async fn run_schedule(
     let started = Instant::now();
     let mut out = nemesis::run(&stack, schedule, started).await;
     let healed_from = Instant::now();
-    let heal_problems = nemesis::heal(&stack, &mut out).await;
+    let heal_problems = nemesis::heal(&stack, out.lock.take()).await;
     out.history
         .note(started, "nemesis stopped; everything healed".into());
     let mut records = Vec::new();

@@ -1,21 +1,33 @@
 //! The nemesis: applies the schedule's faults to the running stack at their offsets and
 //! undoes them when their time is up, while the workload's redemptions start at theirs and a
-//! sampler records the stack every two seconds. One loop owns the stack, so faults apply in
-//! order; a slow one (a reorganisation mines blocks) delays the next, and the history keeps
-//! the times they really happened.
+//! sampler records the stack every two seconds. One loop decides; everything that waits (a
+//! stop, a start and its readiness, a reorganisation mining blocks, a lookup burst, taking
+//! the database lock, a sample) runs beside it, so no fault holds back the next, and the
+//! history keeps the times things really happened. What each fault does is in
+//! [`super::actions`].
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use super::history::{FaultEvent, History};
-use super::profile::FORK_NODE;
+use futures::StreamExt;
+
+use super::actions;
+use super::history::{FaultEvent, History, Sample};
 use super::schedule::{Fault, Schedule};
 use super::workload;
 use crate::sqlite_db::WriteLock;
-use crate::supervisor::{Phase, Supervised};
 use crate::Stack;
+
+pub use actions::heal;
 
 /// Between two samples of the stack.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// How long after the nemesis's end a process that fails to start is still started again
+/// (the heal then tries once more).
+const START_RETRIES_AFTER_END: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
@@ -28,45 +40,45 @@ enum Event {
 }
 
 /// What the loop leaves behind: the history, the redemption tasks still running, and a
-/// database lock still held (released by [`heal`]).
+/// database lock still held (for [`heal`] to release).
 pub struct Outcome {
     /// Everything that happened.
     pub history: History,
     /// Redemptions, possibly still running.
     pub redemptions: Vec<tokio::task::JoinHandle<workload::RedemptionRecord>>,
-    lock: Option<WriteLock>,
+    /// The mint database's lock, if a lock fault still holds it.
+    pub lock: Option<WriteLock>,
 }
 
-fn process<'a>(stack: &'a Stack, name: &str) -> anyhow::Result<&'a Supervised> {
-    stack
-        .processes()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, p)| p)
-        .ok_or_else(|| anyhow::anyhow!("no process {name} in this stack"))
+/// Work that ended beside the loop.
+enum Done {
+    /// Fault i's apply or undo ("apply"/"undo"), begun at `at`.
+    Fault(usize, &'static str, Duration, anyhow::Result<String>),
+    /// Fault i's database lock, taken (or not) from `at`.
+    Locked(usize, Duration, anyhow::Result<WriteLock>),
+    /// A sample of the stack.
+    Sampled(Sample),
 }
 
-/// Work that runs beside the loop, so that it does not hold back the faults after it: a
-/// start (it waits for readiness, which may need a dependency still down), a reorganisation
-/// (it mines blocks), a lookup burst. Gives the fault, "apply" or "undo", when it began and
-/// its result.
-type Beside<'a> = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = (usize, &'static str, Duration, anyhow::Result<String>)>
-            + 'a,
-    >,
->;
+type Beside<'a> = Pin<Box<dyn Future<Output = Done> + 'a>>;
 
-/// How long after the nemesis's end a process that fails to start is still started again
-/// (the heal then tries once more).
-const START_RETRIES_AFTER_END: Duration = Duration::from_secs(60);
+/// The loop's bookkeeping of faults.
+#[derive(Default)]
+struct Faults {
+    /// In effect: applying, applied and not yet undone (a start under way counts).
+    active: BTreeSet<usize>,
+    /// Applied without error or skip: only these are undone.
+    applied: BTreeSet<usize>,
+    /// Due to be undone while their apply was still running: undone once it ends.
+    undo_after_apply: BTreeSet<usize>,
+}
 
-/// Run `schedule` against `stack` until its duration has passed. Starts, reorganisations and
-/// lookup bursts run beside the loop; a start that fails (its readiness timed out while a
-/// dependency was down) is tried again until a minute after the end, as a service manager
-/// restarts a unit that failed.
+/// Run `schedule` against `stack` until its duration has passed. A fault is skipped while
+/// `max_concurrent` faults are in effect or one is on its resource (the schedule keeps both
+/// rules, but faults can overrun their time: a start that waits on a dependency, a reorg). A
+/// start that fails (its readiness timed out while a dependency was down) is tried again
+/// until a minute after the end, as a service manager restarts a unit that failed.
 pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcome {
-    use futures::StreamExt;
     let mut events: Vec<(u64, Event)> = Vec::new();
     for (i, f) in schedule.faults.iter().enumerate() {
         events.push((f.at_ms, Event::Apply(i)));
@@ -79,35 +91,44 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
     }
     // Undo before apply at the same offset: a resource is free again before the next fault.
     events.sort_by_key(|(at, e)| (*at, !matches!(e, Event::Undo(_)), *e));
-    let mut out = Outcome {
-        history: History::new(schedule),
-        redemptions: Vec::new(),
-        lock: None,
+    let mut n = Nemesis {
+        stack,
+        schedule,
+        started,
+        retry_until: started
+            + Duration::from_millis(schedule.duration_ms)
+            + START_RETRIES_AFTER_END,
+        faults: Faults::default(),
+        out: Outcome {
+            history: History::new(schedule),
+            redemptions: Vec::new(),
+            lock: None,
+        },
+        beside: Default::default(),
+        sampling: false,
     };
-    let mut beside: futures::stream::FuturesUnordered<Beside<'_>> = Default::default();
     let mut next_sample = Duration::ZERO;
     let mut queue = events.into_iter().peekable();
     let end = Duration::from_millis(schedule.duration_ms);
-    let retry_starts_until = started + end + START_RETRIES_AFTER_END;
-    // Faults in effect: applied and not yet undone (a start under way counts), or applying.
-    let mut active: std::collections::BTreeSet<usize> = Default::default();
-    // Faults whose apply worked: only those are undone.
-    let mut applied: std::collections::BTreeSet<usize> = Default::default();
     while queue.peek().is_some() || started.elapsed() < end {
         let next_event = queue.peek().map(|(at, _)| Duration::from_millis(*at));
         let wake = next_event.unwrap_or(end).min(next_sample);
         // The schedule's clock: faults happen at their offsets.
-        tokio::select! {
-            _ = tokio::time::sleep_until((started + wake).into()) => {}
-            Some((i, what, at, r)) = beside.next(), if !beside.is_empty() => {
-                active.remove(&i);
-                let f = &schedule.faults[i].fault;
-                out.history.fault(FaultEvent::new(i, what, f, at, started.elapsed(), r));
-                continue;
-            }
+        let done = tokio::select! {
+            _ = tokio::time::sleep_until((started + wake).into()) => None,
+            Some(done) = n.beside.next(), if !n.beside.is_empty() => Some(done),
+        };
+        if let Some(done) = done {
+            n.ended(done);
+            continue;
         }
         if started.elapsed() >= next_sample {
-            out.history.sample(stack, started).await;
+            if !n.sampling {
+                n.sampling = true;
+                n.beside.push(Box::pin(async move {
+                    Done::Sampled(History::snapshot(stack, started).await)
+                }));
+            }
             next_sample = started.elapsed() + SAMPLE_EVERY;
         }
         let due = queue
@@ -120,236 +141,196 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
             continue;
         };
         match event {
-            Event::Apply(i) => {
-                let f = &schedule.faults[i].fault;
-                let at = started.elapsed();
-                if let Some(skip) = not_up(stack, f) {
-                    out.history
-                        .fault(FaultEvent::new(i, "apply", f, at, at, skip));
-                } else if active.len() >= schedule.max_concurrent {
-                    // Starts that overran their time keep their faults in effect.
-                    let skip = Ok(format!(
-                        "skipped: {} fault(s) still in effect (at most {} at once)",
-                        active.len(),
-                        schedule.max_concurrent
-                    ));
-                    out.history
-                        .fault(FaultEvent::new(i, "apply", f, at, at, skip));
-                } else if matches!(f, Fault::Reorg { .. } | Fault::LookupBurst { .. }) {
-                    active.insert(i);
-                    beside.push(Box::pin(async move {
-                        (i, "apply", at, apply_beside(stack, f).await)
-                    }));
-                } else {
-                    let r = apply(stack, f, &mut out).await;
-                    if r.is_ok() {
-                        active.insert(i);
-                        applied.insert(i);
-                    }
-                    out.history
-                        .fault(FaultEvent::new(i, "apply", f, at, started.elapsed(), r));
-                }
-            }
-            Event::Undo(i) => {
-                let f = &schedule.faults[i].fault;
-                let at = started.elapsed();
-                if !applied.contains(&i) {
-                    let nothing = Ok("nothing to undo: the fault was not applied".into());
-                    out.history
-                        .fault(FaultEvent::new(i, "undo", f, at, at, nothing));
-                    continue;
-                }
-                match f {
-                    Fault::Kill { process: p } | Fault::Terminate { process: p } => {
-                        let p = p.clone();
-                        beside.push(Box::pin(async move {
-                            let r = start_again(stack, &p, retry_starts_until).await;
-                            (i, "undo", at, r)
-                        }));
-                    }
-                    _ => {
-                        active.remove(&i);
-                        let r = undo(stack, f, &mut out.lock).await;
-                        out.history
-                            .fault(FaultEvent::new(i, "undo", f, at, started.elapsed(), r));
-                    }
-                }
-            }
+            Event::Apply(i) => n.apply(i),
+            Event::Undo(i) => n.undo_due(i),
             Event::Redeem(i) => {
                 match workload::spawn(stack, i, &schedule.redemptions[i], started) {
-                    Ok(task) => out.redemptions.push(task),
-                    Err(e) => out
+                    Ok(task) => n.out.redemptions.push(task),
+                    Err(e) => n
+                        .out
                         .history
                         .note(started, format!("redemption {i} not started: {e:#}")),
                 }
             }
         }
     }
-    while let Some((i, what, at, r)) = beside.next().await {
+    while let Some(done) = n.beside.next().await {
+        n.ended(done);
+    }
+    n.out
+}
+
+/// The loop's state.
+struct Nemesis<'a> {
+    stack: &'a Stack,
+    schedule: &'a Schedule,
+    started: Instant,
+    /// Failed starts are tried again until then.
+    retry_until: Instant,
+    faults: Faults,
+    out: Outcome,
+    beside: futures::stream::FuturesUnordered<Beside<'a>>,
+    /// A sample is being taken.
+    sampling: bool,
+}
+
+impl<'a> Nemesis<'a> {
+    /// Apply fault `i`, or record why it is skipped.
+    fn apply(&mut self, i: usize) {
+        let (stack, schedule) = (self.stack, self.schedule);
         let f = &schedule.faults[i].fault;
-        out.history
-            .fault(FaultEvent::new(i, what, f, at, started.elapsed(), r));
-    }
-    out
-}
-
-/// Start `name` again (miners behind a proxy connect again by themselves); a start that
-/// fails is tried again until `retry_until`, and the result says how many failed and why.
-async fn start_again(stack: &Stack, name: &str, retry_until: Instant) -> anyhow::Result<String> {
-    let proc = process(stack, name)?;
-    if proc.status().phase == Phase::Ready {
-        return Ok("already running".into());
-    }
-    let mut failed = Vec::new();
-    while let Err(e) = proc.start_again().await {
-        failed.push(e.root_cause().to_string());
-        if Instant::now() >= retry_until {
-            return Err(e.context(format!("{} failed start(s)", failed.len())));
+        let at = self.started.elapsed();
+        if let Some(skip) = skip_reason(stack, schedule, &self.faults, f) {
+            self.out
+                .history
+                .fault(FaultEvent::new(i, "apply", f, at, at, skip));
+            return;
         }
-    }
-    let mut said = String::from("started again");
-    if let Some(last) = failed.last() {
-        said += &format!(" after {} failed start(s), the last: {last}", failed.len());
-    }
-    Ok(said)
-}
-
-/// Why fault `fault` cannot be applied now (`Ok("skipped: ...")`): a process it needs is not
-/// up (its start is still under way, or failed).
-fn not_up(stack: &Stack, fault: &Fault) -> Option<anyhow::Result<String>> {
-    let needs: Vec<&str> = match fault {
-        Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
-        Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
-        f => f.process().into_iter().collect(),
-    };
-    for p in needs {
-        let proc = match process(stack, p) {
-            Ok(proc) => proc,
-            Err(e) => return Some(Err(e)),
-        };
-        if proc.status().phase != Phase::Ready || proc.pid().is_none() {
-            let phase = match proc.status().phase {
-                // The whole start error (log tails) is in the start's own history entry.
-                Phase::Failed(_) => "its last start failed".to_string(),
-                other => format!("{other:?}"),
-            };
-            return Some(Ok(format!("skipped: {p} is not up ({phase})")));
-        }
-    }
-    None
-}
-
-/// Apply a fault that takes long (it mines blocks, or waits on hundreds of answers).
-async fn apply_beside(stack: &Stack, fault: &Fault) -> anyhow::Result<String> {
-    match fault {
-        Fault::Reorg { depth } => {
-            let r = match stack.reorganise(FORK_NODE, *depth).await {
-                Ok(r) => r,
-                // The pool's miners outpaced the branch: no reorganisation, as on a real
-                // chain where the attacker has less hash power. Not a failure of the stack.
-                Err(e) if format!("{e:#}").contains("outgr") => {
-                    return Ok(format!(
-                        "skipped: the pool's chain outgrew the branch ({e:#})"
-                    ))
+        self.faults.active.insert(i);
+        match f {
+            Fault::Pause { process } => {
+                let r = actions::pause(stack, process, true);
+                if r.is_ok() {
+                    self.faults.applied.insert(i);
+                } else {
+                    self.faults.active.remove(&i);
                 }
-                Err(e) => return Err(e),
-            };
-            Ok(format!(
-                "{} block(s) replaced by {} in {:.1} s",
-                r.replaced.len(),
-                r.branch.len(),
-                r.took.as_secs_f64()
-            ))
+                let now = self.started.elapsed();
+                self.out
+                    .history
+                    .fault(FaultEvent::new(i, "apply", f, at, now, r));
+            }
+            Fault::MintDbLock => self.beside.push(Box::pin(async move {
+                Done::Locked(i, at, actions::lock_mint_db(stack).await)
+            })),
+            Fault::Kill { .. } | Fault::Terminate { .. } => {
+                self.beside.push(Box::pin(async move {
+                    Done::Fault(i, "apply", at, actions::take_down(stack, f).await)
+                }))
+            }
+            Fault::Reorg { .. } | Fault::LookupBurst { .. } => {
+                self.beside.push(Box::pin(async move {
+                    Done::Fault(i, "apply", at, actions::apply_beside(stack, f).await)
+                }))
+            }
         }
-        Fault::LookupBurst { keys } => {
-            let t = Instant::now();
-            crate::ehash_api::fresh_key_lookups(&stack.mint()?.addr, *keys as usize).await?;
-            Ok(format!(
-                "{keys} answered in {:.1} s",
-                t.elapsed().as_secs_f64()
-            ))
+    }
+
+    /// Fault `i`'s time is up.
+    fn undo_due(&mut self, i: usize) {
+        if self.faults.applied.contains(&i) {
+            self.undo(i);
+        } else if self.faults.active.contains(&i) {
+            // Its apply is still running (a slow stop): undone when that ends.
+            self.faults.undo_after_apply.insert(i);
+        } else {
+            let f = &self.schedule.faults[i].fault;
+            let at = self.started.elapsed();
+            let nothing = Ok("nothing to undo: the fault was not applied".into());
+            self.out
+                .history
+                .fault(FaultEvent::new(i, "undo", f, at, at, nothing));
         }
-        f => anyhow::bail!("{} does not run beside the loop", f.describe()),
+    }
+
+    /// Record work that ended beside the loop, and start what follows from it (an undo that
+    /// waited for its apply).
+    fn ended(&mut self, done: Done) {
+        let now = self.started.elapsed();
+        let (i, what, at, r) = match done {
+            Done::Sampled(s) => {
+                self.out.history.samples.push(s);
+                self.sampling = false;
+                return;
+            }
+            Done::Locked(i, at, Ok(lock)) => {
+                self.out.lock = Some(lock);
+                (i, "apply", at, Ok("write lock held".to_string()))
+            }
+            Done::Locked(i, at, Err(e)) => (i, "apply", at, Err(e)),
+            Done::Fault(i, what, at, r) => (i, what, at, r),
+        };
+        let scheduled = &self.schedule.faults[i];
+        let worked = r.as_ref().is_ok_and(|s| !s.starts_with("skipped"));
+        if what == "undo" || !worked || scheduled.for_ms == 0 {
+            self.faults.active.remove(&i);
+        } else {
+            self.faults.applied.insert(i);
+        }
+        self.out
+            .history
+            .fault(FaultEvent::new(i, what, &scheduled.fault, at, now, r));
+        if what == "apply" && self.faults.undo_after_apply.remove(&i) && worked {
+            self.undo(i);
+        }
+    }
+
+    /// Undo applied fault `i`: resume a pause at once; start a process again, or release the
+    /// lock, beside the loop.
+    fn undo(&mut self, i: usize) {
+        let (stack, retry_until) = (self.stack, self.retry_until);
+        let f = &self.schedule.faults[i].fault;
+        let at = self.started.elapsed();
+        self.faults.applied.remove(&i);
+        match f {
+            Fault::Kill { process } | Fault::Terminate { process } => {
+                self.beside.push(Box::pin(async move {
+                    let r = actions::start_again(stack, process, retry_until).await;
+                    Done::Fault(i, "undo", at, r)
+                }))
+            }
+            Fault::Pause { process } => {
+                self.faults.active.remove(&i);
+                let r = actions::pause(stack, process, false);
+                let now = self.started.elapsed();
+                self.out
+                    .history
+                    .fault(FaultEvent::new(i, "undo", f, at, now, r));
+            }
+            Fault::MintDbLock => {
+                let lock = self.out.lock.take();
+                self.beside.push(Box::pin(async move {
+                    let r = match lock {
+                        Some(l) => actions::release(l).await,
+                        None => Ok("no lock held".into()),
+                    };
+                    Done::Fault(i, "undo", at, r)
+                }))
+            }
+            Fault::Reorg { .. } | Fault::LookupBurst { .. } => {
+                self.faults.active.remove(&i);
+            }
+        }
     }
 }
 
-/// Start a fault that applies at once (a signal, the lock); [`not_up`] was asked first.
-async fn apply(stack: &Stack, fault: &Fault, out: &mut Outcome) -> anyhow::Result<String> {
-    match fault {
-        Fault::Kill { process: p } => process(stack, p)?.crash().await,
-        Fault::Terminate { process: p } if p.starts_with("lightning-") => {
-            // lightningd's clean stop is its `stop` command.
-            let rpc = stack
-                .lightning(p.trim_start_matches("lightning-"))?
-                .rpc_path()
-                .to_path_buf();
-            process(stack, p)?
-                .stop_with(async move {
-                    let _ = crate::lightning::call(&rpc, "stop", serde_json::json!({})).await;
-                })
-                .await
-        }
-        Fault::Terminate { process: p } => process(stack, p)?.stop().await,
-        Fault::Pause { process: p } => process(stack, p)?.pause().map(|()| "paused".into()),
-        Fault::Reorg { .. } | Fault::LookupBurst { .. } => apply_beside(stack, fault).await,
-        Fault::MintDbLock => {
-            let path = stack.mint()?.db_path();
-            let held = tokio::task::spawn_blocking(move || WriteLock::take(&path)).await??;
-            out.lock = Some(held);
-            Ok("write lock held".into())
-        }
-    }
-}
-
-/// End a pause or a lock (stopped processes are started by [`start_again`]).
-async fn undo(
+/// Why fault `f` is skipped now, if it is: a process it needs is not up, `max_concurrent`
+/// faults are in effect, or one in effect is on its resource.
+fn skip_reason(
     stack: &Stack,
-    fault: &Fault,
-    lock: &mut Option<WriteLock>,
-) -> anyhow::Result<String> {
-    Ok(match fault {
-        Fault::Pause { process: p } => {
-            let proc = process(stack, p)?;
-            if proc.status().phase != Phase::Paused {
-                return Ok(format!("{p} was not paused ({:?})", proc.status().phase));
-            }
-            proc.resume()?;
-            "resumed".into()
-        }
-        Fault::MintDbLock => match lock.take() {
-            Some(l) => {
-                tokio::task::spawn_blocking(move || l.release()).await??;
-                "released".into()
-            }
-            None => "no lock held".into(),
-        },
-        _ => String::new(),
+    schedule: &Schedule,
+    faults: &Faults,
+    f: &Fault,
+) -> Option<anyhow::Result<String>> {
+    if let Some(skip) = actions::not_up(stack, f) {
+        return Some(skip);
+    }
+    if faults.active.len() >= schedule.max_concurrent {
+        return Some(Ok(format!(
+            "skipped: {} fault(s) still in effect (at most {} at once)",
+            faults.active.len(),
+            schedule.max_concurrent
+        )));
+    }
+    let resource = f.resource();
+    let busy: BTreeMap<String, usize> = faults
+        .active
+        .iter()
+        .map(|j| (schedule.faults[*j].fault.resource(), *j))
+        .collect();
+    busy.get(&resource).map(|j| {
+        Ok(format!(
+            "skipped: fault {j} on {resource} is still in effect"
+        ))
     })
-}
-
-/// Undo everything still in effect: release the lock, resume what is paused, start what is
-/// down (nodes and Redis first, roles after, miners last). Returns what could not be healed.
-pub async fn heal(stack: &Stack, out: &mut Outcome) -> Vec<String> {
-    let mut problems = Vec::new();
-    if let Some(l) = out.lock.take() {
-        match tokio::task::spawn_blocking(move || l.release()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => problems.push(format!("releasing the mint's database: {e:#}")),
-            Err(e) => problems.push(format!("releasing the mint's database: {e}")),
-        }
-    }
-    stack.resume_paused();
-    // stack.processes() lists the nodes and Redis before the roles that need them.
-    let (miners, others): (Vec<_>, Vec<_>) = stack
-        .processes()
-        .into_iter()
-        .partition(|(name, _)| name.starts_with("miner-"));
-    for (name, p) in others.into_iter().chain(miners) {
-        if p.status().phase != Phase::Ready || p.pid().is_none() {
-            if let Err(e) = p.start_again().await {
-                problems.push(format!("{name} did not start again: {e:#}"));
-            }
-        }
-    }
-    problems
 }

@@ -194,12 +194,23 @@ pub async fn run(config: PoolConfig, shutdown: impl Future<Output = ()>) -> anyh
         metrics.clone(),
         template_ids.clone(),
     );
+    let mut pause = Duration::from_millis(100);
     let tip = loop {
-        match source.first().await {
+        let first = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = source.first() => r,
+        };
+        match first {
             Ok(tip) => break tip,
             // bitcoind went away again between its answer and the template: wait for it.
             Err(e) if is_outage(&e) => {
                 tracing::warn!("first block template: {e:#}; waiting for bitcoind");
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    // Backoff between attempts at the first template.
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(MAX_STARTUP_BACKOFF);
                 if rpc.wait_answering(&mut shutdown).await?.is_none() {
                     return Ok(());
                 }

@@ -11,7 +11,8 @@ use super::{number, Store, NS, TALLY};
 impl Store {
     /// Bring the database up to this version: the running sums (version 1) and the index of
     /// unissued quotes per key (version 2) are computed once from the quotes when a database
-    /// predates them, and the lookup timestamps older versions kept
+    /// predates them (a database is never taken back to an older mint: quotes that one made
+    /// would be missing from the index), and the lookup timestamps older versions kept
     /// (one row per key ever seen) are removed.
     pub async fn upgrade(&self) -> anyhow::Result<()> {
         let _w = self.writer.lock().await;

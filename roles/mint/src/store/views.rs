@@ -93,8 +93,9 @@ impl Store {
 
     /// One page of the quotes locked to `pubkey` (hex), in quote id order, and the id to ask
     /// the next page after (None: this was the last). With `unissued_only` the walk is over the
-    /// key's quotes not minted yet (the `u<pubkey>` index), so its cost follows them, not the
-    /// key's history: quotes found minted are dropped from that index on the way.
+    /// key's quotes not minted yet (the `u<pubkey>` index: PENDING, PAID and FAILED ones, the
+    /// last never minted), so its cost follows them, not the key's minted history: quotes found
+    /// minted are dropped from that index on the way.
     pub async fn quotes_of(
         &self,
         pubkey: &str,
@@ -125,16 +126,20 @@ impl Store {
             let Some(q) = self.quote(&id).await? else {
                 continue;
             };
-            if q.state == MintQuoteState::Issued.to_string() {
-                if page.unissued_only {
-                    minted.push(id);
-                    continue;
-                }
+            if page.unissued_only && q.state == MintQuoteState::Issued.to_string() {
+                minted.push(id);
+                continue;
             }
             out.push(q);
         }
         if !minted.is_empty() {
-            self.drop_from_unissued(&index, &minted).await?;
+            // Best effort: a busy database must not fail the read; the next lookup drops them.
+            if let Err(e) = self.drop_from_unissued(&index, &minted).await {
+                tracing::warn!(
+                    "dropping {} minted quote(s) from {index}: {e:#} (retried at the next lookup)",
+                    minted.len()
+                );
+            }
         }
         Ok((out, next))
     }

@@ -1,0 +1,183 @@
+//! What each fault does to the stack, and the heal that undoes whatever is still in effect.
+//! The loop that decides when is [`super::nemesis`].
+
+use std::time::{Duration, Instant};
+
+use super::profile::FORK_NODE;
+use super::schedule::Fault;
+use crate::sqlite_db::WriteLock;
+use crate::supervisor::{Phase, Supervised};
+use crate::Stack;
+
+pub(super) fn process<'a>(stack: &'a Stack, name: &str) -> anyhow::Result<&'a Supervised> {
+    stack
+        .processes()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("no process {name} in this stack"))
+}
+
+/// Pause between two failed starts of one process.
+const START_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Start `name` again (miners behind a proxy connect again by themselves); a start that
+/// fails is tried again, two seconds later, until `retry_until`, and the result says how many
+/// failed and the last reason.
+pub(super) async fn start_again(
+    stack: &Stack,
+    name: &str,
+    retry_until: Instant,
+) -> anyhow::Result<String> {
+    let proc = process(stack, name)?;
+    if proc.status().phase == Phase::Ready {
+        return Ok("already running".into());
+    }
+    let mut failed = 0usize;
+    let mut last = String::new();
+    while let Err(e) = proc.start_again().await {
+        failed += 1;
+        last = e.root_cause().to_string();
+        if Instant::now() >= retry_until {
+            return Err(e.context(format!("{failed} failed start(s)")));
+        }
+        // Backoff between two starts of a process whose dependency is still down.
+        tokio::time::sleep(START_RETRY_PAUSE).await;
+    }
+    Ok(if failed == 0 {
+        "started again".into()
+    } else {
+        format!("started again after {failed} failed start(s), the last: {last}")
+    })
+}
+
+/// Why fault `fault` cannot be applied now (`Ok("skipped: ...")`): a process it needs is not
+/// up (its start is still under way, or failed).
+pub(super) fn not_up(stack: &Stack, fault: &Fault) -> Option<anyhow::Result<String>> {
+    let needs: Vec<&str> = match fault {
+        Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
+        Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
+        f => f.process().into_iter().collect(),
+    };
+    for p in needs {
+        let proc = match process(stack, p) {
+            Ok(proc) => proc,
+            Err(e) => return Some(Err(e)),
+        };
+        if proc.status().phase != Phase::Ready || proc.pid().is_none() {
+            let phase = match proc.status().phase {
+                // The whole start error (log tails) is in the start's own history entry.
+                Phase::Failed(_) => "its last start failed".to_string(),
+                other => format!("{other:?}"),
+            };
+            return Some(Ok(format!("skipped: {p} is not up ({phase})")));
+        }
+    }
+    None
+}
+
+/// Apply a fault that takes long (it mines blocks, or waits on hundreds of answers).
+pub(super) async fn apply_beside(stack: &Stack, fault: &Fault) -> anyhow::Result<String> {
+    match fault {
+        Fault::Reorg { depth } => {
+            let r = match stack.reorganise(FORK_NODE, *depth).await {
+                Ok(r) => r,
+                // The pool's miners outpaced the branch: no reorganisation, as on a real
+                // chain where the attacker has less hash power. Not a failure of the stack.
+                Err(e) if format!("{e:#}").contains("outgr") => {
+                    return Ok(format!(
+                        "skipped: the pool's chain outgrew the branch ({e:#})"
+                    ))
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(format!(
+                "{} block(s) replaced by {} in {:.1} s",
+                r.replaced.len(),
+                r.branch.len(),
+                r.took.as_secs_f64()
+            ))
+        }
+        Fault::LookupBurst { keys } => {
+            let t = Instant::now();
+            crate::ehash_api::fresh_key_lookups(&stack.mint()?.addr, *keys as usize).await?;
+            Ok(format!(
+                "{keys} answered in {:.1} s",
+                t.elapsed().as_secs_f64()
+            ))
+        }
+        f => anyhow::bail!("{} does not run beside the loop", f.describe()),
+    }
+}
+
+/// Take a process down (SIGKILL held down, or a clean stop: lightningd's own `stop`).
+pub(super) async fn take_down(stack: &Stack, fault: &Fault) -> anyhow::Result<String> {
+    match fault {
+        Fault::Kill { process: p } => process(stack, p)?.crash().await,
+        Fault::Terminate { process: p } if p.starts_with("lightning-") => {
+            // lightningd's clean stop is its `stop` command.
+            let rpc = stack
+                .lightning(p.trim_start_matches("lightning-"))?
+                .rpc_path()
+                .to_path_buf();
+            process(stack, p)?
+                .stop_with(async move {
+                    let _ = crate::lightning::call(&rpc, "stop", serde_json::json!({})).await;
+                })
+                .await
+        }
+        Fault::Terminate { process: p } => process(stack, p)?.stop().await,
+        f => anyhow::bail!("{} takes no process down", f.describe()),
+    }
+}
+
+/// SIGSTOP (`stop`) or SIGCONT a process for a pause fault.
+pub(super) fn pause(stack: &Stack, name: &str, stop: bool) -> anyhow::Result<String> {
+    let proc = process(stack, name)?;
+    if stop {
+        proc.pause()?;
+        return Ok("paused".into());
+    }
+    if proc.status().phase != Phase::Paused {
+        return Ok(format!("{name} was not paused ({:?})", proc.status().phase));
+    }
+    proc.resume()?;
+    Ok("resumed".into())
+}
+
+/// Hold the mint database's write lock (the lock is released by [`release`]).
+pub(super) async fn lock_mint_db(stack: &Stack) -> anyhow::Result<WriteLock> {
+    let path = stack.mint()?.db_path();
+    tokio::task::spawn_blocking(move || WriteLock::take(&path)).await?
+}
+
+/// Release a lock [`lock_mint_db`] took.
+pub(super) async fn release(lock: WriteLock) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || lock.release()).await??;
+    Ok("released".into())
+}
+
+/// Undo everything still in effect: release the lock, resume what is paused, start what is
+/// down (nodes and Redis first, roles after, miners last). Returns what could not be healed.
+pub async fn heal(stack: &Stack, lock: Option<WriteLock>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(l) = lock {
+        if let Err(e) = release(l).await {
+            problems.push(format!("releasing the mint's database: {e:#}"));
+        }
+    }
+    stack.resume_paused();
+    // stack.processes() lists the nodes and Redis before the roles that need them.
+    let (miners, others): (Vec<_>, Vec<_>) = stack
+        .processes()
+        .into_iter()
+        .partition(|(name, _)| name.starts_with("miner-"));
+    for (name, p) in others.into_iter().chain(miners) {
+        if p.status().phase != Phase::Ready || p.pid().is_none() {
+            if let Err(e) = p.start_again().await {
+                problems.push(format!("{name} did not start again: {e:#}"));
+            }
+        }
+    }
+    problems
+}
