@@ -21,9 +21,10 @@ pub struct SoakArgs {
     /// Which stack.
     #[arg(long, value_enum, default_value = "full", conflicts_with = "replay")]
     pub profile: Profile,
-    /// Faults active at once, at most.
-    #[arg(long, default_value_t = 2, conflicts_with = "replay")]
-    pub max_faults: usize,
+    /// Faults in effect at once, at most (default: 2 on the small stack, 3 on the full one,
+    /// which has more processes to fault).
+    #[arg(long, conflicts_with = "replay")]
+    pub max_faults: Option<usize>,
     /// Replay this schedule file (`target/soak/<seed>/schedule.json`) instead of generating.
     #[arg(long)]
     pub replay: Option<PathBuf>,
@@ -81,7 +82,9 @@ pub async fn run(config: &HarnessConfig, args: &SoakArgs) -> anyhow::Result<bool
                 seed,
                 args.profile,
                 args.duration.as_millis() as u64,
-                args.max_faults.max(1),
+                args.max_faults
+                    .unwrap_or(args.profile.default_max_faults())
+                    .max(1),
             )
         }
     };

@@ -25,6 +25,9 @@ pub use actions::heal;
 /// Between two samples of the stack.
 const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
+/// A wake-up this much later than asked is noted in the history.
+const LOOP_LAG_NOTE: Duration = Duration::from_secs(3);
+
 /// How long after the nemesis's end a process that fails to start is still started again
 /// (the heal then tries once more).
 const START_RETRIES_AFTER_END: Duration = Duration::from_secs(60);
@@ -118,6 +121,18 @@ pub async fn run(stack: &Stack, schedule: &Schedule, started: Instant) -> Outcom
             _ = tokio::time::sleep_until((started + wake).into()) => None,
             Some(done) = n.beside.next(), if !n.beside.is_empty() => Some(done),
         };
+        // The loop woke far later than asked: something held it (the history says so).
+        let late = started.elapsed().saturating_sub(wake);
+        if done.is_none() && late > LOOP_LAG_NOTE {
+            n.out.history.note(
+                started,
+                format!(
+                    "the nemesis woke {:.1} s late ({} task(s) beside it)",
+                    late.as_secs_f64(),
+                    n.beside.len()
+                ),
+            );
+        }
         if let Some(done) = done {
             n.ended(done);
             continue;

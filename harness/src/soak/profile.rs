@@ -58,6 +58,14 @@ impl Profile {
         vec!["mallory"]
     }
 
+    /// Faults in effect at once unless `--max-faults` says otherwise.
+    pub fn default_max_faults(self) -> usize {
+        match self {
+            Profile::Small => 2,
+            Profile::Full => 3,
+        }
+    }
+
     /// The pool's vardiff aim per channel. The full stack's farm opens 100 channels: at the
     /// small stack's 600 per minute each, its quotes (one per share) outrun what one
     /// operator's wallet mints on two cores, and the run measures that instead of the faults.
