@@ -74,6 +74,16 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     When the miners stop
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
 
+  Scenario: a miner started with --reconnect mines again after its proxy was down for 5 seconds, and never exits
+    Given a reconnecting honest miner "r" behind proxy "alice"
+    When miner "r" has 3 accepted shares
+    And proxy "alice" is stopped for 5 seconds and started again
+    And the accepted shares of miner "r" are counted
+    Then miner "r" gets 3 more shares accepted
+    And miner "r" is still running, never restarted, and logged connecting again
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+
   Scenario: a proxy that expects another pool authority key: its miners get an SV1 error naming the refusal, and other proxies keep mining
     Given an honest miner "good" behind proxy "alice"
     And a proxy "mallory" that expects a different pool authority key

@@ -107,7 +107,8 @@ pub struct WalletClient {
 impl WalletClient {
     /// What the wallet reports now.
     pub async fn status(&self) -> anyhow::Result<WalletStatus> {
-        let (code, body) = crate::http::get(&self.addr, "/wallet", Duration::from_secs(2)).await?;
+        // A proxy serving a farm on two busy cores has answered in more than 2 s.
+        let (code, body) = crate::http::get(&self.addr, "/wallet", Duration::from_secs(10)).await?;
         anyhow::ensure!(code == 200, "/wallet answered {code}: {body}");
         Ok(serde_json::from_str(&body)?)
     }
@@ -277,7 +278,8 @@ impl ProxyRole {
         let first = self.wallet_status().await?.lookups;
         Ok(crate::wait::wait_until(
             "the wallet to finish a round that started after this call (lookups counter +2)",
-            Duration::from_secs(30),
+            // A round of a wallet that minted for a farm takes seconds on a loaded machine.
+            Duration::from_secs(90),
             || async {
                 let st = self.wallet_status().await.map_err(|e| e.to_string())?;
                 if st.lookups >= first + 2 {

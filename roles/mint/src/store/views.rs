@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use super::{Store, TemplateState, NS};
 
+/// Minted quotes dropped from an index of unissued ones per write transaction.
+const PRUNE_CHUNK: usize = 64;
+
 /// A quote's audit status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "audit_status", rename_all = "SCREAMING_SNAKE_CASE")]
@@ -144,16 +147,21 @@ impl Store {
         Ok((out, next))
     }
 
-    /// Remove minted quotes from a key's index of unissued ones.
+    /// Remove minted quotes from a key's index of unissued ones, a few per transaction: the
+    /// database has one writer, and cdk's own writes (a batch mint marking quotes checked) wait
+    /// at most its busy timeout for it.
     async fn drop_from_unissued(&self, index: &str, ids: &[String]) -> anyhow::Result<()> {
-        let _w = self.writer.lock().await;
-        let mut tx = self.begin().await?;
-        for id in ids {
-            tx.kv_remove(NS, index, id)
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
+        for chunk in ids.chunks(PRUNE_CHUNK) {
+            let _w = self.writer.lock().await;
+            let mut tx = self.begin().await?;
+            for id in chunk {
+                tx.kv_remove(NS, index, id)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?;
+            }
+            tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
         }
-        tx.commit().await.map_err(|e| anyhow!("commit: {e}"))
+        Ok(())
     }
 }
 

@@ -260,6 +260,7 @@ impl OperatorWallet {
             self.recover_melts().await;
         }
         let quotes = self.lookup().await?;
+        self.reconcile_issued(&quotes).await?;
         let (mut st, to_mint, pending) = classify(&quotes);
         let mut minted_now = 0;
         for chunk in to_mint.chunks(BATCH) {
@@ -401,6 +402,38 @@ impl OperatorWallet {
             .filter(|t| t.quote_id.is_some())
             .map(|t| u64::from(t.amount) + u64::from(t.fee))
             .sum())
+    }
+
+    /// Mark as issued every quote this wallet imported that the mint no longer lists as
+    /// unissued (`unissued`: a whole lookup): the mint issued it, most likely in a batch mint
+    /// whose proofs cdk's saga recovery restored without marking the quote issued, which left
+    /// `minted` short of what the wallet holds. Quotes a saga still uses are left to it.
+    async fn reconcile_issued(&self, unissued: &[LookupQuote]) -> anyhow::Result<()> {
+        let listed: std::collections::HashSet<&str> =
+            unissued.iter().map(|q| q.quote.as_str()).collect();
+        let mut fixed = (0usize, 0u64);
+        for mut q in self.wallet.localstore.get_mint_quotes().await? {
+            if q.unit != CurrencyUnit::custom(UNIT)
+                || q.used_by_operation.is_some()
+                || q.amount_issued >= q.amount_paid
+                || listed.contains(q.id.as_str())
+            {
+                continue;
+            }
+            fixed.0 += 1;
+            fixed.1 += u64::from(q.amount_paid) - u64::from(q.amount_issued);
+            q.amount_issued = q.amount_paid;
+            q.state = MintQuoteState::Issued;
+            self.wallet.localstore.add_mint_quote(q).await?;
+        }
+        if fixed.0 > 0 {
+            tracing::info!(
+                quotes = fixed.0,
+                amount = fixed.1,
+                "quotes the mint issued (a recovered batch mint) marked issued here too"
+            );
+        }
+        Ok(())
     }
 
     /// ehash minted so far, from the wallet's own quotes.

@@ -250,3 +250,47 @@ async fn pool_waits_for_bitcoind(w: &mut HarnessWorld) -> anyhow::Result<()> {
     started.context("the pool did not become ready after bitcoind came back")?;
     Ok(())
 }
+
+#[given(expr = "a reconnecting honest miner {string} behind proxy {string}")]
+async fn reconnecting_miner(
+    w: &mut HarnessWorld,
+    name: String,
+    proxy: String,
+) -> anyhow::Result<()> {
+    let opts = harness::roles::MinerOptions {
+        reconnect: true,
+        hashrate: Some(500_000.0),
+        ..Default::default()
+    };
+    w.default_stack_mut()?
+        .start_miner(&name, &proxy, &opts)
+        .await?;
+    Ok(())
+}
+
+#[when(expr = "proxy {string} is stopped for {int} seconds and started again")]
+async fn proxy_down_for(w: &mut HarnessWorld, name: String, secs: u64) -> anyhow::Result<()> {
+    let proxy = w.default_stack()?.proxy(&name)?.process();
+    proxy.stop().await?;
+    // The fault's length: how long miners find no proxy (nothing is awaited).
+    tokio::time::sleep(Duration::from_secs(secs)).await; // fault length
+    proxy.start_again().await
+}
+
+#[then(expr = "miner {string} is still running, never restarted, and logged connecting again")]
+async fn miner_still_running(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let miner = w.default_stack()?.miner(&name)?;
+    let status = miner.process().status();
+    anyhow::ensure!(
+        miner.process().pid().is_some()
+            && status.restarts == 0
+            && status.unexpected_exits.is_empty(),
+        "miner {name} is not running as started: {status:?}"
+    );
+    let log = std::fs::read_to_string(miner.process().spec().stdout_log())?;
+    anyhow::ensure!(
+        log.contains("connecting again"),
+        "miner {name}'s log never says it connected again"
+    );
+    Ok(())
+}
