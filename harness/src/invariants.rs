@@ -236,8 +236,9 @@ pub async fn sweep_records(
         match seen.as_deref().and_then(|v| v.split_once(' ')) {
             Some((entry, _)) if entry == id => {}
             // The whole hash of an old tip expires by design (`seen_after_new_tip_secs` after
-            // a new tip, 600 s by default): nothing left to compare in a long run.
-            None if !conn.exists::<_, bool>(&seen_key).await? => {}
+            // a new tip, 600 s by default): nothing left to compare for a record that old.
+            None if record_age_ms(&id) > SEEN_EXPIRY_MS
+                && !conn.exists::<_, bool>(&seen_key).await? => {}
             _ => report.problems.push(format!(
                 "record {id}: the seen-hash of its tip says {seen:?} for share {}, not this entry",
                 r.share_hash
@@ -343,6 +344,23 @@ async fn header_on_any_node(stack: &Stack, hash: &str) -> anyhow::Result<Option<
         }
     }
     Ok(None)
+}
+
+/// The pool's default `seen_after_new_tip_secs`, in ms: a tip's seen-hash may be gone this
+/// long after its records were written.
+const SEEN_EXPIRY_MS: u64 = 600_000;
+
+/// How old a stream entry is, from its id (`<ms>-<seq>`); 0 if the id does not say.
+fn record_age_ms(id: &str) -> u64 {
+    let written = id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(written)
 }
 
 #[cfg(test)]

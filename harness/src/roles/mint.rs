@@ -28,7 +28,8 @@ pub struct MintOptions {
 const MAX_INVOICE_CANDIDATES: u128 = 10_000;
 
 /// Sats of an invoice worth between `lo` and `hi` thousandths of `held` ehash at the rate of
-/// `reserve` (`GET /v1/ehash/redemption`), picked where rounding to whole ehash loses least;
+/// `reserve` (`GET /v1/ehash/redemption`), picked among the largest sizes (at least the top
+/// 10,000, and at least one ehash's worth) where rounding to whole ehash loses least;
 /// None if even the largest is under one sat, or if every choice loses more than 1 % (the
 /// proxy's wallet refuses that unless told to accept it).
 pub fn invoice_sats_worth(
@@ -56,7 +57,10 @@ pub fn invoice_sats_worth(
     // them all is seconds of CPU on an async worker (it stalled a soak's whole runtime). Past
     // 100 whole ehash the loss is under 1 % anyway, so the top of the range decides.
     let (from, to) = (worth_sat(lo).max(1), worth_sat(hi));
-    let best = (from.max(to.saturating_sub(MAX_INVOICE_CANDIDATES))..=to)
+    // A window at least one ehash wide in sats, so a size that is a whole number of ehash is
+    // always in it.
+    let window = MAX_INVOICE_CANDIDATES.max(msat.div_ceil(ehash * 1000) + 1);
+    let best = (from.max(to.saturating_sub(window))..=to)
         .map(|sats| {
             // What the mint asks for `sats`: whole ehash, rounded up, at msat/ehash each.
             let cost = (sats * 1000 * ehash).div_ceil(msat);

@@ -39,13 +39,22 @@ pub async fn run(
     let mut checks = Vec::new();
     // A start during the run may fail while a dependency is down (the fault table shows
     // it); what counts is that the heal brought every process back.
-    let not_applied = fault_errors(history, "apply", |_| true);
+    let mut not_applied = fault_errors(history, "apply", |_| true);
     let applies: Vec<&str> = history
         .faults
         .iter()
         .filter(|f| f.what == "apply")
         .filter_map(|f| f.result.as_deref().ok())
         .collect();
+    let worked = applies.iter().filter(|r| !r.starts_with("skipped")).count();
+    let attempted = history.faults.iter().filter(|f| f.what == "apply").count();
+    // Skips are legitimate one by one, but a run that skipped most of its schedule tested
+    // little and must not pass as if it had.
+    if worked * 2 < attempted {
+        not_applied.push(format!(
+            "only {worked} of {attempted} faults were applied: the rest were skipped"
+        ));
+    }
     let skipped = |why: &str| {
         applies
             .iter()
@@ -57,7 +66,7 @@ pub async fn run(
         not_applied,
         format!(
             "{} applied; skipped: {} whose process was not up, {} over the limit in effect, {} on a resource in use, {} reorganisations the pool's chain outgrew",
-            applies.iter().filter(|r| !r.starts_with("skipped")).count(),
+            worked,
             skipped("is not up"),
             skipped("at once"),
             skipped("is still in effect"),

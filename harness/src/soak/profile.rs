@@ -22,6 +22,9 @@ use crate::{Chain, HarnessConfig, Stack};
 pub const POOL_FEE_PPM: u64 = 20_000;
 /// Each channel the pool's node opens to an operator's node.
 const CHANNEL_SAT: u64 = 5_000_000;
+/// Blocks mined over the channels' funding before the nemesis starts (its reorganisations
+/// replace at most 3 blocks below the tip they start from).
+const FUNDING_BURIAL: u64 = 6;
 /// The operator node that mines reorganisations' branches (never a fault target).
 pub const FORK_NODE: &str = "fork";
 /// The frauds `mallory`'s templates carry, one per template in turn: every kind the pool
@@ -149,6 +152,10 @@ impl Profile {
             stack.start_lightning(who, None).await?;
             stack.open_pool_channel(who, CHANNEL_SAT).await?;
         }
+        // Bury the funding transactions below any reorganisation the nemesis makes: Core
+        // Lightning fails a channel whose funding is reorganised out while it is in use (seen
+        // in a CI soak, a 3-block reorganisation a few blocks after the channels opened).
+        stack.mine_blocks(FUNDING_BURIAL).await?;
         for who in self.honest() {
             let proxy = stack.proxy(who)?;
             wait_until(

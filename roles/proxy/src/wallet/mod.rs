@@ -405,26 +405,52 @@ impl OperatorWallet {
     }
 
     /// Mark as issued every quote this wallet imported that the mint no longer lists as
-    /// unissued (`unissued`: a whole lookup): the mint issued it, most likely in a batch mint
-    /// whose proofs cdk's saga recovery restored without marking the quote issued, which left
-    /// `minted` short of what the wallet holds. Quotes a saga still uses are left to it.
+    /// unissued (`unissued`: a whole lookup) and that the mint, asked about that quote alone,
+    /// says is ISSUED: most likely minted in a batch whose proofs cdk's saga recovery restored
+    /// without marking the quote issued here, which left `minted` short of what the wallet
+    /// holds. A reservation by a saga that no longer exists (recovery ended it) does not count.
     async fn reconcile_issued(&self, unissued: &[LookupQuote]) -> anyhow::Result<()> {
         let listed: std::collections::HashSet<&str> =
             unissued.iter().map(|q| q.quote.as_str()).collect();
         let mut fixed = (0usize, 0u64);
         for mut q in self.wallet.localstore.get_mint_quotes().await? {
             if q.unit != CurrencyUnit::custom(UNIT)
-                || q.used_by_operation.is_some()
                 || q.amount_issued >= q.amount_paid
                 || listed.contains(q.id.as_str())
             {
                 continue;
             }
-            fixed.0 += 1;
-            fixed.1 += u64::from(q.amount_paid) - u64::from(q.amount_issued);
+            if let Some(op) = &q.used_by_operation {
+                let live = match op.parse::<uuid::Uuid>() {
+                    Ok(id) => self.wallet.localstore.get_saga(&id).await?.is_some(),
+                    Err(_) => true,
+                };
+                if live {
+                    continue; // the saga that holds it decides
+                }
+            }
+            match self.mint_says_issued(&q.id).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(
+                        "quote {}: asking the mint whether it is issued: {e:#}",
+                        q.id
+                    );
+                    continue;
+                }
+            }
+            let amount = u64::from(q.amount_paid) - u64::from(q.amount_issued);
             q.amount_issued = q.amount_paid;
             q.state = MintQuoteState::Issued;
-            self.wallet.localstore.add_mint_quote(q).await?;
+            q.used_by_operation = None;
+            let id = q.id.clone();
+            if let Err(e) = self.wallet.localstore.add_mint_quote(q).await {
+                tracing::warn!("quote {id}: marking it issued: {e} (tried again next round)");
+                continue;
+            }
+            fixed.0 += 1;
+            fixed.1 += amount;
         }
         if fixed.0 > 0 {
             tracing::info!(
@@ -434,6 +460,26 @@ impl OperatorWallet {
             );
         }
         Ok(())
+    }
+
+    /// Whether the mint says quote `id` is ISSUED (`GET /v1/ehash/quote/{id}`).
+    async fn mint_says_issued(&self, id: &str) -> anyhow::Result<bool> {
+        let url = format!("{}/v1/ehash/quote/{id}", self.mint_url);
+        let raw = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| anyhow!("{url}: {e}"))?;
+        let status = raw.status();
+        let body = raw.bytes().await.map_err(|e| anyhow!("{url}: {e}"))?;
+        anyhow::ensure!(
+            (200..300).contains(&status),
+            "{url} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let view: serde_json::Value = serde_json::from_slice(&body).context("quote answer")?;
+        Ok(view["state"] == "ISSUED")
     }
 
     /// ehash minted so far, from the wallet's own quotes.
@@ -464,6 +510,7 @@ pub async fn balance(
 ) -> anyhow::Result<WalletStatus> {
     let mut w = OperatorWallet::open(mint_url, secret_hex, data_dir).await?;
     let quotes = w.lookup().await?;
+    w.reconcile_issued(&quotes).await?;
     let (mut st, _, _) = classify(&quotes);
     st.minted = w.minted().await?;
     st.held = u64::from(w.wallet.total_balance().await?);
