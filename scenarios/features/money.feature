@@ -85,3 +85,18 @@ Feature: Money is never stuck, lost or shifted: honest work is paid after its ti
       | depth | blocks   |
       | 1     | 1 block  |
       | 3     | 3 blocks |
+
+  @allow.errors
+  Scenario: a pool whose bitcoind forgot its newest blocks in a crash keeps its miners on the tip it had until the node has it again, so no share is made on a block only that node knows
+    Given a signet stack with the pool side
+    And a proxy "alice" with a locking key
+    And an honest miner "m" behind proxy "alice"
+    When bitcoind mines 3 blocks, one after miner "m" has a share recorded on the tip
+    And bitcoind is killed with SIGKILL while its peer "bitcoind-audit-a" is paused, and comes back without its newest blocks
+    Then for 5 seconds miner "m" gets no job on a block below that tip
+    When the paused peer is resumed
+    Then bitcoind gets the tip it had again from its peer
+    And miner "m" got no job on a block below that tip after the crash
+    When miner "m" has a share recorded on the tip
+    And the miners stop
+    Then every quote of "alice" becomes PAID, none FAILED, and its wallet mints it

@@ -99,6 +99,8 @@ pub struct CutShare {
 #[derive(Default)]
 struct Shared {
     log: Mutex<Vec<Captured>>,
+    /// Frames are kept in `log` (off for a long run: the log would grow with every share).
+    unrecorded: std::sync::atomic::AtomicBool,
     fault: Mutex<Option<Fault>>,
     cut_share: Mutex<Option<CutShare>>,
     connections: Mutex<Vec<CancellationToken>>,
@@ -113,6 +115,9 @@ impl Shared {
             .unwrap_or(Fault::Pass)
     }
     fn push(&self, c: Captured) {
+        if self.unrecorded.load(Ordering::Relaxed) {
+            return;
+        }
         if let Ok(mut log) = self.log.lock() {
             log.push(c);
         }
@@ -185,6 +190,12 @@ impl Sv2Sniffer {
         if let Ok(mut f) = self.shared.fault.lock() {
             *f = Some(fault);
         }
+    }
+
+    /// Keep recording frames (the default) or not: a soak relays for minutes and looks at no
+    /// frame, so it turns recording off and the sniffer's memory stays flat.
+    pub fn set_recording(&self, on: bool) {
+        self.shared.unrecorded.store(!on, Ordering::Relaxed);
     }
 
     /// Close every open connection now (both sides).

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::profile::FORK_NODE;
-use super::schedule::Fault;
+use super::schedule::{Fault, REPLAY_MINER_PREFIX};
 use crate::sqlite_db::WriteLock;
 use crate::supervisor::{Phase, Supervised};
 use crate::Stack;
@@ -57,6 +57,7 @@ pub(super) fn not_up(stack: &Stack, fault: &Fault) -> Option<anyhow::Result<Stri
     let needs: Vec<&str> = match fault {
         Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
         Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
+        Fault::Replay { .. } => vec!["proxy-alice"],
         f => f.process().into_iter().collect(),
     };
     for p in needs {
@@ -131,6 +132,56 @@ pub(super) async fn take_down(stack: &Stack, fault: &Fault) -> anyhow::Result<St
     }
 }
 
+/// Apply (`on`) or undo a fault that acts at once: a pause (SIGSTOP, SIGCONT) or a fault on
+/// the pool's SV2 links (the sniffer every proxy reaches the pool through).
+pub(super) fn at_once(stack: &Stack, fault: &Fault, on: bool) -> anyhow::Result<String> {
+    use crate::sniffer::Fault as Link;
+    let link = |to: Link| -> anyhow::Result<()> {
+        stack.sniffer()?.set_fault(to);
+        Ok(())
+    };
+    match (fault, on) {
+        (Fault::Pause { process }, _) => pause(stack, process, on),
+        (Fault::LinkDelay { ms }, true) => {
+            link(Link::Delay(Duration::from_millis(*ms)))?;
+            Ok(format!("every frame {ms} ms late"))
+        }
+        (Fault::LinkBlackhole, true) => {
+            link(Link::Blackhole)?;
+            Ok("every frame dropped".into())
+        }
+        (Fault::LinkDelay { .. } | Fault::LinkBlackhole, false) => {
+            link(Link::Pass)?;
+            Ok("every frame relayed again".into())
+        }
+        (Fault::LinkCut, true) => {
+            stack.sniffer()?.cut_all();
+            Ok("every connection cut".into())
+        }
+        (f, _) => anyhow::bail!("{} does not act at once", f.describe()),
+    }
+}
+
+/// Start (`on`) or stop a replaying miner. Stopping it says what it saw: shares accepted,
+/// and refused by reason.
+pub(super) async fn replay(stack: &Stack, fault: &Fault, on: bool) -> anyhow::Result<String> {
+    let Fault::Replay { behaviour } = fault else {
+        anyhow::bail!("{} runs no replaying miner", fault.describe());
+    };
+    let miner = stack.miner(&behaviour.miner())?;
+    if on {
+        miner.process().start_again().await?;
+        return Ok("started".into());
+    }
+    let stopped = miner.process().stop().await?;
+    let log = miner.log();
+    Ok(format!(
+        "{stopped}; so far {} accepted, refused {:?}",
+        log.accepted.len(),
+        log.rejected_by_reason()
+    ))
+}
+
 /// SIGSTOP (`stop`) or SIGCONT a process for a pause fault.
 pub(super) fn pause(stack: &Stack, name: &str, stop: bool) -> anyhow::Result<String> {
     let proc = process(stack, name)?;
@@ -167,10 +218,16 @@ pub async fn heal(stack: &Stack, lock: Option<WriteLock>) -> Vec<String> {
         }
     }
     stack.resume_paused();
-    // stack.processes() lists the nodes and Redis before the roles that need them.
+    if let Ok(sniffer) = stack.sniffer() {
+        sniffer.set_fault(crate::sniffer::Fault::Pass);
+    }
+    // stack.processes() lists the nodes and Redis before the roles that need them. A
+    // replaying miner runs only while its fault is in effect.
+    let replaying = format!("miner-{REPLAY_MINER_PREFIX}");
     let (miners, others): (Vec<_>, Vec<_>) = stack
         .processes()
         .into_iter()
+        .filter(|(name, _)| !name.starts_with(&replaying))
         .partition(|(name, _)| name.starts_with("miner-"));
     for (name, p) in others.into_iter().chain(miners) {
         if p.status().phase != Phase::Ready || p.pid().is_none() {

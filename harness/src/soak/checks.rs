@@ -5,6 +5,7 @@
 
 use super::history::History;
 use super::profile::Profile;
+use super::schedule::{Fault, Replay};
 use super::workload::RedemptionRecord;
 use crate::stack_sweep::{proxy_keys, sweep_stack, Check, SweepInputs};
 use crate::Stack;
@@ -137,8 +138,9 @@ pub async fn run(
     for who in profile.honest() {
         match wallet_after_heal(stack, who).await {
             Ok(s) if s.failed > 0 => honest.push(format!(
-                "honest operator {who}: {} ehash of quotes FAILED",
-                s.failed
+                "honest operator {who}: {} ehash of quotes FAILED: {}",
+                s.failed,
+                failed_reasons(stack, who).await
             )),
             Ok(s) if s.held + s.melted + s.melting == 0 => {
                 honest.push(format!("honest operator {who} holds no ehash: {s:?}"))
@@ -173,6 +175,7 @@ pub async fn run(
         profile.fraudulent().join(", "),
     ));
     checks.push(redemption_check(redemptions));
+    checks.push(replay_check(stack, history).await);
 
     let inputs = SweepInputs {
         known: proxy_keys(stack).await,
@@ -219,6 +222,123 @@ fn redemption_check(redemptions: &[RedemptionRecord]) -> Check {
         problems,
         format!("{} redemption(s), {paid} paid", redemptions.len()),
     )
+}
+
+/// Why `who`'s FAILED quotes failed, as the mint says: each reason with its templates and
+/// how many quotes (so a failing run names its cause without its data directory).
+async fn failed_reasons(stack: &Stack, who: &str) -> String {
+    let found = async {
+        let mint = stack.mint()?;
+        let secret = stack
+            .proxy(who)?
+            .locking_secret
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("{who} has no locking key"))?;
+        crate::ehash_api::lookup(&mint.addr, &secret).await
+    };
+    let quotes = match found.await {
+        Ok(q) => q,
+        Err(e) => return format!("(the mint's lookup failed: {e:#})"),
+    };
+    let mut by_reason: std::collections::BTreeMap<
+        String,
+        (std::collections::BTreeSet<u64>, usize),
+    > = Default::default();
+    for q in quotes.iter().filter(|q| q.audit_status == "FAILED") {
+        let e = by_reason
+            .entry(q.reason.clone().unwrap_or_else(|| "no reason".into()))
+            .or_default();
+        e.0.insert(q.template_id);
+        e.1 += 1;
+    }
+    by_reason
+        .iter()
+        .map(|(reason, (templates, n))| {
+            format!("{n} quote(s) of template(s) {templates:?}: {reason}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The replaying miners, judged from their own logs and the pool's records: no share was
+/// accepted twice, every share one of them saw accepted has exactly one record, and a
+/// duplicating miner that ran had some replay refused as `duplicate-share` (or the check is
+/// vacuous and fails).
+pub async fn replay_check(stack: &Stack, history: &History) -> Check {
+    let name = "replayed shares: refused, never accepted or recorded twice";
+    let ran = |behaviour: &str| {
+        let fault = Fault::Replay {
+            behaviour: match behaviour {
+                "duplicate" => Replay::Duplicate,
+                _ => Replay::Stale,
+            },
+        }
+        .describe();
+        history
+            .faults
+            .iter()
+            .any(|f| f.what == "apply" && f.fault == fault && f.result.as_deref() == Ok("started"))
+    };
+    let records = async {
+        let mut conn = stack.redis()?.connect().await?;
+        crate::invariants::share_records(&mut conn).await
+    };
+    let mut per_hash: std::collections::HashMap<String, usize> = Default::default();
+    match records.await {
+        Ok(r) => r
+            .into_iter()
+            .for_each(|(_, r)| *per_hash.entry(r.share_hash.clone()).or_default() += 1),
+        Err(e) => {
+            return check(
+                name,
+                vec![format!("reading the share records: {e:#}")],
+                String::new(),
+            )
+        }
+    }
+    let mut problems = Vec::new();
+    let mut summary = Vec::new();
+    for replay in [Replay::Duplicate, Replay::Stale] {
+        let Ok(miner) = stack.miner(&replay.miner()) else {
+            continue;
+        };
+        let log = miner.log();
+        let refused = log.rejected_by_reason();
+        let mut seen: std::collections::HashMap<&str, usize> = Default::default();
+        for h in &log.accepted {
+            *seen.entry(h.as_str()).or_default() += 1;
+        }
+        for (h, n) in &seen {
+            if *n > 1 {
+                problems.push(format!("{}: share {h} accepted {n} times", replay.miner()));
+            }
+            let records = per_hash.get(*h).copied().unwrap_or(0);
+            if records != 1 {
+                problems.push(format!(
+                    "{}: share {h} accepted, {records} record(s)",
+                    replay.miner()
+                ));
+            }
+        }
+        let duplicates = refused.get("duplicate-share").copied().unwrap_or(0);
+        if replay == Replay::Duplicate
+            && ran("duplicate")
+            && !log.accepted.is_empty()
+            && duplicates == 0
+        {
+            problems.push(format!(
+                "{} ran and had {} share(s) accepted but no replay refused as duplicate-share: {refused:?}",
+                replay.miner(),
+                log.accepted.len()
+            ));
+        }
+        summary.push(format!(
+            "{}: {} accepted, refused {refused:?}",
+            replay.miner(),
+            log.accepted.len()
+        ));
+    }
+    check(name, problems, summary.join("; "))
 }
 
 /// What `who`'s wallet reports after a whole round that started after this call.

@@ -203,9 +203,12 @@ impl<'a> Nemesis<'a> {
         }
         self.faults.active.insert(i);
         match f {
-            Fault::Pause { process } => {
-                let r = actions::pause(stack, process, true);
-                if r.is_ok() {
+            Fault::Pause { .. }
+            | Fault::LinkDelay { .. }
+            | Fault::LinkBlackhole
+            | Fault::LinkCut => {
+                let r = actions::at_once(stack, f, true);
+                if r.is_ok() && schedule.faults[i].for_ms > 0 {
                     self.faults.applied.insert(i);
                 } else {
                     self.faults.active.remove(&i);
@@ -228,6 +231,9 @@ impl<'a> Nemesis<'a> {
                     Done::Fault(i, "apply", at, actions::apply_beside(stack, f).await)
                 }))
             }
+            Fault::Replay { .. } => self.beside.push(Box::pin(async move {
+                Done::Fault(i, "apply", at, actions::replay(stack, f, true).await)
+            })),
         }
     }
 
@@ -294,9 +300,9 @@ impl<'a> Nemesis<'a> {
                     Done::Fault(i, "undo", at, r)
                 }))
             }
-            Fault::Pause { process } => {
+            Fault::Pause { .. } | Fault::LinkDelay { .. } | Fault::LinkBlackhole => {
                 self.faults.active.remove(&i);
-                let r = actions::pause(stack, process, false);
+                let r = actions::at_once(stack, f, false);
                 let now = self.started.elapsed();
                 self.out
                     .history
@@ -312,7 +318,10 @@ impl<'a> Nemesis<'a> {
                     Done::Fault(i, "undo", at, r)
                 }))
             }
-            Fault::Reorg { .. } | Fault::LookupBurst { .. } => {
+            Fault::Replay { .. } => self.beside.push(Box::pin(async move {
+                Done::Fault(i, "undo", at, actions::replay(stack, f, false).await)
+            })),
+            Fault::Reorg { .. } | Fault::LookupBurst { .. } | Fault::LinkCut => {
                 self.faults.active.remove(&i);
             }
         }

@@ -2,8 +2,10 @@
 //! chain (the pool's node holds matured rewards, so redemptions pay real sats).
 //!
 //! - `small`: bitcoind, Redis, pool, mint, auditors `a` and `b` (each with its audit node),
-//!   honest operator `alice` (proxy on pool templates, a CPU miner, a Lightning node with a
-//!   channel from the pool's), fraudulent operator `mallory` (declares templates from its own
+//!   the harness's SV2 sniffer between every proxy and the pool, honest operator `alice`
+//!   (proxy on pool templates, a CPU miner, a Lightning node with a channel from the pool's,
+//!   and two replaying miners, `replay-duplicate` and `replay-stale`, down until a replay
+//!   fault starts one), fraudulent operator `mallory` (declares templates from its own
 //!   node, each invalid by the next of the seven audited fraud kinds), Lightning node `carol` that no channel reaches, and
 //!   node `fork` that mines the competing branches of reorganisations.
 //! - `full`: the small stack plus honest operator `dave` declaring its own templates from its
@@ -14,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::schedule::Replay;
 use crate::roles::MinerOptions;
 use crate::wait::wait_until;
 use crate::{Chain, HarnessConfig, Stack};
@@ -124,6 +127,10 @@ impl Profile {
         stack
             .start_redemption_side(&pool, &Default::default(), POOL_FEE_PPM)
             .await?;
+        // Every proxy reaches the pool through the harness's SV2 sniffer, so the nemesis can
+        // delay, blackhole and cut the pool's links. It records no frame (a run relays
+        // millions).
+        stack.start_sniffer().await?.set_recording(false);
         stack.start_auditor("b", 2).await?;
         stack.start_operator_node(FORK_NODE).await?;
         stack.start_operator_node("mallory").await?;
@@ -133,6 +140,19 @@ impl Profile {
         stack.start_miner("mallory-cpu", "mallory", &miner).await?;
         stack.start_proxy("alice", true, 500_000.0).await?;
         stack.start_miner("alice-cpu", "alice", &miner).await?;
+        // Replaying miners behind alice, down until a replay fault starts one.
+        for replay in [Replay::Duplicate, Replay::Stale] {
+            let opts = MinerOptions {
+                behaviour: replay.behaviour().into(),
+                ..miner.clone()
+            };
+            stack
+                .start_miner(&replay.miner(), "alice", &opts)
+                .await?
+                .process()
+                .stop()
+                .await?;
+        }
         if self == Profile::Full {
             stack.start_operator_node("dave").await?;
             stack

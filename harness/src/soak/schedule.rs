@@ -45,7 +45,51 @@ pub enum Fault {
     },
     /// Another process holds the mint database's write lock for the fault's duration.
     MintDbLock,
+    /// Every SV2 frame between the proxies and the pool (the harness's sniffer relays them)
+    /// leaves this much later, for the fault's duration.
+    LinkDelay {
+        /// Delay of each frame, ms.
+        ms: u64,
+    },
+    /// Every SV2 frame between the proxies and the pool is dropped, both ways, for the
+    /// fault's duration; the connections stay open.
+    LinkBlackhole,
+    /// Every SV2 connection between the proxies and the pool is cut at once.
+    LinkCut,
+    /// A miner behind `alice` that replays its shares runs for the fault's duration.
+    Replay {
+        /// How it replays.
+        behaviour: Replay,
+    },
 }
+
+/// How a replaying miner replays (the `hashpool-miner --behaviour` of that name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replay {
+    /// Submits every share twice.
+    Duplicate,
+    /// Holds a share back and submits it once a new block replaced its job.
+    Stale,
+}
+
+impl Replay {
+    /// The miner's behaviour name.
+    pub fn behaviour(self) -> &'static str {
+        match self {
+            Replay::Duplicate => "duplicate",
+            Replay::Stale => "stale",
+        }
+    }
+
+    /// The replaying miner's name in the stack (its process is `miner-<name>`).
+    pub fn miner(self) -> String {
+        format!("{REPLAY_MINER_PREFIX}{}", self.behaviour())
+    }
+}
+
+/// Names of the replaying miners: they run only while a replay fault is in effect.
+pub const REPLAY_MINER_PREFIX: &str = "replay-";
 
 impl Fault {
     /// The process this fault takes down or pauses, if any.
@@ -63,6 +107,8 @@ impl Fault {
         match self {
             Fault::Reorg { .. } => "bitcoind".into(),
             Fault::LookupBurst { .. } | Fault::MintDbLock => "mint".into(),
+            Fault::LinkDelay { .. } | Fault::LinkBlackhole | Fault::LinkCut => "pool-links".into(),
+            Fault::Replay { .. } => "replay-miner".into(),
             f => f.process().unwrap_or_default().to_string(),
         }
     }
@@ -76,6 +122,12 @@ impl Fault {
             Fault::Reorg { depth } => format!("reorganise {depth} block(s)"),
             Fault::LookupBurst { keys } => format!("{keys} lookups from fresh keys"),
             Fault::MintDbLock => "lock the mint's database".into(),
+            Fault::LinkDelay { ms } => format!("delay the pool's SV2 links by {ms} ms"),
+            Fault::LinkBlackhole => "blackhole the pool's SV2 links".into(),
+            Fault::LinkCut => "cut the pool's SV2 links".into(),
+            Fault::Replay { behaviour } => {
+                format!("a {} replaying miner behind alice", behaviour.behaviour())
+            }
         }
     }
 }
@@ -149,15 +201,23 @@ enum Kind {
     Reorg,
     LookupBurst,
     MintDbLock,
+    LinkDelay,
+    LinkBlackhole,
+    LinkCut,
+    Replay,
 }
 
-const CATALOGUE: [(Kind, u32); 6] = [
+const CATALOGUE: [(Kind, u32); 10] = [
     (Kind::Kill, 30),
     (Kind::Terminate, 15),
     (Kind::Pause, 30),
     (Kind::Reorg, 8),
     (Kind::LookupBurst, 8),
     (Kind::MintDbLock, 9),
+    (Kind::LinkDelay, 5),
+    (Kind::LinkBlackhole, 4),
+    (Kind::LinkCut, 4),
+    (Kind::Replay, 6),
 ];
 
 /// Mean gap between two faults' offsets, ms.
@@ -203,6 +263,24 @@ impl Schedule {
                     0,
                 ),
                 Kind::MintDbLock => (Fault::MintDbLock, rng.gen_range(1_000..20_000)),
+                Kind::LinkDelay => (
+                    Fault::LinkDelay {
+                        ms: rng.gen_range(50..2_000),
+                    },
+                    rng.gen_range(1_000..15_000),
+                ),
+                Kind::LinkBlackhole => (Fault::LinkBlackhole, rng.gen_range(500..8_000)),
+                Kind::LinkCut => (Fault::LinkCut, 0),
+                Kind::Replay => (
+                    Fault::Replay {
+                        behaviour: if rng.gen_bool(0.7) {
+                            Replay::Duplicate
+                        } else {
+                            Replay::Stale
+                        },
+                    },
+                    rng.gen_range(5_000..20_000),
+                ),
             };
             let candidate = ScheduledFault {
                 at_ms: at,

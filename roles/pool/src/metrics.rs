@@ -51,6 +51,8 @@ pub struct PoolMetrics {
     pub declarations: IntCounterVec,
     /// `SetCustomMiningJob`s, by result (`accepted` or the SV2 error code).
     pub custom_jobs: IntCounterVec,
+    /// Times bitcoind came back without the tip the pool mined on (it lost blocks).
+    pub forgotten_tips: IntCounter,
     /// Open connections.
     pub connections: IntGauge,
     /// Open channels.
@@ -161,6 +163,10 @@ impl PoolMetrics {
                 ),
                 &["result"],
             )?,
+            forgotten_tips: IntCounter::with_opts(Opts::new(
+                "hashpool_pool_forgotten_tips_total",
+                "Times bitcoind did not know the tip the pool mined on (it lost its newest blocks)",
+            ))?,
             connections: IntGauge::with_opts(Opts::new(
                 "hashpool_pool_connections",
                 "Open connections",
@@ -186,6 +192,7 @@ impl PoolMetrics {
             Box::new(m.refused.clone()),
             Box::new(m.declarations.clone()),
             Box::new(m.custom_jobs.clone()),
+            Box::new(m.forgotten_tips.clone()),
             Box::new(m.connections.clone()),
             Box::new(m.channels.clone()),
         ];

@@ -24,6 +24,14 @@ use crate::metrics::PoolMetrics;
 /// Templates kept for block submission and audits (several tips' worth).
 const KEPT_TEMPLATES: usize = 64;
 
+/// Longest time the pool keeps its miners on the tip it has while bitcoind does not know that
+/// tip (it forgot its newest blocks in a crash and gets them again from its peers). A node
+/// with no peer never gets them: then the pool mines on what the node has.
+pub const FORGOTTEN_TIP_WAIT: Duration = Duration::from_secs(30);
+
+/// Core's JSON-RPC code for a block it does not know.
+const RPC_INVALID_ADDRESS_OR_KEY: i32 = -5;
+
 /// One template and everything needed to rebuild its block.
 #[derive(Debug)]
 pub struct TemplateRecord {
@@ -194,6 +202,8 @@ impl TemplateSource {
         tokio::pin!(shutdown);
         let mut last_refresh = Instant::now();
         let mut failing = false;
+        // The tip the node forgot, and since when (see `FORGOTTEN_TIP_WAIT`).
+        let mut forgotten: Option<(String, Instant)> = None;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -207,6 +217,20 @@ impl TemplateSource {
                     .as_ref()
                     .map(|c| c.prev_hash_display != best)
                     .unwrap_or(true);
+                if !tip_changed {
+                    if let Some((tip, since)) = forgotten.take() {
+                        tracing::info!(
+                            tip = %tip,
+                            "bitcoind has the tip the pool mines on again after {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                if let (true, Some(c)) = (tip_changed, current.as_deref()) {
+                    if self.keep_forgotten_tip(c, &best, &mut forgotten).await? {
+                        return Ok(());
+                    }
+                }
                 if tip_changed || last_refresh.elapsed() >= self.refresh {
                     last_refresh = Instant::now();
                     self.rebuild(current.as_deref()).await?;
@@ -226,6 +250,64 @@ impl TemplateSource {
                 _ => {}
             }
         }
+    }
+
+    /// Whether to keep the miners on `current`'s tip although bitcoind's best block is now
+    /// `best`: bitcoind does not know that tip. A node that was killed comes back with the
+    /// chain it last wrote to disk (Core writes its block index about hourly), behind the
+    /// blocks it had, and catches up only once a peer reconnects. A template on the older
+    /// block would have miners work on a chain the network left: a block found there is stale
+    /// and known to this node alone, so no audit node could ever check the shares made on
+    /// it. A reorganisation (the node knows the old tip, on a branch) and a node that stays
+    /// behind for [`FORGOTTEN_TIP_WAIT`] are followed as before.
+    async fn keep_forgotten_tip(
+        &self,
+        current: &TemplateRecord,
+        best: &str,
+        forgotten: &mut Option<(String, Instant)>,
+    ) -> anyhow::Result<bool> {
+        let tip = &current.prev_hash_display;
+        let knows = match self
+            .rpc
+            .call::<serde_json::Value>("getblockheader", &[json!(tip)])
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.code() == Some(RPC_INVALID_ADDRESS_OR_KEY) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if knows {
+            *forgotten = None;
+            return Ok(false);
+        }
+        let since = match forgotten {
+            Some((t, since)) if t == tip => *since,
+            _ => {
+                tracing::warn!(
+                    tip = %tip,
+                    node_best = %best,
+                    "bitcoind does not know the tip the pool mines on (it lost its newest blocks, \
+                     a crash?): miners stay on it while the node catches up from its peers, at \
+                     most {} s",
+                    FORGOTTEN_TIP_WAIT.as_secs()
+                );
+                self.metrics.forgotten_tips.inc();
+                *forgotten = Some((tip.clone(), Instant::now()));
+                Instant::now()
+            }
+        };
+        if since.elapsed() < FORGOTTEN_TIP_WAIT {
+            return Ok(true);
+        }
+        tracing::warn!(
+            tip = %tip,
+            node_best = %best,
+            "bitcoind still does not know the tip the pool mined on after {} s (no peer has \
+             it?): mining on the node's best block",
+            FORGOTTEN_TIP_WAIT.as_secs()
+        );
+        *forgotten = None;
+        Ok(false)
     }
 
     /// Fetch a template; publish it if it differs from `current`. Returns whether it did.

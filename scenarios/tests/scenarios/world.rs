@@ -28,6 +28,12 @@ pub struct HarnessWorld {
     pub payment: Option<FaucetPayment>,
     /// Process generation killed by the last fault step.
     pub killed_generation: Option<u64>,
+    /// How many job tips each miner had logged when bitcoind was killed.
+    pub tips_at_crash: std::collections::HashMap<String, usize>,
+    /// A process a step paused, to be resumed by a later one.
+    pub paused_peer: Option<String>,
+    /// Job tips a miner logged since bitcoind was killed.
+    pub jobs_since_crash: usize,
     /// Stream entries remembered before a fault: (id, fields).
     pub stream_before: Vec<(String, Vec<(String, String)>)>,
     /// The error of a step that was expected to fail.
@@ -105,6 +111,9 @@ impl HarnessWorld {
             mined: Vec::new(),
             payment: None,
             killed_generation: None,
+            tips_at_crash: Default::default(),
+            paused_peer: None,
+            jobs_since_crash: 0,
             stream_before: Vec::new(),
             last_error: None,
             pool_options: PoolOptions::default(),

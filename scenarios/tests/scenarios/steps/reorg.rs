@@ -124,3 +124,141 @@ async fn replaced_verdicts(w: &mut HarnessWorld, who: String) -> anyhow::Result<
     let replaced: Vec<String> = reorg.replaced.iter().map(|h| h.to_string()).collect();
     super::audit::verdicts_on(w, &who, |parent| replaced.iter().any(|r| r == parent)).await
 }
+
+/// Core's own word on where a (re)started node came back: the height of the last
+/// `Loaded best chain` line of its log.
+fn loaded_height(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("Loaded best chain:"))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("height="))?
+        .parse()
+        .ok()
+}
+
+/// A process of the default stack by its `stack.json` name.
+fn named<'a>(
+    w: &'a HarnessWorld,
+    name: &str,
+) -> anyhow::Result<&'a harness::supervisor::Supervised> {
+    w.default_stack()?
+        .processes()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p)
+        .with_context(|| format!("no process {name}"))
+}
+
+#[when(
+    expr = "bitcoind is killed with SIGKILL while its peer {string} is paused, and comes back without its newest blocks"
+)]
+async fn node_forgets(w: &mut HarnessWorld, peer: String) -> anyhow::Result<()> {
+    // The peer is held off so the node comes back alone, behind, for as long as the next
+    // step watches (otherwise it reconnects within a second and the race decides).
+    named(w, &peer)?.pause()?;
+    let stack = w.default_stack()?;
+    let node = stack.bitcoind()?;
+    let before = node.chain_info().await?;
+    let tips_before = stack
+        .miners()
+        .map(|m| (m.name.clone(), m.log().tips.len()))
+        .collect();
+    // Killed and held down, then started as a service manager would: no `-reindex` (the
+    // supervisor's own crash restart adds one, and Core then reads every block back from its
+    // block files), so the node comes back with the block index it last wrote.
+    let p = node.process();
+    p.crash().await?;
+    p.start_again().await?;
+    let log = std::fs::read_to_string(p.spec().stdout_log())?;
+    let loaded = loaded_height(&log).context("bitcoind's log has no `Loaded best chain` line")?;
+    // Core writes its block index to disk about hourly: a node killed minutes after its start
+    // comes back with the chain it started with. Anything else cannot show the case.
+    anyhow::ensure!(
+        loaded < before.blocks,
+        "bitcoind came back at height {loaded}, not below the {} it had: it kept its newest blocks, so this run cannot show a node that forgot them",
+        before.blocks
+    );
+    println!(
+        "[scenario] bitcoind killed at height {}, came back at {loaded}",
+        before.blocks
+    );
+    w.tip_before = Some((before.blocks, before.bestblockhash));
+    w.tips_at_crash = tips_before;
+    w.paused_peer = Some(peer);
+    Ok(())
+}
+
+#[then(expr = "for {int} seconds miner {string} gets no job on a block below that tip")]
+async fn watch_no_job_below(w: &mut HarnessWorld, secs: u64, name: String) -> anyhow::Result<()> {
+    let until = Instant::now() + scaled(Duration::from_secs(secs));
+    while Instant::now() < until {
+        no_job_below(w, name.clone()).await?;
+        // Poll interval of a bounded watch over the miner's log.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[when("the paused peer is resumed")]
+async fn resume_peer(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let peer = w.paused_peer.take().context("no peer paused")?;
+    named(w, &peer)?.resume()
+}
+
+#[then("bitcoind gets the tip it had again from its peer")]
+async fn node_catches_up(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let (height, hash) = w.tip_before.clone().context("no tip remembered")?;
+    let node = w.default_stack()?.bitcoind()?;
+    harness::wait::wait_until(
+        &format!("bitcoind to have block {hash} (height {height}) in its chain again"),
+        Duration::from_secs(90),
+        || async {
+            let h: serde_json::Value = node
+                .rpc()
+                .call("getblockheader", &[serde_json::json!(hash)])
+                .await
+                .map_err(|e| e.to_string())?;
+            match h["confirmations"].as_i64() {
+                Some(c) if c >= 1 => Ok(()),
+                c => Err(format!("not in its active chain (confirmations {c:?})")),
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[then(expr = "miner {string} got no job on a block below that tip after the crash")]
+async fn no_job_below_step(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    no_job_below(w, name.clone()).await?;
+    println!(
+        "[scenario] miner {name}: {} job tip(s) since the crash, none below the tip bitcoind had",
+        w.jobs_since_crash
+    );
+    Ok(())
+}
+
+async fn no_job_below(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
+    let (height, _) = w.tip_before.clone().context("no tip remembered")?;
+    let stack = w.default_stack()?;
+    let node = stack.bitcoind()?;
+    let from = w.tips_at_crash.get(&name).copied().unwrap_or(0);
+    let tips = stack.miner(&name)?.log().tips;
+    for tip in tips.iter().skip(from) {
+        // The pool's node knows every block it handed out a template on (stale ones too).
+        let h: serde_json::Value = node
+            .rpc()
+            .call("getblockheader", &[serde_json::json!(tip)])
+            .await
+            .with_context(|| format!("miner {name} got a job on {tip}, unknown to bitcoind"))?;
+        let at = h["height"].as_u64().context("header height")?;
+        anyhow::ensure!(
+            at >= height,
+            "miner {name} got a job on block {tip} at height {at}, below the tip {height} bitcoind had before the crash (Bitcoin Core: {} confirmation(s))",
+            h["confirmations"]
+        );
+    }
+    w.jobs_since_crash = tips.len().saturating_sub(from);
+    Ok(())
+}
