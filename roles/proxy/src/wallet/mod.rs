@@ -136,11 +136,17 @@ impl OperatorWallet {
             .unit(CurrencyUnit::custom(UNIT))
             .localstore(Arc::new(db))
             .seed(seed_of(&secret))
+            // cdk 0.18 paces a wallet's requests to each mint host by default (a burst of 20,
+            // then 20 a minute: `RateLimitConfig::default`, sized for public mints). An
+            // operator's wallet mints every share of its miners at its own pool's mint, and
+            // cdk's recovery of an interrupted batch mint asks the mint about each quote of the
+            // batch: 174 quotes took over 5 minutes at that pace, the round stalled behind it
+            // (soak seed 5). The pool's mint protects itself; its own operators are not paced.
+            .without_rate_limiting()
             .build()
             .map_err(|e| anyhow!("wallet: {e}"))?;
         // A mint interrupted by a crash or a lost answer leaves its quotes reserved: settle it.
-        // Bounded: after restoring an interrupted batch mint's proofs, cdk's recovery has been
-        // seen to hang (soak seed 1); the proofs are stored by then, and start-up goes on.
+        // Bounded, so a mint that does not answer does not hold up start-up.
         let recovery_pending = !recover(&wallet, "interrupted wallet operations").await;
         Ok(Self {
             wallet,
@@ -574,5 +580,29 @@ async fn recover(wallet: &cdk::wallet::Wallet, what: &str) -> bool {
             tracing::warn!("recovering {what} did not finish within {RECOVERY_TIMEOUT:?}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator's wallet is not paced by cdk's client-side limiter (20 requests a minute
+    /// by default), which stalled the recovery of an interrupted batch mint for minutes.
+    #[tokio::test]
+    async fn the_wallet_is_not_rate_limited() {
+        let dir = std::env::temp_dir().join(format!(
+            "hashpool-wallet-test-{}-{}",
+            std::process::id(),
+            line!()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let secret = "11".repeat(32);
+        // Nothing listens there: opening needs no answer from the mint.
+        let wallet = OperatorWallet::open("http://127.0.0.1:9", &secret, &dir)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!wallet.wallet.is_rate_limited());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
