@@ -203,6 +203,9 @@ impl Bitcoind {
             // A copied chain's tip is as old as the cache; it must not look like an IBD node.
             .arg("-maxtipage=2000000000")
             .arg("-printtoconsole=1")
+            // Each RPC method called is logged (`ThreadRPCServer method=...`): what a role
+            // asked of the node, an oracle apart from the role's own account.
+            .arg("-debug=rpc")
             .arg("-nodebuglogfile");
         for arg in &opts.extra_args {
             spec = spec.arg(arg);

@@ -29,8 +29,9 @@ pub const GROUP: &str = "mint";
 const BLOCK: Duration = Duration::from_millis(500);
 /// How often entries abandoned by another consumer are looked for.
 const RECLAIM_EVERY: Duration = Duration::from_secs(2);
-/// How often valid templates are checked for their settlement time.
-const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// Longest sleep of the settlement loop with nothing due (it is woken when a valid template
+/// is given its settlement time, and at the next due time).
+const SETTLE_IDLE: Duration = Duration::from_secs(10);
 /// First pause after a Redis or database error; doubles up to 2 s.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -278,8 +279,8 @@ async fn read_loop(
     }
 }
 
-/// Pay valid templates whose settlement time has come, until `stop`: it looks every
-/// `SETTLE_EVERY` (a new delayed template may be due soon) or at the next due time.
+/// Pay valid templates whose settlement time has come, until `stop`: it wakes at the next
+/// due time, when a valid template is given its time, or after `SETTLE_IDLE`.
 async fn settle_loop(
     store: Arc<Store>,
     mint: Arc<Mint>,
@@ -293,8 +294,8 @@ async fn settle_loop(
                 notify(&mint, &metrics, &changed);
                 backoff = MIN_BACKOFF;
                 next.map(|at| Duration::from_millis(at.saturating_sub(now_ms())))
-                    .unwrap_or(SETTLE_EVERY)
-                    .min(SETTLE_EVERY)
+                    .unwrap_or(SETTLE_IDLE)
+                    .min(SETTLE_IDLE)
             }
             Err(e) => {
                 tracing::warn!("settlement failed, retrying in {backoff:?}: {e:#}");
@@ -304,8 +305,9 @@ async fn settle_loop(
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            // The settlement clock: the next due template, or a look for new ones.
+            // The settlement clock: the next due template, or a new one given its time.
             _ = tokio::time::sleep(wait) => {}
+            _ = store.settlement_scheduled() => {}
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct HarnessWorld {
     pub paused_peer: Option<String>,
     /// Job tips a miner logged since bitcoind was killed.
     pub jobs_since_crash: usize,
+    /// Where bitcoind's log stood when the mint was started again.
+    pub node_log_from: Option<u64>,
     /// Stream entries remembered before a fault: (id, fields).
     pub stream_before: Vec<(String, Vec<(String, String)>)>,
     /// The error of a step that was expected to fail.
@@ -114,6 +116,7 @@ impl HarnessWorld {
             tips_at_crash: Default::default(),
             paused_peer: None,
             jobs_since_crash: 0,
+            node_log_from: None,
             stream_before: Vec::new(),
             last_error: None,
             pool_options: PoolOptions::default(),

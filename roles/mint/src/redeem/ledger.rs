@@ -17,11 +17,8 @@
 //! says the payment can no longer complete (see `mod.rs`), so a crash between the two holds
 //! sats back for a while, never pays twice from the same reserve.
 //!
-//! Matured rewards are counted from bitcoind incrementally, and follow the active chain: when
-//! a reorganisation replaces a block the count went past, the count goes back to the fork and
-//! counts the new blocks (a reorganisation that removes a matured coinbase lowers the reserve).
+//! Matured rewards are counted from bitcoind incrementally ([`super::matured`]).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -29,31 +26,18 @@ use anyhow::{anyhow, Context};
 use bitcoind_rpc::BitcoinRpc;
 use cdk_common::database::DynKVStore;
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::Mutex;
 
+use super::matured::Scan;
 pub use super::tally::{fee_reserve_msat, to_ehash, QuoteTerms, Reserve, Tally};
 use crate::store::Store;
 
-const NS: &str = "redeem";
+pub(super) const NS: &str = "redeem";
 /// Confirmations a coinbase needs before it may be spent (consensus).
 pub const COINBASE_MATURITY: u64 = 100;
 /// Longest wait for one bitcoind answer: a paused node must not hang melts and `/metrics`.
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-/// Blocks walked back at most to find where a reorganisation left the counted chain.
-const MAX_REORG_DEPTH: u64 = 10_000;
-
-/// How far the matured rewards are counted, and what was counted per block.
-#[derive(Debug, Default)]
-struct Scan {
-    /// Heights below this are counted.
-    next: u64,
-    /// Hash of block `next - 1` as counted.
-    last: Option<String>,
-    matured_sat: u64,
-    /// Blocks whose coinbase paid the payout script: height -> (hash, sats).
-    counted: BTreeMap<u64, (String, u64)>,
-}
 
 /// One held melt, as the resolver sees it.
 #[derive(Debug, Clone)]
@@ -88,20 +72,20 @@ pub struct MeltView {
 
 /// The redemption ledger.
 pub struct Ledger {
-    kv: DynKVStore,
+    pub(super) kv: DynKVStore,
     rpc: BitcoinRpc,
-    payout_script: String,
+    pub(super) payout_script: String,
     pool_fee_ppm: u64,
     /// Routing fee reserve: parts per million of the invoice, at least this many msat.
     pub(crate) fee_reserve: (u64, u64),
     store: OnceLock<Arc<Store>>,
-    scan: Mutex<Scan>,
+    pub(super) scan: Mutex<Scan>,
     /// Held across "check the reserve, then hold" and every change of a hold: two melts
     /// cannot both take the last sats, and a hold is settled or released once.
     pub(crate) hold_lock: Mutex<()>,
 }
 
-fn kv_err(e: impl std::fmt::Display) -> anyhow::Error {
+pub(super) fn kv_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("database: {e}")
 }
 
@@ -146,85 +130,12 @@ impl Ledger {
         let _ = self.store.set(store);
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: &str, params: &[Value]) -> anyhow::Result<T> {
+    pub(super) async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: &[Value],
+    ) -> anyhow::Result<T> {
         Ok(self.rpc.call_timeout(method, params, RPC_TIMEOUT).await?)
-    }
-
-    /// Matured rewards on the active chain: coinbase outputs to the payout script with 100
-    /// confirmations, counted incrementally from bitcoind; a reorganisation below the count
-    /// takes back what the replaced blocks added.
-    async fn matured(&self) -> anyhow::Result<(u64, u64)> {
-        let tip: u64 = self.call("getblockcount", &[]).await?;
-        let mut scan = self.scan.lock().await;
-        if let Some(last) = scan.last.clone() {
-            let header: Value = self.call("getblockheader", &[json!(last)]).await?;
-            if header["confirmations"].as_i64().unwrap_or(-1) < 0 {
-                let fork = self.fork_height(&last).await?;
-                let gone: Vec<u64> = scan.counted.range(fork + 1..).map(|(h, _)| *h).collect();
-                let mut lost = 0;
-                for h in gone {
-                    if let Some((_, sats)) = scan.counted.remove(&h) {
-                        lost += sats;
-                    }
-                }
-                scan.matured_sat -= lost;
-                scan.next = fork + 1;
-                scan.last = Some(self.call("getblockhash", &[json!(fork)]).await?);
-                tracing::warn!(
-                    fork,
-                    lost_sat = lost,
-                    "a reorganisation replaced counted blocks: their matured rewards no longer count"
-                );
-            }
-        }
-        // A coinbase at height h has tip - h + 1 confirmations.
-        if let Some(last_mature) = (tip + 1).checked_sub(COINBASE_MATURITY) {
-            while scan.next <= last_mature {
-                let height = scan.next;
-                let hash: String = self.call("getblockhash", &[json!(height)]).await?;
-                let block: Value = self.call("getblock", &[json!(hash), json!(2)]).await?;
-                // A reorganisation in the middle of the count: this block is not a child of
-                // the last one counted. Count again from where the chains meet (next call).
-                if let Some(last) = &scan.last {
-                    if block["previousblockhash"].as_str() != Some(last.as_str()) {
-                        anyhow::bail!(
-                            "the chain reorganised while matured rewards were counted (block {height} does not follow {last}): counted again at the next look"
-                        );
-                    }
-                }
-                let mut sats = 0;
-                for out in block["tx"][0]["vout"].as_array().into_iter().flatten() {
-                    if out["scriptPubKey"]["hex"].as_str() == Some(&self.payout_script) {
-                        sats += bitcoin::Amount::from_btc(out["value"].as_f64().unwrap_or(0.0))
-                            .context("coinbase output value")?
-                            .to_sat();
-                    }
-                }
-                if sats > 0 {
-                    scan.counted.insert(height, (hash.clone(), sats));
-                    scan.matured_sat += sats;
-                }
-                scan.last = Some(hash);
-                scan.next += 1;
-            }
-        }
-        Ok((tip, scan.matured_sat))
-    }
-
-    /// Height of the last block `hash` (no longer in the active chain) shares with it.
-    async fn fork_height(&self, hash: &str) -> anyhow::Result<u64> {
-        let mut at = hash.to_string();
-        for _ in 0..MAX_REORG_DEPTH {
-            let h: Value = self.call("getblockheader", &[json!(at)]).await?;
-            if h["confirmations"].as_i64().unwrap_or(-1) >= 0 {
-                return h["height"].as_u64().context("header height");
-            }
-            at = h["previousblockhash"]
-                .as_str()
-                .context("a stale block without a parent")?
-                .to_string();
-        }
-        anyhow::bail!("a reorganisation deeper than {MAX_REORG_DEPTH} blocks")
     }
 
     async fn read_tally(&self) -> anyhow::Result<Tally> {

@@ -14,6 +14,7 @@
 
 pub mod ledger;
 pub mod lightning;
+mod matured;
 mod outcome;
 mod resolve;
 pub mod tally;

@@ -76,6 +76,9 @@ pub struct Store {
     writer: tokio::sync::Mutex<()>,
     /// The replay check of signed lookups.
     lookups: std::sync::Mutex<LookupGuard>,
+    /// Woken when a valid template is given a settlement time (the settlement loop sleeps
+    /// until the next one is due).
+    settle_wake: tokio::sync::Notify,
 }
 
 fn json<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
@@ -104,6 +107,7 @@ impl Store {
             method: PaymentMethod::Custom(METHOD.into()),
             writer: tokio::sync::Mutex::new(()),
             lookups: std::sync::Mutex::new(LookupGuard::new(now_ms(), lookup_window_ms)),
+            settle_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -249,6 +253,7 @@ impl Store {
         let _w = self.writer.lock().await;
         let mut tx = self.begin().await?;
         let mut paid = Vec::new();
+        let mut delayed = false;
         for r in results {
             let state = TemplateState {
                 verdict: r.verdict.as_str().into(),
@@ -301,11 +306,22 @@ impl Store {
                     tx.kv_write(NS, "due", &tid, (now_ms + delay_ms).to_string().as_bytes())
                         .await
                         .map_err(|e| anyhow!("{e}"))?;
+                    delayed = true;
                 }
             }
         }
         tx.commit().await.map_err(|e| anyhow!("commit: {e}"))?;
+        if delayed {
+            // A permit is kept if the loop is not waiting yet: it looks again at once.
+            self.settle_wake.notify_one();
+        }
         Ok(paid)
+    }
+
+    /// Until a valid template is given a settlement time ([`Self::settle_due`]'s caller
+    /// sleeps on this and the next due time).
+    pub async fn settlement_scheduled(&self) {
+        self.settle_wake.notified().await
     }
 
     /// Pay every quote of a valid template and mark it settled.
@@ -339,19 +355,25 @@ impl Store {
         Ok(paid)
     }
 
-    /// Settle the valid templates whose time has come, one transaction each. Returns the
+    /// Settle the valid templates whose time has come, one transaction each; a template not
+    /// due yet is only read (its `due` entry holds its time), never written. Returns the
     /// quotes paid and when the next template is due (ms), if any.
     pub async fn settle_due(&self, now_ms: u64) -> anyhow::Result<(Changed, Option<u64>)> {
-        let due = self
-            .mint
-            .localstore()
-            .kv_list(NS, "due")
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let store = self.mint.localstore();
+        let due = store.kv_list(NS, "due").await.map_err(|e| anyhow!("{e}"))?;
         let mut paid = Vec::new();
         let mut next: Option<u64> = None;
         for tid in due {
             let template_id: u64 = tid.parse().context("due template id")?;
+            let at = store
+                .kv_read(NS, "due", &tid)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .and_then(|b| String::from_utf8_lossy(&b).parse::<u64>().ok());
+            if let Some(at) = at.filter(|at| *at > now_ms) {
+                next = Some(next.map_or(at, |n| n.min(at)));
+                continue;
+            }
             let _w = self.writer.lock().await;
             let mut tx = self.begin().await?;
             let Some(state) = Self::template(&mut tx, template_id).await? else {

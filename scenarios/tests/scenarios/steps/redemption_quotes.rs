@@ -221,6 +221,43 @@ async fn matured_follow_chain(w: &mut HarnessWorld) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[when("the mint is stopped")]
+async fn mint_stopped(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    w.default_stack()?.mint()?.process().stop().await?;
+    Ok(())
+}
+
+#[when("the mint is started again, and its reserve is read")]
+async fn mint_started(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let log = stack.bitcoind()?.process().spec().stdout_log();
+    let from = std::fs::metadata(&log)?.len();
+    let mint = stack.mint()?;
+    mint.process().start_again().await?;
+    mint.redemption_reserve().await?;
+    w.node_log_from = Some(from);
+    Ok(())
+}
+
+#[then(expr = "bitcoind served at most {int} block(s) since the mint started again")]
+async fn blocks_served(w: &mut HarnessWorld, most: usize) -> anyhow::Result<()> {
+    let from = w.node_log_from.context("the mint was not started again")?;
+    let log = std::fs::read(w.default_stack()?.bitcoind()?.process().spec().stdout_log())?;
+    let since = String::from_utf8_lossy(log.get(from as usize..).unwrap_or_default()).to_string();
+    // Bitcoin Core's own log of each call (`-debug=rpc`); `getblock` itself, not getblockhash
+    // or getblockheader.
+    let served = since
+        .lines()
+        .filter(|l| l.contains("ThreadRPCServer method=getblock user="))
+        .count();
+    anyhow::ensure!(
+        served <= most,
+        "bitcoind served {served} getblock calls since the mint started again (at most {most}): the mint read the chain again instead of going on from its count"
+    );
+    println!("[scenario] bitcoind served {served} getblock call(s) since the mint started again");
+    Ok(())
+}
+
 #[then("the matured rewards fell by the reward the reorganisation removed")]
 async fn matured_fell(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let before = w
