@@ -274,6 +274,12 @@ impl LightningNode {
         Ok((onchain, channels))
     }
 
+    /// What this node can receive over its channels now (sat): the most an invoice of it can
+    /// be paid.
+    pub async fn receivable_sat(&self) -> anyhow::Result<u64> {
+        receivable_sat(&self.rpc_path).await
+    }
+
     /// Connect to `other` over P2P.
     pub async fn connect(&self, other: &LightningNode) -> anyhow::Result<()> {
         let (host, port) = other
@@ -362,4 +368,19 @@ impl LightningNode {
             .unwrap_or("missing")
             .to_string())
     }
+}
+
+/// What the node behind `rpc` can receive over its normal channels now (sat).
+pub async fn receivable_sat(rpc: &std::path::Path) -> anyhow::Result<u64> {
+    let c = call(rpc, "listpeerchannels", json!({})).await?;
+    Ok(c["channels"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter(|c| c["state"] == "CHANNELD_NORMAL")
+                .filter_map(|c| c["receivable_msat"].as_u64())
+                .sum::<u64>()
+                / 1000
+        })
+        .unwrap_or(0))
 }

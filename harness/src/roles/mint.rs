@@ -27,6 +27,23 @@ pub struct MintOptions {
 /// Invoice sizes [`invoice_sats_worth`] weighs, at most.
 const MAX_INVOICE_CANDIDATES: u128 = 10_000;
 
+/// `held` ehash, or fewer: at most what `cap_sat` is worth at the rate of `reserve`, so an
+/// invoice sized from it by [`invoice_sats_worth`] stays within what a channel can carry (on a
+/// chain where the pool finds many blocks, a wallet's ehash comes to be worth far more).
+pub fn held_within(reserve: &serde_json::Value, held: u64, cap_sat: u64) -> u64 {
+    let (Some(msat), Some(ehash)) = (
+        reserve["redeemable_msat"].as_u64(),
+        reserve["outstanding_ehash"].as_u64(),
+    ) else {
+        return held;
+    };
+    if msat == 0 {
+        return held;
+    }
+    let cap = u128::from(cap_sat) * 1000 * u128::from(ehash.max(1)) / u128::from(msat);
+    held.min(u64::try_from(cap).unwrap_or(u64::MAX))
+}
+
 /// Sats of an invoice worth between `lo` and `hi` thousandths of `held` ehash at the rate of
 /// `reserve` (`GET /v1/ehash/redemption`), picked among the largest sizes (at least the top
 /// 10,000, and at least one ehash's worth) where rounding to whole ehash loses least;

@@ -17,7 +17,7 @@ use anyhow::anyhow;
 
 pub use auditor::{AuditorOptions, AuditorRole};
 pub use miner::{MinerLog, MinerOptions, MinerRole};
-pub use mint::{invoice_sats_worth, MintOptions, MintRole};
+pub use mint::{held_within, invoice_sats_worth, MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
 pub use proxy::{
     DeclarationStatus, DeclareOptions, ProxyRole, WalletClient, WalletOptions, WalletStatus,

@@ -57,7 +57,7 @@ pub(super) fn not_up(stack: &Stack, fault: &Fault) -> Option<anyhow::Result<Stri
     let needs: Vec<&str> = match fault {
         Fault::Reorg { .. } => vec!["bitcoind", "bitcoind-fork"],
         Fault::LookupBurst { .. } | Fault::MintDbLock => vec!["mint"],
-        Fault::Replay { .. } => vec!["proxy-alice"],
+        Fault::Replay { .. } => vec!["pool", "proxy-alice"],
         f => f.process().into_iter().collect(),
     };
     for p in needs {
@@ -150,9 +150,14 @@ pub(super) fn at_once(stack: &Stack, fault: &Fault, on: bool) -> anyhow::Result<
             link(Link::Blackhole)?;
             Ok("every frame dropped".into())
         }
-        (Fault::LinkDelay { .. } | Fault::LinkBlackhole, false) => {
+        (Fault::LinkDelay { .. }, false) => {
             link(Link::Pass)?;
             Ok("every frame relayed again".into())
+        }
+        (Fault::LinkBlackhole, false) => {
+            link(Link::Pass)?;
+            stack.sniffer()?.cut_all();
+            Ok("every connection cut, frames relayed again".into())
         }
         (Fault::LinkCut, true) => {
             stack.sniffer()?.cut_all();
@@ -170,7 +175,11 @@ pub(super) async fn replay(stack: &Stack, fault: &Fault, on: bool) -> anyhow::Re
     };
     let miner = stack.miner(&behaviour.miner())?;
     if on {
-        miner.process().start_again().await?;
+        if let Err(e) = miner.process().start_again().await {
+            // Not left failed: it runs only while its fault is in effect.
+            let _ = miner.process().stop().await;
+            return Err(e);
+        }
         return Ok("started".into());
     }
     let stopped = miner.process().stop().await?;
@@ -224,6 +233,13 @@ pub async fn heal(stack: &Stack, lock: Option<WriteLock>) -> Vec<String> {
     // stack.processes() lists the nodes and Redis before the roles that need them. A
     // replaying miner runs only while its fault is in effect.
     let replaying = format!("miner-{REPLAY_MINER_PREFIX}");
+    for (name, p) in stack.processes() {
+        if name.starts_with(&replaying) && p.pid().is_some() {
+            if let Err(e) = p.stop().await {
+                problems.push(format!("{name} did not stop: {e:#}"));
+            }
+        }
+    }
     let (miners, others): (Vec<_>, Vec<_>) = stack
         .processes()
         .into_iter()

@@ -103,9 +103,11 @@ pub async fn run(
         .into_iter()
         .filter(|(n, p)| {
             let phase = p.status().phase;
-            // Miners are stopped for the record sweep.
+            // Miners are stopped for the record sweep; replaying miners run only during
+            // their faults.
             phase != crate::supervisor::Phase::Ready
                 && !(n.starts_with("miner-") && phase == crate::supervisor::Phase::Stopped)
+                && !n.starts_with(&format!("miner-{}", super::schedule::REPLAY_MINER_PREFIX))
         })
         .map(|(n, p)| format!("{n} is {:?}", p.status().phase))
         .chain(heal_problems)
@@ -299,6 +301,10 @@ pub async fn replay_check(stack: &Stack, history: &History) -> Check {
     let mut problems = Vec::new();
     let mut summary = Vec::new();
     for replay in [Replay::Duplicate, Replay::Stale] {
+        if !ran(replay.behaviour()) {
+            summary.push(format!("{}: no fault ran it", replay.miner()));
+            continue;
+        }
         let Ok(miner) = stack.miner(&replay.miner()) else {
             continue;
         };
@@ -396,6 +402,8 @@ pub async fn redemption_after_heal(stack: &Stack, profile: Profile) -> Check {
             let proxy = stack.proxy(who)?;
             let held = proxy.fresh_wallet_status().await?.held;
             let reserve = stack.mint()?.redemption_reserve().await?;
+            // Within what the channel can carry (a wallet's ehash may be worth far more).
+            let held = crate::roles::held_within(&reserve, held, op_ln.receivable_sat().await?);
             let sats = crate::roles::invoice_sats_worth(&reserve, held, (20, 50))?
                 .ok_or_else(|| anyhow::anyhow!("{held} ehash: no invoice worth redeeming"))?;
             let invoice = op_ln

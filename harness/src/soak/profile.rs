@@ -146,12 +146,10 @@ impl Profile {
                 behaviour: replay.behaviour().into(),
                 ..miner.clone()
             };
-            stack
-                .start_miner(&replay.miner(), "alice", &opts)
-                .await?
-                .process()
-                .stop()
-                .await?;
+            let m = stack.start_miner(&replay.miner(), "alice", &opts).await?;
+            m.process().stop().await?;
+            // Its log then holds only what it did during replay faults (the check reads it).
+            std::fs::write(m.log_path(), "")?;
         }
         if self == Profile::Full {
             stack.start_operator_node("dave").await?;

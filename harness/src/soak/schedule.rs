@@ -52,7 +52,8 @@ pub enum Fault {
         ms: u64,
     },
     /// Every SV2 frame between the proxies and the pool is dropped, both ways, for the
-    /// fault's duration; the connections stay open.
+    /// fault's duration, then every such connection is cut (as a real blackhole ends: TCP
+    /// does not lose frames of a connection that goes on).
     LinkBlackhole,
     /// Every SV2 connection between the proxies and the pool is cut at once.
     LinkCut,
@@ -107,8 +108,11 @@ impl Fault {
         match self {
             Fault::Reorg { .. } => "bitcoind".into(),
             Fault::LookupBurst { .. } | Fault::MintDbLock => "mint".into(),
-            Fault::LinkDelay { .. } | Fault::LinkBlackhole | Fault::LinkCut => "pool-links".into(),
-            Fault::Replay { .. } => "replay-miner".into(),
+            // A replaying miner gets ready only through the pool's links: never both at once.
+            Fault::LinkDelay { .. }
+            | Fault::LinkBlackhole
+            | Fault::LinkCut
+            | Fault::Replay { .. } => "pool-links".into(),
             f => f.process().unwrap_or_default().to_string(),
         }
     }

@@ -103,6 +103,15 @@ async fn run(op: &Operator, index: usize, kind: &Redemption) -> anyhow::Result<(
         Redemption::Honest { permille } => u64::from(*permille),
         _ => 50,
     };
+    // An honest invoice the operator's channel can carry.
+    let held = match kind {
+        Redemption::Honest { .. } => crate::roles::held_within(
+            &reserve,
+            held,
+            crate::lightning::receivable_sat(&op.node_rpc).await?,
+        ),
+        _ => held,
+    };
     let sats = crate::roles::invoice_sats_worth(&reserve, held, (permille / 2, permille))?;
     let invoice = |rpc: PathBuf, sats: u64, expiry: u64| {
         let label = label.clone();

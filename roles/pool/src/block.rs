@@ -76,6 +76,28 @@ pub fn assemble(
     Ok((block, header.block_hash()))
 }
 
+/// How long a found block bitcoind could not take yet is offered again.
+pub const RESUBMIT_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a refusal by [`submit`] may pass: bitcoind did not answer, or answered
+/// `inconclusive` without keeping the block (Core's answer for a block whose parent it does
+/// not have; a block that lost a race is kept, on a side branch).
+pub async fn worth_resubmitting(rpc: &BitcoinRpc, reason: &str, hash: &BlockHash) -> bool {
+    if reason.starts_with("rpc: ") {
+        return true;
+    }
+    if reason != "inconclusive" {
+        return false;
+    }
+    match rpc
+        .call::<Value>("getblockheader", &[json!(hash.to_string())])
+        .await
+    {
+        Ok(_) => false,
+        Err(e) => e.code().is_none_or(|c| c == -5),
+    }
+}
+
 /// `submitblock`; `Ok` when bitcoind accepted it (or already had it), else the reject reason.
 pub async fn submit(rpc: &BitcoinRpc, block: &[u8]) -> Result<(), String> {
     let result: Result<Value, _> = rpc.call("submitblock", &[json!(hex::encode(block))]).await;

@@ -468,7 +468,24 @@ fn submit_block(
                 return;
             }
         };
-        match block::submit(&ctx.rpc, &bytes).await {
+        let mut outcome = block::submit(&ctx.rpc, &bytes).await;
+        // bitcoind down, or without the block's parent (it came back from a crash behind the
+        // pool's tip, which the pool keeps its miners on until the node catches up): the block
+        // is valid for the network, so it is offered again until the node takes it or says
+        // something else.
+        let until = tokio::time::Instant::now() + block::RESUBMIT_FOR;
+        while let Err(reason) = &outcome {
+            if tokio::time::Instant::now() >= until
+                || !block::worth_resubmitting(&ctx.rpc, reason, &hash).await
+            {
+                break;
+            }
+            tracing::warn!(%hash, height, "bitcoind could not take the found block yet ({reason}): offered again in 1 s");
+            // Resubmission pace while the node catches up.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            outcome = block::submit(&ctx.rpc, &bytes).await;
+        }
+        match outcome {
             Ok(()) => {
                 ctx.metrics.blocks_found.inc();
                 tracing::info!(%hash, height, template_id, "block found and accepted by bitcoind");

@@ -32,6 +32,64 @@ pub const FORGOTTEN_TIP_WAIT: Duration = Duration::from_secs(30);
 /// Core's JSON-RPC code for a block it does not know.
 const RPC_INVALID_ADDRESS_OR_KEY: i32 = -5;
 
+/// The pool's tip while bitcoind is behind it.
+#[derive(Debug, Default)]
+enum TipWait {
+    /// bitcoind has the pool's tip.
+    #[default]
+    Level,
+    /// Miners stay on `tip`; the wait has run since `since` (time bitcoind answered).
+    Waiting { tip: String, since: Instant },
+    /// The wait for `tip` ran out: the pool follows the node (until its tip changes).
+    GaveUp { tip: String },
+}
+
+impl TipWait {
+    fn gave_up_on(&self, tip: &str) -> bool {
+        matches!(self, TipWait::GaveUp { tip: t } if t == tip)
+    }
+
+    /// How long the pool has waited on `tip`; `first` runs when the wait begins.
+    fn waiting_on(&mut self, tip: &str, first: impl FnOnce()) -> Duration {
+        match self {
+            TipWait::Waiting { tip: t, since } if t == tip => since.elapsed(),
+            _ => {
+                first();
+                *self = TipWait::Waiting {
+                    tip: tip.to_string(),
+                    since: Instant::now(),
+                };
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn give_up(&mut self, tip: &str) {
+        *self = TipWait::GaveUp {
+            tip: tip.to_string(),
+        };
+    }
+
+    /// The node has the pool's tip (or the pool follows a new one).
+    fn caught_up(&mut self) {
+        if let TipWait::Waiting { tip, since } = self {
+            tracing::info!(
+                tip = %tip,
+                "bitcoind has the tip the pool mines on again after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        *self = TipWait::Level;
+    }
+
+    /// bitcoind did not answer: a wait under way counts again from its next answer.
+    fn restart_clock(&mut self) {
+        if let TipWait::Waiting { since, .. } = self {
+            *since = Instant::now();
+        }
+    }
+}
+
 /// One template and everything needed to rebuild its block.
 #[derive(Debug)]
 pub struct TemplateRecord {
@@ -202,8 +260,8 @@ impl TemplateSource {
         tokio::pin!(shutdown);
         let mut last_refresh = Instant::now();
         let mut failing = false;
-        // The tip the node forgot, and since when (see `FORGOTTEN_TIP_WAIT`).
-        let mut forgotten: Option<(String, Instant)> = None;
+        // The pool's tip while bitcoind is behind it (see `FORGOTTEN_TIP_WAIT`).
+        let mut behind = TipWait::default();
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -217,19 +275,12 @@ impl TemplateSource {
                     .as_ref()
                     .map(|c| c.prev_hash_display != best)
                     .unwrap_or(true);
-                if !tip_changed {
-                    if let Some((tip, since)) = forgotten.take() {
-                        tracing::info!(
-                            tip = %tip,
-                            "bitcoind has the tip the pool mines on again after {:.1} s",
-                            since.elapsed().as_secs_f64()
-                        );
-                    }
-                }
                 if let (true, Some(c)) = (tip_changed, current.as_deref()) {
-                    if self.keep_forgotten_tip(c, &best, &mut forgotten).await? {
+                    if self.keep_tip_ahead(c, &best, &mut behind).await? {
                         return Ok(());
                     }
+                } else {
+                    behind.caught_up();
                 }
                 if tip_changed || last_refresh.elapsed() >= self.refresh {
                     last_refresh = Instant::now();
@@ -238,6 +289,10 @@ impl TemplateSource {
                 anyhow::Ok(())
             }
             .await;
+            if result.is_err() {
+                // The wait counts time the node answers: it starts again when it is back.
+                behind.restart_clock();
+            }
             match (result, failing) {
                 (Err(e), false) => {
                     tracing::error!("template update failed (keeping the last template): {e:#}");
@@ -253,60 +308,65 @@ impl TemplateSource {
     }
 
     /// Whether to keep the miners on `current`'s tip although bitcoind's best block is now
-    /// `best`: bitcoind does not know that tip. A node that was killed comes back with the
-    /// chain it last wrote to disk (Core writes its block index about hourly), behind the
-    /// blocks it had, and catches up only once a peer reconnects. A template on the older
-    /// block would have miners work on a chain the network left: a block found there is stale
-    /// and known to this node alone, so no audit node could ever check the shares made on
-    /// it. A reorganisation (the node knows the old tip, on a branch) and a node that stays
-    /// behind for [`FORGOTTEN_TIP_WAIT`] are followed as before.
-    async fn keep_forgotten_tip(
+    /// `best`: bitcoind does not know that tip, or knows less work on its best block than on
+    /// it (it has the tip's header, not yet its chain). A node that was killed comes back with
+    /// the chain it last wrote to disk (Core writes its block index about hourly), behind the
+    /// blocks it had, and catches up only once a peer reconnects, headers first. A template on
+    /// an older block would have miners work on a chain the network left: a block found there
+    /// is stale and known to this node alone, so no audit node could ever check the shares
+    /// made on it. A reorganisation (the best block has at least the tip's work) is followed
+    /// at once; a node still behind after [`FORGOTTEN_TIP_WAIT`] of answering is followed too.
+    async fn keep_tip_ahead(
         &self,
         current: &TemplateRecord,
         best: &str,
-        forgotten: &mut Option<(String, Instant)>,
+        behind: &mut TipWait,
     ) -> anyhow::Result<bool> {
         let tip = &current.prev_hash_display;
-        let knows = match self
+        if behind.gave_up_on(tip) {
+            return Ok(false);
+        }
+        let work = |h: &serde_json::Value| h["chainwork"].as_str().unwrap_or_default().to_string();
+        let ahead = match self
             .rpc
             .call::<serde_json::Value>("getblockheader", &[json!(tip)])
             .await
         {
-            Ok(_) => true,
-            Err(e) if e.code() == Some(RPC_INVALID_ADDRESS_OR_KEY) => false,
+            Err(e) if e.code() == Some(RPC_INVALID_ADDRESS_OR_KEY) => true,
             Err(e) => return Err(e.into()),
-        };
-        if knows {
-            *forgotten = None;
-            return Ok(false);
-        }
-        let since = match forgotten {
-            Some((t, since)) if t == tip => *since,
-            _ => {
-                tracing::warn!(
-                    tip = %tip,
-                    node_best = %best,
-                    "bitcoind does not know the tip the pool mines on (it lost its newest blocks, \
-                     a crash?): miners stay on it while the node catches up from its peers, at \
-                     most {} s",
-                    FORGOTTEN_TIP_WAIT.as_secs()
-                );
-                self.metrics.forgotten_tips.inc();
-                *forgotten = Some((tip.clone(), Instant::now()));
-                Instant::now()
+            Ok(ours) => {
+                let theirs: serde_json::Value =
+                    self.rpc.call("getblockheader", &[json!(best)]).await?;
+                // Chainwork is 64 hex digits: compared as text, it compares as a number.
+                work(&theirs) < work(&ours)
             }
         };
-        if since.elapsed() < FORGOTTEN_TIP_WAIT {
+        if !ahead {
+            behind.caught_up();
+            return Ok(false);
+        }
+        let waited = behind.waiting_on(tip, || {
+            tracing::warn!(
+                tip = %tip,
+                node_best = %best,
+                "bitcoind is behind the tip the pool mines on (it lost its newest blocks, a \
+                 crash?): miners stay on it while the node catches up from its peers, at most \
+                 {} s",
+                FORGOTTEN_TIP_WAIT.as_secs()
+            );
+            self.metrics.forgotten_tips.inc();
+        });
+        if waited < FORGOTTEN_TIP_WAIT {
             return Ok(true);
         }
         tracing::warn!(
             tip = %tip,
             node_best = %best,
-            "bitcoind still does not know the tip the pool mined on after {} s (no peer has \
-             it?): mining on the node's best block",
+            "bitcoind is still behind the tip the pool mined on after {} s (no peer has it?): \
+             mining on the node's best block",
             FORGOTTEN_TIP_WAIT.as_secs()
         );
-        *forgotten = None;
+        behind.give_up(tip);
         Ok(false)
     }
 

@@ -141,7 +141,8 @@ impl OperatorWallet {
             // operator's wallet mints every share of its miners at its own pool's mint, and
             // cdk's recovery of an interrupted batch mint asks the mint about each quote of the
             // batch: 174 quotes took over 5 minutes at that pace, the round stalled behind it
-            // (soak seed 5). The pool's mint protects itself; its own operators are not paced.
+            // (soak seed 5). The wallet talks only to its own pool's mint, as fast as its
+            // miners earn.
             .without_rate_limiting()
             .build()
             .map_err(|e| anyhow!("wallet: {e}"))?;
