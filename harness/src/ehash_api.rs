@@ -173,22 +173,52 @@ async fn wallet_with(
     quotes: &[QuoteInfo],
     secret_hex: &str,
 ) -> anyhow::Result<cdk::wallet::Wallet> {
-    let secret = SecretKey::from_hex(secret_hex).map_err(|e| anyhow!("{e}"))?;
     let db = cdk_sqlite::wallet::memory::empty()
         .await
         .map_err(|e| anyhow!("wallet db: {e}"))?;
+    let wallet = wallet_on(mint_url, Arc::new(db))?;
+    import_paid(&wallet, quotes, secret_hex).await?;
+    Ok(wallet)
+}
+
+/// A cdk wallet for the mint at `mint_url` whose store is the sqlite file `path` (kept: it
+/// holds every proof it mints, as an operator's wallet does).
+pub async fn file_wallet(
+    mint_url: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<cdk::wallet::Wallet> {
+    let db = cdk_sqlite::WalletSqliteDatabase::new(&path.to_path_buf())
+        .await
+        .map_err(|e| anyhow!("wallet database {}: {e}", path.display()))?;
+    wallet_on(mint_url, Arc::new(db))
+}
+
+fn wallet_on(
+    mint_url: &str,
+    db: Arc<dyn cdk_common::database::WalletDatabase<cdk_common::database::Error> + Send + Sync>,
+) -> anyhow::Result<cdk::wallet::Wallet> {
     let seed: [u8; 64] = std::array::from_fn(|_| rand::random());
-    let unit = CurrencyUnit::custom("ehash");
-    let wallet = WalletBuilder::new()
+    WalletBuilder::new()
         .mint_url(mint_url.parse().map_err(|e| anyhow!("{e}"))?)
-        .unit(unit.clone())
-        .localstore(Arc::new(db))
+        .unit(CurrencyUnit::custom("ehash"))
+        .localstore(db)
         .seed(seed)
         // As the operator's wallet: not paced by cdk's default client-side limiter (20
         // requests a minute), which would measure the limiter in the settlement bench.
         .without_rate_limiting()
         .build()
-        .map_err(|e| anyhow!("wallet: {e}"))?;
+        .map_err(|e| anyhow!("wallet: {e}"))
+}
+
+/// Put `quotes` in `wallet`'s store as PAID quotes signed by `secret_hex` (as an operator's
+/// wallet imports what its lookup returned), ready for `batch_mint`.
+pub async fn import_paid(
+    wallet: &cdk::wallet::Wallet,
+    quotes: &[QuoteInfo],
+    secret_hex: &str,
+) -> anyhow::Result<()> {
+    let secret = SecretKey::from_hex(secret_hex).map_err(|e| anyhow!("{e}"))?;
+    let unit = CurrencyUnit::custom("ehash");
     for q in quotes {
         let mut quote = cdk_common::wallet::MintQuote::new(
             q.quote.clone(),
@@ -208,7 +238,7 @@ async fn wallet_with(
             .await
             .map_err(|e| anyhow!("{e}"))?;
     }
-    Ok(wallet)
+    Ok(())
 }
 
 /// Try to mint quote `q` (PAID at the mint) with the key `secret_hex` through a fresh cdk

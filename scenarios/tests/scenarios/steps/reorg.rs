@@ -209,7 +209,7 @@ async fn resume_peer(w: &mut HarnessWorld) -> anyhow::Result<()> {
 
 #[then("bitcoind gets the tip it had again from its peer")]
 async fn node_catches_up(w: &mut HarnessWorld) -> anyhow::Result<()> {
-    let (height, hash) = w.tip_before.clone().context("no tip remembered")?;
+    let (height, hash) = w.tip_before.context("no tip remembered")?;
     let node = w.default_stack()?.bitcoind()?;
     harness::wait::wait_until(
         &format!("bitcoind to have block {hash} (height {height}) in its chain again"),
@@ -241,7 +241,7 @@ async fn no_job_below_step(w: &mut HarnessWorld, name: String) -> anyhow::Result
 }
 
 async fn no_job_below(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    let (height, hash) = w.tip_before.clone().context("no tip remembered")?;
+    let (height, hash) = w.tip_before.context("no tip remembered")?;
     let stack = w.default_stack()?;
     let node = stack.bitcoind()?;
     let from = w.tips_at_crash.get(&name).copied().unwrap_or(0);
