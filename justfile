@@ -127,7 +127,7 @@ premine:
 backends:
     {{harness}} backends
 
-# Benchmarks, printed as tables: share path, stack start, end-to-end mining, 1,000 miners and handshakes/s, settlement, declarations, template audits (on the tip and on a rewound parent), 100,000 fresh-key lookups, time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
+# Benchmarks, printed as tables: share path, stack start, end-to-end mining, 1,000 miners and handshakes/s, settlement, declarations, template audits (on the tip and on a rewound parent), 100,000 fresh-key lookups, growth (lookups, minting, settling and memory at 10^3 to 10^5 quotes of history), time to a redemption and the stack's memory (release roles), the SV2 sniffer's latency.
 [group('test')]
 bench:
     cargo bench -p pool --bench share_validation
@@ -139,6 +139,7 @@ bench:
     cargo bench -p pool --bench declaration
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench template_audit
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench lookups
+    HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench growth
     HASHPOOL_BIN_DIR="$CARGO_TARGET_DIR/release" cargo bench -p harness --bench redemption
     cargo bench -p harness --bench sniffer
 

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use crate::wait::{wait_until, Timeout};
 
-/// The last `lines` lines of a file, or a note that it cannot be read.
+/// The last `lines` lines of a file, or a note that it cannot be read. bitcoind's trace of
+/// each RPC call (`-debug=rpc`, an oracle for some steps) is left out: it would fill the tail.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = match std::fs::read(path) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(e) => return format!("({}: {e})", path.display()),
     };
-    let all: Vec<&str> = text.lines().collect();
+    let all: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("ThreadRPCServer method="))
+        .collect();
     let start = all.len().saturating_sub(lines);
     all[start..].join("\n")
 }

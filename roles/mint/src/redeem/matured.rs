@@ -7,13 +7,18 @@
 //! - `redeem/matured/<height, 10 digits>` -> `<block hash>:<sats>` for each counted block
 //!   whose coinbase paid the script (what a reorganisation takes back).
 //!
-//! Both are written in one transaction after each count that moved, so the sum on disk always
-//! matches its blocks. The count follows the active chain: when a block it went past is no
-//! longer in it (a reorganisation, or a node that forgot its newest blocks in a crash), the
-//! count goes back to the last counted block still in it and counts again from there (a
-//! reorganisation that removes a matured coinbase lowers the reserve).
+//! Every change in memory marks its height; the head and the marked entries are written in
+//! one transaction after each look that changed anything (and every 1,000 blocks of a long
+//! count), and the marks are cleared only once that commits, so the sum on disk always
+//! matches its blocks. A database whose sum does not match (written by an older mint) is
+//! counted again from height 0. The count follows the active chain: when a block it went
+//! past is no longer in it (a reorganisation, or a node that forgot its newest blocks in a
+//! crash), the count goes back to the last counted block still in it and counts again from
+//! there (a reorganisation that removes a matured coinbase lowers the reserve). A counted
+//! coinbase that has fewer than 100 confirmations again (the node's tip fell) does not count
+//! until it has them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -25,6 +30,10 @@ use super::ledger::{kv_err, Ledger, COINBASE_MATURITY, NS};
 const MAX_REORG_DEPTH: u64 = 10_000;
 /// Core's JSON-RPC code for a block it does not know.
 const RPC_INVALID_ADDRESS_OR_KEY: i32 = -5;
+/// Core's JSON-RPC code for a height past its tip (`getblockhash`).
+const RPC_INVALID_PARAMETER: i32 = -8;
+/// A long count is saved every this many blocks.
+const CHECKPOINT_BLOCKS: u64 = 1_000;
 /// Secondary namespaces.
 const SCAN: &str = "scan";
 const MATURED: &str = "matured";
@@ -48,6 +57,10 @@ pub struct Scan {
     head: Head,
     /// Blocks whose coinbase paid the payout script: height -> (hash, sats).
     counted: BTreeMap<u64, (String, u64)>,
+    /// Heights whose entry changed since the last save (added or removed).
+    dirty: BTreeSet<u64>,
+    /// The head as last saved.
+    saved: Head,
 }
 
 fn key(height: u64) -> String {
@@ -62,22 +75,38 @@ impl Ledger {
         if !scan.loaded {
             *scan = self.load_scan().await?;
         }
-        let before = scan.head.clone();
-        let mut removed = Vec::new();
-        let mut added = Vec::new();
+        // A coinbase at height h has tip - h + 1 confirmations.
+        let last_mature = (tip + 1).checked_sub(COINBASE_MATURITY);
+        let counted = self.count(&mut scan, last_mature).await;
+        // What changed is saved even when the look stopped early.
+        if let Err(e) = self.save_scan(&mut scan).await {
+            // Kept marked in memory: the next look saves it.
+            tracing::warn!("the matured-rewards count was not saved: {e:#}");
+        }
+        counted?;
+        // Counted coinbases the node's tip fell below maturity again wait until it rises.
+        let young: u64 = match last_mature {
+            Some(m) => scan.counted.range(m + 1..).map(|(_, (_, s))| s).sum(),
+            None => scan.head.matured_sat,
+        };
+        Ok((tip, scan.head.matured_sat - young))
+    }
+
+    /// Follow the active chain back if it left the count, then count up to `last_mature`.
+    async fn count(&self, scan: &mut Scan, last_mature: Option<u64>) -> anyhow::Result<()> {
         if let Some(last) = scan.head.last.clone() {
-            if let Some(fork) = self.left_at(&last, &scan).await? {
+            if let Some((fork, fork_hash)) = self.left_at(&last, scan).await? {
                 let gone: Vec<u64> = scan.counted.range(fork + 1..).map(|(h, _)| *h).collect();
                 let mut lost = 0;
                 for h in gone {
                     if let Some((_, sats)) = scan.counted.remove(&h) {
                         lost += sats;
-                        removed.push(h);
+                        scan.dirty.insert(h);
                     }
                 }
                 scan.head.matured_sat -= lost;
                 scan.head.next = fork + 1;
-                scan.head.last = Some(self.call("getblockhash", &[json!(fork)]).await?);
+                scan.head.last = Some(fork_hash);
                 tracing::warn!(
                     fork,
                     lost_sat = lost,
@@ -85,45 +114,38 @@ impl Ledger {
                 );
             }
         }
-        // A coinbase at height h has tip - h + 1 confirmations.
-        let counted = async {
-            if let Some(last_mature) = (tip + 1).checked_sub(COINBASE_MATURITY) {
-                while scan.head.next <= last_mature {
-                    let height = scan.head.next;
-                    let hash: String = self.call("getblockhash", &[json!(height)]).await?;
-                    let block: Value = self.call("getblock", &[json!(hash), json!(2)]).await?;
-                    // A reorganisation in the middle of the count: this block is not a child
-                    // of the last one counted. Count again from where the chains meet (next
-                    // call).
-                    if let Some(last) = &scan.head.last {
-                        if block["previousblockhash"].as_str() != Some(last.as_str()) {
-                            anyhow::bail!(
-                                "the chain reorganised while matured rewards were counted (block {height} does not follow {last}): counted again at the next look"
-                            );
-                        }
-                    }
-                    let sats = self.paid_to_pool(&block)?;
-                    if sats > 0 {
-                        scan.counted.insert(height, (hash.clone(), sats));
-                        scan.head.matured_sat += sats;
-                        added.push(height);
-                    }
-                    scan.head.last = Some(hash);
-                    scan.head.next += 1;
+        let Some(last_mature) = last_mature else {
+            return Ok(());
+        };
+        let mut since_save = 0;
+        while scan.head.next <= last_mature {
+            let height = scan.head.next;
+            let hash: String = self.call("getblockhash", &[json!(height)]).await?;
+            let block: Value = self.call("getblock", &[json!(hash), json!(2)]).await?;
+            // A reorganisation in the middle of the count: this block is not a child of the
+            // last one counted. Count again from where the chains meet (next call).
+            if let Some(last) = &scan.head.last {
+                if block["previousblockhash"].as_str() != Some(last.as_str()) {
+                    anyhow::bail!(
+                        "the chain reorganised while matured rewards were counted (block {height} does not follow {last}): counted again at the next look"
+                    );
                 }
             }
-            anyhow::Ok(())
-        }
-        .await;
-        // What was counted is kept even when the count stopped early.
-        if scan.head != before {
-            if let Err(e) = self.save_scan(&scan, &added, &removed).await {
-                // Not lost: the next start counts again from what was saved.
-                tracing::warn!("the matured-rewards count was not saved: {e:#}");
+            let sats = self.paid_to_pool(&block)?;
+            if sats > 0 {
+                scan.counted.insert(height, (hash.clone(), sats));
+                scan.head.matured_sat += sats;
+                scan.dirty.insert(height);
+            }
+            scan.head.last = Some(hash);
+            scan.head.next += 1;
+            since_save += 1;
+            if since_save >= CHECKPOINT_BLOCKS {
+                since_save = 0;
+                self.save_scan(scan).await?;
             }
         }
-        counted?;
-        Ok((tip, scan.head.matured_sat))
+        Ok(())
     }
 
     /// Sats the coinbase of `block` (`getblock` verbosity 2) pays the payout script.
@@ -140,14 +162,15 @@ impl Ledger {
     }
 
     /// Where the count must go back to, if block `last` is no longer in the active chain: the
-    /// height of the last block it shares with it.
-    async fn left_at(&self, last: &str, scan: &Scan) -> anyhow::Result<Option<u64>> {
+    /// height and hash of the last block it shares with it (from the same answers, so a
+    /// reorganisation meanwhile cannot pair one chain's height with another's hash).
+    async fn left_at(&self, last: &str, scan: &Scan) -> anyhow::Result<Option<(u64, String)>> {
         match self
             .call_node::<Value>("getblockheader", &[json!(last)])
             .await?
         {
             Some(h) if h["confirmations"].as_i64().unwrap_or(-1) >= 0 => Ok(None),
-            Some(_) => Ok(Some(self.fork_height(last).await?)),
+            Some(_) => Ok(Some(self.fork_of(last).await?)),
             // The node does not know the block at all (it forgot its newest blocks in a crash):
             // go back to the highest counted block it still has in its chain.
             None => {
@@ -155,10 +178,11 @@ impl Ledger {
                     let here: Option<String> =
                         self.call_node("getblockhash", &[json!(height)]).await?;
                     if here.as_deref() == Some(hash.as_str()) {
-                        return Ok(Some(*height));
+                        return Ok(Some((*height, hash.clone())));
                     }
                 }
-                Ok(Some(0))
+                let genesis: String = self.call("getblockhash", &[json!(0)]).await?;
+                Ok(Some((0, genesis)))
             }
         }
     }
@@ -172,7 +196,10 @@ impl Ledger {
         match self.call::<T>(method, params).await {
             Ok(v) => Ok(Some(v)),
             Err(e) => match e.downcast_ref::<bitcoind_rpc::RpcError>() {
-                Some(r) if r.code() == Some(RPC_INVALID_ADDRESS_OR_KEY) || r.code() == Some(-8) => {
+                Some(r)
+                    if r.code() == Some(RPC_INVALID_ADDRESS_OR_KEY)
+                        || r.code() == Some(RPC_INVALID_PARAMETER) =>
+                {
                     Ok(None)
                 }
                 _ => Err(e),
@@ -180,13 +207,13 @@ impl Ledger {
         }
     }
 
-    /// Height of the last block `hash` (no longer in the active chain) shares with it.
-    async fn fork_height(&self, hash: &str) -> anyhow::Result<u64> {
+    /// Height and hash of the last block `hash` (no longer in the active chain) shares with it.
+    async fn fork_of(&self, hash: &str) -> anyhow::Result<(u64, String)> {
         let mut at = hash.to_string();
         for _ in 0..MAX_REORG_DEPTH {
             let h: Value = self.call("getblockheader", &[json!(at)]).await?;
             if h["confirmations"].as_i64().unwrap_or(-1) >= 0 {
-                return h["height"].as_u64().context("header height");
+                return Ok((h["height"].as_u64().context("header height")?, at));
             }
             at = h["previousblockhash"]
                 .as_str()
@@ -221,11 +248,21 @@ impl Ledger {
             );
         }
         let sum: u64 = counted.values().map(|(_, s)| s).sum();
-        anyhow::ensure!(
-            sum == head.matured_sat,
-            "the matured-rewards count says {} sat, its blocks sum to {sum}",
-            head.matured_sat
-        );
+        if sum != head.matured_sat {
+            // Never written by this code (its saves are whole): count again from 0, the safe
+            // direction. Every entry goes at the next save.
+            tracing::warn!(
+                head_sat = head.matured_sat,
+                blocks_sat = sum,
+                "the saved matured-rewards count does not match its blocks: counted again from height 0"
+            );
+            return Ok(Scan {
+                loaded: true,
+                dirty: counted.keys().copied().collect(),
+                saved: head,
+                ..Scan::default()
+            });
+        }
         if head.next > 0 {
             tracing::info!(
                 next = head.next,
@@ -236,27 +273,36 @@ impl Ledger {
         }
         Ok(Scan {
             loaded: true,
+            saved: head.clone(),
             head,
             counted,
+            dirty: BTreeSet::new(),
         })
     }
 
-    /// Write the head and the blocks added and removed, in one transaction.
-    async fn save_scan(&self, scan: &Scan, added: &[u64], removed: &[u64]) -> anyhow::Result<()> {
-        let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
-        for h in removed {
-            tx.kv_remove(NS, MATURED, &key(*h)).await.map_err(kv_err)?;
+    /// Write the head and every entry changed since the last save, in one transaction; the
+    /// marks are cleared only once it commits.
+    async fn save_scan(&self, scan: &mut Scan) -> anyhow::Result<()> {
+        if scan.dirty.is_empty() && scan.head == scan.saved {
+            return Ok(());
         }
-        for h in added {
-            if let Some((hash, sats)) = scan.counted.get(h) {
-                tx.kv_write(NS, MATURED, &key(*h), format!("{hash}:{sats}").as_bytes())
-                    .await
-                    .map_err(kv_err)?;
+        let mut tx = self.kv.begin_transaction().await.map_err(kv_err)?;
+        for h in &scan.dirty {
+            match scan.counted.get(h) {
+                Some((hash, sats)) => {
+                    tx.kv_write(NS, MATURED, &key(*h), format!("{hash}:{sats}").as_bytes())
+                        .await
+                        .map_err(kv_err)?;
+                }
+                None => tx.kv_remove(NS, MATURED, &key(*h)).await.map_err(kv_err)?,
             }
         }
         tx.kv_write(NS, SCAN, "head", &serde_json::to_vec(&scan.head)?)
             .await
             .map_err(kv_err)?;
-        tx.commit().await.map_err(kv_err)
+        tx.commit().await.map_err(kv_err)?;
+        scan.dirty.clear();
+        scan.saved = scan.head.clone();
+        Ok(())
     }
 }

@@ -250,6 +250,11 @@ async fn blocks_served(w: &mut HarnessWorld, most: usize) -> anyhow::Result<()> 
         .lines()
         .filter(|l| l.contains("ThreadRPCServer method=getblock user="))
         .count();
+    // The trace is there at all: the restarted mint looks its last counted block up.
+    anyhow::ensure!(
+        since.contains("ThreadRPCServer method=getblockheader user="),
+        "bitcoind's log shows no getblockheader since the mint started again: is -debug=rpc on?"
+    );
     anyhow::ensure!(
         served <= most,
         "bitcoind served {served} getblock calls since the mint started again (at most {most}): the mint read the chain again instead of going on from its count"
