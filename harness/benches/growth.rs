@@ -20,7 +20,6 @@
 
 use std::time::{Duration, Instant};
 
-use cdk::amount::SplitTarget;
 use harness::roles::MintOptions;
 use harness::{ehash_api, HarnessConfig, Stack};
 
@@ -172,7 +171,7 @@ impl History {
             let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
             let t = Instant::now();
             self.wallet
-                .batch_mint(&ids, SplitTarget::default(), None, None)
+                .batch_mint(&ids, ehash_api::fewest_proofs(), None, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("batch mint: {e}"))?;
             last = t.elapsed();

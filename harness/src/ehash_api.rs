@@ -166,6 +166,12 @@ pub async fn quote(mint_addr: &str, id: &str) -> anyhow::Result<QuoteInfo> {
     Ok(serde_json::from_str(&body)?)
 }
 
+/// How the harness's wallets split minted ehash: the fewest proofs, as the operator's wallet
+/// does (cdk's default reads every unspent proof for every quote of a batch).
+pub fn fewest_proofs() -> SplitTarget {
+    SplitTarget::Value(Amount::from(1u64 << 63))
+}
+
 /// A fresh cdk wallet (in memory) for the mint at `mint_url`, holding `quotes` as PAID quotes
 /// signed by `secret_hex` (as an operator's wallet imports what its lookup returned).
 async fn wallet_with(
@@ -249,7 +255,7 @@ pub async fn try_mint(
     secret_hex: &str,
 ) -> anyhow::Result<Result<u64, String>> {
     let wallet = wallet_with(mint_url, std::slice::from_ref(q), secret_hex).await?;
-    match wallet.mint(&q.quote, SplitTarget::default(), None).await {
+    match wallet.mint(&q.quote, fewest_proofs(), None).await {
         Ok(proofs) => Ok(Ok(proofs.iter().map(|p| u64::from(p.amount)).sum())),
         Err(e) => Ok(Err(e.to_string())),
     }
@@ -271,7 +277,7 @@ pub async fn mint_all(
         let wallet = wallet_with(mint_url, chunk, secret_hex).await?;
         let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
         let proofs = wallet
-            .batch_mint(&ids, SplitTarget::default(), None, None)
+            .batch_mint(&ids, fewest_proofs(), None, None)
             .await
             .map_err(|e| anyhow!("batch mint: {e}"))?;
         minted += proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>();

@@ -278,7 +278,7 @@ impl OperatorWallet {
             let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
             let amount = match self
                 .wallet
-                .batch_mint(&ids, SplitTarget::default(), None, None)
+                .batch_mint(&ids, fewest_proofs(), None, None)
                 .await
             {
                 Ok(proofs) => {
@@ -308,7 +308,7 @@ impl OperatorWallet {
                     self.failed_batches = 0;
                     let mut amount = 0;
                     for id in &ids {
-                        match self.wallet.mint(id, SplitTarget::default(), None).await {
+                        match self.wallet.mint(id, fewest_proofs(), None).await {
                             Ok(proofs) => {
                                 amount += proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>()
                             }
@@ -563,6 +563,16 @@ impl OperatorWallet {
         }
         recover(&self.wallet, "interrupted melts").await;
     }
+}
+
+/// How minted ehash is split into proofs: as few as the amount allows (each quote's amount is a
+/// power of two: one proof). cdk's default (`SplitTarget::None`) instead asks, for every quote
+/// of a batch, which denominations the wallet lacks, reading every unspent proof it holds: a
+/// batch mint of 100 took 1.5 s with 10^3 proofs held and 14 s with 10^4 (the growth bench).
+/// A target of 2^63 is above every amount, so cdk splits each one the fewest-proofs way
+/// without looking at the wallet.
+pub fn fewest_proofs() -> SplitTarget {
+    SplitTarget::Value(cdk::Amount::from(1u64 << 63))
 }
 
 /// cdk's recovery of interrupted operations, bounded by [`RECOVERY_TIMEOUT`]; whether it
