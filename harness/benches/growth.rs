@@ -23,19 +23,12 @@ use std::time::{Duration, Instant};
 use harness::roles::MintOptions;
 use harness::{ehash_api, HarnessConfig, Stack};
 
-/// Records appended per pipeline.
+/// Quotes added per template while the history grows.
 const CHUNK: usize = 10_000;
 /// Quotes per NUT-29 batch while the wallet mints the history.
 const BATCH: usize = 500;
 /// Lookups timed at each size.
 const LOOKUPS: usize = 30;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The figures at one history size.
 #[derive(Debug, Default, Clone)]
@@ -90,48 +83,11 @@ impl History {
     }
 
     async fn verdict(&mut self, template_id: u64) -> anyhow::Result<()> {
-        let v = ehash::AuditResult {
-            template_id,
-            verdict: ehash::Verdict::Valid,
-            reason: "proposal".into(),
-            audited_at: now_ms(),
-        };
-        let mut pipe = redis::pipe();
-        pipe.cmd("XADD").arg(ehash::AUDIT_RESULTS_STREAM).arg("*");
-        for (k, v) in v.to_fields() {
-            pipe.arg(k).arg(v);
-        }
-        pipe.query_async::<()>(&mut self.conn).await?;
-        Ok(())
+        harness::redis::append_valid_verdict(&mut self.conn, template_id).await
     }
 
     async fn records(&mut self, template_id: u64, n: usize) -> anyhow::Result<()> {
-        let mut left = n;
-        while left > 0 {
-            let take = left.min(CHUNK);
-            let mut pipe = redis::pipe();
-            for _ in 0..take {
-                let hash: [u8; 32] = std::array::from_fn(|_| rand::random());
-                let r = ehash::ShareRecord {
-                    share_hash: hex::encode(hash),
-                    template_id,
-                    channel_id: 1,
-                    locking_pubkey: self.key,
-                    amount: 1,
-                    ntime: 0,
-                    version: 0x2000_0000,
-                    nonce: rand::random(),
-                    extranonce: "00".into(),
-                };
-                let cmd = pipe.cmd("XADD").arg(ehash::SHARES_STREAM).arg("*");
-                for (k, v) in r.to_fields() {
-                    cmd.arg(k).arg(v);
-                }
-                cmd.ignore();
-            }
-            pipe.query_async::<()>(&mut self.conn).await?;
-            left -= take;
-        }
+        harness::redis::append_share_records(&mut self.conn, template_id, self.key, n).await?;
         self.quotes += n;
         Ok(())
     }

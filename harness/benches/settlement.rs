@@ -20,13 +20,6 @@ use harness::{Chain, HarnessConfig, Stack};
 
 const QUOTES: usize = 3000;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Blind signatures with DLEQ proofs per second, one core, in process.
 fn blind_sign_limit() -> anyhow::Result<f64> {
     let k = SecretKey::generate();
@@ -52,40 +45,9 @@ async fn quotes_end_to_end(config: &HarnessConfig) -> anyhow::Result<(f64, f64)>
     let (secret, key) = harness::keys::locking_keys();
     let mut conn = s.redis()?.connect().await?;
     let template_id = ehash::template_id(1, 1);
-    let verdict = ehash::AuditResult {
-        template_id,
-        verdict: ehash::Verdict::Valid,
-        reason: "proposal".into(),
-        audited_at: now_ms(),
-    };
-    let mut pipe = redis::pipe();
-    pipe.cmd("XADD").arg(ehash::AUDIT_RESULTS_STREAM).arg("*");
-    for (k, v) in verdict.to_fields() {
-        pipe.arg(k).arg(v);
-    }
-    pipe.query_async::<()>(&mut conn).await?;
+    harness::redis::append_valid_verdict(&mut conn, template_id).await?;
     let start = Instant::now();
-    let mut pipe = redis::pipe();
-    for i in 0..QUOTES {
-        let hash: [u8; 32] = std::array::from_fn(|_| rand::random());
-        let r = ehash::ShareRecord {
-            share_hash: hex::encode(hash),
-            template_id,
-            channel_id: 1,
-            locking_pubkey: key,
-            amount: 1,
-            ntime: 0,
-            version: 0x2000_0000,
-            nonce: i as u32,
-            extranonce: "00".into(),
-        };
-        let cmd = pipe.cmd("XADD").arg(ehash::SHARES_STREAM).arg("*");
-        for (k, v) in r.to_fields() {
-            cmd.arg(k).arg(v);
-        }
-        cmd.ignore();
-    }
-    pipe.query_async::<()>(&mut conn).await?;
+    harness::redis::append_share_records(&mut conn, template_id, key, QUOTES).await?;
     harness::wait::wait_until("every quote paid", Duration::from_secs(300), || async {
         let m = mint.metrics().await.map_err(|e| e.to_string())?;
         let paid = m.get("hashpool_mint_quotes_total{event=\"paid\"}");

@@ -148,3 +148,64 @@ async fn ping(url: &str) -> anyhow::Result<()> {
     anyhow::ensure!(pong == "PONG", "PING answered {pong:?}");
     Ok(())
 }
+
+/// Append a `valid` verdict for `template_id` to `audit:results`, as an auditor would
+/// (benchmarks build histories through the mint's real path with it).
+pub async fn append_valid_verdict(
+    conn: &mut redis::aio::MultiplexedConnection,
+    template_id: u64,
+) -> anyhow::Result<()> {
+    let v = ehash::AuditResult {
+        template_id,
+        verdict: ehash::Verdict::Valid,
+        reason: "proposal".into(),
+        audited_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD").arg(ehash::AUDIT_RESULTS_STREAM).arg("*");
+    for (k, v) in v.to_fields() {
+        pipe.arg(k).arg(v);
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
+}
+
+/// Append `n` share records of `template_id`, worth 1 ehash each, locked to `key`, with
+/// random share hashes, to `ehash:shares` in pipelines of 10,000 (as the pool would).
+pub async fn append_share_records(
+    conn: &mut redis::aio::MultiplexedConnection,
+    template_id: u64,
+    key: ehash::LockingPubkey,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(10_000);
+        let mut pipe = redis::pipe();
+        for _ in 0..take {
+            let hash: [u8; 32] = std::array::from_fn(|_| rand::random());
+            let r = ehash::ShareRecord {
+                share_hash: hex::encode(hash),
+                template_id,
+                channel_id: 1,
+                locking_pubkey: key,
+                amount: 1,
+                ntime: 0,
+                version: 0x2000_0000,
+                nonce: rand::random(),
+                extranonce: "00".into(),
+            };
+            let cmd = pipe.cmd("XADD").arg(ehash::SHARES_STREAM).arg("*");
+            for (k, v) in r.to_fields() {
+                cmd.arg(k).arg(v);
+            }
+            cmd.ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+        left -= take;
+    }
+    Ok(())
+}
