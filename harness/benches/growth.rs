@@ -11,7 +11,8 @@
 //! - a NUT-29 batch mint of 100 new quotes by the wallet that holds the whole history;
 //! - settling one template with 1,000 quotes (its verdict appended once its quotes exist,
 //!   until all are PAID: the mint's own counter);
-//! - Redis `used_memory` and the mint database's size on disk.
+//! - Redis `used_memory` once the mint trimmed what it acknowledged, and the mint database's
+//!   size on disk.
 //!
 //! Each figure is printed with its slope: its value at the largest size over its value at the
 //! smallest. Goal (the growth issue): per-request figures within 1.5x, memory growing only
@@ -61,7 +62,18 @@ impl History {
             .redis()
             .start()
             .await?;
-        stack.start_mint(&MintOptions::default()).await?;
+        // The mint trims what it acknowledged every second (no other reader here).
+        let streams = hashpool_config::pool_side::StreamsSection {
+            trim_interval_secs: 1,
+            trim_min_age_secs: 0,
+            ..Default::default()
+        };
+        stack
+            .start_mint(&MintOptions {
+                streams: Some(streams),
+                ..MintOptions::default()
+            })
+            .await?;
         let (secret, key) = harness::keys::locking_keys();
         let wallet =
             ehash_api::file_wallet(&stack.mint()?.url, &stack.dir().join("wallet.sqlite")).await?;
@@ -105,6 +117,35 @@ impl History {
                     Ok(())
                 } else {
                     Err(format!("{got} {event}"))
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Wait until the mint has trimmed both streams it reads of everything it acknowledged.
+    async fn trimmed(&self) -> anyhow::Result<()> {
+        let conn = self.conn.clone();
+        harness::wait::wait_until(
+            "the mint to trim ehash:shares and audit:results to nothing",
+            Duration::from_secs(60),
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let mut lens = Vec::new();
+                    for stream in [ehash::SHARES_STREAM, ehash::AUDIT_RESULTS_STREAM] {
+                        let n: u64 = redis::cmd("XLEN")
+                            .arg(stream)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        lens.push(format!("{stream} {n}"));
+                        if n > 0 {
+                            return Err(lens.join(", "));
+                        }
+                    }
+                    Ok(())
                 }
             },
         )
@@ -180,6 +221,7 @@ impl History {
         self.counted("paid", self.quotes).await?;
         let settle = started.elapsed();
         self.mint_unissued().await?;
+        self.trimmed().await?;
         let info: String = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut self.conn)

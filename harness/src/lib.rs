@@ -40,6 +40,7 @@ pub mod soak;
 pub mod sqlite_db;
 pub mod stack;
 pub mod stack_sweep;
+pub mod stream_archive;
 pub mod supervisor;
 pub mod sv2_client;
 pub mod sv2_miner;

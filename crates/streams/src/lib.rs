@@ -11,6 +11,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 
+mod trim;
+pub use trim::{run_trimmer, trim_acknowledged, TrimSchedule, TrimTarget, Trimmed};
+
 /// A Redis failure, with what was being done.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("redis {what}: {reason}")]
@@ -236,19 +239,27 @@ impl Consumer {
     /// Acknowledge `ids` and, in the same transaction (`MULTI`), append each entry of `dead`
     /// (an entry that can never be processed) to `dead_stream` with its fields, its stream,
     /// its entry id and the reason: an entry leaves the group only with its dead letter.
+    /// `dead_stream` keeps its newest `dead_max` entries; returns how many older ones went.
     pub async fn ack_with_dead_letters(
         &mut self,
         ids: &[String],
         dead_stream: &str,
         dead: &[(&Entry, String)],
-    ) -> Result<(), StreamError> {
+        dead_max: u64,
+    ) -> Result<u64, StreamError> {
         if dead.is_empty() {
-            return self.ack(ids).await;
+            return self.ack(ids).await.map(|()| 0);
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
+        pipe.cmd("XLEN").arg(dead_stream);
         for (entry, reason) in dead {
-            let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(dead_stream)
+                .arg("MAXLEN")
+                .arg(dead_max)
+                .arg("*");
             let mut fields: Vec<(&String, &String)> = entry.fields.iter().collect();
             fields.sort();
             for (k, v) in fields {
@@ -267,14 +278,15 @@ impl Consumer {
             .arg(&self.group)
             .arg(ids)
             .ignore();
-        tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut self.conn))
-            .await
-            .map_err(|_| StreamError {
-                what: "XADD dead letters + XACK",
-                reason: format!("no answer within {:?}", self.timeout),
-            })?
-            .map_err(failed("XADD dead letters + XACK"))?;
-        Ok(())
+        let (before,): (u64,) =
+            tokio::time::timeout(self.timeout, pipe.query_async(&mut self.conn))
+                .await
+                .map_err(|_| StreamError {
+                    what: "XADD dead letters + XACK",
+                    reason: format!("no answer within {:?}", self.timeout),
+                })?
+                .map_err(failed("XADD dead letters + XACK"))?;
+        Ok((before + dead.len() as u64).saturating_sub(dead_max))
     }
 
     /// Acknowledge `ids` (their effect is durable).

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashpool_config::pool_side::{AuditorConfig, BitcoindSection, RedisSection};
+use hashpool_config::pool_side::{AuditorConfig, BitcoindSection, RedisSection, StreamsSection};
 use hashpool_config::Secret;
 
 use super::{group_exists, role_exe, write_config};
@@ -22,6 +22,8 @@ pub struct AuditorOptions {
     pub through_fault_proxy: bool,
     /// `unknown_parent_wait_ms`.
     pub unknown_parent_wait_ms: u64,
+    /// How the auditor trims `audit:tasks` (None: [`super::archived_streams`]).
+    pub streams: Option<hashpool_config::pool_side::StreamsSection>,
 }
 
 impl AuditorOptions {
@@ -32,6 +34,7 @@ impl AuditorOptions {
             workers,
             through_fault_proxy: false,
             unknown_parent_wait_ms: AuditorConfig::default().unknown_parent_wait_ms,
+            streams: None,
         }
     }
 }
@@ -62,6 +65,14 @@ impl AuditorRole {
         timeouts: (Duration, Duration),
     ) -> anyhow::Result<Self> {
         let exe = role_exe("hashpool-auditor", "HASHPOOL_AUDITOR_EXE")?;
+        let streams = opts.streams.clone().unwrap_or_else(|| {
+            let defaults = AuditorConfig::default().streams;
+            StreamsSection {
+                dead_letters_max: defaults.dead_letters_max,
+                ..super::archived_streams()
+            }
+        });
+        super::join_archive(&streams, redis_url).await?;
         let config = AuditorConfig {
             listen: format!("127.0.0.1:{port}"),
             consumer: format!("auditor-{name}"),
@@ -79,6 +90,7 @@ impl AuditorRole {
                 url: redis_url.into(),
                 ..Default::default()
             },
+            streams,
         };
         let file = write_config(dir, "auditor.toml", &config)?;
         let spec = ProcessSpec::new(&format!("auditor-{name}"), &exe, dir)

@@ -22,6 +22,8 @@ pub struct MintOptions {
     /// How the redemption processor times payments and held sats (the role's defaults when
     /// None): payment timeout, hold check period, orphan grace, final-status grace (seconds).
     pub hold_timing: Option<(u64, u64, u64, u64)>,
+    /// How the mint trims its streams (None: [`super::archived_streams`]).
+    pub streams: Option<hashpool_config::pool_side::StreamsSection>,
 }
 
 /// Invoice sizes [`invoice_sats_worth`] weighs, at most.
@@ -122,12 +124,15 @@ impl MintRole {
     ) -> anyhow::Result<Self> {
         let exe = role_exe("hashpool-mint", "HASHPOOL_MINT_EXE")?;
         let seed: [u8; 64] = std::array::from_fn(|_| rand::random());
+        let streams = opts.streams.clone().unwrap_or_else(super::archived_streams);
+        super::join_archive(&streams, redis_url).await?;
         let config = MintConfig {
             listen: format!("127.0.0.1:{port}"),
             data_dir: dir.join("data").display().to_string(),
             seed: Secret::new(hex::encode(seed)),
             settlement_delay_secs: opts.settlement_delay_secs,
             redemption: opts.redemption.clone().unwrap_or_default(),
+            streams,
             redis: RedisSection {
                 url: redis_url.into(),
                 ..Default::default()

@@ -25,6 +25,33 @@ pub use proxy::{
 pub use translator::TranslatorRole;
 
 use crate::supervisor::Readiness;
+use hashpool_config::pool_side::StreamsSection;
+
+/// How a stack's mint and auditors keep their streams unless a scenario says otherwise:
+/// trimmed every 2 s of what is 10 s old and acknowledged by their own group and by the
+/// harness's ([`crate::stream_archive`]), so the checks still read every entry.
+pub fn archived_streams() -> StreamsSection {
+    StreamsSection {
+        readers: vec![crate::stream_archive::GROUP.into()],
+        trim_interval_secs: 2,
+        trim_min_age_secs: 10,
+        ..StreamsSection::default()
+    }
+}
+
+/// Create the harness's groups on the archived streams before a role that waits for them
+/// starts (it trims nothing while one is missing).
+async fn join_archive(streams: &StreamsSection, redis_url: &str) -> anyhow::Result<()> {
+    if streams
+        .readers
+        .iter()
+        .any(|g| g == crate::stream_archive::GROUP)
+    {
+        let mut conn = crate::redis::connect(redis_url).await?;
+        crate::stream_archive::join(&mut conn).await?;
+    }
+    Ok(())
+}
 
 /// A role binary: `<ENV>` if set, else `$HASHPOOL_BIN_DIR/<name>`, else next to the running
 /// test binary's profile directory (`target/<profile>/<name>`).

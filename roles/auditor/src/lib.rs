@@ -10,6 +10,7 @@
 //! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
 
 mod check;
+mod metrics;
 pub mod node;
 
 mod startup;
@@ -28,11 +29,13 @@ use ehash::{
 };
 use hashpool_config::pool_side::AuditorConfig;
 use hashpool_streams::{Consumer, Entry};
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::Encoder;
 use tokio_util::sync::CancellationToken;
 
 pub use check::{audit, INCONCLUSIVE, UNKNOWN_PARENT};
 pub use node::{AuditNode, NotYet, Rewind};
+
+use metrics::Metrics;
 
 /// Consumer group of the auditors.
 pub const GROUP: &str = "auditors";
@@ -51,88 +54,34 @@ const VERDICT_MARKER_TTL_SECS: u64 = 90 * 24 * 3600;
 const LIBRARY: &str = r#"#!lua name=hashpool_auditor
 
 -- KEYS: audit:results, audit:dead, audit:tasks, the template's verdict marker.
--- ARGV: group, task entry id, marker ttl, number of result arguments n, n result
---       field/value arguments, then the dead-letter record's arguments (if any).
+-- ARGV: group, task entry id, marker ttl, most dead letters kept, number of result
+--       arguments n, n result field/value arguments, then the dead-letter record's
+--       arguments (if any).
+-- Returns {1 if this call wrote the verdict, dead letters dropped to make room}.
 local function verdict(keys, args)
-  local n = tonumber(args[4])
-  local written = 0
+  local n = tonumber(args[5])
+  local written, dropped = 0, 0
   if redis.call('EXISTS', keys[4]) == 0 then
     local result = {}
-    for i = 5, 4 + n do result[#result + 1] = args[i] end
+    for i = 6, 5 + n do result[#result + 1] = args[i] end
     redis.call('XADD', keys[1], '*', unpack(result))
-    if #args > 4 + n then
+    if #args > 5 + n then
       local dead = {}
-      for i = 5 + n, #args do dead[#dead + 1] = args[i] end
-      redis.call('XADD', keys[2], '*', unpack(dead))
+      for i = 6 + n, #args do dead[#dead + 1] = args[i] end
+      local max = tonumber(args[4])
+      dropped = math.max(0, redis.call('XLEN', keys[2]) + 1 - max)
+      redis.call('XADD', keys[2], 'MAXLEN', max, '*', unpack(dead))
     end
     -- The marker last: a failure before it leaves the task to be retried.
     redis.call('SET', keys[4], '1', 'EX', tonumber(args[3]))
     written = 1
   end
   redis.call('XACK', keys[3], args[1], args[2])
-  return written
+  return {written, dropped}
 end
 
-redis.register_function('hashpool_verdict', verdict)
+redis.register_function('hashpool_verdict2', verdict)
 "#;
-
-struct Metrics {
-    registry: Registry,
-    verdicts: IntCounterVec,
-    audit_seconds: Histogram,
-    backlog: IntGauge,
-    /// Verdicts reached on the audit node rewound to the template's parent.
-    rewound: prometheus::IntCounter,
-    /// Templates found `invalid` because the audit node never got their parent.
-    unknown_parent: prometheus::IntCounter,
-    /// Tasks left pending without a verdict for now (audited again later).
-    not_yet: prometheus::IntCounter,
-}
-
-impl Metrics {
-    fn new() -> prometheus::Result<Self> {
-        let m = Self {
-            registry: Registry::new(),
-            verdicts: IntCounterVec::new(
-                Opts::new(
-                    "hashpool_auditor_verdicts_total",
-                    "Verdicts written, by verdict",
-                ),
-                &["verdict"],
-            )?,
-            audit_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "hashpool_auditor_audit_seconds",
-                    "Time to audit one template",
-                )
-                .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0]),
-            )?,
-            backlog: IntGauge::with_opts(Opts::new(
-                "hashpool_auditor_stream_backlog",
-                "audit:tasks entries not yet audited by the group",
-            ))?,
-            rewound: prometheus::IntCounter::with_opts(Opts::new(
-                "hashpool_auditor_rewound_audits_total",
-                "Verdicts reached on the audit node rewound to the template's parent",
-            ))?,
-            unknown_parent: prometheus::IntCounter::with_opts(Opts::new(
-                "hashpool_auditor_unknown_parent_total",
-                "Templates invalid because the audit node never got their parent block",
-            ))?,
-            not_yet: prometheus::IntCounter::with_opts(Opts::new(
-                "hashpool_auditor_not_yet_total",
-                "Tasks left pending without a verdict for now, audited again later",
-            ))?,
-        };
-        m.registry.register(Box::new(m.rewound.clone()))?;
-        m.registry.register(Box::new(m.not_yet.clone()))?;
-        m.registry.register(Box::new(m.unknown_parent.clone()))?;
-        m.registry.register(Box::new(m.verdicts.clone()))?;
-        m.registry.register(Box::new(m.audit_seconds.clone()))?;
-        m.registry.register(Box::new(m.backlog.clone()))?;
-        Ok(m)
-    }
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -141,17 +90,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Write `result` (and, if invalid, the dead-letter record) once per template, and
-/// acknowledge task entry `entry`. Returns whether this call wrote the verdict.
+/// Write `result` (and, if invalid, the dead-letter record, `audit:dead` keeping its newest
+/// `dead_max`) once per template, and acknowledge task entry `entry`. Returns whether this
+/// call wrote the verdict, and how many old dead letters went to make room.
 async fn write_verdict(
     conn: &mut redis::aio::MultiplexedConnection,
     entry: &str,
     task: Option<&AuditTask>,
     result: &AuditResult,
-) -> anyhow::Result<bool> {
+    dead_max: u64,
+) -> anyhow::Result<(bool, u64)> {
     let fields = result.to_fields();
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("hashpool_verdict")
+    cmd.arg("hashpool_verdict2")
         .arg(4)
         .arg(AUDIT_RESULTS_STREAM)
         .arg(AUDIT_DEAD_STREAM)
@@ -160,6 +111,7 @@ async fn write_verdict(
         .arg(GROUP)
         .arg(entry)
         .arg(VERDICT_MARKER_TTL_SECS)
+        .arg(dead_max)
         .arg(fields.len() * 2);
     for (k, v) in &fields {
         cmd.arg(*k).arg(v);
@@ -178,13 +130,13 @@ async fn write_verdict(
         let cmd = cmd.clone();
         let mut conn = conn.clone();
         async move {
-            tokio::time::timeout(timeout, cmd.query_async::<u64>(&mut conn))
+            tokio::time::timeout(timeout, cmd.query_async::<(u64, u64)>(&mut conn))
                 .await
                 .map_err(|_| anyhow!("Redis did not answer within {timeout:?}"))
         }
     };
     match call(conn).await? {
-        Ok(n) => Ok(n == 1),
+        Ok((n, dropped)) => Ok((n == 1, dropped)),
         Err(e) if e.to_string().contains("Function not found") => {
             redis::cmd("FUNCTION")
                 .arg("LOAD")
@@ -192,7 +144,8 @@ async fn write_verdict(
                 .arg(LIBRARY)
                 .query_async::<String>(conn)
                 .await?;
-            Ok(call(conn).await?? == 1)
+            let (n, dropped) = call(conn).await??;
+            Ok((n == 1, dropped))
         }
         Err(e) => Err(e.into()),
     }
@@ -237,6 +190,7 @@ async fn handle(
     conn: &mut redis::aio::MultiplexedConnection,
     metrics: &Metrics,
     e: &Entry,
+    dead_max: u64,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let (task, template_id, verdict, reason) = match AuditTask::from_fields(&e.fields) {
@@ -273,7 +227,11 @@ async fn handle(
         reason,
         audited_at: now_ms(),
     };
-    let wrote = write_verdict(conn, &e.id, task.as_ref(), &result).await?;
+    let (wrote, dropped) = write_verdict(conn, &e.id, task.as_ref(), &result, dead_max).await?;
+    if dropped > 0 {
+        metrics.dead_letters_dropped.inc_by(dropped);
+        tracing::warn!("{AUDIT_DEAD_STREAM} is full (streams.dead_letters_max = {dead_max}): its {dropped} oldest entries went");
+    }
     metrics
         .audit_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -346,7 +304,7 @@ async fn worker(
                 metrics.backlog.set(c.backlog().await? as i64);
             }
             for e in &entries {
-                handle(&node, w, &metrics, e).await?;
+                handle(&node, w, &metrics, e, config.streams.dead_letters_max).await?;
             }
             anyhow::Ok(())
         }
@@ -365,6 +323,38 @@ async fn worker(
             }
         }
     }
+}
+
+/// Trim `audit:tasks` of what group `auditors` (and every reader of `streams.readers`) has
+/// acknowledged, until `stop`.
+async fn trim_tasks(config: AuditorConfig, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let s = &config.streams;
+    if s.trim_interval_secs == 0 {
+        return;
+    }
+    let target = hashpool_streams::TrimTarget {
+        stream: AUDIT_TASKS_STREAM.into(),
+        groups: s.groups(GROUP),
+    };
+    let schedule = hashpool_streams::TrimSchedule {
+        interval: Duration::from_secs(s.trim_interval_secs),
+        min_age: Duration::from_secs(s.trim_min_age_secs),
+        timeout: Duration::from_millis(config.redis.append_timeout_ms),
+        // A task holds its whole block.
+        warn_kept: 1_000,
+    };
+    let report = |_: &str, t: &hashpool_streams::Trimmed| {
+        metrics.trimmed.inc_by(t.removed);
+        metrics.stream_entries.set(t.kept as i64);
+    };
+    hashpool_streams::run_trimmer(
+        config.redis.url.clone(),
+        vec![target],
+        schedule,
+        report,
+        stop.cancelled(),
+    )
+    .await;
 }
 
 async fn metrics_text(State(m): State<Arc<Metrics>>) -> String {
@@ -404,6 +394,11 @@ pub async fn run(config: AuditorConfig, shutdown: impl Future<Output = ()>) -> a
             stop.clone(),
         )));
     }
+    tasks.push(tokio::spawn(trim_tasks(
+        config.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )));
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/health", get(|| async { "ok" }))

@@ -250,12 +250,25 @@ async fn read_loop(
             // Committed: tell subscribers now (a failed ack must not lose the push).
             notify(&mint, &metrics, &handled.changed);
             let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-            c.ack_with_dead_letters(&ids, MINT_DEAD_STREAM, &handled.dead)
+            let dropped = c
+                .ack_with_dead_letters(
+                    &ids,
+                    MINT_DEAD_STREAM,
+                    &handled.dead,
+                    config.streams.dead_letters_max,
+                )
                 .await?;
             metrics
                 .dead_letters
                 .with_label_values(&[stream])
                 .inc_by(handled.dead.len() as u64);
+            if dropped > 0 {
+                metrics.dead_letters_dropped.inc_by(dropped);
+                tracing::warn!(
+                    "{MINT_DEAD_STREAM} is full (streams.dead_letters_max = {}): its {dropped} oldest entries went",
+                    config.streams.dead_letters_max
+                );
+            }
             anyhow::Ok(())
         }
         .await;
@@ -346,6 +359,50 @@ pub fn spawn(
             metrics.clone(),
             stop.clone(),
         )),
-        tokio::spawn(settle_loop(store, mint, metrics, stop)),
+        tokio::spawn(settle_loop(store, mint, metrics.clone(), stop.clone())),
+        tokio::spawn(trim_loop(config.clone(), metrics, stop)),
     ]
 }
+
+/// Trim `ehash:shares` and `audit:results` of what group `mint` (and every reader of
+/// `streams.readers`) has acknowledged, until `stop`.
+async fn trim_loop(config: MintConfig, metrics: Arc<MintMetrics>, stop: CancellationToken) {
+    let s = &config.streams;
+    if s.trim_interval_secs == 0 {
+        return;
+    }
+    let targets = [SHARES_STREAM, AUDIT_RESULTS_STREAM]
+        .into_iter()
+        .map(|stream| hashpool_streams::TrimTarget {
+            stream: stream.into(),
+            groups: s.groups(GROUP),
+        })
+        .collect();
+    let schedule = hashpool_streams::TrimSchedule {
+        interval: Duration::from_secs(s.trim_interval_secs),
+        min_age: Duration::from_secs(s.trim_min_age_secs),
+        timeout: Duration::from_millis(config.redis.append_timeout_ms),
+        warn_kept: TRIM_WARN_KEPT,
+    };
+    let report = |stream: &str, t: &hashpool_streams::Trimmed| {
+        metrics
+            .trimmed
+            .with_label_values(&[stream])
+            .inc_by(t.removed);
+        metrics
+            .stream_entries
+            .with_label_values(&[stream])
+            .set(t.kept as i64);
+    };
+    hashpool_streams::run_trimmer(
+        config.redis.url.clone(),
+        targets,
+        schedule,
+        report,
+        stop.cancelled(),
+    )
+    .await;
+}
+
+/// Entries a stream may keep, held by a reader, before the mint warns.
+const TRIM_WARN_KEPT: u64 = 100_000;

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the mint (`hashpool_mint_*`), served on the mint's HTTP port.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric of the mint.
@@ -20,6 +21,12 @@ pub struct MintMetrics {
     pub batch_failures: IntCounterVec,
     /// Entries of a stream not yet processed by the mint's group (lag + pending).
     pub backlog: IntGaugeVec,
+    /// Dead letters dropped from a full `mint:dead` (the oldest go first).
+    pub dead_letters_dropped: IntCounter,
+    /// Acknowledged entries trimmed, by stream.
+    pub trimmed: IntCounterVec,
+    /// Entries a stream held after its last trim, by stream.
+    pub stream_entries: IntGaugeVec,
     /// Time from a share record's append to its quote being committed.
     pub record_to_quote_seconds: Histogram,
     /// Time from a share record's append to its quote being paid.
@@ -81,6 +88,24 @@ impl MintMetrics {
                 ),
                 &["stream"],
             )?,
+            dead_letters_dropped: IntCounter::new(
+                "hashpool_mint_dead_letters_dropped_total",
+                "Oldest entries dropped from a full mint:dead (streams.dead_letters_max)",
+            )?,
+            trimmed: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_stream_trimmed_total",
+                    "Entries every reader had acknowledged, trimmed, by stream",
+                ),
+                &["stream"],
+            )?,
+            stream_entries: IntGaugeVec::new(
+                Opts::new(
+                    "hashpool_mint_stream_entries",
+                    "Entries a stream held after its last trim, by stream",
+                ),
+                &["stream"],
+            )?,
             record_to_quote_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "hashpool_mint_record_to_quote_seconds",
@@ -126,6 +151,9 @@ impl MintMetrics {
             Box::new(m.dead_letters.clone()),
             Box::new(m.batch_failures.clone()),
             Box::new(m.backlog.clone()),
+            Box::new(m.dead_letters_dropped.clone()),
+            Box::new(m.trimmed.clone()),
+            Box::new(m.stream_entries.clone()),
             Box::new(m.record_to_quote_seconds.clone()),
             Box::new(m.record_to_paid_seconds.clone()),
             Box::new(m.redemption.clone()),

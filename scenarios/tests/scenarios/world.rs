@@ -38,6 +38,10 @@ pub struct HarnessWorld {
     pub node_log_from: Option<u64>,
     /// Stream entries remembered before a fault: (id, fields).
     pub stream_before: Vec<(String, Vec<(String, String)>)>,
+    /// What Redis counted of each remembered stream.
+    pub stream_counters_before: HashMap<String, harness::stream_archive::StreamCounters>,
+    /// The last entry a late reader acknowledged, per stream.
+    pub late_reader_last: Vec<(&'static str, String)>,
     /// The error of a step that was expected to fail.
     pub last_error: Option<String>,
     /// Pool settings used by the next pool start.
@@ -118,6 +122,8 @@ impl HarnessWorld {
             jobs_since_crash: 0,
             node_log_from: None,
             stream_before: Vec::new(),
+            stream_counters_before: HashMap::new(),
+            late_reader_last: Vec::new(),
             last_error: None,
             pool_options: PoolOptions::default(),
             mint_options: Default::default(),

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BitcoindSection, RedisSection};
+use super::{BitcoindSection, RedisSection, StreamsSection};
 
 /// Environment prefix: `HASHPOOL_AUDITOR__WORKERS=...`.
 pub const AUDITOR_ENV_PREFIX: &str = "HASHPOOL_AUDITOR";
@@ -18,6 +18,7 @@ pub const AUDITOR_ENV_PREFIX: &str = "HASHPOOL_AUDITOR";
 /// | `unknown_parent_wait_ms` | 60000 | a template whose parent the audit node has not got after this long (in this process) is `invalid` (`unknown-parent`) |
 /// | `[bitcoind]` | | the audit node, the auditor's own (it is rewound to audit templates on older parents): `rpc_url`, `rpc_user`, `rpc_password`, `chain` |
 /// | `[redis]` | | `url`, `append_timeout_ms` (used as the Redis command timeout) |
+/// | `[streams]` | | trimming `audit:tasks`, the bound on `audit:dead` (1000 here: a dead task holds its whole block): see [`StreamsSection`] |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AuditorConfig {
@@ -36,6 +37,8 @@ pub struct AuditorConfig {
     pub bitcoind: BitcoindSection,
     /// Redis.
     pub redis: RedisSection,
+    /// Trimming `audit:tasks`; the bound on `audit:dead`.
+    pub streams: StreamsSection,
 }
 
 impl Default for AuditorConfig {
@@ -48,6 +51,10 @@ impl Default for AuditorConfig {
             unknown_parent_wait_ms: 60_000,
             bitcoind: BitcoindSection::default(),
             redis: RedisSection::default(),
+            streams: StreamsSection {
+                dead_letters_max: 1_000,
+                ..StreamsSection::default()
+            },
         }
     }
 }
@@ -70,6 +77,6 @@ impl AuditorConfig {
                 self.unknown_parent_wait_ms
             ));
         }
-        Ok(())
+        self.streams.validate()
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BitcoindSection, RedisSection};
+use super::{BitcoindSection, RedisSection, StreamsSection};
 use crate::Secret;
 
 /// Environment prefix: `HASHPOOL_MINT__LISTEN=...`.
@@ -25,6 +25,7 @@ pub const DEFAULT_MINT_LISTEN: &str = "127.0.0.1:3338";
 /// | `batch_max` | 512 | records read and written per database transaction |
 /// | `reclaim_idle_ms` | 5000 | entries pending this long with a dead consumer are claimed |
 /// | `[redis]` | | `url`, `append_timeout_ms` (used as the Redis command timeout) |
+/// | `[streams]` | | trimming `ehash:shares` and `audit:results`, the bound on `mint:dead`: see [`StreamsSection`] |
 /// | `[redemption]` | off | NUT-05 melts of ehash for sats over Lightning, see [`RedemptionSection`] |
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -49,6 +50,8 @@ pub struct MintConfig {
     pub reclaim_idle_ms: u64,
     /// Redis.
     pub redis: RedisSection,
+    /// Trimming the streams the mint reads; the bound on `mint:dead`.
+    pub streams: StreamsSection,
     /// Lightning redemption (off unless `lightning_rpc` is set).
     pub redemption: RedemptionSection,
 }
@@ -173,6 +176,7 @@ impl Default for MintConfig {
             batch_max: 512,
             reclaim_idle_ms: 5_000,
             redis: RedisSection::default(),
+            streams: StreamsSection::default(),
             redemption: RedemptionSection::default(),
         }
     }
@@ -194,6 +198,7 @@ impl MintConfig {
         if self.lookup_max_skew_ms == 0 {
             return Err("`lookup_max_skew_ms` must be at least 1".into());
         }
+        self.streams.validate()?;
         self.redemption.validate()
     }
 

@@ -280,6 +280,8 @@ impl PoolConfig {
 
 mod auditor;
 mod mint;
+mod streams;
 
 pub use auditor::{AuditorConfig, AUDITOR_ENV_PREFIX};
 pub use mint::{MintConfig, RedemptionSection, MINT_ENV_PREFIX};
+pub use streams::StreamsSection;

@@ -24,6 +24,7 @@ mod settlement;
 mod settlement_faults;
 mod sniffer;
 mod supervisor;
+mod trim;
 
 use std::str::FromStr;
 

@@ -1,0 +1,188 @@
+//! Stream trimming: the mint and the auditor remove what every reader acknowledged, and keep
+//! what a reader has not read. The oracle is Redis's own account of each stream (`XRANGE`,
+//! and `XINFO STREAM`'s deleted mark), beside the harness's copy of every entry.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use cucumber::{given, then, when};
+use ehash::{AUDIT_RESULTS_STREAM, AUDIT_TASKS_STREAM, SHARES_STREAM};
+use harness::invariants::stream_entries;
+use harness::roles::archived_streams;
+use harness::stream_archive::{self, StreamCounters};
+use harness::wait::wait_until;
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+
+use crate::world::HarnessWorld;
+
+/// Trimming runs every 2 s on entries 10 s old: a few rounds.
+const TRIM_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[given(expr = "the mint also waits for reader {string} before trimming")]
+async fn mint_waits_for(w: &mut HarnessWorld, group: String) {
+    let mut streams = archived_streams();
+    streams.readers.push(group);
+    w.mint_options.streams = Some(streams);
+}
+
+/// The streams the mint reads (and trims).
+const MINT_STREAMS: [&str; 2] = [SHARES_STREAM, AUDIT_RESULTS_STREAM];
+
+#[given(expr = "reader {string} joins the share and verdict streams from their start")]
+async fn reader_joins(w: &mut HarnessWorld, group: String) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    for stream in MINT_STREAMS {
+        let _: () = conn.xgroup_create_mkstream(stream, &group, "0").await?;
+    }
+    Ok(())
+}
+
+/// The first and last ids of `stream` in the harness's copy (every entry it ever had).
+async fn first_and_last(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> anyhow::Result<(String, String)> {
+    let all = stream_entries(conn, stream).await?;
+    let first = all
+        .first()
+        .with_context(|| format!("{stream} never had an entry"))?;
+    let last = all.last().context("no entry")?;
+    Ok((first.0.clone(), last.0.clone()))
+}
+
+/// Wait until Redis says it deleted `id` of `stream` and no longer holds it, reading the
+/// harness's copy on each look (so the harness's group acknowledges what it has copied).
+async fn wait_trimmed(
+    conn: &MultiplexedConnection,
+    stream: &'static str,
+    id: &str,
+) -> anyhow::Result<StreamCounters> {
+    let counters = wait_until(
+        &format!("Redis to trim {stream} up to entry {id}"),
+        TRIM_TIMEOUT,
+        || {
+            let mut conn = conn.clone();
+            async move {
+                stream_entries(&mut conn, stream)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let c = stream_archive::counters(&mut conn, stream)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                let held = stream_archive::in_redis(&mut conn, stream)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                if c.deleted(id) && !held.iter().any(|(e, _)| e == id) {
+                    Ok(c)
+                } else {
+                    Err(format!("{} entries held, {c:?}", held.len()))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(counters)
+}
+
+#[then("Redis trims the audit tasks every reader acknowledged")]
+async fn tasks_trimmed(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    let (first, _) = first_and_last(&mut conn, AUDIT_TASKS_STREAM).await?;
+    wait_trimmed(&conn, AUDIT_TASKS_STREAM, &first).await?;
+    Ok(())
+}
+
+#[then("Redis trims the share records and verdicts every reader acknowledged")]
+async fn shares_trimmed(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let conn = w.default_stack()?.redis()?.connect().await?;
+    for (stream, last) in w.late_reader_last.clone() {
+        wait_trimmed(&conn, stream, &last).await?;
+    }
+    Ok(())
+}
+
+/// Redis's clock, in milliseconds.
+async fn redis_now_ms(conn: &mut MultiplexedConnection) -> anyhow::Result<u64> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(secs * 1000 + micros / 1000)
+}
+
+/// Every share record and verdict the harness ever saw is still in Redis once Redis's clock is
+/// past the oldest one's trim age plus two trim rounds: the mint has found them old enough and
+/// acknowledged them, and only the reader that has not read them keeps them.
+#[then(expr = "Redis still holds every share record and verdict, none read by reader {string}")]
+async fn shares_held(w: &mut HarnessWorld, group: String) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    let streams = archived_streams();
+    let age_ms = (streams.trim_min_age_secs + 2 * streams.trim_interval_secs) * 1000;
+    for stream in MINT_STREAMS {
+        let (first, _) = first_and_last(&mut conn, stream).await?;
+        let first_ms: u64 = first.split('-').next().unwrap_or("0").parse()?;
+        let c = conn.clone();
+        wait_until(
+            &format!("Redis's clock {age_ms} ms past {stream} entry {first}"),
+            TRIM_TIMEOUT,
+            || {
+                let mut conn = c.clone();
+                async move {
+                    let now = redis_now_ms(&mut conn).await.map_err(|e| e.to_string())?;
+                    if now >= first_ms + age_ms {
+                        Ok(())
+                    } else {
+                        Err(format!("{} ms to go", first_ms + age_ms - now))
+                    }
+                }
+            },
+        )
+        .await?;
+    }
+    for stream in MINT_STREAMS {
+        let copied = stream_entries(&mut conn, stream).await?;
+        let held: HashSet<String> = stream_archive::in_redis(&mut conn, stream)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let counters = stream_archive::counters(&mut conn, stream).await?;
+        for (id, _) in &copied {
+            anyhow::ensure!(
+                held.contains(id) && !counters.deleted(id),
+                "{stream} entry {id} was trimmed though reader {group} never read it ({counters:?})"
+            );
+        }
+        tracing::info!(
+            "{stream}: all {} entries kept for reader {group}",
+            copied.len()
+        );
+    }
+    Ok(())
+}
+
+#[when(expr = "reader {string} reads and acknowledges every share record and verdict")]
+async fn reader_catches_up(w: &mut HarnessWorld, group: String) -> anyhow::Result<()> {
+    let mut conn = w.default_stack()?.redis()?.connect().await?;
+    let mut lasts = Vec::new();
+    for stream in MINT_STREAMS {
+        let opts = redis::streams::StreamReadOptions::default()
+            .group(&group, "late-1")
+            .count(100_000);
+        let reply: Option<redis::streams::StreamReadReply> =
+            conn.xread_options(&[stream], &[">"], &opts).await?;
+        let ids: Vec<String> = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|e| e.id)
+            .collect();
+        let last = ids
+            .last()
+            .with_context(|| format!("reader {group} read nothing of {stream}"))?
+            .clone();
+        let _: u64 = conn.xack(stream, &group, &ids).await?;
+        lasts.push((stream, last));
+    }
+    w.late_reader_last = lasts;
+    Ok(())
+}
