@@ -44,26 +44,65 @@ fn order(id: &str) -> (u64, u64) {
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
+/// Copy what is new in every archived stream (so the roles can trim it), returning nothing.
+pub async fn copy_new(conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    let archive = archive_of(conn).await?;
+    let mut archive = archive.lock().await;
+    for stream in ARCHIVED {
+        let copy = archive.entry(stream.to_string()).or_default();
+        drain(conn, stream, copy)
+            .await
+            .with_context(|| format!("reading {stream} as group {GROUP}"))?;
+    }
+    Ok(())
+}
+
+/// This Redis's archive (its id stored in Redis by the first reader).
+async fn archive_of(conn: &mut MultiplexedConnection) -> anyhow::Result<Archive> {
+    let _: bool = conn.set_nx(ID_KEY, random_id()).await?;
+    let id: String = conn.get(ID_KEY).await?;
+    Ok(ARCHIVES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id)
+        .or_default()
+        .clone())
+}
+
 /// Every entry `stream` ever had (an archived stream: from the copy, after reading the rest),
 /// in order, as field maps.
 pub async fn entries(
     conn: &mut MultiplexedConnection,
     stream: &str,
 ) -> anyhow::Result<Vec<(String, Fields)>> {
-    let _: bool = conn.set_nx(ID_KEY, random_id()).await?;
-    let id: String = conn.get(ID_KEY).await?;
-    let archive = ARCHIVES
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(id)
-        .or_default()
-        .clone();
+    let archive = archive_of(conn).await?;
     let mut archive = archive.lock().await;
     let copy = archive.entry(stream.to_string()).or_default();
     drain(conn, stream, copy)
         .await
         .with_context(|| format!("reading {stream} as group {GROUP}"))?;
+    let added = counters(conn, stream).await?.entries_added;
+    anyhow::ensure!(
+        copy.len() as u64 >= added,
+        "the harness's copy of {stream} has {} entries, Redis gave out {added}: entries were \
+         trimmed before group {GROUP} read them (start the mint and auditors with \
+         harness::roles::archived_streams, or read this stack's streams with \
+         stream_archive::in_redis)",
+        copy.len()
+    );
     Ok(copy.values().cloned().collect())
+}
+
+/// Drop this Redis's copy (its stack is stopping).
+pub async fn forget(conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    let id: Option<String> = conn.get(ID_KEY).await?;
+    if let Some(id) = id {
+        ARCHIVES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+    Ok(())
 }
 
 /// Create group `harness` on every archived stream (from its start): until it exists the
@@ -93,9 +132,15 @@ async fn drain(
     create_group(conn, stream).await?;
     let mut from = "0".to_string();
     loop {
+        // A task holds its whole block: smaller pages.
+        let page = if stream == AUDIT_TASKS_STREAM {
+            PAGE / 10
+        } else {
+            PAGE
+        };
         let opts = StreamReadOptions::default()
             .group(GROUP, "harness")
-            .count(PAGE);
+            .count(page);
         let reply: Option<StreamReadReply> = conn
             .xread_options(&[stream], &[from.as_str()], &opts)
             .await?;
@@ -112,6 +157,10 @@ async fn drain(
         };
         let acked: Vec<String> = ids.iter().map(|e| e.id.clone()).collect();
         for e in ids {
+            if e.map.is_empty() {
+                // Handed out, then deleted: nothing to copy (a copy already made stays).
+                continue;
+            }
             let fields = e
                 .map
                 .into_iter()

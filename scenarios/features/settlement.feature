@@ -83,7 +83,8 @@ Feature: Quote settlement: every recorded share becomes a quote, PENDING until i
     Then every quote of "alice" becomes PAID and its wallet mints it
 
   Scenario: Redis killed with SIGKILL and restarted from its append-only file: no record, quote or verdict is lost and settlement resumes
-    Given a signet stack with the pool side
+    Given the mint and the auditors trim nothing
+    And a signet stack with the pool side
     And a proxy "alice" with a locking key
     And an honest miner "m" behind proxy "alice"
     When miner "m" has 3 accepted shares

@@ -1,9 +1,9 @@
 //! Trimming a stream up to what every reader has acknowledged.
 //!
 //! One script (`EVAL`, atomic in Redis) reads each required group's state and trims below the
-//! oldest entry any of them still needs: the smallest id a group holds pending, or the entry
-//! after the last one it was handed. Entries younger than a minimum age stay too. A required
-//! group that does not exist holds the whole stream (it would read from the start).
+//! oldest entry any of them may still need: the smallest id a group holds pending, or the
+//! entry after the last one it was handed. Entries younger than a minimum age stay too. A required group that does
+//! not exist holds the whole stream (it would read from the start).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -13,20 +13,63 @@ use redis::aio::MultiplexedConnection;
 use crate::{connect, StreamError};
 
 /// KEYS: the stream. ARGV: minimum age (ms), then the groups that must have acknowledged.
-/// Returns {entries removed, what holds the first kept entry ('age', a group name, or
-/// 'missing:<group>'), entries kept}.
+/// Returns {entries removed, what holds the first kept entry ('age', a group name,
+/// 'missing:<group>', 'limit' or 'empty'), entries kept}.
+///
+/// Ids are compared and counted as strings (digits by length, then lexically), never as Lua
+/// numbers, so no id rounds. A group's bound is the lower of its smallest pending id and the
+/// id after its last delivered one, so a group moved back with `XGROUP SETID` still holds
+/// what it will read again. Whole macro nodes go first
+/// (`~`, at most `LIMIT` entries a round), then the rest of a partial node exactly, so one
+/// round never blocks Redis for long behind a big backlog.
 const TRIM: &str = r#"
 local stream = KEYS[1]
 if redis.call('EXISTS', stream) == 0 then return {0, 'empty', 0} end
-local t = redis.call('TIME')
-local bound_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
-local bound_seq = 0
-local holder = 'age'
-local function lower(id, next, who)
+local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  ms, seq = tonumber(ms), tonumber(seq) + next
-  if ms < bound_ms or (ms == bound_ms and seq < bound_seq) then
+  return ms, seq
+end
+local function less(a_ms, a_seq, b_ms, b_seq)
+  if #a_ms ~= #b_ms then return #a_ms < #b_ms end
+  if a_ms ~= b_ms then return a_ms < b_ms end
+  if #a_seq ~= #b_seq then return #a_seq < #b_seq end
+  return a_seq < b_seq
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local age_ms = now_ms - tonumber(ARGV[1])
+if age_ms < 0 then age_ms = 0 end
+local bound_ms, bound_seq = string.format('%d', age_ms), '0'
+local holder = 'age'
+-- A decimal string plus one.
+local function succ(digits)
+  local out, carry = {}, 1
+  for i = #digits, 1, -1 do
+    local d = string.byte(digits, i) - 48 + carry
+    if d == 10 then d, carry = 0, 1 else carry = 0 end
+    out[i] = string.char(48 + d)
+  end
+  local s = table.concat(out)
+  if carry == 1 then s = '1' .. s end
+  return s
+end
+local function lower_to(ms, seq, who)
+  if less(ms, seq, bound_ms, bound_seq) then
     bound_ms, bound_seq, holder = ms, seq, who
+  end
+end
+local function lower(id, who)
+  local ms, seq = parse(id)
+  if ms then lower_to(ms, seq, who) end
+end
+-- Below the entry after `id`: `id` itself may go.
+local function lower_after(id, who)
+  local ms, seq = parse(id)
+  if not ms then return end
+  if seq == '18446744073709551615' then
+    lower_to(succ(ms), '0', who)
+  else
+    lower_to(ms, succ(seq), who)
   end
 end
 local groups = {}
@@ -40,14 +83,16 @@ for i = 2, #ARGV do
   local info = groups[name]
   if not info then return {0, 'missing:' .. name, redis.call('XLEN', stream)} end
   local pending = redis.call('XPENDING', stream, name)
-  if pending[1] > 0 then
-    lower(pending[2], 0, name)
-  else
-    lower(info['last-delivered-id'], 1, name)
-  end
+  if pending[1] > 0 then lower(pending[2], name) end
+  lower_after(info['last-delivered-id'], name)
 end
-if bound_ms < 0 then bound_ms, bound_seq = 0, 0 end
-local removed = redis.call('XTRIM', stream, 'MINID', string.format('%d-%d', bound_ms, bound_seq))
+local bound = bound_ms .. '-' .. bound_seq
+local removed = redis.call('XTRIM', stream, 'MINID', '~', bound, 'LIMIT', 10000)
+if removed < 10000 then
+  removed = removed + redis.call('XTRIM', stream, 'MINID', bound)
+else
+  holder = 'limit'
+end
 return {removed, holder, redis.call('XLEN', stream)}
 "#;
 
@@ -59,7 +104,8 @@ pub struct Trimmed {
     /// Entries kept.
     pub kept: u64,
     /// What keeps the oldest kept entry: `age`, the name of a group that has not acknowledged
-    /// it, `missing:<group>` (a required group that does not exist), or `empty`.
+    /// it, `missing:<group>` (a required group that does not exist), `limit` (more to remove
+    /// next round), or `empty`.
     pub held_by: String,
 }
 
@@ -74,7 +120,7 @@ pub async fn trim_acknowledged(
 ) -> Result<Trimmed, StreamError> {
     let script = redis::Script::new(TRIM);
     let mut invocation = script.key(stream);
-    invocation.arg(min_age.as_millis() as u64);
+    invocation.arg(u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX));
     for g in groups {
         invocation.arg(g);
     }
@@ -133,6 +179,7 @@ pub async fn run_trimmer(
     let mut stop = std::pin::pin!(stop);
     let mut conn: Option<MultiplexedConnection> = None;
     let mut warned: Vec<Option<Instant>> = vec![None; targets.len()];
+    let mut warned_connect: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = &mut stop => return,
@@ -143,7 +190,13 @@ pub async fn run_trimmer(
             match connect(&url, schedule.timeout).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
-                    tracing::debug!("stream trim: {e}");
+                    if warned_connect.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                        warned_connect = Some(Instant::now());
+                        tracing::warn!(
+                            "stream trim cannot reach Redis, retried every {:?}: {e}",
+                            schedule.interval
+                        );
+                    }
                     continue;
                 }
             }
@@ -170,7 +223,8 @@ pub async fn run_trimmer(
                         );
                     }
                     let held = t.held_by.starts_with("missing:")
-                        || (t.kept >= schedule.warn_kept && t.held_by != "age");
+                        || (t.kept >= schedule.warn_kept
+                            && !matches!(t.held_by.as_str(), "age" | "limit"));
                     if held && warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                         *warned = Some(Instant::now());
                         tracing::warn!(

@@ -185,7 +185,18 @@ impl History {
                 Err(_) => None,
             }
         };
-        let (metrics, wallets, reserve) = tokio::join!(pool, wallets, reserve);
+        // The harness's copy of the trimmed streams kept up (so the roles trim during the
+        // soak, under its faults); a drain cut short goes on at the next sample.
+        let copy = async {
+            if let Ok(redis) = stack.redis() {
+                let _ = tokio::time::timeout(SAMPLE_TIMEOUT, async {
+                    let mut conn = redis.connect().await?;
+                    crate::stream_archive::copy_new(&mut conn).await
+                })
+                .await;
+            }
+        };
+        let (metrics, wallets, reserve, ()) = tokio::join!(pool, wallets, reserve, copy);
         s.shares_accepted = metrics.map(|m| m.sum("hashpool_pool_shares_accepted_total"));
         for (name, w) in wallets.into_iter().flatten() {
             s.wallets.insert(

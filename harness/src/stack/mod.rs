@@ -415,7 +415,13 @@ impl Stack {
             },
             async {
                 match &self.redis {
-                    Some(r) => r.process().stop().await.map(|_| ()),
+                    Some(r) => {
+                        // Best effort: the harness's copy of its streams goes with the stack.
+                        if let Ok(mut conn) = r.connect().await {
+                            let _ = crate::stream_archive::forget(&mut conn).await;
+                        }
+                        r.process().stop().await.map(|_| ())
+                    }
                     None => Ok(()),
                 }
             }

@@ -51,7 +51,7 @@ const NOT_YET_PATIENCE: Duration = Duration::from_secs(3);
 const VERDICT_MARKER_TTL_SECS: u64 = 90 * 24 * 3600;
 
 /// The auditor's Redis function: write a template's verdict once, and acknowledge the task.
-const LIBRARY: &str = r#"#!lua name=hashpool_auditor
+const LIBRARY: &str = r#"#!lua name=hashpool_auditor2
 
 -- KEYS: audit:results, audit:dead, audit:tasks, the template's verdict marker.
 -- ARGV: group, task entry id, marker ttl, most dead letters kept, number of result
@@ -68,9 +68,8 @@ local function verdict(keys, args)
     if #args > 5 + n then
       local dead = {}
       for i = 6 + n, #args do dead[#dead + 1] = args[i] end
-      local max = tonumber(args[4])
-      dropped = math.max(0, redis.call('XLEN', keys[2]) + 1 - max)
-      redis.call('XADD', keys[2], 'MAXLEN', max, '*', unpack(dead))
+      dropped = math.max(0, redis.call('XLEN', keys[2]) + 1 - tonumber(args[4]))
+      redis.call('XADD', keys[2], 'MAXLEN', args[4], '*', unpack(dead))
     end
     -- The marker last: a failure before it leaves the task to be retried.
     redis.call('SET', keys[4], '1', 'EX', tonumber(args[3]))

@@ -389,6 +389,7 @@ async fn trim_loop(config: MintConfig, metrics: Arc<MintMetrics>, stop: Cancella
             .trimmed
             .with_label_values(&[stream])
             .inc_by(t.removed);
+        metrics.trim_rounds.with_label_values(&[stream]).inc();
         metrics
             .stream_entries
             .with_label_values(&[stream])

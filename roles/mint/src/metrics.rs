@@ -25,6 +25,8 @@ pub struct MintMetrics {
     pub dead_letters_dropped: IntCounter,
     /// Acknowledged entries trimmed, by stream.
     pub trimmed: IntCounterVec,
+    /// Trim rounds done, by stream.
+    pub trim_rounds: IntCounterVec,
     /// Entries a stream held after its last trim, by stream.
     pub stream_entries: IntGaugeVec,
     /// Time from a share record's append to its quote being committed.
@@ -99,6 +101,13 @@ impl MintMetrics {
                 ),
                 &["stream"],
             )?,
+            trim_rounds: IntCounterVec::new(
+                Opts::new(
+                    "hashpool_mint_stream_trim_rounds_total",
+                    "Trim rounds done, by stream",
+                ),
+                &["stream"],
+            )?,
             stream_entries: IntGaugeVec::new(
                 Opts::new(
                     "hashpool_mint_stream_entries",
@@ -153,6 +162,7 @@ impl MintMetrics {
             Box::new(m.backlog.clone()),
             Box::new(m.dead_letters_dropped.clone()),
             Box::new(m.trimmed.clone()),
+            Box::new(m.trim_rounds.clone()),
             Box::new(m.stream_entries.clone()),
             Box::new(m.record_to_quote_seconds.clone()),
             Box::new(m.record_to_paid_seconds.clone()),

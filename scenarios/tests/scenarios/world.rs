@@ -48,6 +48,8 @@ pub struct HarnessWorld {
     pub pool_options: PoolOptions,
     /// Mint settings used by the next mint start.
     pub mint_options: harness::roles::MintOptions,
+    /// How the auditors of the pool side trim (None: the harness's default).
+    pub auditor_streams: Option<hashpool_config::pool_side::StreamsSection>,
     /// A counter remembered before an action (accepted shares of a miner, disconnects...).
     pub counter_before: Option<f64>,
     /// Rates measured by the scenario, printed in the report (name, shares/s).
@@ -127,6 +129,7 @@ impl HarnessWorld {
             last_error: None,
             pool_options: PoolOptions::default(),
             mint_options: Default::default(),
+            auditor_streams: None,
             counter_before: None,
             rates: Vec::new(),
             expected_exits: HashMap::new(),

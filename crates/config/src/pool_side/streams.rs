@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Most dead letters a role may be told to keep.
+pub const MAX_DEAD_LETTERS: u64 = 1_000_000_000;
+const DAY_SECS: u64 = 24 * 3600;
+
 /// `[streams]`: keeping the Redis streams a role reads, and its dead letters, bounded.
 ///
 /// | key | default | meaning |
@@ -52,8 +56,17 @@ impl StreamsSection {
                 "`streams.readers` holds {bad:?}: a group name is not empty and has no spaces"
             ));
         }
-        if self.dead_letters_max == 0 {
-            return Err("`streams.dead_letters_max` must be at least 1".into());
+        if !(1..=MAX_DEAD_LETTERS).contains(&self.dead_letters_max) {
+            return Err(format!(
+                "`streams.dead_letters_max` must be 1..={MAX_DEAD_LETTERS}, got {}",
+                self.dead_letters_max
+            ));
+        }
+        if self.trim_interval_secs > DAY_SECS || self.trim_min_age_secs > 30 * DAY_SECS {
+            return Err(
+                "`streams.trim_interval_secs` must be at most a day and `streams.trim_min_age_secs` at most 30 days"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -27,7 +27,15 @@ async fn settlement_delay(w: &mut HarnessWorld, secs: u64) {
 async fn pool_side(w: &mut HarnessWorld, chain: super::ChainParam) -> anyhow::Result<()> {
     w.start_stack(DEFAULT_STACK, Some(chain.0), true).await?;
     let (pool, mint) = (w.pool_options.clone(), w.mint_options.clone());
-    w.default_stack_mut()?.start_pool_side(&pool, &mint).await
+    let auditor = harness::roles::AuditorOptions {
+        streams: w.auditor_streams.clone(),
+        ..harness::roles::AuditorOptions::new(2)
+    };
+    let stack = w.default_stack_mut()?;
+    stack.start_pool(&pool).await?;
+    stack.start_mint(&mint).await?;
+    stack.start_auditor_with("a", &auditor).await?;
+    Ok(())
 }
 
 #[given("a signet stack with a pool and a mint, and no auditor yet")]

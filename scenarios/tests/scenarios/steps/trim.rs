@@ -2,7 +2,7 @@
 //! what a reader has not read. The oracle is Redis's own account of each stream (`XRANGE`,
 //! and `XINFO STREAM`'s deleted mark), beside the harness's copy of every entry.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,11 +20,22 @@ use crate::world::HarnessWorld;
 /// Trimming runs every 2 s on entries 10 s old: a few rounds.
 const TRIM_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[given(expr = "the mint also waits for reader {string} before trimming")]
+#[given(expr = "the mint trims what its readers acknowledged at once, reader {string} among them")]
 async fn mint_waits_for(w: &mut HarnessWorld, group: String) {
     let mut streams = archived_streams();
     streams.readers.push(group);
+    streams.trim_min_age_secs = 0;
     w.mint_options.streams = Some(streams);
+}
+
+#[given("the mint and the auditors trim nothing")]
+async fn no_trim(w: &mut HarnessWorld) {
+    let off = hashpool_config::pool_side::StreamsSection {
+        trim_interval_secs: 0,
+        ..archived_streams()
+    };
+    w.mint_options.streams = Some(off.clone());
+    w.auditor_streams = Some(off);
 }
 
 /// The streams the mint reads (and trims).
@@ -97,47 +108,105 @@ async fn tasks_trimmed(w: &mut HarnessWorld) -> anyhow::Result<()> {
 #[then("Redis trims the share records and verdicts every reader acknowledged")]
 async fn shares_trimmed(w: &mut HarnessWorld) -> anyhow::Result<()> {
     let conn = w.default_stack()?.redis()?.connect().await?;
+    anyhow::ensure!(!w.late_reader_last.is_empty(), "no late reader read");
     for (stream, last) in w.late_reader_last.clone() {
         wait_trimmed(&conn, stream, &last).await?;
     }
     Ok(())
 }
 
-/// Redis's clock, in milliseconds.
-async fn redis_now_ms(conn: &mut MultiplexedConnection) -> anyhow::Result<u64> {
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
-    Ok(secs * 1000 + micros / 1000)
+/// Whether group `group` of `stream` was handed every entry and holds none pending (Redis's
+/// own account).
+async fn caught_up(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> anyhow::Result<Result<(), String>> {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    let text = |g: &HashMap<String, redis::Value>, k: &str| -> String {
+        g.get(k)
+            .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+            .unwrap_or_default()
+    };
+    let last: String = {
+        let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(stream)
+            .query_async(conn)
+            .await?;
+        info.get("last-generated-id")
+            .map(redis::from_redis_value_ref::<String>)
+            .transpose()?
+            .unwrap_or_default()
+    };
+    let Some(g) = groups.iter().find(|g| text(g, "name") == group) else {
+        return Ok(Err(format!("no group {group} on {stream}")));
+    };
+    let (delivered, pending) = (text(g, "last-delivered-id"), text(g, "pending"));
+    Ok(if delivered == last && pending == "0" {
+        Ok(())
+    } else {
+        Err(format!(
+            "{stream}: group {group} at {delivered} with {pending} pending, the stream at {last}"
+        ))
+    })
 }
 
-/// Every share record and verdict the harness ever saw is still in Redis once Redis's clock is
-/// past the oldest one's trim age plus two trim rounds: the mint has found them old enough and
-/// acknowledged them, and only the reader that has not read them keeps them.
+/// The mint's trim rounds so far, all streams together.
+async fn trim_rounds(w: &HarnessWorld) -> Result<f64, String> {
+    let m = w
+        .default_stack()
+        .and_then(|s| s.mint())
+        .map_err(|e| e.to_string())?
+        .metrics()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(m.sum("hashpool_mint_stream_trim_rounds_total"))
+}
+
+/// Every share record and verdict the harness ever saw is still in Redis after two of the
+/// mint's trim rounds that came once the mint's group and the harness's had acknowledged all
+/// of them: only the reader that has not read them keeps them.
 #[then(expr = "Redis still holds every share record and verdict, none read by reader {string}")]
 async fn shares_held(w: &mut HarnessWorld, group: String) -> anyhow::Result<()> {
     let mut conn = w.default_stack()?.redis()?.connect().await?;
-    let streams = archived_streams();
-    let age_ms = (streams.trim_min_age_secs + 2 * streams.trim_interval_secs) * 1000;
     for stream in MINT_STREAMS {
-        let (first, _) = first_and_last(&mut conn, stream).await?;
-        let first_ms: u64 = first.split('-').next().unwrap_or("0").parse()?;
-        let c = conn.clone();
-        wait_until(
-            &format!("Redis's clock {age_ms} ms past {stream} entry {first}"),
-            TRIM_TIMEOUT,
-            || {
-                let mut conn = c.clone();
-                async move {
-                    let now = redis_now_ms(&mut conn).await.map_err(|e| e.to_string())?;
-                    if now >= first_ms + age_ms {
-                        Ok(())
-                    } else {
-                        Err(format!("{} ms to go", first_ms + age_ms - now))
+        stream_entries(&mut conn, stream).await?;
+        for g in ["mint", stream_archive::GROUP] {
+            let c = conn.clone();
+            wait_until(
+                &format!("group {g} to acknowledge all of {stream}"),
+                TRIM_TIMEOUT,
+                || {
+                    let mut conn = c.clone();
+                    async move {
+                        caught_up(&mut conn, stream, g)
+                            .await
+                            .map_err(|e| format!("{e:#}"))?
                     }
-                }
-            },
-        )
-        .await?;
+                },
+            )
+            .await?;
+        }
     }
+    let rounds = trim_rounds(w).await.map_err(anyhow::Error::msg)?;
+    wait_until(
+        "two more trim rounds of the mint on each stream",
+        TRIM_TIMEOUT,
+        || async {
+            let now = trim_rounds(w).await?;
+            if now >= rounds + 2.0 * MINT_STREAMS.len() as f64 {
+                Ok(())
+            } else {
+                Err(format!("{now} rounds, {rounds} before"))
+            }
+        },
+    )
+    .await?;
     for stream in MINT_STREAMS {
         let copied = stream_entries(&mut conn, stream).await?;
         let held: HashSet<String> = stream_archive::in_redis(&mut conn, stream)
