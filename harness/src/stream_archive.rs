@@ -78,10 +78,12 @@ pub async fn entries(
     let archive = archive_of(conn).await?;
     let mut archive = archive.lock().await;
     let copy = archive.entry(stream.to_string()).or_default();
+    // Counted before the drain: entries appended meanwhile may or may not be copied.
+    create_group(conn, stream).await?;
+    let added = counters(conn, stream).await?.entries_added;
     drain(conn, stream, copy)
         .await
         .with_context(|| format!("reading {stream} as group {GROUP}"))?;
-    let added = counters(conn, stream).await?.entries_added;
     anyhow::ensure!(
         copy.len() as u64 >= added,
         "the harness's copy of {stream} has {} entries, Redis gave out {added}: entries were \
