@@ -56,7 +56,7 @@ async fn throughput(
     config: &HarnessConfig,
     offered: f64,
     connections: usize,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<Throughput> {
     const MIN_BITS: u32 = 2;
     const MINERS: usize = 2;
     let name = format!("bench-throughput-{offered}-{connections}");
@@ -74,23 +74,81 @@ async fn throughput(
     // Fixed windows are what a rate measurement is; nothing waits on them for correctness.
     tokio::time::sleep(WARMUP).await; // measurement window
     let pool = s.pool()?;
-    let before = pool
-        .metrics()
-        .await?
-        .get("hashpool_pool_shares_accepted_total");
+    let pids = cpu_pids(&s)?;
+    let cpu_before: Vec<f64> = pids.iter().map(|(_, p)| cpu(*p)).collect();
+    let m = pool.metrics().await?;
+    let before = (
+        m.get("hashpool_pool_shares_accepted_total"),
+        m.sum("hashpool_pool_shares_rejected_total"),
+    );
     let t = Instant::now();
     tokio::time::sleep(WINDOW).await; // measurement window
-    let after = pool
-        .metrics()
-        .await?
-        .get("hashpool_pool_shares_accepted_total");
-    let rate = (after - before) / t.elapsed().as_secs_f64();
+    let m = pool.metrics().await?;
+    let secs = t.elapsed().as_secs_f64();
+    let rate = (m.get("hashpool_pool_shares_accepted_total") - before.0) / secs;
+    let rejected = (m.sum("hashpool_pool_shares_rejected_total") - before.1) / secs;
+    let mut reasons: Vec<(String, f64)> =
+        m.0.iter()
+            .filter_map(|(k, v)| {
+                let r = k.strip_prefix("hashpool_pool_shares_rejected_total{reason=\"")?;
+                Some((r.trim_end_matches("\"}").to_string(), *v))
+            })
+            .collect();
+    reasons.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let reasons: Vec<String> = reasons
+        .iter()
+        .take(3)
+        .map(|(r, n)| format!("{r} {n:.0}"))
+        .collect();
+    let split: Vec<String> = pids
+        .iter()
+        .zip(cpu_before)
+        .map(|((name, p), b)| format!("{name} {:.2}", (cpu(*p) - b) / secs))
+        .collect();
     let rss = (
         peak_rss_mb(pool.process().pid()),
         peak_rss_mb(s.proxy("bench")?.process().pid()),
     );
     s.shutdown(false).await?;
-    Ok((rate, rss.0, rss.1))
+    Ok(Throughput {
+        rate,
+        rejected,
+        cpu: split.join(", "),
+        reasons: reasons.join(", "),
+        pool_rss: rss.0,
+        proxy_rss: rss.1,
+    })
+}
+
+/// What one throughput run measured.
+struct Throughput {
+    /// Accepted shares/s.
+    rate: f64,
+    /// Refused shares/s (stale, duplicate, ...).
+    rejected: f64,
+    /// Cores each process used during the window.
+    cpu: String,
+    /// The most frequent refusal reasons since the start, with their counts.
+    reasons: String,
+    pool_rss: f64,
+    proxy_rss: f64,
+}
+
+fn cpu(pid: Option<u32>) -> f64 {
+    pid.map_or(0.0, harness::memory::cpu_seconds)
+}
+
+/// The processes whose CPU the throughput table splits: pool, proxy, miners, Redis.
+fn cpu_pids(s: &Stack) -> anyhow::Result<Vec<(String, Option<u32>)>> {
+    let mut pids = vec![
+        ("pool".to_string(), s.pool()?.process().pid()),
+        ("proxy".to_string(), s.proxy("bench")?.process().pid()),
+    ];
+    for m in s.miners() {
+        pids.push((m.name.clone(), m.process().pid()));
+    }
+    pids.push(("redis".to_string(), s.redis()?.process().pid()));
+    Ok(pids)
 }
 
 /// Ack latency (p50, p99 in ms) and the achieved share rate with one miner sized for ~1,000 shares/s.
@@ -204,25 +262,47 @@ async fn main() -> anyhow::Result<()> {
     // The same measurement before #10, when the proxy opened one SV2 connection per miner
     // (closing note of #7, this machine, `just bench`).
     let per_miner_connection = [4_885.0, 10_052.0, 19_906.0, 18_044.0];
+    let mut accepted = Vec::new();
     for (offered, before) in [5_000.0, 10_000.0, 20_000.0, 40_000.0]
         .into_iter()
         .zip(per_miner_connection)
     {
-        let (rate, pool_rss, proxy_rss) = throughput(&config, offered, 1).await?;
+        let t = throughput(&config, offered, 1).await?;
+        accepted.push(t.rate);
         println!(
-            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) on the proxy's one upstream connection, each recorded once (dedup + XADD) | {rate:.0} ({:.2} of the XADD limit; floor 20,000; {before:.0} with one connection per miner, #7) |",
-            rate / limit
+            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) on the proxy's one upstream connection, each recorded once (dedup + XADD) | {:.0} ({:.2} of the XADD limit; floor 20,000; {before:.0} with one connection per miner, #7); refused {:.0}/s ({}) |",
+            t.rate,
+            t.rate / limit,
+            t.rejected,
+            t.reasons
         );
         println!(
-            "| peak RSS pool / proxy at that load | {pool_rss:.1} MB / {proxy_rss:.1} MB (sum {:.1} MB) |",
-            pool_rss + proxy_rss
+            "| cores used at that load (2 on this machine) | {} |",
+            t.cpu
+        );
+        println!(
+            "| peak RSS pool / proxy at that load | {:.1} MB / {:.1} MB (sum {:.1} MB) |",
+            t.pool_rss,
+            t.proxy_rss,
+            t.pool_rss + t.proxy_rss
         );
     }
-    let (rate, pool_rss, proxy_rss) = throughput(&config, 20_000.0, 100).await?;
+    let peak = accepted.iter().copied().fold(0.0, f64::max);
+    let overloaded = accepted.last().copied().unwrap_or(0.0);
     println!(
-        "| accepted shares/s with 20000/s offered by 200 miners (2 processes x 100 connections) on one upstream connection | {rate:.0} ({:.2} of the XADD limit); peak RSS pool / proxy {pool_rss:.1} / {proxy_rss:.1} MB |",
-        rate / limit
+        "| goodput under overload: accepted at 40000/s offered over the peak of these runs | {:.2} ({overloaded:.0} / {peak:.0}; aim at least 0.90: an overloaded pool stops reading a connection whose shares wait on their records, and the proxy refuses what its queue to the pool cannot hold with `upstream-busy`) |",
+        overloaded / peak.max(1.0)
     );
+    let t = throughput(&config, 20_000.0, 100).await?;
+    println!(
+        "| accepted shares/s with 20000/s offered by 200 miners (2 processes x 100 connections) on one upstream connection | {:.0} ({:.2} of the XADD limit); refused {:.0}/s; peak RSS pool / proxy {:.1} / {:.1} MB |",
+        t.rate,
+        t.rate / limit,
+        t.rejected,
+        t.pool_rss,
+        t.proxy_rss
+    );
+    println!("| cores used at that load | {} |", t.cpu);
     let (rate, p50, p99, pool_p99) = latency(&config).await?;
     println!("| ack latency at {rate:.0} shares/s, miner to miner (one miner, min_bits 8): p50 / p99 | {p50:.2} ms / {p99:.2} ms |");
     println!("| of which inside the pool (share read to answer queued, incl. Redis): p99 at most | {pool_p99:.3} ms |");

@@ -35,7 +35,9 @@ impl Session {
             height = work.height,
             "setting a custom job"
         );
-        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone())) {
+        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone()))
+            == crate::upstream::Sent::Queued
+        {
             self.custom_pending
                 .insert(self.next_request, work.set_custom);
         }
