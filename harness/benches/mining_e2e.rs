@@ -81,24 +81,26 @@ async fn throughput(
         m.get("hashpool_pool_shares_accepted_total"),
         m.sum("hashpool_pool_shares_rejected_total"),
     );
+    let reasons_before = rejected_by_reason(&m);
     let t = Instant::now();
     tokio::time::sleep(WINDOW).await; // measurement window
     let m = pool.metrics().await?;
     let secs = t.elapsed().as_secs_f64();
     let rate = (m.get("hashpool_pool_shares_accepted_total") - before.0) / secs;
     let rejected = (m.sum("hashpool_pool_shares_rejected_total") - before.1) / secs;
-    let mut reasons: Vec<(String, f64)> =
-        m.0.iter()
-            .filter_map(|(k, v)| {
-                let r = k.strip_prefix("hashpool_pool_shares_rejected_total{reason=\"")?;
-                Some((r.trim_end_matches("\"}").to_string(), *v))
-            })
-            .collect();
+    let mut reasons: Vec<(String, f64)> = rejected_by_reason(&m)
+        .into_iter()
+        .map(|(r, n)| {
+            let b = reasons_before.get(&r).copied().unwrap_or(0.0);
+            (r, (n - b) / secs)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
     reasons.sort_by(|a, b| b.1.total_cmp(&a.1));
     let reasons: Vec<String> = reasons
         .iter()
         .take(3)
-        .map(|(r, n)| format!("{r} {n:.0}"))
+        .map(|(r, n)| format!("{r} {n:.0}/s"))
         .collect();
     let split: Vec<String> = pids
         .iter()
@@ -128,10 +130,20 @@ struct Throughput {
     rejected: f64,
     /// Cores each process used during the window.
     cpu: String,
-    /// The most frequent refusal reasons since the start, with their counts.
+    /// The pool's most frequent refusal reasons in the window, per second.
     reasons: String,
     pool_rss: f64,
     proxy_rss: f64,
+}
+
+/// The pool's refusals so far, by reason.
+fn rejected_by_reason(m: &harness::http::Metrics) -> std::collections::HashMap<String, f64> {
+    m.0.iter()
+        .filter_map(|(k, v)| {
+            let r = k.strip_prefix("hashpool_pool_shares_rejected_total{reason=\"")?;
+            Some((r.trim_end_matches("\"}").to_string(), *v))
+        })
+        .collect()
 }
 
 fn cpu(pid: Option<u32>) -> f64 {

@@ -179,9 +179,7 @@ pub async fn serve(
         tokio::select! {
             _ = stop.cancelled() => break Close::Shutdown,
             _ = tracked.evict.cancelled() => break Close::Evicted,
-            // Full of shares waiting for their records: leave the rest in the socket (TCP
-            // pushes back on the client) until answers make room.
-            frame = in_rx.recv(), if conn.pending.len() < crate::shares::MAX_PENDING_SHARES => match frame {
+            frame = in_rx.recv() => match frame {
                 Some(Ok(mut frame)) => {
                     last_frame = Instant::now();
                     let result = conn.on_frame(&mut frame).await;

@@ -23,11 +23,9 @@ use crate::sink::{AppendError, Appended, ShareAppend};
 
 /// SV2 error code for a share refused because its record could not be stored.
 pub const ERROR_RECORD_UNAVAILABLE: &str = "ehash-record-unavailable";
-/// Shares of one connection waiting for their records. At this many the connection reads no
-/// more frames until some are answered, so an overloaded pool pushes back on the client over
-/// TCP instead of spending its time refusing shares (memory stays bounded either way); a
-/// share that still finds it full is refused with `ehash-record-unavailable`.
-pub(crate) const MAX_PENDING_SHARES: usize = 4096;
+/// Shares of one connection waiting for their records; past this, shares are refused with
+/// `ehash-record-unavailable` until Redis catches up (memory stays bounded under overload).
+const MAX_PENDING_SHARES: usize = 4096;
 
 /// SV2 error code for a share whose hash was seen before (on any channel, connection or
 /// pool process).

@@ -34,8 +34,6 @@ const MAX_LINE: usize = 16 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs remembered per miner (shares on older ones are answered `invalid-job-id` by the pool).
 const KEPT_JOBS: usize = 32;
-/// SV1 refusal of a share the queue to the pool has no room for.
-pub const UPSTREAM_BUSY: &str = "upstream-busy";
 
 struct Session {
     id: u64,
@@ -345,16 +343,11 @@ impl Session {
             extranonce: B032Owned::try_from(sub.extranonce2)
                 .map_err(|e| format!("extranonce: {e:?}"))?,
         };
-        let why = match up.send(MiningOwned::SubmitSharesExtended(share)) {
-            crate::upstream::Sent::Queued => None,
-            // The pool pushes back (its shares wait on their records) and the queue to it is
-            // full: refused at once here, where a refusal costs least.
-            crate::upstream::Sent::Busy => Some(UPSTREAM_BUSY),
-            crate::upstream::Sent::Gone => Some("upstream-disconnected"),
-        };
-        if let Some(why) = why {
+        if !up.send(MiningOwned::SubmitSharesExtended(share)) {
             self.rejected += 1;
-            return self.line(sv1::error(r.id, 20, why)).await;
+            return self
+                .line(sv1::error(r.id, 20, "upstream-disconnected"))
+                .await;
         }
         self.pending.insert(self.seq, r.id);
         Ok(())

@@ -47,27 +47,12 @@ pub struct Upstream {
     pub(crate) _guard: crate::multiplex::ChannelGuard,
 }
 
-/// What became of a message for the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sent {
-    /// Queued for the pool.
-    Queued,
-    /// Not sent: the queue to the pool is full (the pool pushes back, or the link is slow).
-    Busy,
-    /// Not sent: the connection is gone (or the message does not encode).
-    Gone,
-}
-
 impl Upstream {
-    /// Queue a mining message for the pool without waiting.
-    pub fn send(&self, msg: MiningOwned) -> Sent {
+    /// Send a mining message; `false` if the connection is gone.
+    pub fn send(&self, msg: MiningOwned) -> bool {
         match OutboundFrame::from_message(AnyMessageOwned::Mining(msg)) {
-            Ok(frame) => match self.outbound.try_send(frame) {
-                Ok(()) => Sent::Queued,
-                Err(mpsc::error::TrySendError::Full(_)) => Sent::Busy,
-                Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
-            },
-            Err(_) => Sent::Gone,
+            Ok(frame) => self.outbound.try_send(frame).is_ok(),
+            Err(_) => false,
         }
     }
 }

@@ -35,9 +35,7 @@ impl Session {
             height = work.height,
             "setting a custom job"
         );
-        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone()))
-            == crate::upstream::Sent::Queued
-        {
+        if up.send(MiningOwned::SetCustomMiningJob(work.set_custom.clone())) {
             self.custom_pending
                 .insert(self.next_request, work.set_custom);
         }
