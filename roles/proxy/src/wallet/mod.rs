@@ -30,9 +30,11 @@ use tokio_util::sync::CancellationToken;
 /// Unit and method the pool's mint uses.
 const UNIT: &str = "ehash";
 const METHOD: &str = "mining_share";
-/// Pending quotes the wallet subscribes to (NUT-17) at once; cdk's mint allows 100
-/// subscriptions per websocket connection.
-const MAX_SUBSCRIBED_QUOTES: usize = 64;
+/// Pending quotes the wallet subscribes to (NUT-17) at once. cdk opens one remote
+/// subscription per quote and its mint refuses more than 100 per websocket connection with
+/// "Invalid params": the old set's are dropped before a new set subscribes, and two sets
+/// together stay under 100 even if the mint has not yet processed the old set's unsubscribes.
+const MAX_SUBSCRIBED_QUOTES: usize = 48;
 /// Quotes per batch mint (the mint allows up to 1000).
 const BATCH: usize = 200;
 /// The least time between two rounds woken by notifications.
@@ -360,6 +362,8 @@ impl OperatorWallet {
             let mut pending = pending;
             pending.truncate(MAX_SUBSCRIBED_QUOTES);
             if pending != subscribed {
+                // The old subscriptions go first (see MAX_SUBSCRIBED_QUOTES).
+                drop(sub.take());
                 sub = if pending.is_empty() {
                     None
                 } else {
