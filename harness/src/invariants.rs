@@ -21,7 +21,6 @@ use bitcoin::block::Version;
 use bitcoin::consensus::encode::{deserialize, serialize};
 use bitcoin::{Block, ScriptBuf};
 use ehash::{AuditTask, ShareRecord, AUDIT_TASKS_STREAM, SHARES_STREAM};
-use redis::streams::StreamRangeReply;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
@@ -68,19 +67,7 @@ pub async fn stream_entries(
     if crate::stream_archive::ARCHIVED.contains(&stream) {
         return crate::stream_archive::entries(conn, stream).await;
     }
-    let reply: StreamRangeReply = conn.xrange_all(stream).await?;
-    reply
-        .ids
-        .into_iter()
-        .map(|e| {
-            let fields = e
-                .map
-                .into_iter()
-                .map(|(k, v)| Ok((k, redis::from_redis_value(v)?)))
-                .collect::<Result<_, redis::RedisError>>()?;
-            Ok((e.id, fields))
-        })
-        .collect()
+    crate::stream_archive::in_redis(conn, stream).await
 }
 
 /// Every share record of `ehash:shares` with its entry id, in order. A record that does not

@@ -39,7 +39,8 @@ type Archive = Arc<tokio::sync::Mutex<HashMap<String, Copy>>>;
 /// Every archive of this process, by the id stored in its Redis.
 static ARCHIVES: LazyLock<Mutex<HashMap<String, Archive>>> = LazyLock::new(Default::default);
 
-fn order(id: &str) -> (u64, u64) {
+/// A stream entry id `<ms>-<seq>` as numbers, for ordering.
+pub fn order(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }

@@ -132,28 +132,20 @@ async fn caught_up(
             .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
             .unwrap_or_default()
     };
-    let last: String = {
-        let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(stream)
-            .query_async(conn)
-            .await?;
-        info.get("last-generated-id")
-            .map(redis::from_redis_value_ref::<String>)
-            .transpose()?
-            .unwrap_or_default()
-    };
+    let last = stream_archive::counters(conn, stream).await?.last_generated;
     let Some(g) = groups.iter().find(|g| text(g, "name") == group) else {
         return Ok(Err(format!("no group {group} on {stream}")));
     };
     let (delivered, pending) = (text(g, "last-delivered-id"), text(g, "pending"));
-    Ok(if delivered == last && pending == "0" {
-        Ok(())
-    } else {
-        Err(format!(
-            "{stream}: group {group} at {delivered} with {pending} pending, the stream at {last}"
+    Ok(
+        if stream_archive::order(&delivered) == last && pending == "0" {
+            Ok(())
+        } else {
+            Err(format!(
+            "{stream}: group {group} at {delivered} with {pending} pending, the stream at {last:?}"
         ))
-    })
+        },
+    )
 }
 
 /// The mint's trim rounds so far, all streams together.
