@@ -262,25 +262,34 @@ pub async fn try_mint(
 }
 
 /// Mint every quote of `quotes` with `secret_hex` in NUT-29 batches of `batch` (a fresh
-/// in-memory wallet per batch); returns the amount minted.
+/// in-memory wallet per batch), `in_flight` batches at a time; returns the amount minted.
+///
+/// One batch at a time leaves each side idle while the other works: the wallet blinds, signs
+/// each quote's NUT-20 request and then checks every DLEQ proof while the mint waits, and the
+/// mint checks and signs while the wallet waits (measured: each about half of a batch's
+/// time). Two in flight keep both busy, as two operators minting at once would.
 pub async fn mint_all(
     mint_url: &str,
     quotes: &[QuoteInfo],
     secret_hex: &str,
     batch: usize,
+    in_flight: usize,
 ) -> anyhow::Result<u64> {
-    let mut minted = 0;
-    for chunk in quotes.chunks(batch.max(1)) {
-        // A wallet per batch: cdk 0.18's wallet takes longer per mint the more quotes and
-        // proofs its store holds (measured: 0.17 s, 0.7 s, 1.3 s, 2.0 s for four batches of
-        // 250 in one wallet), which would measure the wallet's store, not the mint.
-        let wallet = wallet_with(mint_url, chunk, secret_hex).await?;
-        let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
-        let proofs = wallet
-            .batch_mint(&ids, fewest_proofs(), None, None)
-            .await
-            .map_err(|e| anyhow!("batch mint: {e}"))?;
-        minted += proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>();
-    }
-    Ok(minted)
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(quotes.chunks(batch.max(1)))
+        .map(|chunk| async move {
+            // A wallet per batch: cdk 0.18's wallet takes longer per mint the more quotes and
+            // proofs its store holds (measured: 0.17 s, 0.7 s, 1.3 s, 2.0 s for four batches
+            // of 250 in one wallet), which would measure the wallet's store, not the mint.
+            let wallet = wallet_with(mint_url, chunk, secret_hex).await?;
+            let ids: Vec<&str> = chunk.iter().map(|q| q.quote.as_str()).collect();
+            let proofs = wallet
+                .batch_mint(&ids, fewest_proofs(), None, None)
+                .await
+                .map_err(|e| anyhow!("batch mint: {e}"))?;
+            anyhow::Ok(proofs.iter().map(|p| u64::from(p.amount)).sum::<u64>())
+        })
+        .buffer_unordered(in_flight.max(1))
+        .try_fold(0, |total, amount| async move { Ok(total + amount) })
+        .await
 }
