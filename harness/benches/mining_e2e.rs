@@ -82,12 +82,15 @@ async fn throughput(
         m.sum("hashpool_pool_shares_rejected_total"),
     );
     let reasons_before = rejected_by_reason(&m);
+    let busy_before = s.proxy("bench")?.shares().await?.refused_upstream_busy;
     let t = Instant::now();
     tokio::time::sleep(WINDOW).await; // measurement window
     let m = pool.metrics().await?;
     let secs = t.elapsed().as_secs_f64();
     let rate = (m.get("hashpool_pool_shares_accepted_total") - before.0) / secs;
     let rejected = (m.sum("hashpool_pool_shares_rejected_total") - before.1) / secs;
+    let busy =
+        (s.proxy("bench")?.shares().await?.refused_upstream_busy - busy_before) as f64 / secs;
     let mut reasons: Vec<(String, f64)> = rejected_by_reason(&m)
         .into_iter()
         .map(|(r, n)| {
@@ -115,6 +118,7 @@ async fn throughput(
     Ok(Throughput {
         rate,
         rejected,
+        busy,
         cpu: split.join(", "),
         reasons: reasons.join(", "),
         pool_rss: rss.0,
@@ -126,8 +130,10 @@ async fn throughput(
 struct Throughput {
     /// Accepted shares/s.
     rate: f64,
-    /// Refused shares/s (stale, duplicate, ...).
+    /// Shares/s the pool refused (stale, duplicate, ...).
     rejected: f64,
+    /// Shares/s the proxy refused with `upstream-busy` (its window to the pool full).
+    busy: f64,
     /// Cores each process used during the window.
     cpu: String,
     /// The pool's most frequent refusal reasons in the window, per second.
@@ -282,11 +288,12 @@ async fn main() -> anyhow::Result<()> {
         let t = throughput(&config, offered, 1).await?;
         accepted.push(t.rate);
         println!(
-            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) on the proxy's one upstream connection, each recorded once (dedup + XADD) | {:.0} ({:.2} of the XADD limit; floor 20,000; {before:.0} with one connection per miner, #7); refused {:.0}/s ({}) |",
+            "| accepted shares/s with {offered:.0}/s offered by 2 miners (min_bits 2) on the proxy's one upstream connection, each recorded once (dedup + XADD) | {:.0} ({:.2} of the XADD limit; floor 20,000; {before:.0} with one connection per miner, #7); refused by the pool {:.0}/s ({}), by the proxy (upstream-busy) {:.0}/s |",
             t.rate,
             t.rate / limit,
             t.rejected,
-            t.reasons
+            t.reasons,
+            t.busy
         );
         println!(
             "| cores used at that load (2 on this machine) | {} |",
@@ -302,15 +309,16 @@ async fn main() -> anyhow::Result<()> {
     let peak = accepted.iter().copied().fold(0.0, f64::max);
     let overloaded = accepted.last().copied().unwrap_or(0.0);
     println!(
-        "| goodput under overload: accepted at 40000/s offered over the peak of these runs | {:.2} ({overloaded:.0} / {peak:.0}; aim at least 0.90: an overloaded pool stops reading a connection whose shares wait on their records, and the proxy refuses what its queue to the pool cannot hold with `upstream-busy`) |",
+        "| goodput under overload: accepted at 40000/s offered over the peak of these runs | {:.2} ({overloaded:.0} / {peak:.0}; aim at least 0.90: the proxy keeps at most 2,048 shares waiting for the pool and refuses the rest at once with `upstream-busy`, so the pool spends itself on shares it can record) |",
         overloaded / peak.max(1.0)
     );
     let t = throughput(&config, 20_000.0, 100).await?;
     println!(
-        "| accepted shares/s with 20000/s offered by 200 miners (2 processes x 100 connections) on one upstream connection | {:.0} ({:.2} of the XADD limit); refused {:.0}/s; peak RSS pool / proxy {:.1} / {:.1} MB |",
+        "| accepted shares/s with 20000/s offered by 200 miners (2 processes x 100 connections) on one upstream connection | {:.0} ({:.2} of the XADD limit); refused by the pool {:.0}/s, by the proxy {:.0}/s; peak RSS pool / proxy {:.1} / {:.1} MB |",
         t.rate,
         t.rate / limit,
         t.rejected,
+        t.busy,
         t.pool_rss,
         t.proxy_rss
     );

@@ -49,6 +49,20 @@ Feature: Exact share accounting: one record per share hash for the life of the p
     Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "busy" saw rejected
 
+  Scenario: a proxy whose window of shares waiting for the pool is full refuses the next at once with upstream-busy, and mines on once the pool answers
+    Given proxies started from now on keep at most 2 shares waiting for the pool
+    And a proxy "narrow" with a locking key
+    And an honest miner "quick" behind proxy "narrow"
+    When miner "quick" has 3 accepted shares
+    And the pool is paused
+    Then miner "quick" has 1 shares rejected with "upstream-busy"
+    When the pool is resumed
+    And the accepted shares of miner "quick" are counted
+    Then miner "quick" gets 3 more shares accepted
+    And proxy "narrow" counts as refused with upstream-busy exactly the shares miner "quick" saw refused so
+    When the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "narrow"'s key and the amount its hash is worth
+
   Scenario: requests to Redis held past the append timeout are fenced off: the shares are refused, and once delivered the requests write nothing
     Given an honest miner "busy" behind proxy "alice"
     When miner "busy" has 3 accepted shares

@@ -20,7 +20,8 @@ pub use miner::{MinerLog, MinerOptions, MinerRole};
 pub use mint::{held_within, invoice_sats_worth, MintOptions, MintRole};
 pub use pool::{PoolOptions, PoolRole};
 pub use proxy::{
-    DeclarationStatus, DeclareOptions, ProxyRole, WalletClient, WalletOptions, WalletStatus,
+    DeclarationStatus, DeclareOptions, ProxyLaunch, ProxyRole, ShareCounts, WalletClient,
+    WalletOptions, WalletStatus,
 };
 pub use translator::TranslatorRole;
 

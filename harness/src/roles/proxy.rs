@@ -29,6 +29,46 @@ pub struct ProxyRole {
     pub declaring: bool,
 }
 
+/// How to start a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyLaunch<'a> {
+    /// Its directory.
+    pub dir: &'a Path,
+    /// Its SV1 port.
+    pub port: u16,
+    /// The pool (its job declaration address).
+    pub pool: &'a super::PoolRole,
+    /// Where it reaches the pool and the authority key it expects there: the pool's own, or a
+    /// sniffer's address in front of it.
+    pub upstream: (&'a str, &'a str),
+    /// Give it an operator's locking key (its channels earn ehash).
+    pub with_locking_key: bool,
+    /// Hashrate announced per miner.
+    pub nominal_hashrate: f32,
+    /// Its status endpoint, and its wallet's mint (empty: no wallet).
+    pub wallet: Option<WalletOptions>,
+    /// Declare its own templates.
+    pub declare: Option<DeclareOptions>,
+    /// Its `max_shares_in_flight` (None: the default).
+    pub max_shares_in_flight: Option<usize>,
+    /// Start and stop timeouts.
+    pub timeouts: (Duration, Duration),
+}
+
+/// What a proxy did with its miners' shares (`GET /shares`).
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShareCounts {
+    /// Accepted by the pool.
+    pub accepted: u64,
+    /// Refused by the pool.
+    pub rejected_by_pool: u64,
+    /// Refused by the proxy: its window of shares waiting for the pool was full.
+    pub refused_upstream_busy: u64,
+    /// Refused by the proxy: no pool connection.
+    pub refused_upstream_disconnected: u64,
+}
+
 /// Where a proxy's wallet mints, and the port of its status endpoint.
 #[derive(Debug, Clone)]
 pub struct WalletOptions {
@@ -146,20 +186,20 @@ impl WalletClient {
 }
 
 impl ProxyRole {
-    /// Start a proxy in front of `pool`, which it reaches at `upstream`: (address, authority
-    /// public key), the pool's own or a sniffer's address in front of it.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        dir: &Path,
-        port: u16,
-        pool: &super::PoolRole,
-        upstream: (&str, &str),
-        with_locking_key: bool,
-        nominal_hashrate: f32,
-        wallet: Option<WalletOptions>,
-        declare: Option<DeclareOptions>,
-        timeouts: (Duration, Duration),
-    ) -> anyhow::Result<Self> {
+    /// Start a proxy as `launch` says.
+    pub async fn start(launch: ProxyLaunch<'_>) -> anyhow::Result<Self> {
+        let ProxyLaunch {
+            dir,
+            port,
+            pool,
+            upstream,
+            with_locking_key,
+            nominal_hashrate,
+            wallet,
+            declare,
+            max_shares_in_flight,
+            timeouts,
+        } = launch;
         let exe = role_exe("hashpool-proxy", "HASHPOOL_PROXY_EXE")?;
         let (secret, public) = if with_locking_key {
             let (s, p) = locking_keys();
@@ -209,6 +249,8 @@ impl ProxyRole {
                 .as_ref()
                 .and_then(|d| d.fraud.clone())
                 .unwrap_or_default(),
+            max_shares_in_flight: max_shares_in_flight
+                .unwrap_or(ProxyConfig::default().max_shares_in_flight),
             ..ProxyConfig::default()
         };
         let file = write_config(dir, "proxy.toml", &config)?;
@@ -255,6 +297,17 @@ impl ProxyRole {
             .ok_or_else(|| anyhow::anyhow!("this proxy does not declare templates"))?;
         let (code, body) = crate::http::get(addr, "/declarations", Duration::from_secs(2)).await?;
         anyhow::ensure!(code == 200, "/declarations answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// What the proxy did with its miners' shares so far (`GET /shares`).
+    pub async fn shares(&self) -> anyhow::Result<ShareCounts> {
+        let addr = self
+            .http_addr
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("this proxy has no status endpoint"))?;
+        let (code, body) = crate::http::get(addr, "/shares", Duration::from_secs(10)).await?;
+        anyhow::ensure!(code == 200, "/shares answered {code}: {body}");
         Ok(serde_json::from_str(&body)?)
     }
 

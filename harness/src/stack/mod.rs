@@ -98,6 +98,8 @@ pub struct Stack {
     redis_fault: Option<crate::fault_proxy::FaultProxy>,
     /// The SV2 sniffer proxies reach the pool through, when a step placed one.
     sniffer: Option<crate::sniffer::Sv2Sniffer>,
+    /// `max_shares_in_flight` of proxies started from now on (None: the proxy's default).
+    proxy_share_window: Option<usize>,
     mint: Option<crate::roles::MintRole>,
     auditors: BTreeMap<String, crate::roles::AuditorRole>,
     /// How the pool's bitcoind was started (operators' nodes copy it).
@@ -268,6 +270,7 @@ impl<'a> StackBuilder<'a> {
             pool: None,
             redis_fault: None,
             sniffer: None,
+            proxy_share_window: None,
             mint: None,
             auditors: BTreeMap::new(),
             node_options,

@@ -6,7 +6,8 @@ use anyhow::{anyhow, Context};
 use super::{RoleSummary, Stack};
 use crate::fault_proxy::FaultProxy;
 use crate::roles::{
-    DeclareOptions, MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyRole, WalletOptions,
+    DeclareOptions, MinerOptions, MinerRole, PoolOptions, PoolRole, ProxyLaunch, ProxyRole,
+    WalletOptions,
 };
 use crate::supervisor::Supervised;
 
@@ -102,16 +103,18 @@ impl Stack {
             "proxy {name:?} already exists"
         );
         let port = self.allocator.allocate()?;
-        let mut wallet = None;
-        if let (Some(mint), true) = (&self.mint, with_key) {
-            let http = self.allocator.allocate()?;
-            wallet = Some(WalletOptions {
-                mint_url: mint.url.clone(),
-                http_port: http.port(),
-                poll_ms: 500,
-            });
-            self.ports.push(http);
-        }
+        // Every proxy gets its status endpoint (`/shares`, `/health`); a wallet where there
+        // is a mint and a locking key.
+        let http = self.allocator.allocate()?;
+        let wallet = Some(WalletOptions {
+            mint_url: match (&self.mint, with_key) {
+                (Some(mint), true) => mint.url.clone(),
+                _ => String::new(),
+            },
+            http_port: http.port(),
+            poll_ms: 500,
+        });
+        self.ports.push(http);
         let declaring = match declare {
             Some((node, fraud)) => {
                 let node = self.operator_node(node)?;
@@ -124,15 +127,6 @@ impl Stack {
             }
             None => None,
         };
-        if declaring.is_some() && wallet.is_none() {
-            let http = self.allocator.allocate()?;
-            wallet = Some(WalletOptions {
-                mint_url: String::new(),
-                http_port: http.port(),
-                poll_ms: 500,
-            });
-            self.ports.push(http);
-        }
         let pool = self.pool()?;
         let upstream = (
             match &self.sniffer {
@@ -141,23 +135,31 @@ impl Stack {
             },
             authority.unwrap_or(&pool.authority.public).to_string(),
         );
-        let proxy = ProxyRole::start(
-            &self.dir.join(format!("proxy-{name}")),
-            port.port(),
+        let dir = self.dir.join(format!("proxy-{name}"));
+        let proxy = ProxyRole::start(ProxyLaunch {
+            dir: &dir,
+            port: port.port(),
             pool,
-            (&upstream.0, &upstream.1),
-            with_key,
+            upstream: (&upstream.0, &upstream.1),
+            with_locking_key: with_key,
             nominal_hashrate,
             wallet,
-            declaring,
-            self.timeouts,
-        )
+            declare: declaring,
+            max_shares_in_flight: self.proxy_share_window,
+            timeouts: self.timeouts,
+        })
         .await
         .with_context(|| format!("starting proxy {name}"))?;
         self.ports.push(port);
         self.proxies.insert(name.to_string(), proxy);
         self.write_summary()?;
         self.proxy(name)
+    }
+
+    /// Proxies started from now on keep at most `n` shares waiting for the pool's answer
+    /// (`max_shares_in_flight`).
+    pub fn set_proxy_share_window(&mut self, n: usize) {
+        self.proxy_share_window = Some(n);
     }
 
     /// Place the SV2 sniffer in front of the pool: proxies started from now on reach the pool

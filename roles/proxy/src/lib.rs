@@ -7,6 +7,7 @@ pub mod declare;
 pub mod multiplex;
 pub mod node;
 mod session;
+pub mod share_window;
 pub mod sv1;
 pub mod upstream;
 pub mod wallet;
@@ -78,6 +79,8 @@ pub struct ProxyShared {
     jd: declare::SharedJd,
     /// The one pool connection all miners' channels share.
     upstream: multiplex::Multiplexer,
+    /// What became of the miners' shares.
+    shares: Arc<share_window::ShareCounts>,
 }
 
 impl ProxyShared {
@@ -138,7 +141,17 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         None
     };
     let declarations = declare::DeclarationStatus::default();
-    let mut app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+    let shares = Arc::new(share_window::ShareCounts::default());
+    let counts = shares.clone();
+    let mut app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/shares",
+            axum::routing::get(move || {
+                let view = counts.view();
+                async move { axum::Json(view) }
+            }),
+        );
     if templates.is_some() {
         let status = declarations.clone();
         app = app.route(
@@ -275,6 +288,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     let upstream = multiplex::Multiplexer::new(
         std::time::Duration::from_millis(config.reconnect_min_ms),
         std::time::Duration::from_millis(config.reconnect_max_ms),
+        config.max_shares_in_flight,
     );
     let shared = Arc::new(ProxyShared {
         config,
@@ -285,6 +299,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         declarations,
         jd: declare::SharedJd::default(),
         upstream,
+        shares,
     });
     let next = AtomicU64::new(1);
     let mut accept_backoff = std::time::Duration::from_millis(10);

@@ -50,6 +50,7 @@ const MAX_CLOSED_UNROUTED: usize = 4096;
 
 struct Link {
     out: mpsc::Sender<OutboundFrame>,
+    shares: Arc<upstream::ShareWindow>,
     ehash: bool,
     routes: Arc<Mutex<Routes>>,
     closed: CancellationToken,
@@ -61,6 +62,8 @@ pub struct Multiplexer {
     state: tokio::sync::Mutex<LinkState>,
     /// First and longest wait after a failed connect.
     backoff: (Duration, Duration),
+    /// Most shares sent on a connection and not answered yet.
+    max_shares_in_flight: usize,
 }
 
 #[derive(Default)]
@@ -151,10 +154,16 @@ impl Drop for ChannelGuard {
 impl Multiplexer {
     /// No connection yet; after a failed connect wait `reconnect_min` at first, doubling up
     /// to `reconnect_max`.
-    pub fn new(reconnect_min: Duration, reconnect_max: Duration) -> Self {
+    /// At most `max_shares_in_flight` shares wait for the pool's answer on a connection.
+    pub fn new(
+        reconnect_min: Duration,
+        reconnect_max: Duration,
+        max_shares_in_flight: usize,
+    ) -> Self {
         Self {
             state: tokio::sync::Mutex::default(),
             backoff: (reconnect_min, reconnect_max.max(reconnect_min)),
+            max_shares_in_flight,
         }
     }
 
@@ -224,6 +233,7 @@ impl Multiplexer {
         state.failed = None;
         let link = Arc::new(Link {
             out: c.out,
+            shares: Arc::new(upstream::ShareWindow::new(self.max_shares_in_flight)),
             ehash: c.ehash,
             routes: Arc::default(),
             closed: CancellationToken::new(),
@@ -274,6 +284,7 @@ impl Multiplexer {
         Ok(Upstream {
             inbound,
             outbound: link.out.clone(),
+            shares: upstream::ShareSlots::new(link.shares.clone()),
             info: ChannelInfo {
                 channel_id: s.channel_id,
                 extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
@@ -497,6 +508,7 @@ mod tests {
         let mux = Arc::new(Multiplexer::new(
             Duration::from_secs(1),
             Duration::from_secs(5),
+            2048,
         ));
         let p = params(addr);
         let asks: Vec<_> = (0..50)

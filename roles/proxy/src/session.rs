@@ -2,6 +2,7 @@
 //! this miner's connection. A lost upstream is reopened with backoff; the miner gets the new
 //! extranonce (`mining.set_extranonce`) if it subscribed to it, else it is disconnected.
 
+use crate::share_window::{ShareCounts, ShareSent};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,9 @@ const MAX_LINE: usize = 16 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Jobs remembered per miner (shares on older ones are answered `invalid-job-id` by the pool).
 const KEPT_JOBS: usize = 32;
+/// SV1 refusal of a share sent while the pool connection's window of shares waiting for the
+/// pool's answer is full (`max_shares_in_flight`).
+pub const UPSTREAM_BUSY: &str = "upstream-busy";
 
 struct Session {
     id: u64,
@@ -323,6 +327,7 @@ impl Session {
         };
         let Some(up) = &self.upstream else {
             self.rejected += 1;
+            ShareCounts::bump(&self.shared.shares.refused_upstream_disconnected);
             return self
                 .line(sv1::error(r.id, 20, "upstream-disconnected"))
                 .await;
@@ -343,14 +348,32 @@ impl Session {
             extranonce: B032Owned::try_from(sub.extranonce2)
                 .map_err(|e| format!("extranonce: {e:?}"))?,
         };
-        if !up.send(MiningOwned::SubmitSharesExtended(share)) {
+        let counts = &self.shared.shares;
+        let why = match up.send_share(share) {
+            ShareSent::Sent => None,
+            ShareSent::Busy => Some((UPSTREAM_BUSY, &counts.refused_upstream_busy)),
+            ShareSent::Gone => Some((
+                "upstream-disconnected",
+                &counts.refused_upstream_disconnected,
+            )),
+        };
+        if let Some((why, counter)) = why {
+            ShareCounts::bump(counter);
             self.rejected += 1;
-            return self
-                .line(sv1::error(r.id, 20, "upstream-disconnected"))
-                .await;
+            return self.line(sv1::error(r.id, 20, why)).await;
         }
-        self.pending.insert(self.seq, r.id);
+        if self.pending.insert(self.seq, r.id).is_some() {
+            // The sequence number wrapped onto a share never answered: that one is given up.
+            up.answered(1);
+        }
         Ok(())
+    }
+
+    /// One of this miner's shares was answered by the pool: its slot in the window is free.
+    fn share_answered(&self) {
+        if let Some(up) = &self.upstream {
+            up.answered(1);
+        }
     }
 
     async fn on_upstream(&mut self, m: MiningOwned) -> Result<(), String> {
@@ -399,6 +422,8 @@ impl Session {
                 };
                 for seq in seqs {
                     if let Some(id) = self.pending.remove(&seq) {
+                        self.share_answered();
+                        ShareCounts::bump(&self.shared.shares.accepted);
                         self.accepted += 1;
                         self.line(sv1::ok(id, json!(true))).await?;
                     }
@@ -407,6 +432,8 @@ impl Session {
             MiningOwned::SubmitSharesError(e) => {
                 let code = String::from_utf8_lossy(e.error_code.as_bytes()).into_owned();
                 if let Some(id) = self.pending.remove(&e.sequence_number) {
+                    self.share_answered();
+                    ShareCounts::bump(&self.shared.shares.rejected_by_pool);
                     self.rejected += 1;
                     tracing::info!(
                         miner = self.id,

@@ -12,7 +12,9 @@ use stratum_apps::stratum_core::binary_sv2::{Seq064KOwned, Str0255Owned, U256Own
 use stratum_apps::stratum_core::codec_sv2::SerializedFrame;
 use stratum_apps::stratum_core::common_messages_sv2::{Protocol, SetupConnectionOwned};
 use stratum_apps::stratum_core::extensions_sv2::RequestExtensionsOwned;
-use stratum_apps::stratum_core::mining_sv2::OpenExtendedMiningChannelOwned;
+use stratum_apps::stratum_core::mining_sv2::{
+    OpenExtendedMiningChannelOwned, SubmitSharesExtendedOwned,
+};
 use stratum_apps::stratum_core::parsers_sv2::{
     AnyMessage, AnyMessageOwned, CommonMessagesOwned, ExtensionsNegotiationOwned, ExtensionsOwned,
     MiningOwned, Tlv, TlvList,
@@ -20,6 +22,8 @@ use stratum_apps::stratum_core::parsers_sv2::{
 use stratum_apps::utils::types::OutboundFrame;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+
+pub use crate::share_window::{ShareSent, ShareSlots, ShareWindow};
 
 /// An open extended channel.
 #[derive(Debug, Clone)]
@@ -41,6 +45,8 @@ pub struct Upstream {
     /// Messages from the pool for this channel (closed when the connection ends).
     pub inbound: mpsc::Receiver<MiningOwned>,
     pub(crate) outbound: mpsc::Sender<OutboundFrame>,
+    /// This channel's shares waiting for the pool's answer, counted in its connection's window.
+    pub(crate) shares: ShareSlots,
     /// The channel.
     pub info: ChannelInfo,
     /// Sends `CloseChannel` and forgets the route when dropped.
@@ -54,6 +60,25 @@ impl Upstream {
             Ok(frame) => self.outbound.try_send(frame).is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// Send a share, unless the connection's window of shares waiting for the pool's answer
+    /// is full (then nothing is sent). Each share sent is answered with [`Self::answered`].
+    pub fn send_share(&self, share: SubmitSharesExtendedOwned) -> ShareSent {
+        if !self.shares.take() {
+            return ShareSent::Busy;
+        }
+        if self.send(MiningOwned::SubmitSharesExtended(share)) {
+            ShareSent::Sent
+        } else {
+            self.shares.give_back(1);
+            ShareSent::Gone
+        }
+    }
+
+    /// `n` shares of this channel were answered (or given up).
+    pub fn answered(&self, n: usize) {
+        self.shares.give_back(n);
     }
 }
 

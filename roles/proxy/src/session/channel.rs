@@ -145,6 +145,10 @@ impl Session {
         self.declared = None;
         let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
         self.rejected += pending.len() as u64;
+        self.shared
+            .shares
+            .refused_upstream_disconnected
+            .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for id in pending {
             self.line(sv1::error(id, 20, "upstream-disconnected"))
                 .await?;

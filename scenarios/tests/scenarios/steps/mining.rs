@@ -39,6 +39,37 @@ async fn pool_limits(w: &mut HarnessWorld, conns: usize, rate: f64, deadline: u6
     w.pool_options.limits.handshake_deadline_ms = deadline;
 }
 
+#[given(expr = "proxies started from now on keep at most {int} shares waiting for the pool")]
+async fn proxy_share_window(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
+    w.default_stack_mut()?.set_proxy_share_window(n);
+    Ok(())
+}
+
+#[then(
+    expr = "proxy {string} counts as refused with upstream-busy exactly the shares miner {string} saw refused so"
+)]
+async fn proxy_busy_count(
+    w: &mut HarnessWorld,
+    proxy: String,
+    miner: String,
+) -> anyhow::Result<()> {
+    let stack = w.default_stack()?;
+    let seen = stack
+        .miner(&miner)?
+        .log()
+        .rejected_by_reason()
+        .get("upstream-busy")
+        .copied()
+        .unwrap_or(0);
+    let counts = stack.proxy(&proxy)?.shares().await?;
+    anyhow::ensure!(
+        counts.refused_upstream_busy == seen as u64,
+        "proxy {proxy} counts {} upstream-busy refusals, miner {miner}'s log shows {seen}",
+        counts.refused_upstream_busy
+    );
+    Ok(())
+}
+
 #[given(expr = "a proxy {string} with a locking key")]
 async fn proxy_with_key(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     w.default_stack_mut()?

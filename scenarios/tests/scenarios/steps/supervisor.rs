@@ -93,6 +93,23 @@ async fn resume(w: &mut HarnessWorld, role: Role) -> anyhow::Result<()> {
     .await
 }
 
+#[when("the pool is paused")]
+async fn pause_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let p = w.default_stack()?.pool()?.process();
+    p.pause()?;
+    wait_os_state(p, "stopped by SIGSTOP", |s| s == Some('T')).await
+}
+
+#[when("the pool is resumed")]
+async fn resume_pool(w: &mut HarnessWorld) -> anyhow::Result<()> {
+    let p = w.default_stack()?.pool()?.process();
+    p.resume()?;
+    wait_os_state(p, "running again after SIGCONT", |s| {
+        s.is_some_and(|c| c != 'T')
+    })
+    .await
+}
+
 /// Wait until the kernel reports the process in a state `ok` accepts.
 async fn wait_os_state(
     p: &Supervised,
