@@ -309,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
     let peak = accepted.iter().copied().fold(0.0, f64::max);
     let overloaded = accepted.last().copied().unwrap_or(0.0);
     println!(
-        "| goodput under overload: accepted at 40000/s offered over the peak of these runs | {:.2} ({overloaded:.0} / {peak:.0}; aim at least 0.90: the proxy keeps at most 2,048 shares waiting for the pool and refuses the rest at once with `upstream-busy`, so the pool spends itself on shares it can record) |",
+        "| goodput under overload: accepted at 40000/s offered over the peak of these runs | {:.2} ({overloaded:.0} / {peak:.0}; aim at least 0.90: the proxy keeps at most 4,096 shares waiting for the pool and refuses the rest at once with `upstream-busy`, so the pool spends itself on shares it can record) |",
         overloaded / peak.max(1.0)
     );
     let t = throughput(&config, 20_000.0, 100).await?;

@@ -508,7 +508,7 @@ mod tests {
         let mux = Arc::new(Multiplexer::new(
             Duration::from_secs(1),
             Duration::from_secs(5),
-            2048,
+            4096,
         ));
         let p = params(addr);
         let asks: Vec<_> = (0..50)
