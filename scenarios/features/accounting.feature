@@ -56,12 +56,15 @@ Feature: Exact share accounting: one record per share hash for the life of the p
     When miner "quick" has 3 accepted shares
     And the pool is paused
     Then miner "quick" has 1 shares rejected with "upstream-busy"
+    And proxy "narrow" has 2 shares waiting for the pool's answer
     When the pool is resumed
     And the accepted shares of miner "quick" are counted
     Then miner "quick" gets 3 more shares accepted
-    And proxy "narrow" counts as refused with upstream-busy exactly the shares miner "quick" saw refused so
     When the miners stop
-    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "narrow"'s key and the amount its hash is worth
+    Then proxy "narrow" has 0 shares waiting for the pool's answer
+    And proxy "narrow" counts as refused with upstream-busy exactly the shares miner "quick" saw refused so
+    And every share the miners saw accepted has exactly one ehash:shares record with proxy "narrow"'s key and the amount its hash is worth
+    And no ehash:shares record has a hash miner "quick" saw rejected
 
   Scenario: requests to Redis held past the append timeout are fenced off: the shares are refused, and once delivered the requests write nothing
     Given an honest miner "busy" behind proxy "alice"

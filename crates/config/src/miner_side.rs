@@ -25,7 +25,7 @@ pub const PROXY_ENV_PREFIX: &str = "HASHPOOL_PROXY";
 /// | `nominal_hashrate` | 5e6 | hashrate announced per miner, H/s |
 /// | `min_extranonce_size` | 8 | rollable extranonce bytes requested per channel |
 /// | `reconnect_min_ms`, `reconnect_max_ms` | 100, 5000 | upstream reconnect backoff |
-/// | `max_shares_in_flight` | 4096 | shares sent to the pool and not answered yet, all miners together; a share past it is refused at once with `upstream-busy` (the pool refuses a connection's shares past 4,096 waiting, after reading them: an overloaded pool is not sent what it would refuse) |
+/// | `max_shares_in_flight` | 4096 | shares sent to the pool and not answered yet, all miners together; a share past it is refused at once with `upstream-busy` (an overloaded pool is not sent shares it would refuse after reading them; it also bounds one proxy to this many shares per answer latency; enforced only with a pool that speaks ehash) |
 /// | `upstream_wait_secs` | 30 | how long a miner waits for the pool before it is disconnected |
 /// | `open_timeout_ms` | 10000 | TCP connect and Noise handshake with the pool; then, again, opening a channel on the connection |
 /// | `subscribe_timeout_ms` | 10000 | a miner that sends no `mining.subscribe` this long after connecting is closed (its pool channel is opened only once it subscribes) |

@@ -59,13 +59,17 @@ pub struct ProxyLaunch<'a> {
 #[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ShareCounts {
+    /// Shares sent to the pool and not answered yet.
+    pub in_flight: usize,
+    /// Most that may be (`max_shares_in_flight`).
+    pub max_in_flight: usize,
     /// Accepted by the pool.
     pub accepted: u64,
     /// Refused by the pool.
     pub rejected_by_pool: u64,
     /// Refused by the proxy: its window of shares waiting for the pool was full.
     pub refused_upstream_busy: u64,
-    /// Refused by the proxy: no pool connection.
+    /// Answered `upstream-disconnected` by the proxy.
     pub refused_upstream_disconnected: u64,
 }
 

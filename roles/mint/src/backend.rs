@@ -81,7 +81,9 @@ impl MintPayment for ShareBackend {
         &self,
         _payment_identifier: &PaymentIdentifier,
     ) -> Result<Vec<WaitPaymentResponse>, Self::Err> {
-        // Nothing is ever paid from outside: an unaudited quote stays unpaid.
+        // Nothing is ever paid from outside: an unaudited quote stays unpaid. (cdk does not
+        // even ask for the quotes settlement creates: `store::BACKEND_CHECK_DONE_FOR_GOOD`. A
+        // backend that ever reports payments must drop that.)
         Ok(Vec::new())
     }
 

@@ -141,7 +141,8 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
         None
     };
     let declarations = declare::DeclarationStatus::default();
-    let shares = Arc::new(share_window::ShareCounts::default());
+    let window = Arc::new(share_window::ShareWindow::new(config.max_shares_in_flight));
+    let shares = Arc::new(share_window::ShareCounts::new(window.clone()));
     let counts = shares.clone();
     let mut app = axum::Router::new()
         .route("/health", axum::routing::get(|| async { "ok" }))
@@ -288,7 +289,7 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
     let upstream = multiplex::Multiplexer::new(
         std::time::Duration::from_millis(config.reconnect_min_ms),
         std::time::Duration::from_millis(config.reconnect_max_ms),
-        config.max_shares_in_flight,
+        window,
     );
     let shared = Arc::new(ProxyShared {
         config,

@@ -62,8 +62,8 @@ pub struct Multiplexer {
     state: tokio::sync::Mutex<LinkState>,
     /// First and longest wait after a failed connect.
     backoff: (Duration, Duration),
-    /// Most shares sent on a connection and not answered yet.
-    max_shares_in_flight: usize,
+    /// Shares sent and not answered yet (one connection at a time uses it).
+    shares: Arc<upstream::ShareWindow>,
 }
 
 #[derive(Default)]
@@ -154,16 +154,16 @@ impl Drop for ChannelGuard {
 impl Multiplexer {
     /// No connection yet; after a failed connect wait `reconnect_min` at first, doubling up
     /// to `reconnect_max`.
-    /// At most `max_shares_in_flight` shares wait for the pool's answer on a connection.
+    /// Shares wait for the pool's answer in `shares`.
     pub fn new(
         reconnect_min: Duration,
         reconnect_max: Duration,
-        max_shares_in_flight: usize,
+        shares: Arc<upstream::ShareWindow>,
     ) -> Self {
         Self {
             state: tokio::sync::Mutex::default(),
             backoff: (reconnect_min, reconnect_max.max(reconnect_min)),
-            max_shares_in_flight,
+            shares,
         }
     }
 
@@ -233,7 +233,7 @@ impl Multiplexer {
         state.failed = None;
         let link = Arc::new(Link {
             out: c.out,
-            shares: Arc::new(upstream::ShareWindow::new(self.max_shares_in_flight)),
+            shares: self.shares.clone(),
             ehash: c.ehash,
             routes: Arc::default(),
             closed: CancellationToken::new(),
@@ -284,7 +284,10 @@ impl Multiplexer {
         Ok(Upstream {
             inbound,
             outbound: link.out.clone(),
-            shares: upstream::ShareSlots::new(link.shares.clone()),
+            // Only a pool that speaks ehash (ours) answers every share on its own; another
+            // may confirm shares in batches, leaving some unanswered until more come, which
+            // a full window would never send: its shares are counted, never refused.
+            shares: upstream::ShareSlots::new(link.shares.clone(), link.ehash),
             info: ChannelInfo {
                 channel_id: s.channel_id,
                 extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),
@@ -508,7 +511,7 @@ mod tests {
         let mux = Arc::new(Multiplexer::new(
             Duration::from_secs(1),
             Duration::from_secs(5),
-            4096,
+            Arc::new(upstream::ShareWindow::new(4096)),
         ));
         let p = params(addr);
         let asks: Vec<_> = (0..50)

@@ -351,7 +351,10 @@ impl Session {
         let counts = &self.shared.shares;
         let why = match up.send_share(share) {
             ShareSent::Sent => None,
-            ShareSent::Busy => Some((UPSTREAM_BUSY, &counts.refused_upstream_busy)),
+            ShareSent::Busy => {
+                counts.window.refused();
+                Some((UPSTREAM_BUSY, &counts.refused_upstream_busy))
+            }
             ShareSent::Gone => Some((
                 "upstream-disconnected",
                 &counts.refused_upstream_disconnected,

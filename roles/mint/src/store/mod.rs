@@ -49,7 +49,7 @@ const QUOTE_EXPIRY: u64 = u64::MAX / 2;
 /// A quote's "last payment check" time that no clock reaches (the largest a signed 64-bit
 /// column holds), so cdk's rate limit on backend checks (`last_checked < now - 10`) never
 /// lets one through.
-const BACKEND_NEVER_CHECKED: u64 = i64::MAX as u64;
+const BACKEND_CHECK_DONE_FOR_GOOD: u64 = i64::MAX as u64;
 
 /// What the mint knows of a template.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,35 +184,7 @@ impl Store {
             if !fresh {
                 continue; // a replayed record: its quote exists
             }
-            let pubkey = PublicKey::from_slice(r.locking_pubkey.as_bytes())
-                .map_err(|e| anyhow!("locking key of {}: {e}", r.share_hash))?;
-            let mut quote = MintQuote::new(
-                Some(id.clone()),
-                r.share_hash.clone(),
-                self.unit.clone(),
-                Some(Amount::new(r.amount, self.unit.clone())),
-                QUOTE_EXPIRY,
-                PaymentIdentifier::CustomId(r.share_hash.clone()),
-                Some(pubkey),
-                Amount::new(0, self.unit.clone()),
-                Amount::new(0, self.unit.clone()),
-                self.method.clone(),
-                now,
-                now,
-                vec![],
-                vec![],
-                Some(serde_json::json!({
-                    "share_hash": r.share_hash,
-                    "template_id": r.template_id,
-                    "recorded_at": recorded_at,
-                })),
-            );
-            // cdk asks a quote's payment backend whether it was paid each time the quote is
-            // read for minting or for its status, and first records the time of that check
-            // with a write of its own (a commit and an fsync per quote: the larger part of a
-            // batch mint's time at the mint). Ours never reports a payment, since settlement
-            // marks quotes PAID itself, so the check is marked done for good and cdk skips it.
-            quote.set_last_checked(BACKEND_NEVER_CHECKED);
+            let quote = share_quote(id.clone(), r, *recorded_at, &self.unit, &self.method, now)?;
             tx.add_mint_quote(quote).await.map_err(|e| anyhow!("{e}"))?;
             let qid = id.to_string();
             tx.kv_write(NS, "quote", &qid, r.template_id.to_string().as_bytes())
@@ -414,3 +386,47 @@ impl Store {
         }
     }
 }
+
+/// The quote of share record `r` (recorded at `recorded_at`), created at `now`.
+fn share_quote(
+    id: QuoteId,
+    r: &ShareRecord,
+    recorded_at: u64,
+    unit: &CurrencyUnit,
+    method: &PaymentMethod,
+    now: u64,
+) -> anyhow::Result<MintQuote> {
+    let pubkey = PublicKey::from_slice(r.locking_pubkey.as_bytes())
+        .map_err(|e| anyhow!("locking key of {}: {e}", r.share_hash))?;
+    let mut quote = MintQuote::new(
+        Some(id),
+        r.share_hash.clone(),
+        unit.clone(),
+        Some(Amount::new(r.amount, unit.clone())),
+        QUOTE_EXPIRY,
+        PaymentIdentifier::CustomId(r.share_hash.clone()),
+        Some(pubkey),
+        Amount::new(0, unit.clone()),
+        Amount::new(0, unit.clone()),
+        method.clone(),
+        now,
+        now,
+        vec![],
+        vec![],
+        Some(serde_json::json!({
+            "share_hash": r.share_hash,
+            "template_id": r.template_id,
+            "recorded_at": recorded_at,
+        })),
+    );
+    // cdk asks a quote's payment backend whether it was paid each time the quote is read for
+    // minting or for its status, and first records the time of that check with a write of
+    // its own (a commit and an fsync per quote: the larger part of a batch mint's time at the
+    // mint). Ours never reports a payment, since settlement marks quotes PAID itself, so the
+    // check is marked done for good and cdk skips it.
+    quote.set_last_checked(BACKEND_CHECK_DONE_FOR_GOOD);
+    Ok(quote)
+}
+
+#[cfg(test)]
+mod backend_check_tests;

@@ -45,6 +45,28 @@ async fn proxy_share_window(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()
     Ok(())
 }
 
+#[then(expr = "proxy {string} has {int} shares waiting for the pool's answer")]
+async fn proxy_in_flight(w: &mut HarnessWorld, proxy: String, n: usize) -> anyhow::Result<()> {
+    let p = w.default_stack()?.proxy(&proxy)?;
+    wait_until(
+        &format!("proxy {proxy} to have {n} shares waiting for the pool's answer"),
+        Duration::from_secs(10),
+        || async {
+            let counts = p.shares().await.map_err(|e| e.to_string())?;
+            if counts.in_flight == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} waiting (window {})",
+                    counts.in_flight, counts.max_in_flight
+                ))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[then(
     expr = "proxy {string} counts as refused with upstream-busy exactly the shares miner {string} saw refused so"
 )]
