@@ -63,7 +63,7 @@ Feature: Exact share accounting: one record per share hash for the life of the p
     When the miners stop
     Then proxy "narrow" has 0 shares waiting for the pool's answer
     And proxy "narrow" counts as refused with upstream-busy exactly the shares miner "quick" saw refused so
-    And every share the miners saw accepted has exactly one ehash:shares record with proxy "narrow"'s key and the amount its hash is worth
+    And every share miner "quick" saw accepted has exactly one ehash:shares record with proxy "narrow"'s key and the amount its hash is worth
     And no ehash:shares record has a hash miner "quick" saw rejected
 
   Scenario: requests to Redis held past the append timeout are fenced off: the shares are refused, and once delivered the requests write nothing

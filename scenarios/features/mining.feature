@@ -41,6 +41,21 @@ Feature: Mining: miners hash on SV1 into a proxy, the proxy speaks SV2 to the po
     Then the new block's coinbase pays the pool's payout address
     And every miner got work on the new tip
 
+  Scenario: a miner whose request ids are JSON strings gets every answer with the id it sent, and mines beside an honest one
+    Given an honest miner "honest" behind proxy "alice"
+    And a string-ids miner "strings" mining behind proxy "alice"
+    When miners "strings" and "honest" each have 3 accepted shares
+    And the miners stop
+    Then every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+
+  Scenario: a miner that suggests a difficulty gets shares no easier than that, beside an honest one
+    Given an honest miner "honest" behind proxy "alice"
+    And a miner "picky" behind proxy "alice" that suggests difficulty 0.0002
+    When miners "picky" and "honest" each have 4 accepted shares
+    And the miners stop
+    Then every share miner "picky" saw accepted has difficulty at least 0.0002
+    And every share the miners saw accepted has exactly one ehash:shares record with proxy "alice"'s key and the amount its hash is worth
+
   Scenario: malformed SV1 input closes only that miner; a garbage SV2 frame closes only that connection
     Given an honest miner "good" behind proxy "alice"
     When miner "good" has 3 accepted shares

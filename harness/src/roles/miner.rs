@@ -11,7 +11,7 @@ use crate::supervisor::{RestartPolicy, Supervised, SupervisorOptions};
 /// How a miner is started.
 #[derive(Debug, Clone)]
 pub struct MinerOptions {
-    /// `honest`, `below-target`, `duplicate`, `stale`, `malformed`.
+    /// `honest`, `below-target`, `duplicate`, `stale`, `malformed`, `string-ids`.
     pub behaviour: String,
     /// Simulated miners in the process (SV1 connections, `--connections`).
     pub connections: usize,
@@ -23,6 +23,8 @@ pub struct MinerOptions {
     pub log_shares: bool,
     /// Connect again a second after a connection ends (`--reconnect`), as real miners do.
     pub reconnect: bool,
+    /// Suggest this difficulty before subscribing (`--suggest-difficulty`).
+    pub suggest_difficulty: Option<f64>,
 }
 
 impl Default for MinerOptions {
@@ -34,6 +36,7 @@ impl Default for MinerOptions {
             hashrate: Some(500_000.0),
             log_shares: true,
             reconnect: false,
+            suggest_difficulty: None,
         }
     }
 }
@@ -75,6 +78,9 @@ impl MinerRole {
         }
         if opts.reconnect {
             spec = spec.arg("--reconnect");
+        }
+        if let Some(d) = opts.suggest_difficulty {
+            spec = spec.arg("--suggest-difficulty").arg(d.to_string());
         }
         if !opts.log_shares {
             spec = spec.arg("--quiet");

@@ -42,6 +42,9 @@ pub enum Behaviour {
     Stale,
     /// Send a line that is not JSON once the first job arrived.
     Malformed,
+    /// Mine honestly, with every request id a JSON string (`"sv1-N"`); an answer whose id is
+    /// not the string sent ends the miner with an error.
+    StringIds,
 }
 
 impl FromStr for Behaviour {
@@ -53,8 +56,9 @@ impl FromStr for Behaviour {
             "duplicate" => Behaviour::Duplicate,
             "stale" => Behaviour::Stale,
             "malformed" => Behaviour::Malformed,
+            "string-ids" => Behaviour::StringIds,
             other => bail!(
-                "unknown behaviour {other:?}: honest, below-target, duplicate, stale or malformed"
+                "unknown behaviour {other:?}: honest, below-target, duplicate, stale, malformed or string-ids"
             ),
         })
     }
@@ -80,6 +84,8 @@ pub struct MinerConfig {
     /// Connect again one second after a connection ends, as real miners do (else that
     /// simulated miner is done).
     pub reconnect: bool,
+    /// Difficulty to suggest with `mining.suggest_difficulty` before subscribing.
+    pub suggest_difficulty: Option<f64>,
 }
 
 /// What the miner did.

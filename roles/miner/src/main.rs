@@ -27,7 +27,7 @@ struct Args {
     /// Cap on hashes per second over every connection (default: no cap).
     #[arg(long)]
     hashrate: Option<f64>,
-    /// honest, below-target, duplicate, stale or malformed.
+    /// honest, below-target, duplicate, stale, malformed or string-ids.
     #[arg(long, default_value = "honest")]
     behaviour: Behaviour,
     /// Stop after this many seconds (default: until SIGTERM/SIGINT).
@@ -40,6 +40,9 @@ struct Args {
     /// does); without it a connection that ends is done.
     #[arg(long)]
     reconnect: bool,
+    /// Send `mining.suggest_difficulty` with this difficulty before subscribing.
+    #[arg(long)]
+    suggest_difficulty: Option<f64>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -54,6 +57,7 @@ async fn main() -> std::process::ExitCode {
         behaviour: args.behaviour,
         log_shares: !args.quiet,
         reconnect: args.reconnect,
+        suggest_difficulty: args.suggest_difficulty,
     };
     let duration = args.duration;
     let connections = args.connections;

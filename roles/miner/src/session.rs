@@ -173,12 +173,19 @@ pub async fn run_connection(
         had_work: false,
         started: Instant::now(),
     };
-    let hello = [
-        sv1::configure(1),
+    let mut hello = vec![sv1::configure(1)];
+    if let Some(d) = s.config.suggest_difficulty {
+        // Before the subscribe, which opens the proxy's pool channel.
+        hello.push(sv1::suggest_difficulty(5, d));
+    }
+    hello.extend([
         sv1::subscribe(2),
         sv1::authorize(3, &s.user),
         sv1::extranonce_subscribe(4),
-    ];
+    ]);
+    if s.config.behaviour == Behaviour::StringIds {
+        hello = hello.iter().map(|l| sv1::with_string_id(l)).collect();
+    }
     // However this connection ends, the threads stop hashing for it.
     let _clear = ClearOnDrop(s.slot.clone());
     // A lost connection ends it with a reason (exit 0); what the proxy says that this miner
@@ -209,6 +216,9 @@ pub async fn run_connection(
                         Ok(more) => out.extend(s.on_found(more)),
                         Err(_) => break,
                     }
+                }
+                if s.config.behaviour == Behaviour::StringIds {
+                    out = out.iter().map(|l| sv1::with_string_id(l)).collect();
                 }
                 if let Err(e) = send(&mut write, &out).await {
                     break format!("connection error: {e:#}");
@@ -300,6 +310,15 @@ impl Session {
     }
 
     fn handle_line(&mut self, line: &str) -> anyhow::Result<Vec<String>> {
+        if self.config.behaviour == Behaviour::StringIds {
+            let line = sv1::from_string_id(line).map_err(|e| anyhow!("{e}"))?;
+            let out = self.handle_sv1(&line)?;
+            return Ok(out.iter().map(|l| sv1::with_string_id(l)).collect());
+        }
+        self.handle_sv1(line)
+    }
+
+    fn handle_sv1(&mut self, line: &str) -> anyhow::Result<Vec<String>> {
         let msg = sv1::parse(line).map_err(|e| anyhow!("bad line from the proxy: {e}"))?;
         let mut out = Vec::new();
         match msg {
@@ -347,6 +366,16 @@ impl Session {
                 anyhow::ensure!(result.as_bool() == Some(true), "authorize refused: {error}");
             }
             Inbound::Response { id: 4, .. } => {}
+            Inbound::Response {
+                id: 5,
+                result,
+                error,
+            } => {
+                anyhow::ensure!(
+                    result.as_bool() == Some(true),
+                    "suggest_difficulty refused: {error}"
+                );
+            }
             Inbound::Response { id, result, error } => {
                 if let Some(p) = self.pending.remove(&id) {
                     let micros = p.sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;

@@ -126,6 +126,38 @@ fn parse_notify(p: &Value) -> Result<Job, String> {
     })
 }
 
+/// A request with a numeric id rewritten with the id as the string `"sv1-N"`.
+pub fn with_string_id(line: &str) -> String {
+    match serde_json::from_str::<Value>(line) {
+        Ok(mut v) => {
+            if let Some(n) = v.get("id").and_then(Value::as_u64) {
+                v["id"] = json!(format!("sv1-{n}"));
+            }
+            v.to_string()
+        }
+        Err(_) => line.to_string(),
+    }
+}
+
+/// An answer to a request sent by [`with_string_id`], its id turned back into the number;
+/// `Err` if its id is not such a string (not echoed as sent). Notifications pass unchanged.
+pub fn from_string_id(line: &str) -> Result<String, String> {
+    let Ok(mut v) = serde_json::from_str::<Value>(line) else {
+        return Ok(line.to_string());
+    };
+    if v.get("method").is_some() {
+        return Ok(line.to_string());
+    }
+    let n = v
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.strip_prefix("sv1-"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| format!("answer id not echoed as the string sent: {line}"))?;
+    v["id"] = json!(n);
+    Ok(v.to_string())
+}
+
 /// `mining.configure` asking for version rolling.
 pub fn configure(id: u64) -> String {
     json!({"id": id, "method": "mining.configure", "params": [["version-rolling"], {
@@ -133,6 +165,11 @@ pub fn configure(id: u64) -> String {
         "version-rolling.min-bit-count": 2
     }]})
     .to_string()
+}
+
+/// `mining.suggest_difficulty`.
+pub fn suggest_difficulty(id: u64, difficulty: f64) -> String {
+    json!({"id": id, "method": "mining.suggest_difficulty", "params": [difficulty]}).to_string()
 }
 
 /// `mining.subscribe`.

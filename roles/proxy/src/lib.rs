@@ -90,6 +90,7 @@ impl ProxyShared {
             authority: self.authority,
             locking_pubkey: self.locking_pubkey,
             nominal_hashrate: self.config.nominal_hashrate,
+            max_target: [0xff; 32],
             min_extranonce_size: self.config.min_extranonce_size,
             user_identity: format!("proxy-miner-{miner}"),
             work_selection: self.templates.is_some(),

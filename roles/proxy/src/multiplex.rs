@@ -434,6 +434,7 @@ mod tests {
             .unwrap(),
             locking_pubkey: None,
             nominal_hashrate: 1.0,
+            max_target: [0xff; 32],
             min_extranonce_size: 8,
             user_identity: "test".into(),
             work_selection: false,

@@ -50,8 +50,8 @@ struct Session {
     jobs: BTreeMap<u32, NewExtendedMiningJobOwned>,
     prev_hash: Option<SetNewPrevHashOwned>,
     seq: u32,
-    pending: HashMap<u32, u64>,
-    subscribe_id: Option<u64>,
+    pending: HashMap<u32, sv1::Id>,
+    subscribe_id: Option<sv1::Id>,
     subscribed: bool,
     authorized: Option<String>,
     wants_extranonce: bool,
@@ -68,6 +68,8 @@ struct Session {
     refused: Option<String>,
     /// The miner sent `mining.subscribe` (its pool channel is opened from then on).
     asked_to_subscribe: bool,
+    /// Easiest target the miner asked for with `mining.suggest_difficulty` (little-endian).
+    suggested_target: Option<[u8; 32]>,
     shared: Arc<ProxyShared>,
 }
 
@@ -108,6 +110,7 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
         next_request: 0,
         refused: None,
         asked_to_subscribe: false,
+        suggested_target: None,
         shared: shared.clone(),
     };
     let cfg = &shared.config;
@@ -162,7 +165,11 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
                 }
             },
             _ = tokio::time::sleep_until(reconnect_at.unwrap_or_else(tokio::time::Instant::now)), if reconnect_at.is_some() && s.upstream.is_none() => {
-                match shared.upstream.open_channel(&shared.open_params(id)).await {
+                let mut params = shared.open_params(id);
+                if let Some(t) = s.suggested_target {
+                    params.max_target = t;
+                }
+                match shared.upstream.open_channel(&params).await {
                     Ok(up) => {
                         reconnect_at = None;
                         if let Err(e) = s.on_channel(up).await { break e }
@@ -243,10 +250,10 @@ impl Session {
                     self.version_mask = Some(mask);
                     result = json!({"version-rolling": true, "version-rolling.mask": format!("{mask:08x}")});
                 }
-                self.line(sv1::ok(r.id, result)).await
+                self.line(sv1::ok(&r.id, result)).await
             }
             "mining.subscribe" => {
-                self.subscribe_id = Some(r.id);
+                self.subscribe_id = Some(r.id.clone());
                 self.asked_to_subscribe = true;
                 if let Some(why) = self.refused.clone() {
                     self.refuse_subscribe(&why).await;
@@ -259,7 +266,7 @@ impl Session {
             }
             "mining.extranonce.subscribe" => {
                 self.wants_extranonce = true;
-                self.line(sv1::ok(r.id, json!(true))).await
+                self.line(sv1::ok(&r.id, json!(true))).await
             }
             "mining.authorize" => {
                 let user = r
@@ -269,12 +276,17 @@ impl Session {
                     .unwrap_or_default()
                     .to_string();
                 self.authorized = Some(user);
-                self.line(sv1::ok(r.id, json!(true))).await
+                self.line(sv1::ok(&r.id, json!(true))).await
             }
             "mining.submit" => self.on_submit(r).await,
+            "mining.suggest_difficulty" => self.on_suggest_difficulty(r).await,
             other => {
-                self.line(sv1::error(r.id, 20, &format!("unsupported method {other}")))
-                    .await
+                self.line(sv1::error(
+                    &r.id,
+                    20,
+                    &format!("unsupported method {other}"),
+                ))
+                .await
             }
         }
     }
@@ -282,7 +294,7 @@ impl Session {
     /// Answer a waiting `mining.subscribe` with an SV1 error saying why there is no work.
     async fn refuse_subscribe(&mut self, why: &str) {
         if let Some(id) = self.subscribe_id.take() {
-            let _ = self.line(sv1::error(id, 20, why)).await;
+            let _ = self.line(sv1::error(&id, 20, why)).await;
         }
     }
 
@@ -292,7 +304,7 @@ impl Session {
         };
         self.subscribed = true;
         self.line(sv1::ok(
-            id,
+            &id,
             sv1::subscribe_result(&self.extranonce1, self.extranonce2_size),
         ))
         .await?;
@@ -319,17 +331,19 @@ impl Session {
 
     async fn on_submit(&mut self, r: Request) -> Result<(), String> {
         if !self.subscribed || self.authorized.is_none() {
-            return self.line(sv1::error(r.id, 24, "unauthorized-worker")).await;
+            return self
+                .line(sv1::error(&r.id, 24, "unauthorized-worker"))
+                .await;
         }
         let sub = match sv1::parse_submit(&r.params) {
             Ok(s) => s,
-            Err(e) => return self.line(sv1::error(r.id, 20, &e)).await,
+            Err(e) => return self.line(sv1::error(&r.id, 20, &e)).await,
         };
         let Some(up) = &self.upstream else {
             self.rejected += 1;
             ShareCounts::bump(&self.shared.shares.refused_upstream_disconnected);
             return self
-                .line(sv1::error(r.id, 20, "upstream-disconnected"))
+                .line(sv1::error(&r.id, 20, "upstream-disconnected"))
                 .await;
         };
         let job_version = self.jobs.get(&sub.job_id).map(|j| j.version).unwrap_or(0);
@@ -363,7 +377,7 @@ impl Session {
         if let Some((why, counter)) = why {
             ShareCounts::bump(counter);
             self.rejected += 1;
-            return self.line(sv1::error(r.id, 20, why)).await;
+            return self.line(sv1::error(&r.id, 20, why)).await;
         }
         if self.pending.insert(self.seq, r.id).is_some() {
             // The sequence number wrapped onto a share never answered: that one is given up.
@@ -428,7 +442,7 @@ impl Session {
                         self.share_answered();
                         ShareCounts::bump(&self.shared.shares.accepted);
                         self.accepted += 1;
-                        self.line(sv1::ok(id, json!(true))).await?;
+                        self.line(sv1::ok(&id, json!(true))).await?;
                     }
                 }
             }
@@ -444,7 +458,7 @@ impl Session {
                         seq = e.sequence_number,
                         "share rejected by the pool: {code}"
                     );
-                    self.line(sv1::error(id, sv1::sv1_code(&code), &code))
+                    self.line(sv1::error(&id, sv1::sv1_code(&code), &code))
                         .await?;
                 }
             }

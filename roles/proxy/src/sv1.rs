@@ -8,11 +8,23 @@ use stratum_apps::stratum_core::sv1_api::json_rpc::Message;
 /// Version bits a miner may roll (BIP320).
 pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
 
+/// A request's id exactly as the miner wrote it (JSON text: a number, a string, null or
+/// any other JSON value), so its answer carries the same id byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Id(Box<str>);
+
+impl Id {
+    /// The id's JSON text.
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A request from a miner.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
-    /// Integer id.
-    pub id: u64,
+    /// Its id, echoed back as sent.
+    pub id: Id,
     /// Method name.
     pub method: String,
     /// Parameters (always an array).
@@ -28,10 +40,19 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         .and_then(Value::as_str)
         .ok_or("no method")?
         .to_string();
-    let id = obj
-        .get("id")
-        .and_then(Value::as_u64)
-        .ok_or("id is not an unsigned integer")?;
+    #[derive(serde::Deserialize)]
+    struct RawId<'a> {
+        #[serde(borrow)]
+        id: &'a serde_json::value::RawValue,
+    }
+    if !obj.contains_key("id") {
+        return Err("no id".into());
+    }
+    let id = serde_json::from_str::<RawId>(line)
+        .map_err(|e| format!("id: {e}"))?
+        .id
+        .get();
+    let id = Id(id.into());
     let params = match obj.get("params") {
         Some(Value::Array(a)) => a.clone(),
         None | Some(Value::Null) => Vec::new(),
@@ -41,13 +62,17 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 }
 
 /// `{"id":id,"result":result,"error":null}`.
-pub fn ok(id: u64, result: Value) -> String {
-    json!({"id": id, "result": result, "error": null}).to_string()
+pub fn ok(id: &Id, result: Value) -> String {
+    format!(r#"{{"id":{},"result":{result},"error":null}}"#, id.json())
 }
 
 /// `{"id":id,"result":null,"error":[code,message,null]}`.
-pub fn error(id: u64, code: i32, message: &str) -> String {
-    json!({"id": id, "result": null, "error": [code, message, null]}).to_string()
+pub fn error(id: &Id, code: i32, message: &str) -> String {
+    format!(
+        r#"{{"id":{},"result":null,"error":{}}}"#,
+        id.json(),
+        json!([code, message, null])
+    )
 }
 
 /// SV1 error number for an SV2 share error code (the message keeps the SV2 code).
@@ -90,6 +115,27 @@ pub fn difficulty(target_le: &[u8; 32]) -> f64 {
         .fold(0.0f64, |acc, b| acc * 256.0 + f64::from(*b));
     let diff1 = 65535.0 * 2f64.powi(208);
     (diff1 / target.max(1.0)) * (1.0 + 1e-9)
+}
+
+/// The target (little-endian) of SV1 `difficulty` (difficulty 1 is `0xffff * 2^208`); `None`
+/// unless it is a positive finite number. Difficulties below 2^-48 give the easiest target.
+pub fn target_for_difficulty(difficulty: f64) -> Option<[u8; 32]> {
+    if !(difficulty.is_finite() && difficulty > 0.0) {
+        return None;
+    }
+    // target = (65535 / d) * 2^208 = y * 2^144 with y = (65535 / d) * 2^64, below 2^112 for
+    // d above 2^-48 (so it fits bytes 18..32).
+    let x = 65535.0 / difficulty;
+    if x >= 2f64.powi(48) {
+        return Some([0xff; 32]);
+    }
+    let y = (x * 2f64.powi(64)) as u128;
+    let mut t = [0u8; 32];
+    t[18..32].copy_from_slice(&y.to_le_bytes()[..14]);
+    if t == [0u8; 32] {
+        t[0] = 1;
+    }
+    Some(t)
 }
 
 /// `mining.notify` for a job on a tip.
@@ -217,13 +263,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_must_be_objects_with_integer_ids() {
+    fn requests_must_be_objects_with_an_id_of_any_type_echoed_as_sent() {
         assert!(
             parse_request("{\"id\": 1, \"method\": \"mining.subscribe\", \"params\": []}").is_ok()
         );
         assert!(parse_request("{this is not json").is_err());
-        assert!(parse_request("{\"id\": \"a\", \"method\": \"x\", \"params\": []}").is_err());
+        assert!(parse_request("{\"method\": \"x\", \"params\": []}").is_err());
         assert!(parse_request("[1,2]").is_err());
+        for id in [
+            "\"a\"",
+            "-3",
+            "1.5",
+            "null",
+            "18446744073709551616",
+            "{\"k\":[1]}",
+        ] {
+            let r = parse_request(&format!(
+                "{{\"id\": {id}, \"method\": \"x\", \"params\": []}}"
+            ))
+            .unwrap();
+            let answer: Value = serde_json::from_str(&ok(&r.id, json!(true))).unwrap();
+            assert_eq!(answer["result"], json!(true), "a JSON answer");
+            let text = ok(&r.id, json!(true));
+            assert!(text.starts_with(&format!("{{\"id\":{id},")), "{text}");
+            let answer: Value = serde_json::from_str(&error(&r.id, 20, "x")).unwrap();
+            assert_eq!(answer["error"], json!([20, "x", null]));
+            let text = error(&r.id, 20, "x");
+            assert!(text.starts_with(&format!("{{\"id\":{id},")), "{text}");
+        }
     }
 
     #[test]
@@ -239,6 +306,19 @@ mod tests {
         );
         assert_eq!(s.extranonce2.len(), 16);
         assert!(parse_submit(&p[..3]).is_err());
+    }
+
+    #[test]
+    fn a_suggested_difficulty_gives_the_target_of_that_difficulty() {
+        for d in [1.0, 0.5, 2.0e-4, 1.5e-5, 1024.0, 3.0e9] {
+            let t = target_for_difficulty(d).unwrap();
+            let back = difficulty(&t);
+            assert!((back / d - 1.0).abs() < 1e-6, "{d} -> {back}");
+        }
+        assert_eq!(target_for_difficulty(1e-30), Some([0xff; 32]));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(target_for_difficulty(bad), None);
+        }
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct OpenParams {
     pub locking_pubkey: Option<LockingPubkey>,
     /// Announced hashrate.
     pub nominal_hashrate: f32,
+    /// Easiest target the miner takes (little-endian; all 0xff: any), from its
+    /// `mining.suggest_difficulty`.
+    pub max_target: [u8; 32],
     /// Rollable extranonce bytes wanted.
     pub min_extranonce_size: u16,
     /// `user_identity` of the channel.
@@ -274,7 +277,7 @@ pub fn open_frame(p: &OpenParams, request_id: u32, ehash: bool) -> anyhow::Resul
         request_id,
         user_identity: str0255(&p.user_identity)?,
         nominal_hash_rate: p.nominal_hashrate,
-        max_target: U256Owned::from([0xff; 32]),
+        max_target: U256Owned::from(p.max_target),
         min_extranonce_size: p.min_extranonce_size,
     });
     Ok(match (ehash, p.locking_pubkey) {

@@ -1,14 +1,18 @@
-//! A miner's upstream channel: opening (and reopening) it, and the custom jobs its declarer
-//! sets on it (`template_source = "miner"`).
+//! A miner's upstream channel: opening (and reopening) it, the difficulty its miner suggests,
+//! and the custom jobs its declarer sets on it (`template_source = "miner"`).
 
+use serde_json::{json, Value};
+use stratum_apps::stratum_core::binary_sv2::U256Owned;
 use stratum_apps::stratum_core::channels_sv2::server::jobs::factory::JobFactory;
-use stratum_apps::stratum_core::mining_sv2::{SetCustomMiningJobOwned, SetNewPrevHashOwned};
+use stratum_apps::stratum_core::mining_sv2::{
+    SetCustomMiningJobOwned, SetNewPrevHashOwned, UpdateChannelOwned,
+};
 use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 use tokio::sync::mpsc;
 
 use super::{Session, KEPT_JOBS};
 use crate::declare::{self, DeclaredWork};
-use crate::sv1;
+use crate::sv1::{self, Request};
 use crate::upstream::Upstream;
 
 /// The next declared job; pending forever without a declarer.
@@ -22,6 +26,41 @@ pub(super) async fn recv_declared(
 }
 
 impl Session {
+    /// `mining.suggest_difficulty`: the channel starts no easier than that (the pool may still
+    /// set a harder target). Before the channel opens, it is opened so; after, the pool is
+    /// asked with `UpdateChannel`, whose `SetTarget` comes back as `mining.set_difficulty`.
+    pub(super) async fn on_suggest_difficulty(&mut self, r: Request) -> Result<(), String> {
+        let Some(target) = r
+            .params
+            .first()
+            .and_then(Value::as_f64)
+            .and_then(sv1::target_for_difficulty)
+        else {
+            return self
+                .line(sv1::error(
+                    &r.id,
+                    20,
+                    "difficulty must be a positive number",
+                ))
+                .await;
+        };
+        self.suggested_target = Some(target);
+        if let Some(up) = &self.upstream {
+            let update = MiningOwned::UpdateChannel(UpdateChannelOwned {
+                channel_id: self.channel_id,
+                nominal_hash_rate: self.shared.config.nominal_hashrate,
+                maximum_target: U256Owned::from(target),
+            });
+            if !up.send(update) {
+                tracing::warn!(
+                    miner = self.id,
+                    "suggested difficulty not passed on: the queue to the pool is full"
+                );
+            }
+        }
+        self.line(sv1::ok(&r.id, json!(true))).await
+    }
+
     /// Set a declared job on the channel.
     pub(super) fn on_declared(&mut self, mut work: DeclaredWork) -> Result<(), String> {
         let Some(up) = &self.upstream else {
@@ -117,6 +156,9 @@ impl Session {
         self.jobs.clear();
         self.prev_hash = None;
         // The channel's first job and SetNewPrevHash come through `inbound` like all others.
+        // No share of an earlier channel is still waiting (`upstream_lost` answered them), so
+        // no late answer can free one of this channel's slots in the share window.
+        debug_assert!(self.pending.is_empty());
         self.upstream = Some(up);
         if reopened && self.subscribed {
             if !self.wants_extranonce {
@@ -143,14 +185,14 @@ impl Session {
             d.abort();
         }
         self.declared = None;
-        let pending: Vec<u64> = self.pending.drain().map(|(_, id)| id).collect();
+        let pending: Vec<sv1::Id> = self.pending.drain().map(|(_, id)| id).collect();
         self.rejected += pending.len() as u64;
         self.shared
             .shares
             .refused_upstream_disconnected
             .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for id in pending {
-            self.line(sv1::error(id, 20, "upstream-disconnected"))
+            self.line(sv1::error(&id, 20, "upstream-disconnected"))
                 .await?;
         }
         Ok(())

@@ -39,59 +39,6 @@ async fn pool_limits(w: &mut HarnessWorld, conns: usize, rate: f64, deadline: u6
     w.pool_options.limits.handshake_deadline_ms = deadline;
 }
 
-#[given(expr = "proxies started from now on keep at most {int} shares waiting for the pool")]
-async fn proxy_share_window(w: &mut HarnessWorld, n: usize) -> anyhow::Result<()> {
-    w.default_stack_mut()?.set_proxy_share_window(n);
-    Ok(())
-}
-
-#[then(expr = "proxy {string} has {int} shares waiting for the pool's answer")]
-async fn proxy_in_flight(w: &mut HarnessWorld, proxy: String, n: usize) -> anyhow::Result<()> {
-    let p = w.default_stack()?.proxy(&proxy)?;
-    wait_until(
-        &format!("proxy {proxy} to have {n} shares waiting for the pool's answer"),
-        Duration::from_secs(10),
-        || async {
-            let counts = p.shares().await.map_err(|e| e.to_string())?;
-            if counts.in_flight == n {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} waiting (window {})",
-                    counts.in_flight, counts.max_in_flight
-                ))
-            }
-        },
-    )
-    .await?;
-    Ok(())
-}
-
-#[then(
-    expr = "proxy {string} counts as refused with upstream-busy exactly the shares miner {string} saw refused so"
-)]
-async fn proxy_busy_count(
-    w: &mut HarnessWorld,
-    proxy: String,
-    miner: String,
-) -> anyhow::Result<()> {
-    let stack = w.default_stack()?;
-    let seen = stack
-        .miner(&miner)?
-        .log()
-        .rejected_by_reason()
-        .get("upstream-busy")
-        .copied()
-        .unwrap_or(0);
-    let counts = stack.proxy(&proxy)?.shares().await?;
-    anyhow::ensure!(
-        counts.refused_upstream_busy == seen as u64,
-        "proxy {proxy} counts {} upstream-busy refusals, miner {miner}'s log shows {seen}",
-        counts.refused_upstream_busy
-    );
-    Ok(())
-}
-
 #[given(expr = "a proxy {string} with a locking key")]
 async fn proxy_with_key(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
     w.default_stack_mut()?
@@ -226,15 +173,35 @@ pub async fn share_records(w: &HarnessWorld) -> anyhow::Result<HashMap<String, S
     expr = "every share the miners saw accepted has exactly one ehash:shares record with proxy {string}'s key and the amount its hash is worth"
 )]
 async fn records_match(w: &mut HarnessWorld, proxy: String) -> anyhow::Result<()> {
+    records_of(w, &proxy, None).await
+}
+
+#[then(
+    expr = "every share miner {string} saw accepted has exactly one ehash:shares record with proxy {string}'s key and the amount its hash is worth"
+)]
+async fn records_of_miner(
+    w: &mut HarnessWorld,
+    miner: String,
+    proxy: String,
+) -> anyhow::Result<()> {
+    records_of(w, &proxy, Some(&miner)).await
+}
+
+/// Each share accepted by `only` (or by every miner) has one record locked to `proxy`'s key
+/// with the amount its hash is worth.
+async fn records_of(w: &HarnessWorld, proxy: &str, only: Option<&str>) -> anyhow::Result<()> {
     let stack = w.default_stack()?;
     let key = stack
-        .proxy(&proxy)?
+        .proxy(proxy)?
         .locking_pubkey
         .ok_or_else(|| anyhow!("proxy {proxy} has no key"))?;
     let min_bits = stack.pool()?.config.min_bits;
     let records = share_records(w).await?;
     let mut checked = 0;
     for miner in stack.miners() {
+        if only.is_some_and(|m| m != miner.name) {
+            continue;
+        }
         for hash in miner.log().accepted {
             let r = records.get(&hash).ok_or_else(|| {
                 anyhow!(

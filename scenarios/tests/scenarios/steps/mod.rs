@@ -22,7 +22,9 @@ mod redis;
 mod reorg;
 mod settlement;
 mod settlement_faults;
+mod share_window;
 mod sniffer;
+mod suggest_difficulty;
 mod supervisor;
 mod trim;
 
