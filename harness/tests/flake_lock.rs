@@ -1,6 +1,6 @@
-//! `flake.lock` pins the commit `flake.nix` names, with the narHash of that commit's source
-//! tree (as public lock files of nixos-25.11 at that commit record it), so `nix develop` needs
-//! no lock write and a drifted pin fails here rather than in a newcomer's first shell.
+//! `flake.lock` pins the commit `flake.nix` names, so a pin moved in one file and not the
+//! other fails here rather than in a newcomer's first shell. The narHash is the one public
+//! lock files of nixos-25.11 at that commit record; nothing here computes it (no Nix).
 
 use std::path::Path;
 

@@ -148,11 +148,19 @@ pub fn from_string_id(line: &str) -> Result<String, String> {
     if v.get("method").is_some() {
         return Ok(line.to_string());
     }
+    // Byte for byte: the raw JSON text of the id must be exactly the `"sv1-N"` sent.
+    let raw = serde_json::from_str::<
+        std::collections::HashMap<String, Box<serde_json::value::RawValue>>,
+    >(line)
+    .ok()
+    .and_then(|m| m.get("id").map(|id| id.get().to_string()))
+    .unwrap_or_default();
     let n = v
         .get("id")
         .and_then(Value::as_str)
         .and_then(|s| s.strip_prefix("sv1-"))
         .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| raw == format!("\"sv1-{n}\""))
         .ok_or_else(|| format!("answer id not echoed as the string sent: {line}"))?;
     v["id"] = json!(n);
     Ok(v.to_string())
@@ -232,6 +240,23 @@ pub fn error_reason(error: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_ids_must_come_back_byte_for_byte() {
+        let sent = with_string_id(&subscribe(7));
+        assert!(sent.contains(r#""id":"sv1-7""#), "{sent}");
+        let back = from_string_id(r#"{"id":"sv1-7","result":true,"error":null}"#).unwrap();
+        assert!(back.contains(r#""id":7"#), "{back}");
+        for bad in [
+            r#"{"id":7,"result":true,"error":null}"#,
+            r#"{"id":"sv1\u002d7","result":true,"error":null}"#,
+            r#"{"id":"sv1-07","result":true,"error":null}"#,
+        ] {
+            assert!(from_string_id(bad).is_err(), "{bad} accepted");
+        }
+        let notify = r#"{"id":null,"method":"mining.set_difficulty","params":[1]}"#;
+        assert_eq!(from_string_id(notify).unwrap(), notify);
+    }
 
     #[test]
     fn notify_is_decoded() {

@@ -70,6 +70,8 @@ struct Session {
     asked_to_subscribe: bool,
     /// Easiest target the miner asked for with `mining.suggest_difficulty` (little-endian).
     suggested_target: Option<[u8; 32]>,
+    /// When a suggestion last went to the pool as `UpdateChannel`.
+    suggest_sent_at: Option<Instant>,
     shared: Arc<ProxyShared>,
 }
 
@@ -111,6 +113,7 @@ pub async fn serve(shared: Arc<ProxyShared>, tcp: TcpStream, peer: SocketAddr, i
         refused: None,
         asked_to_subscribe: false,
         suggested_target: None,
+        suggest_sent_at: None,
         shared: shared.clone(),
     };
     let cfg = &shared.config;
@@ -484,6 +487,11 @@ impl Session {
                     String::from_utf8_lossy(c.reason_code.as_bytes())
                 ));
             }
+            MiningOwned::UpdateChannelError(e) => tracing::warn!(
+                miner = self.id,
+                "the pool refused the suggested difficulty: {}",
+                String::from_utf8_lossy(e.error_code.as_bytes())
+            ),
             other => tracing::debug!(miner = self.id, "ignoring {other:?}"),
         }
         Ok(())

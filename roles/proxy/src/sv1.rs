@@ -8,8 +8,12 @@ use stratum_apps::stratum_core::sv1_api::json_rpc::Message;
 /// Version bits a miner may roll (BIP320).
 pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
 
-/// A request's id exactly as the miner wrote it (JSON text: a number, a string, null or
-/// any other JSON value), so its answer carries the same id byte for byte.
+/// Longest request id accepted, bytes of JSON (a share's id is kept until its answer).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// A request's id as the miner wrote it (JSON text: a number, a string, null or any other
+/// JSON value), so its answer carries the same id: byte for byte, except an array or object
+/// id, echoed compact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Id(Box<str>);
 
@@ -48,11 +52,20 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     if !obj.contains_key("id") {
         return Err("no id".into());
     }
-    let id = serde_json::from_str::<RawId>(line)
+    let raw = serde_json::from_str::<RawId>(line)
         .map_err(|e| format!("id: {e}"))?
         .id
         .get();
-    let id = Id(id.into());
+    if raw.len() > MAX_ID_BYTES {
+        return Err(format!("id longer than {MAX_ID_BYTES} bytes"));
+    }
+    // Numbers, strings, true, false and null are echoed as written; an array or object id is
+    // echoed compact, so no whitespace the miner put in it (a carriage return) reaches the
+    // answer line.
+    let id = match obj.get("id") {
+        Some(v @ (Value::Array(_) | Value::Object(_))) => Id(v.to_string().into()),
+        _ => Id(raw.into()),
+    };
     let params = match obj.get("params") {
         Some(Value::Array(a)) => a.clone(),
         None | Some(Value::Null) => Vec::new(),
@@ -291,6 +304,13 @@ mod tests {
             let text = error(&r.id, 20, "x");
             assert!(text.starts_with(&format!("{{\"id\":{id},")), "{text}");
         }
+        let r = parse_request("{\"id\": [1,\r 2], \"method\": \"x\"}").unwrap();
+        assert_eq!(
+            ok(&r.id, json!(true)),
+            r#"{"id":[1,2],"result":true,"error":null}"#
+        );
+        let long = format!("\"{}\"", "a".repeat(MAX_ID_BYTES));
+        assert!(parse_request(&format!("{{\"id\": {long}, \"method\": \"x\"}}")).is_err());
     }
 
     #[test]

@@ -11,6 +11,9 @@ use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 use tokio::sync::mpsc;
 
 use super::{Session, KEPT_JOBS};
+
+/// Shortest time between two `UpdateChannel`s one miner's suggestions send.
+const SUGGEST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::declare::{self, DeclaredWork};
 use crate::sv1::{self, Request};
 use crate::upstream::Upstream;
@@ -27,8 +30,12 @@ pub(super) async fn recv_declared(
 
 impl Session {
     /// `mining.suggest_difficulty`: the channel starts no easier than that (the pool may still
-    /// set a harder target). Before the channel opens, it is opened so; after, the pool is
-    /// asked with `UpdateChannel`, whose `SetTarget` comes back as `mining.set_difficulty`.
+    /// set a harder target): a channel opened from now on is opened so. An open channel is
+    /// asked with `UpdateChannel` (its `SetTarget` comes back as `mining.set_difficulty`)
+    /// only for a target harder than it has, at most once per [`SUGGEST_INTERVAL`], and never
+    /// when the proxy declares its own jobs (their targets are fixed when set): the pool then
+    /// recomputes the channel's target from the proxy's configured hashrate and sends a new
+    /// job, through the connection every miner of this proxy shares.
     pub(super) async fn on_suggest_difficulty(&mut self, r: Request) -> Result<(), String> {
         let Some(target) = r
             .params
@@ -45,14 +52,21 @@ impl Session {
                 .await;
         };
         self.suggested_target = Some(target);
-        if let Some(up) = &self.upstream {
+        let harder = target.iter().rev().lt(self.target.iter().rev());
+        let due = self
+            .suggest_sent_at
+            .is_none_or(|t| t.elapsed() >= SUGGEST_INTERVAL);
+        if let (Some(up), true, true, false) =
+            (&self.upstream, harder, due, self.shared.templates.is_some())
+        {
             let update = MiningOwned::UpdateChannel(UpdateChannelOwned {
                 channel_id: self.channel_id,
                 nominal_hash_rate: self.shared.config.nominal_hashrate,
                 maximum_target: U256Owned::from(target),
             });
+            self.suggest_sent_at = Some(std::time::Instant::now());
             if !up.send(update) {
-                tracing::warn!(
+                tracing::debug!(
                     miner = self.id,
                     "suggested difficulty not passed on: the queue to the pool is full"
                 );
