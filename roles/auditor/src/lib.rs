@@ -9,9 +9,7 @@
 //!
 //! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
 
-mod check;
 mod metrics;
-pub mod node;
 
 mod startup;
 
@@ -32,8 +30,7 @@ use hashpool_streams::{Consumer, Entry};
 use prometheus::Encoder;
 use tokio_util::sync::CancellationToken;
 
-pub use check::{audit, INCONCLUSIVE, UNKNOWN_PARENT};
-pub use node::{AuditNode, NotYet, Rewind};
+pub use hashpool_audit::{audit, node, AuditNode, NotYet, Rewind, INCONCLUSIVE, UNKNOWN_PARENT};
 
 use metrics::Metrics;
 
