@@ -52,12 +52,12 @@ pub fn write_task(path: &Path, task: &AuditTask) -> anyhow::Result<()> {
 /// a stack's own node): a task whose parent is not that node's tip gets no verdict, an error
 /// that says why.
 pub async fn audit(rpc: BitcoinRpc, task: &AuditTask) -> anyhow::Result<(Verdict, String)> {
-    let node = hashpool_audit::AuditNode::new(
+    let node = auditor::AuditNode::new(
         rpc,
-        hashpool_audit::Rewind::Never,
+        auditor::Rewind::Never,
         std::time::Duration::from_secs(60),
     );
-    hashpool_audit::audit(&node, task)
+    auditor::audit(&node, task)
         .await
         .map_err(|e| anyhow!("no verdict: {e}"))
 }

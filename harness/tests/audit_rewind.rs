@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
+use auditor::{AuditNode, NotYet, Rewind};
 use bitcoin::consensus::encode::serialize;
 use bitcoin::{Amount, BlockHash};
 use harness::blocks::block_on_tip;
 use harness::{Chain, HarnessConfig, Stack};
-use hashpool_audit::{AuditNode, NotYet, Rewind};
 use serde_json::{json, Value};
 
 async fn propose_on_tip(rpc: &harness::bitcoind::BitcoinRpc, hex: &str) -> anyhow::Result<Value> {

@@ -9,7 +9,9 @@
 //!
 //! `run(config, shutdown)` is the whole role; `main.rs` only loads the config.
 
+mod check;
 mod metrics;
+pub mod node;
 
 mod startup;
 
@@ -30,7 +32,8 @@ use hashpool_streams::{Consumer, Entry};
 use prometheus::Encoder;
 use tokio_util::sync::CancellationToken;
 
-pub use hashpool_audit::{audit, node, AuditNode, NotYet, Rewind, INCONCLUSIVE, UNKNOWN_PARENT};
+pub use check::{audit, INCONCLUSIVE, UNKNOWN_PARENT};
+pub use node::{AuditNode, NotYet, Rewind};
 
 use metrics::Metrics;
 
