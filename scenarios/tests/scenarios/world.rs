@@ -22,6 +22,9 @@ pub struct HarnessWorld {
     pub address: Option<Address>,
     /// Tip (height, hash) remembered before an action.
     pub tip_before: Option<(u64, BlockHash)>,
+    /// Templates that already had a verdict when an auditor was stopped (audited on the tip
+    /// of that time, before the chain moved on).
+    pub audited_before_stop: std::collections::HashSet<u64>,
     /// Blocks the scenario mined last.
     pub mined: Vec<BlockHash>,
     /// The faucet payment made last.
@@ -116,6 +119,7 @@ impl HarnessWorld {
             stacks: BTreeMap::new(),
             address: None,
             tip_before: None,
+            audited_before_stop: Default::default(),
             mined: Vec::new(),
             payment: None,
             killed_generation: None,

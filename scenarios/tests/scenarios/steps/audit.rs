@@ -18,7 +18,18 @@ use crate::world::HarnessWorld;
 
 #[when(expr = "auditor {string} stops")]
 async fn auditor_stops(w: &mut HarnessWorld, name: String) -> anyhow::Result<()> {
-    w.default_stack()?.auditor(&name)?.process().stop().await?;
+    let stack = w.default_stack()?;
+    stack.auditor(&name)?.process().stop().await?;
+    // What it audited before it stopped was audited on the tip of that time: a later check of
+    // verdicts reached by rewinding leaves those out.
+    let mut conn = stack.redis()?.connect().await?;
+    let audited: HashSet<u64> = stream_entries(&mut conn, AUDIT_RESULTS_STREAM)
+        .await?
+        .into_iter()
+        .filter_map(|(_, f)| AuditResult::from_fields(&f).ok())
+        .map(|r| r.template_id)
+        .collect();
+    w.audited_before_stop.extend(audited);
     Ok(())
 }
 
@@ -318,14 +329,18 @@ pub(crate) async fn parents_of(w: &HarnessWorld, who: &str) -> anyhow::Result<BT
 }
 
 /// Every verdict on a template of `who` whose parent `pick` selects says it was reached after
-/// rewinding the audit node (and there is at least one such template).
+/// rewinding the audit node (and there is at least one such template), leaving out templates
+/// already audited when an auditor was stopped (on the tip of that time).
 pub(crate) async fn verdicts_on(
     w: &HarnessWorld,
     who: &str,
     pick: impl Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
     let (tasks, verdicts) = audits_of(w, who).await?;
-    let picked: Vec<&AuditTask> = tasks.iter().filter(|t| pick(&t.prev_hash)).collect();
+    let picked: Vec<&AuditTask> = tasks
+        .iter()
+        .filter(|t| pick(&t.prev_hash) && !w.audited_before_stop.contains(&t.template_id))
+        .collect();
     anyhow::ensure!(!picked.is_empty(), "no template of {who} on such a parent");
     for t in picked {
         let v = verdicts
