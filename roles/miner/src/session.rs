@@ -183,9 +183,7 @@ pub async fn run_connection(
         sv1::authorize(3, &s.user),
         sv1::extranonce_subscribe(4),
     ]);
-    if s.config.behaviour == Behaviour::StringIds {
-        hello = hello.iter().map(|l| sv1::with_string_id(l)).collect();
-    }
+    let hello = s.outbound(hello);
     // However this connection ends, the threads stop hashing for it.
     let _clear = ClearOnDrop(s.slot.clone());
     // A lost connection ends it with a reason (exit 0); what the proxy says that this miner
@@ -217,9 +215,7 @@ pub async fn run_connection(
                         Err(_) => break,
                     }
                 }
-                if s.config.behaviour == Behaviour::StringIds {
-                    out = out.iter().map(|l| sv1::with_string_id(l)).collect();
-                }
+                let out = s.outbound(out);
                 if let Err(e) = send(&mut write, &out).await {
                     break format!("connection error: {e:#}");
                 }
@@ -310,12 +306,22 @@ impl Session {
     }
 
     fn handle_line(&mut self, line: &str) -> anyhow::Result<Vec<String>> {
-        if self.config.behaviour == Behaviour::StringIds {
+        let out = if self.config.behaviour == Behaviour::StringIds {
             let line = sv1::from_string_id(line).map_err(|e| anyhow!("{e}"))?;
-            let out = self.handle_sv1(&line)?;
-            return Ok(out.iter().map(|l| sv1::with_string_id(l)).collect());
+            self.handle_sv1(&line)?
+        } else {
+            self.handle_sv1(line)?
+        };
+        Ok(self.outbound(out))
+    }
+
+    /// Lines as this miner writes them: with `string-ids`, each request id a string.
+    fn outbound(&self, lines: Vec<String>) -> Vec<String> {
+        if self.config.behaviour == Behaviour::StringIds {
+            lines.iter().map(|l| sv1::with_string_id(l)).collect()
+        } else {
+            lines
         }
-        self.handle_sv1(line)
     }
 
     fn handle_sv1(&mut self, line: &str) -> anyhow::Result<Vec<String>> {

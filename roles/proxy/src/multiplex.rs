@@ -50,7 +50,6 @@ const MAX_CLOSED_UNROUTED: usize = 4096;
 
 struct Link {
     out: mpsc::Sender<OutboundFrame>,
-    shares: Arc<upstream::ShareWindow>,
     ehash: bool,
     routes: Arc<Mutex<Routes>>,
     closed: CancellationToken,
@@ -233,7 +232,6 @@ impl Multiplexer {
         state.failed = None;
         let link = Arc::new(Link {
             out: c.out,
-            shares: self.shares.clone(),
             ehash: c.ehash,
             routes: Arc::default(),
             closed: CancellationToken::new(),
@@ -287,7 +285,7 @@ impl Multiplexer {
             // Only a pool that speaks ehash (ours) answers every share on its own; another
             // may confirm shares in batches, leaving some unanswered until more come, which
             // a full window would never send: its shares are counted, never refused.
-            shares: upstream::ShareSlots::new(link.shares.clone(), link.ehash),
+            shares: upstream::ShareSlots::new(self.shares.clone(), link.ehash),
             info: ChannelInfo {
                 channel_id: s.channel_id,
                 extranonce_prefix: s.extranonce_prefix.as_bytes().to_vec(),

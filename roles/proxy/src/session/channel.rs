@@ -11,12 +11,13 @@ use stratum_apps::stratum_core::parsers_sv2::MiningOwned;
 use tokio::sync::mpsc;
 
 use super::{Session, KEPT_JOBS};
+use crate::declare::{self, DeclaredWork};
+use crate::share_window::ShareCounts;
+use crate::sv1::{self, Request};
+use crate::upstream::Upstream;
 
 /// Shortest time between two `UpdateChannel`s one miner's suggestions send.
 const SUGGEST_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-use crate::declare::{self, DeclaredWork};
-use crate::sv1::{self, Request};
-use crate::upstream::Upstream;
 
 /// The next declared job; pending forever without a declarer.
 pub(super) async fn recv_declared(
@@ -201,10 +202,10 @@ impl Session {
         self.declared = None;
         let pending: Vec<sv1::Id> = self.pending.drain().map(|(_, id)| id).collect();
         self.rejected += pending.len() as u64;
-        self.shared
-            .shares
-            .refused_upstream_disconnected
-            .fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        ShareCounts::add(
+            &self.shared.shares.refused_upstream_disconnected,
+            pending.len() as u64,
+        );
         for id in pending {
             self.line(sv1::error(&id, 20, "upstream-disconnected"))
                 .await?;
